@@ -1,0 +1,135 @@
+//! Every run setting, once: its name (the CLI flag and the preset key, as the research code
+//! spells them), its type, its default and its help. The CLI, `--help`, preset parsing and
+//! the resolved config are all driven by this table.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Bool,
+    /// Non-negative integer.
+    Int,
+    Float,
+    Str,
+    /// Integer or unset (`null`).
+    OptInt,
+    /// String or unset (`null`).
+    OptStr,
+}
+
+impl Kind {
+    pub fn value_name(self) -> &'static str {
+        match self {
+            Kind::Bool => "true|false",
+            Kind::Int | Kind::OptInt => "N",
+            Kind::Float => "X",
+            Kind::Str | Kind::OptStr => "S",
+        }
+    }
+}
+
+pub struct Key {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+const fn key(name: &'static str, kind: Kind, help: &'static str) -> Key {
+    Key { name, kind, help }
+}
+
+use Kind::*;
+
+/// In the research README's order, then difflab's own.
+pub const KEYS: &[Key] = &[
+    key("dataset", Str, "wikitext, builtin (offline, generated), or a path to .txt/.parquet/.jsonl or a folder"),
+    key("dataset_config", Str, "wikitext config: wikitext-103-v1, wikitext-103-raw-v1, wikitext-2-v1, wikitext-2-raw-v1"),
+    key("output_dir", Str, "where checkpoints, metrics.jsonl, TensorBoard logs and figures go"),
+    key("rope", Bool, "rotary position embedding instead of learned absolute positions"),
+    key("research", Bool, "the differential input-embedding variant"),
+    key("eval_only", Bool, "evaluate --checkpoint on the validation split, no training"),
+    key("checkpoint", OptStr, "model directory to evaluate (checkpoint-N, a final output_dir, or an HF GPT-2 dir)"),
+    key("log_tensorboard", Bool, "write TensorBoard event files under output_dir/runs"),
+    key("log_figures", Bool, "draw loss/LR/grad-norm/diff-norm figures (PNG and TensorBoard images)"),
+    key("subset_ratio", Float, "keep the first fraction of the training rows"),
+    key("num_train_epochs", Float, "epochs over the training blocks (unless max_steps is set)"),
+    key("n_layer", Int, "transformer blocks"),
+    key("n_head", Int, "attention heads"),
+    key("n_embd", Int, "model width"),
+    key("block_size", Int, "tokens per training sequence"),
+    key("batch_size", Int, "sequences per optimizer step"),
+    key("micro_batch_size", Int, "sequences per forward/backward; batch_size / micro_batch_size are accumulated"),
+    key("learning_rate", Float, "peak learning rate"),
+    key("lr_scheduler_type", Str, "cosine, linear, constant, constant_with_warmup"),
+    key("warmup_steps", Int, "linear warmup steps (wins over warmup_ratio when > 0)"),
+    key("warmup_ratio", Float, "warmup as a fraction of all steps"),
+    key("weight_decay", Float, "AdamW decoupled weight decay (2-D weights only)"),
+    key("adam_beta2", Float, "AdamW beta2"),
+    key("max_grad_norm", Float, "clip the global gradient norm to this"),
+    key("gradient_checkpointing", Bool, "recompute block activations in backward: less memory, more time"),
+    key("max_steps", OptInt, "stop after this many optimizer steps (overrides num_train_epochs)"),
+    key("eval_steps", Int, "evaluate every N steps (and at the end)"),
+    key("save_steps", Int, "checkpoint every N steps (0: only at the end)"),
+    key("save_total_limit", OptInt, "keep at most N checkpoints (oldest deleted)"),
+    key("logging_steps", Int, "emit a progress marker every N steps"),
+    key("seed", Int, "seed for init, data order and dropout"),
+    key("dropout", Float, "dropout on embeddings, attention and residual branches"),
+    key("tokenizer", Str, "auto (gpt2 for wikitext, bpe:8192 otherwise), gpt2, bpe:N, byte, or a tokenizer.json path"),
+    key("device", Str, "auto, cpu, cuda, cuda:N"),
+    key("dtype", Str, "f32, or bf16 (CUDA: bf16 compute, f32 master weights)"),
+    key("resume_from_checkpoint", OptStr, "checkpoint-N directory to continue from, or `latest` in output_dir"),
+    key("adam_beta1", Float, "AdamW beta1"),
+    key("adam_epsilon", Float, "AdamW epsilon"),
+    key("rope_theta", Float, "RoPE base"),
+    key("eval_max_blocks", OptInt, "evaluate on at most N validation blocks (default: all)"),
+];
+
+/// Keys a preset file may hold besides the run settings.
+pub const PRESET_ONLY_KEYS: &[&str] = &["description", "extends", "sweep"];
+
+/// The tutor's misspellings, accepted with a warning: `(alias, key)`.
+pub const KEY_ALIASES: &[(&str, &str)] = &[("n_later", "n_layer")];
+
+pub fn find(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.name == name)
+}
+
+/// The valid key nearest to a misspelt one (Levenshtein), for "did you mean".
+pub fn nearest(name: &str) -> &'static str {
+    KEYS.iter()
+        .map(|k| k.name)
+        .chain(PRESET_ONLY_KEYS.iter().copied())
+        .min_by_key(|k| edit_distance(name, k))
+        .unwrap_or("dataset")
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_key_is_found() {
+        assert_eq!(nearest("learning_rte"), "learning_rate");
+        assert_eq!(nearest("n_layers"), "n_layer");
+        assert_eq!(nearest("micro_batch"), "micro_batch_size");
+    }
+
+    #[test]
+    fn names_are_unique() {
+        let mut names: Vec<_> = KEYS.iter().map(|k| k.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), KEYS.len());
+    }
+}

@@ -1,0 +1,181 @@
+//! Preset files: flat `key: value` YAML with the CLI's key names, plus `description`,
+//! `extends` (another preset, applied first) and `sweep` (one key and a list of values).
+//!
+//! The project's `presets/*.yaml` are compiled into the binary, so `difflab --preset demo`
+//! works from any directory; a user folder (`$DIFFLAB_PRESET_DIR`, else
+//! `~/.config/difflab/presets`) adds more and may shadow them. A path works too.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::resolve::{canonical_key, check_value};
+use super::ConfigError;
+
+/// The project's presets, embedded at build time. A test checks this list against `presets/`.
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("demo", include_str!("../../presets/demo.yaml")),
+    ("sanity-baseline", include_str!("../../presets/sanity-baseline.yaml")),
+    ("sanity-diff", include_str!("../../presets/sanity-diff.yaml")),
+    ("mid-baseline", include_str!("../../presets/mid-baseline.yaml")),
+    ("mid-diff", include_str!("../../presets/mid-diff.yaml")),
+    ("full-baseline", include_str!("../../presets/full-baseline.yaml")),
+    ("full-diff", include_str!("../../presets/full-diff.yaml")),
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preset {
+    pub name: String,
+    /// Where it came from, as shown in messages: `presets/demo.yaml` or a file path.
+    pub origin: String,
+    pub description: String,
+    pub extends: Option<String>,
+    /// Type-checked settings, keys canonical.
+    pub values: Map<String, Value>,
+    pub sweep: Option<(String, Vec<Value>)>,
+    pub warnings: Vec<String>,
+}
+
+pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError> {
+    let doc: Value = serde_yaml_ng::from_str(text)
+        .map_err(|e| ConfigError::Yaml { path: origin.into(), reason: e.to_string() })?;
+    let map = match doc {
+        Value::Object(m) => m,
+        Value::Null => Map::new(),
+        other => {
+            return Err(ConfigError::Yaml { path: origin.into(), reason: format!("the document is {other}, not a mapping") })
+        }
+    };
+    let mut preset = Preset {
+        name: name.into(),
+        origin: origin.into(),
+        description: String::new(),
+        extends: None,
+        values: Map::new(),
+        sweep: None,
+        warnings: vec![],
+    };
+    for (key, value) in map {
+        match key.as_str() {
+            "description" | "extends" => {
+                let Value::String(s) = value else {
+                    return Err(ConfigError::WrongType { origin: origin.into(), key, expected: "a string".into(), got: value.to_string() });
+                };
+                if key == "description" { preset.description = s } else { preset.extends = Some(s) }
+            }
+            "sweep" => preset.sweep = Some(parse_sweep(origin, value, &mut preset.warnings)?),
+            _ => {
+                let key = canonical_key(&key, origin, &mut preset.warnings);
+                let value = check_value(origin, &key, &value)?;
+                preset.values.insert(key, value);
+            }
+        }
+    }
+    Ok(preset)
+}
+
+fn parse_sweep(origin: &str, value: Value, warnings: &mut Vec<String>) -> Result<(String, Vec<Value>), ConfigError> {
+    let bad = || ConfigError::BadSweep { origin: origin.into() };
+    let Value::Object(m) = value else { return Err(bad()) };
+    if m.len() != 1 {
+        return Err(bad());
+    }
+    let (key, values) = m.into_iter().next().ok_or_else(bad)?;
+    let key = canonical_key(&key, origin, warnings);
+    let Value::Array(values) = values else { return Err(bad()) };
+    if values.is_empty() {
+        return Err(bad());
+    }
+    let values = values.iter().map(|v| check_value(origin, &key, v)).collect::<Result<Vec<_>, _>>()?;
+    Ok((key, values))
+}
+
+/// Built-in presets plus the user's folder.
+#[derive(Debug, Clone)]
+pub struct PresetLibrary {
+    /// `(name, origin, text)`; later entries shadow earlier ones of the same name.
+    entries: Vec<(String, String, String)>,
+}
+
+impl PresetLibrary {
+    pub fn builtin() -> Self {
+        Self {
+            entries: BUILTIN
+                .iter()
+                .map(|(name, text)| (name.to_string(), format!("presets/{name}.yaml"), text.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Built-ins plus `user_dir` (unreadable files are skipped here and reported on use).
+    pub fn with_user_dir(mut self, dir: &Path) -> Self {
+        let Ok(read) = std::fs::read_dir(dir) else { return self };
+        let mut files: Vec<PathBuf> = read
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let (Some(stem), Ok(text)) = (path.file_stem(), std::fs::read_to_string(&path)) else { continue };
+            let name = stem.to_string_lossy().into_owned();
+            self.entries.retain(|(n, _, _)| *n != name);
+            self.entries.push((name, path.display().to_string(), text));
+        }
+        self
+    }
+
+    /// The default library: built-ins plus `$DIFFLAB_PRESET_DIR` or `~/.config/difflab/presets`.
+    pub fn load() -> Self {
+        match user_dir() {
+            Some(dir) => Self::builtin().with_user_dir(&dir),
+            None => Self::builtin(),
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.entries.iter().map(|(n, _, _)| n.clone()).collect()
+    }
+
+    /// Every preset, parsed; a broken one comes back as its error (the picker shows it).
+    pub fn all(&self) -> Vec<Result<Preset, ConfigError>> {
+        self.entries.iter().map(|(n, o, t)| parse(n, o, t)).collect()
+    }
+
+    /// A preset by name, or by path to a YAML file.
+    pub fn get(&self, name_or_path: &str) -> Result<Preset, ConfigError> {
+        let looks_like_path = name_or_path.ends_with(".yaml") || name_or_path.ends_with(".yml") || name_or_path.contains('/');
+        if looks_like_path {
+            let path = Path::new(name_or_path);
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Read { path: name_or_path.into(), reason: e.to_string() })?;
+            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            return parse(&name, name_or_path, &text);
+        }
+        match self.entries.iter().find(|(n, _, _)| n == name_or_path) {
+            Some((n, o, t)) => parse(n, o, t),
+            None => Err(ConfigError::UnknownPreset { name: name_or_path.into(), available: self.names().join(", ") }),
+        }
+    }
+
+    /// The preset and everything it extends, base first.
+    pub fn chain(&self, name_or_path: &str) -> Result<Vec<Preset>, ConfigError> {
+        let mut chain = vec![self.get(name_or_path)?];
+        while let Some(parent) = chain.last().and_then(|p| p.extends.clone()) {
+            if chain.iter().any(|p| p.name == parent) {
+                let mut names: Vec<_> = chain.iter().map(|p| p.name.clone()).collect();
+                names.push(parent);
+                return Err(ConfigError::ExtendsCycle { path: chain[0].origin.clone(), chain: names.join(" -> ") });
+            }
+            chain.push(self.get(&parent)?);
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+}
+
+fn user_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DIFFLAB_PRESET_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/difflab/presets"))
+}

@@ -1,0 +1,321 @@
+//! GPT-2 (pre-LayerNorm) with learned positions or RoPE, and the differential variant.
+//!
+//! Names and layouts are exactly `transformers.GPT2LMHeadModel`'s (Conv1D weights are
+//! `[in, out]`), so a checkpoint loads name for name. Shapes: `B` batch, `T` sequence,
+//! `C` = n_embd, `H` heads, `hd` = C / H, `V` vocab.
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::GptConfig;
+use super::dropout::{maybe_dropout, Dropout};
+use super::ops;
+use super::rope::RotaryTables;
+
+/// HF's Conv1D: `y = x · W + b` with `W` stored `[in, out]`.
+#[derive(Debug, Clone)]
+pub struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    pub fn load(vb: VarBuilder, n_in: usize, n_out: usize) -> Result<Self> {
+        Ok(Self { weight: vb.get((n_in, n_out), "weight")?, bias: vb.get(n_out, "bias")? })
+    }
+
+    /// `(B, T, in) -> (B, T, out)`. Weights are cast here, not at load time, so a bf16
+    /// forward always reads the current f32 master weights.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b_sz, seq_len, n_in) = xs.dims3()?;
+        let w = self.weight.to_dtype(xs.dtype())?;
+        let b = self.bias.to_dtype(xs.dtype())?;
+        xs.reshape((b_sz * seq_len, n_in))? // (B*T, in)
+            .matmul(&w)? // (B*T, out)
+            .broadcast_add(&b)?
+            .reshape((b_sz, seq_len, ()))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let w = self.weight.to_dtype(xs.dtype())?;
+        let b = self.bias.to_dtype(xs.dtype())?;
+        ops::layer_norm(xs, &w, &b, self.eps)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+    n_head: usize,
+}
+
+impl Attention {
+    pub fn load(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+        let c = cfg.n_embd;
+        Ok(Self {
+            c_attn: Conv1D::load(vb.pp("c_attn"), c, 3 * c)?,
+            c_proj: Conv1D::load(vb.pp("c_proj"), c, c)?,
+            n_head: cfg.n_head,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        ctx: &SeqContext,
+        dropout: &mut Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let (b_sz, seq_len, c) = xs.dims3()?;
+        let hd = c / self.n_head;
+        let qkv = self.c_attn.forward(xs)?; // (B, T, 3C), q | k | v along the last dim
+        let heads = |i: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, i * c, c)?
+                .reshape((b_sz, seq_len, self.n_head, hd))?
+                .transpose(1, 2)? // (B, H, T, hd)
+                .contiguous()
+        };
+        let (mut q, mut k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        if let Some(rope) = &ctx.rope {
+            q = rope.apply(&q)?;
+            k = rope.apply(&k)?;
+        }
+        // Scale q before the matmul: touches (B,H,T,hd) instead of (B,H,T,T).
+        let q = (q * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?; // (B, H, T, T)
+        let probs = ops::masked_softmax(&scores, &ctx.mask)?;
+        let probs = maybe_dropout(&probs, dropout)?;
+        let ys = probs.matmul(&v)? // (B, H, T, hd)
+            .transpose(1, 2)? // (B, T, H, hd)
+            .reshape((b_sz, seq_len, c))?;
+        self.c_proj.forward(&ys)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    c_fc: Conv1D,
+    c_proj: Conv1D,
+}
+
+impl Mlp {
+    pub fn load(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+        let c = cfg.n_embd;
+        Ok(Self {
+            c_fc: Conv1D::load(vb.pp("c_fc"), c, 4 * c)?,
+            c_proj: Conv1D::load(vb.pp("c_proj"), 4 * c, c)?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.c_proj.forward(&ops::gelu(&self.c_fc.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    pub fn load(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+        let (c, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
+        Ok(Self {
+            ln_1: LayerNorm::load(vb.pp("ln_1"), c, eps)?,
+            attn: Attention::load(vb.pp("attn"), cfg)?,
+            ln_2: LayerNorm::load(vb.pp("ln_2"), c, eps)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    /// `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`, dropout on both residual branches.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        ctx: &SeqContext,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let attn = self.attn.forward(&self.ln_1.forward(xs)?, ctx, &mut dropout)?;
+        let xs = (xs + maybe_dropout(&attn, &mut dropout)?)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?)?;
+        xs + maybe_dropout(&mlp, &mut dropout)?
+    }
+}
+
+/// Per-sequence-length constants shared by every block: the causal mask and RoPE tables.
+#[derive(Debug, Clone)]
+pub struct SeqContext {
+    mask: Tensor,
+    rope: Option<RotaryTables>,
+}
+
+/// What the embedding stage hands to the blocks.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// Input of the first block `(B, T, C)`: `wte[ids] (+ wpe)`, or `d (+ wpe)` when differential.
+    pub xs: Tensor,
+    /// The token embedding `e = wte[ids]` `(B, T, C)`, added back after the blocks when differential.
+    pub tokens: Option<Tensor>,
+    /// `||d_t||_2` over channels `(B, T)`, differential only (detached: diagnostics).
+    pub diff_norms: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gpt {
+    wte: Tensor,
+    wpe: Option<Tensor>,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+    cfg: GptConfig,
+    /// Activation dtype: f32 on CPU; bf16 on CUDA with `dtype: bf16` (weights stay f32).
+    dtype: DType,
+}
+
+pub struct Output {
+    /// `(B, T, V)`, f32 (f64 for an f64 model).
+    pub logits: Tensor,
+    /// After `ln_f`, `(B, T, C)`.
+    pub hidden: Tensor,
+    pub diff_norms: Option<Tensor>,
+}
+
+impl Gpt {
+    pub fn load(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+        let vb_t = vb.pp("transformer");
+        let c = cfg.n_embd;
+        let h = (0..cfg.n_layer)
+            .map(|i| Block::load(vb_t.pp("h").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            wte: vb_t.get((cfg.vocab_size, c), "wte.weight")?,
+            wpe: if cfg.rope { None } else { Some(vb_t.get((cfg.n_positions, c), "wpe.weight")?) },
+            h,
+            ln_f: LayerNorm::load(vb_t.pp("ln_f"), c, cfg.layer_norm_epsilon)?,
+            cfg: cfg.clone(),
+            dtype: DType::F32,
+        })
+    }
+
+    /// Compute activations in `dtype` (bf16 on CUDA); parameters stay f32.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    pub fn blocks(&self) -> &[Block] {
+        &self.h
+    }
+
+    pub fn seq_context(&self, seq_len: usize) -> Result<SeqContext> {
+        if seq_len > self.cfg.n_positions {
+            candle_core::bail!(
+                "sequence of {seq_len} tokens is longer than n_positions {}",
+                self.cfg.n_positions
+            )
+        }
+        let device = self.wte.device();
+        let rope = if self.cfg.rope {
+            Some(RotaryTables::new(seq_len, self.cfg.head_dim(), self.cfg.rope_theta, device)?)
+        } else {
+            None
+        };
+        Ok(SeqContext { mask: ops::causal_mask(seq_len, device)?.to_dtype(self.dtype)?, rope })
+    }
+
+    /// Token ids `(B, T)` -> block input.
+    pub fn embed(&self, ids: &Tensor, dropout: Option<&mut Dropout>) -> Result<Embedded> {
+        let (b_sz, seq_len) = ids.dims2()?;
+        let c = self.cfg.n_embd;
+        let e = self
+            .wte
+            .index_select(&ids.flatten_all()?, 0)? // (B*T, C)
+            .reshape((b_sz, seq_len, c))?
+            .to_dtype(self.dtype)?;
+        let (mut xs, tokens, diff_norms) = if self.cfg.differential {
+            // d_0 = e_0, d_t = e_t - e_{t-1}
+            let d = if seq_len > 1 {
+                let delta = (e.narrow(1, 1, seq_len - 1)? - e.narrow(1, 0, seq_len - 1)?)?;
+                Tensor::cat(&[&e.narrow(1, 0, 1)?, &delta], 1)?
+            } else {
+                e.clone()
+            };
+            let norms = ops::upcast(&d.detach())?.sqr()?.sum(D::Minus1)?.sqrt()?; // (B, T)
+            (d, Some(e), Some(norms))
+        } else {
+            (e, None, None)
+        };
+        if let Some(wpe) = &self.wpe {
+            // narrow, not index_select(arange): its backward is a cheap pad instead of index_add
+            let pos = wpe.narrow(0, 0, seq_len)?.to_dtype(self.dtype)?; // (T, C)
+            xs = xs.broadcast_add(&pos)?;
+        }
+        let xs = match dropout {
+            Some(d) => d.apply(&xs)?,
+            None => xs,
+        };
+        Ok(Embedded { xs, tokens, diff_norms })
+    }
+
+    /// Last block output (+ the token embedding when differential) -> `ln_f` -> `(B, T, C)`.
+    pub fn final_hidden(&self, xs: &Tensor, tokens: Option<&Tensor>) -> Result<Tensor> {
+        let xs = match tokens {
+            Some(e) => (xs + e)?,
+            None => xs.clone(),
+        };
+        self.ln_f.forward(&xs)
+    }
+
+    /// Tied head: `hidden (B, T, C) -> logits (B, T, V)`, in f32 at least.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b_sz, seq_len, c) = hidden.dims3()?;
+        let wte = self.wte.to_dtype(hidden.dtype())?;
+        let logits = hidden
+            .reshape((b_sz * seq_len, c))?
+            .matmul(&wte.t()?)? // (B*T, V)
+            .reshape((b_sz, seq_len, ()))?;
+        ops::upcast(&logits)
+    }
+
+    /// The whole model: ids `(B, T)` -> logits. `dropout` is `Some` when training.
+    pub fn forward(&self, ids: &Tensor, mut dropout: Option<&mut Dropout>) -> Result<Output> {
+        let (_, seq_len) = ids.dims2()?;
+        let ctx = self.seq_context(seq_len)?;
+        let emb = self.embed(ids, dropout.as_deref_mut())?;
+        let mut xs = emb.xs;
+        for block in &self.h {
+            xs = block.forward(&xs, &ctx, dropout.as_deref_mut())?;
+        }
+        let hidden = self.final_hidden(&xs, emb.tokens.as_ref())?;
+        let logits = self.logits(&hidden)?;
+        Ok(Output { logits, hidden, diff_norms: emb.diff_norms })
+    }
+}
+
+/// Mean next-token loss of a block batch: `logits (B, T, V)` at positions `0..T-1` predict
+/// `ids` at `1..T` (HF: `labels = input_ids`, shifted inside the loss), so `B·(T-1)` predictions.
+pub fn next_token_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b_sz, seq_len, vocab) = logits.dims3()?;
+    let preds = logits.narrow(1, 0, seq_len - 1)?.reshape((b_sz * (seq_len - 1), vocab))?;
+    let targets = ids.narrow(1, 1, seq_len - 1)?.flatten_all()?.to_dtype(DType::U32)?;
+    ops::cross_entropy(&preds, &targets)
+}

@@ -1,0 +1,132 @@
+//! The four variants against the tensors of an independent PyTorch implementation
+//! (../shared/golden, see its README): forward, loss, diff norms, gradients, three AdamW steps.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, IndexOp, Tensor};
+use common::*;
+use difflab::model::checkpoint::load_pretrained;
+use difflab::model::diagnostics::norm_stats;
+use difflab::model::gpt::next_token_loss;
+use difflab::model::ops::cross_entropy;
+use difflab::model::Trainable;
+use difflab::optim::{grads, AdamW, AdamWConfig};
+
+fn reference(variant: &str) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(golden_dir(variant).join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn reference_json(variant: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(golden_dir(variant).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn forward_logits_hidden_and_loss_match() {
+    for variant in VARIANTS {
+        let (cfg, weights) = load_pretrained(&golden_dir(variant).join("model"), &Device::Cpu).unwrap();
+        let model = Trainable::new(&cfg, weights).unwrap().detached().unwrap();
+        let r = reference(variant);
+        let ids = &r["input_ids"];
+        let out = model.forward(ids, None).unwrap();
+        assert_close(&format!("{variant} logits"), &out.logits, &r["logits"], 1e-4, 0.0);
+        assert_close(&format!("{variant} hidden_ln_f"), &out.hidden, &r["hidden_ln_f"], 1e-4, 0.0);
+        // targets are the inputs shifted left with the last column ignored: next-token loss
+        let loss = next_token_loss(&out.logits, ids).unwrap().to_scalar::<f32>().unwrap();
+        let want = r["loss"].to_scalar::<f32>().unwrap();
+        assert!((loss - want).abs() < 1e-5, "{variant} loss {loss} vs {want}");
+    }
+}
+
+#[test]
+fn diff_norms_stats_and_histogram_match() {
+    for variant in ["rope0_diff1", "rope1_diff1"] {
+        let (cfg, weights) = load_pretrained(&golden_dir(variant).join("model"), &Device::Cpu).unwrap();
+        let model = Trainable::new(&cfg, weights).unwrap().detached().unwrap();
+        let r = reference(variant);
+        let out = model.forward(&r["input_ids"], None).unwrap();
+        let norms = out.diff_norms.expect("differential variant reports diff norms");
+        assert_close(&format!("{variant} diff_norms"), &norms, &r["diff_norms"], 1e-5, 0.0);
+        let stats = norm_stats(&to_vec(&norms), 20).unwrap();
+        let want = &reference_json(variant)["diff_norm_stats"];
+        assert_eq!(stats.count as u64, want["count"].as_u64().unwrap());
+        for key in ["mean", "std", "min", "max"] {
+            let got = match key { "mean" => stats.mean, "std" => stats.std, "min" => stats.min, _ => stats.max };
+            assert!((got - want[key].as_f64().unwrap()).abs() < 1e-5, "{variant} {key}: {got} vs {}", want[key]);
+        }
+        let counts: Vec<u64> = want["hist_counts"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(stats.hist_counts, counts, "{variant} histogram");
+        let edges: Vec<f64> = want["hist_edges"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        for (g, w) in stats.hist_edges.iter().zip(&edges) {
+            assert!((g - w).abs() < 1e-6, "{variant} edge {g} vs {w}");
+        }
+    }
+    // baselines report no diff norms
+    let (cfg, weights) = load_pretrained(&golden_dir("rope1_diff0").join("model"), &Device::Cpu).unwrap();
+    let model = Trainable::new(&cfg, weights).unwrap().detached().unwrap();
+    let out = model.forward(&reference("rope1_diff0")["input_ids"], None).unwrap();
+    assert!(out.diff_norms.is_none());
+}
+
+/// `x = batches[s, :, :-1]`, `y = batches[s, :, 1:]`.
+fn train_batch(variant: &str, step: usize) -> (Tensor, Tensor) {
+    let b = candle_core::safetensors::load(golden_dir(variant).join("train_batches.safetensors"), &Device::Cpu).unwrap();
+    let batch = b["batches"].i(step).unwrap(); // (B, T+1)
+    let t = batch.dim(1).unwrap() - 1;
+    (batch.narrow(1, 0, t).unwrap(), batch.narrow(1, 1, t).unwrap())
+}
+
+fn step_loss_and_grads(model: &Trainable, x: &Tensor, y: &Tensor) -> (f32, BTreeMap<String, Tensor>) {
+    let out = model.gpt.forward(x, None).unwrap();
+    let (b, t, v) = out.logits.dims3().unwrap();
+    let targets = y.flatten_all().unwrap().to_dtype(candle_core::DType::U32).unwrap();
+    let loss = cross_entropy(&out.logits.reshape((b * t, v)).unwrap(), &targets).unwrap();
+    let value = loss.to_scalar::<f32>().unwrap();
+    (value, model.named_grads(loss.backward().unwrap()))
+}
+
+#[test]
+fn gradients_of_step0_match() {
+    for variant in VARIANTS {
+        let (cfg, weights) = load_pretrained(&golden_dir(variant).join("model"), &Device::Cpu).unwrap();
+        let model = Trainable::new(&cfg, weights).unwrap();
+        let (x, y) = train_batch(variant, 0);
+        let (_, grads) = step_loss_and_grads(&model, &x, &y);
+        let want = candle_core::safetensors::load(golden_dir(variant).join("grads_step0.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(grads.len(), want.len(), "{variant}: every parameter has a gradient");
+        for (name, g) in &grads {
+            let w = want.get(name).unwrap_or_else(|| panic!("{variant}: no golden gradient for {name}"));
+            assert_close(&format!("{variant} grad {name}"), g, w, 1e-5, 1e-3);
+        }
+    }
+}
+
+#[test]
+fn three_adamw_steps_match() {
+    for variant in VARIANTS {
+        let dir = golden_dir(variant);
+        let (cfg, weights) = load_pretrained(&dir.join("model"), &Device::Cpu).unwrap();
+        let model = Trainable::new(&cfg, weights).unwrap();
+        let log: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("train_log.json")).unwrap()).unwrap();
+        let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2).unwrap();
+        for (s, want) in log["steps"].as_array().unwrap().iter().enumerate() {
+            let (x, y) = train_batch(variant, s);
+            let (loss, mut g) = step_loss_and_grads(&model, &x, &y);
+            let norm = grads::global_norm(&g).unwrap();
+            let want_loss = want["loss"].as_f64().unwrap();
+            let want_norm = want["grad_norm_before_clip"].as_f64().unwrap();
+            assert!((loss as f64 - want_loss).abs() < 1e-5, "{variant} step {s} loss {loss} vs {want_loss}");
+            assert!((norm - want_norm).abs() < 1e-5, "{variant} step {s} grad norm {norm} vs {want_norm}");
+            grads::clip(&mut g, norm, 1.0).unwrap();
+            opt.step(&g, 1e-3).unwrap();
+        }
+        let (_, after) = load_pretrained(&dir.join("model_after_train"), &Device::Cpu).unwrap();
+        for (name, w) in model.weights() {
+            assert_close(&format!("{variant} weight {name} after 3 steps"), &w, &after[&name], 5e-5, 0.0);
+        }
+    }
+}

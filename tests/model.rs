@@ -1,0 +1,310 @@
+//! Model and optimizer properties beyond the golden tensors: every parameter trains, a
+//! finite-difference check, init statistics, accumulation, weight decay, checkpoint I/O.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use difflab::model::checkpoint::{load_pretrained, save_pretrained, CheckpointError};
+use difflab::model::gpt::next_token_loss;
+use difflab::model::params::{init_weights, param_specs};
+use difflab::model::{GptConfig, Trainable};
+use difflab::optim::{grads, AdamW, AdamWConfig};
+
+fn tiny(rope: bool, differential: bool) -> GptConfig {
+    GptConfig {
+        vocab_size: 61,
+        n_positions: 16,
+        n_embd: 32,
+        n_layer: 2,
+        n_head: 4,
+        layer_norm_epsilon: 1e-5,
+        rope,
+        rope_theta: 10_000.0,
+        differential,
+        dropout: 0.0,
+    }
+}
+
+fn variants() -> Vec<GptConfig> {
+    vec![tiny(false, false), tiny(false, true), tiny(true, false), tiny(true, true)]
+}
+
+fn random_ids(b: usize, t: usize, vocab: usize, seed: u64) -> Tensor {
+    let mut x = seed;
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab as u64) as u32
+        })
+        .collect();
+    Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn every_parameter_gets_a_finite_nonzero_gradient() {
+    for cfg in variants() {
+        let model = Trainable::new(&cfg, init_weights(&cfg, 7, &Device::Cpu).unwrap()).unwrap();
+        let ids = random_ids(2, 12, cfg.vocab_size, 1);
+        let out = model.gpt.forward(&ids, None).unwrap();
+        let loss = next_token_loss(&out.logits, &ids).unwrap();
+        let g = model.named_grads(loss.backward().unwrap());
+        assert_eq!(g.len(), model.vars.len(), "rope {} diff {}: a parameter got no gradient", cfg.rope, cfg.differential);
+        for (name, grad) in &g {
+            let v = to_vec(grad);
+            assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+            assert!(v.iter().any(|x| *x != 0.0), "{name}: all-zero gradient (graph cut?)");
+        }
+    }
+}
+
+/// Central differences in f64 against autograd, on a 1-layer 16-wide model.
+#[test]
+fn finite_difference_gradient_check_f64() {
+    for (rope, differential) in [(false, false), (true, true)] {
+        let cfg = GptConfig { n_layer: 1, n_embd: 16, n_head: 2, vocab_size: 23, ..tiny(rope, differential) };
+        let weights: BTreeMap<String, Tensor> = init_weights(&cfg, 3, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            // perturb LayerNorm / biases away from 1 / 0 so every term is exercised
+            .map(|(k, t)| {
+                let n = t.elem_count();
+                let noise: Vec<f64> = (0..n).map(|i| 0.1 * ((i as f64) * 12.9898 + n as f64).sin()).collect();
+                let noise = Tensor::from_vec(noise, t.shape(), &Device::Cpu).unwrap();
+                (k, (t.to_dtype(DType::F64).unwrap() + noise).unwrap())
+            })
+            .collect();
+        let ids = random_ids(2, 6, cfg.vocab_size, 5);
+        let loss_of = |w: &BTreeMap<String, Tensor>| -> f64 {
+            let m = Trainable::new(&cfg, w.clone()).unwrap().detached().unwrap();
+            next_token_loss(&m.forward(&ids, None).unwrap().logits, &ids).unwrap().to_scalar::<f64>().unwrap()
+        };
+        let model = Trainable::new(&cfg, weights.clone()).unwrap();
+        let loss = next_token_loss(&model.gpt.forward(&ids, None).unwrap().logits, &ids).unwrap();
+        let g = model.named_grads(loss.backward().unwrap());
+        let h = 1e-6;
+        for (name, w) in &weights {
+            let flat: Vec<f64> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let analytic: Vec<f64> = g[name].flatten_all().unwrap().to_vec1().unwrap();
+            // a few coordinates per tensor, spread over it
+            for idx in [0, flat.len() / 3, flat.len() - 1] {
+                let probe = |delta: f64| {
+                    let mut f = flat.clone();
+                    f[idx] += delta;
+                    let mut ws = weights.clone();
+                    ws.insert(name.clone(), Tensor::from_vec(f, w.shape(), &Device::Cpu).unwrap());
+                    loss_of(&ws)
+                };
+                let numeric = (probe(h) - probe(-h)) / (2.0 * h);
+                let err = (numeric - analytic[idx]).abs();
+                assert!(err < 1e-6 + 1e-4 * numeric.abs(), "{name}[{idx}]: autograd {} vs numeric {numeric}", analytic[idx]);
+            }
+        }
+    }
+}
+
+#[test]
+fn seeded_init_is_reproducible_and_follows_gpt2() {
+    let cfg = GptConfig { n_embd: 64, n_layer: 4, vocab_size: 500, ..tiny(false, true) };
+    let a = init_weights(&cfg, 42, &Device::Cpu).unwrap();
+    let b = init_weights(&cfg, 42, &Device::Cpu).unwrap();
+    let c = init_weights(&cfg, 43, &Device::Cpu).unwrap();
+    for (name, t) in &a {
+        assert_eq!(to_vec(t), to_vec(&b[name]), "{name}: same seed, same weights");
+    }
+    assert_ne!(to_vec(&a["transformer.wte.weight"]), to_vec(&c["transformer.wte.weight"]));
+    let std_of = |t: &Tensor| {
+        let v = to_vec(t);
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt()
+    };
+    let proj_std = 0.02 / (2.0f32 * 4.0).sqrt();
+    for (name, t) in &a {
+        let v = to_vec(t);
+        if name.ends_with("c_proj.weight") {
+            assert!((std_of(t) - proj_std).abs() < 0.1 * proj_std, "{name} std {}", std_of(t));
+        } else if name.ends_with(".weight") && t.rank() == 2 {
+            assert!((std_of(t) - 0.02).abs() < 0.002, "{name} std {}", std_of(t));
+        } else if name.contains("ln_") && name.ends_with("weight") {
+            assert!(v.iter().all(|x| *x == 1.0), "{name} is ones");
+        } else {
+            assert!(v.iter().all(|x| *x == 0.0), "{name} is zeros");
+        }
+    }
+    assert_eq!(a.len(), param_specs(&cfg).len());
+}
+
+#[test]
+fn accumulating_k_micro_batches_equals_one_big_batch() {
+    let cfg = tiny(true, true);
+    let weights = init_weights(&cfg, 9, &Device::Cpu).unwrap();
+    let ids = random_ids(4, 10, cfg.vocab_size, 11);
+    let model = Trainable::new(&cfg, weights).unwrap();
+    let full_loss = next_token_loss(&model.gpt.forward(&ids, None).unwrap().logits, &ids).unwrap();
+    let full = model.named_grads(full_loss.backward().unwrap());
+    let k = 2;
+    let mut acc = BTreeMap::new();
+    for i in 0..k {
+        let mb = ids.narrow(0, i * 2, 2).unwrap();
+        let loss = (next_token_loss(&model.gpt.forward(&mb, None).unwrap().logits, &mb).unwrap() / k as f64).unwrap();
+        grads::accumulate(&mut acc, model.named_grads(loss.backward().unwrap())).unwrap();
+    }
+    for (name, g) in &full {
+        assert_close(&format!("accumulated {name}"), &acc[name], g, 1e-6, 1e-4);
+    }
+}
+
+#[test]
+fn weight_decay_touches_only_two_dimensional_parameters() {
+    let cfg = tiny(false, false);
+    let model = Trainable::new(&cfg, init_weights(&cfg, 1, &Device::Cpu).unwrap()).unwrap();
+    let before = model.weights().into_iter().map(|(k, t)| (k, to_vec(&t))).collect::<BTreeMap<_, _>>();
+    let adam = AdamWConfig { weight_decay: 0.1, ..Default::default() };
+    let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2).unwrap();
+    // zero gradients: the Adam term vanishes, leaving only the decay
+    let zeros: BTreeMap<String, Tensor> =
+        model.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().zeros_like().unwrap())).collect();
+    let lr = 0.5;
+    opt.step(&zeros, lr).unwrap();
+    for (name, t) in model.weights() {
+        let after = to_vec(&t);
+        let factor = if t.rank() >= 2 { 1.0 - lr as f32 * 0.1 } else { 1.0 };
+        for (a, b) in after.iter().zip(&before[&name]) {
+            assert!((a - b * factor).abs() < 1e-7, "{name}: {a} vs {b} * {factor}");
+        }
+    }
+}
+
+#[test]
+fn save_then_load_gives_identical_logits_and_the_right_model_type() {
+    for cfg in variants() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = init_weights(&cfg, 5, &Device::Cpu).unwrap();
+        let model = Trainable::new(&cfg, weights.clone()).unwrap().detached().unwrap();
+        save_pretrained(dir.path(), &cfg, &weights, None).unwrap();
+        let (cfg2, w2) = load_pretrained(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(cfg2, cfg);
+        let reloaded = Trainable::new(&cfg2, w2).unwrap().detached().unwrap();
+        let ids = random_ids(1, 9, cfg.vocab_size, 2);
+        let a = model.forward(&ids, None).unwrap().logits;
+        let b = reloaded.forward(&ids, None).unwrap().logits;
+        assert_eq!(to_vec(&a), to_vec(&b));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        let plain = !cfg.rope && !cfg.differential;
+        assert_eq!(config["model_type"], if plain { "gpt2" } else { "difflab" });
+        assert_eq!(config["architectures"][0], if plain { "GPT2LMHeadModel" } else { "DifflabForCausalLM" });
+        // transformers refuses safetensors without {"format": "pt"}
+        let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+    }
+}
+
+/// Rewrites a model directory's tensors through `edit`.
+fn rewrite(dir: &std::path::Path, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) {
+    let path = dir.join("model.safetensors");
+    let mut tensors: BTreeMap<String, Tensor> =
+        candle_core::safetensors::load(&path, &Device::Cpu).unwrap().into_iter().collect();
+    edit(&mut tensors);
+    let tensors: std::collections::HashMap<_, _> = tensors.into_iter().collect();
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+#[test]
+fn loading_accepts_bare_names_and_ignores_mask_buffers() {
+    let cfg = tiny(false, false);
+    let dir = tempfile::tempdir().unwrap();
+    let weights = init_weights(&cfg, 5, &Device::Cpu).unwrap();
+    save_pretrained(dir.path(), &cfg, &weights, None).unwrap();
+    rewrite(dir.path(), |t| {
+        let old = std::mem::take(t);
+        for (k, v) in old {
+            t.insert(k.trim_start_matches("transformer.").to_string(), v);
+        }
+        t.insert("h.0.attn.bias".into(), Tensor::ones((1, 1, 16, 16), DType::F32, &Device::Cpu).unwrap());
+        t.insert("h.1.attn.masked_bias".into(), Tensor::new(-1e4f32, &Device::Cpu).unwrap());
+    });
+    let (_, loaded) = load_pretrained(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(loaded.len(), weights.len());
+    assert_eq!(to_vec(&loaded["transformer.h.1.mlp.c_fc.weight"]), to_vec(&weights["transformer.h.1.mlp.c_fc.weight"]));
+}
+
+#[test]
+fn bad_files_are_refused_with_a_message_naming_the_tensor_or_file() {
+    let cfg = tiny(true, true);
+    let weights = init_weights(&cfg, 5, &Device::Cpu).unwrap();
+    let fresh = || {
+        let dir = tempfile::tempdir().unwrap();
+        save_pretrained(dir.path(), &cfg, &weights, None).unwrap();
+        dir
+    };
+
+    let dir = fresh();
+    rewrite(dir.path(), |t| {
+        t.insert("transformer.h.1.mlp.c_fc.weight".into(), Tensor::zeros((32, 64), DType::F32, &Device::Cpu).unwrap());
+    });
+    let err = load_pretrained(dir.path(), &Device::Cpu).unwrap_err();
+    assert!(matches!(err, CheckpointError::Shape { .. }), "{err}");
+    assert!(err.to_string().contains("transformer.h.1.mlp.c_fc.weight"), "{err}");
+
+    let dir = fresh();
+    rewrite(dir.path(), |t| {
+        t.remove("transformer.h.0.ln_2.bias");
+    });
+    let err = load_pretrained(dir.path(), &Device::Cpu).unwrap_err();
+    assert!(matches!(err, CheckpointError::MissingTensor { .. }), "{err}");
+    assert!(err.to_string().contains("transformer.h.0.ln_2.bias"), "{err}");
+
+    let dir = fresh();
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_pretrained(dir.path(), &Device::Cpu).unwrap_err();
+    assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+
+    // a learned-position table in a RoPE model's file contradicts its config
+    let dir = fresh();
+    rewrite(dir.path(), |t| {
+        t.insert("transformer.wpe.weight".into(), Tensor::zeros((16, 32), DType::F32, &Device::Cpu).unwrap());
+    });
+    let err = load_pretrained(dir.path(), &Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("transformer.wpe.weight"), "{err}");
+
+    // NaN weights are never written
+    let dir = tempfile::tempdir().unwrap();
+    let mut bad = weights.clone();
+    bad.insert("transformer.ln_f.bias".into(), Tensor::new(&[f32::NAN; 32], &Device::Cpu).unwrap());
+    let err = save_pretrained(dir.path(), &cfg, &bad, None).unwrap_err();
+    assert!(matches!(err, CheckpointError::NonFinite { .. }), "{err}");
+    assert!(!dir.path().join("model.safetensors").exists());
+}
+
+#[test]
+fn model_and_optimizer_do_not_depend_on_the_terminal_crates() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for module in ["model", "optim", "data", "train"] {
+        let dir = root.join(module);
+        if !dir.exists() {
+            continue;
+        }
+        for entry in walk(&dir) {
+            let text = std::fs::read_to_string(&entry).unwrap();
+            for forbidden in ["ratatui", "crossterm"] {
+                assert!(!text.contains(forbidden), "{} mentions {forbidden}", entry.display());
+            }
+        }
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out
+}
