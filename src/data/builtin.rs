@@ -123,8 +123,8 @@ fn person(rng: &mut ChaCha8Rng, town_name: String) -> Person {
         town: town_name,
         count: rng.random_range(0..NUMBERS.len()),
         animal: rng.random_range(0..ANIMALS.len()),
-        color: pick(rng, COLORS),
-        object: pick(rng, OBJECTS),
+        color: *pick(rng, COLORS),
+        object: *pick(rng, OBJECTS),
     }
 }
 
@@ -163,13 +163,13 @@ fn story_sentence(rng: &mut ChaCha8Rng, people: &[Person]) -> String {
     let p = pick(rng, people);
     let (_, _, past) = *pick(rng, VERBS);
     match rng.random_range(0..6) {
-        0 => format!("In the {} {}, {} {} went to {} .", pick(rng, &["early", "late"]), pick(rng, SEASONS), p.name, p.family, pick(rng, PLACES)),
+        0 => format!("In the {} {} , {} {} went to {} .", pick(rng, &["early", "late"]), pick(rng, SEASONS), p.name, p.family, pick(rng, PLACES)),
         1 => {
             let q = pick(rng, people);
             format!("{} {} {} at {} , and {} {} {} back .", p.name, past, q.name, pick(rng, PLACES), q.subj(), past, p.obj())
         }
         2 => format!("There was {} in {} that day , so {} stayed at the {} .", pick(rng, WEATHER), p.town, p.subj(), TRADES[p.trade].1),
-        3 => format!("{} said that {} {} needed a new {} .", cap(p.subj()), p.poss(), ANIMALS[p.animal].1, pick(rng, OBJECTS)),
+        3 => format!("{} said that {} {} needed a new {} .", p.name, p.poss(), ANIMALS[p.animal].1, pick(rng, OBJECTS)),
         4 => format!("{} worked at the {} from morning until night .", p.name, TRADES[p.trade].1),
         _ => agreement_sentence(rng, people),
     }
@@ -207,7 +207,7 @@ pub fn document(seed: u64, index: u64) -> Vec<String> {
 
     for _ in 0..rng.random_range(2..=4) {
         if rng.random_bool(0.3) {
-            rows.push(format!(" = = {} = = \n", cap(pick(&mut rng, SEASONS))));
+            rows.push(format!(" = = {} = = \n", cap(*pick(&mut rng, SEASONS))));
             rows.push(String::new());
         }
         let sentences: Vec<String> = (0..rng.random_range(3..=6)).map(|_| story_sentence(&mut rng, &people)).collect();

@@ -1,0 +1,43 @@
+//! WikiText from `Salesforce/wikitext` (Parquet on `main`, pinned), one row per line of the
+//! original `wiki.*.tokens` files (data-formats.md §2).
+
+use std::path::PathBuf;
+
+use hf_hub::RepoType;
+
+use super::hub::{fetch, HubFile};
+use super::{parquet_rows, DataError, ProgressFn, Split};
+
+pub const REPO: &str = "Salesforce/wikitext";
+/// `main` at "Convert dataset to Parquet (#8)", 2024-01-04.
+pub const REVISION: &str = "b08601e04326c79dfdd32d625aee71d232d685c3";
+pub const CONFIGS: [&str; 4] = ["wikitext-103-v1", "wikitext-103-raw-v1", "wikitext-2-v1", "wikitext-2-raw-v1"];
+
+/// The Parquet files of one split.
+pub fn files(config: &str, split: Split) -> Vec<HubFile> {
+    let names: Vec<String> = match split {
+        Split::Train if config.starts_with("wikitext-103") => {
+            (0..2).map(|i| format!("{config}/train-0000{i}-of-00002.parquet")).collect()
+        }
+        Split::Train => vec![format!("{config}/train-00000-of-00001.parquet")],
+        Split::Validation => vec![format!("{config}/validation-00000-of-00001.parquet")],
+    };
+    names
+        .into_iter()
+        .map(|filename| HubFile { repo_id: REPO.into(), repo_type: RepoType::Dataset, revision: REVISION.into(), filename })
+        .collect()
+}
+
+/// The local paths of a split's files, fetched into the HF cache if needed.
+pub fn fetch_split(config: &str, split: Split, progress: &ProgressFn) -> Result<Vec<PathBuf>, DataError> {
+    files(config, split).iter().map(|f| fetch(f, progress)).collect()
+}
+
+/// The rows of a split (fetched first if needed).
+pub fn rows(config: &str, split: Split, progress: &ProgressFn) -> Result<Vec<String>, DataError> {
+    let mut out = vec![];
+    for path in fetch_split(config, split, progress)? {
+        out.extend(parquet_rows(&path)?);
+    }
+    Ok(out)
+}
