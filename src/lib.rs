@@ -1,8 +1,15 @@
 //! difflab: a terminal lab bench that trains GPT-style language models with differential
-//! input embeddings against standard baselines. See README.md and DESIGN.md.
+//! input embeddings against standard baselines. See README.md for the map of modules.
 
 pub mod atomic_file;
-pub mod data;
+pub mod bench;
+pub mod cli;
+pub mod commands;
 pub mod config;
+pub mod data;
+pub mod events;
 pub mod model;
 pub mod optim;
+pub mod remote;
+pub mod sinks;
+pub mod train;

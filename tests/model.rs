@@ -52,6 +52,8 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
         let loss = next_token_loss(&out.logits, &ids).unwrap();
         let g = model.named_grads(loss.backward().unwrap());
         assert_eq!(g.len(), model.vars.len(), "rope {} diff {}: a parameter got no gradient", cfg.rope, cfg.differential);
+        // detached: an optimizer state built from a gradient must not hold the step's graph
+        assert!(g.values().all(|t| !t.track_op()), "gradients carry no graph");
         for (name, grad) in &g {
             let v = to_vec(grad);
             assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");

@@ -89,6 +89,7 @@ pub const PRESET_ONLY_KEYS: &[&str] = &["description", "extends", "sweep"];
 pub const KEY_ALIASES: &[(&str, &str)] = &[("n_later", "n_layer")];
 
 pub fn find(name: &str) -> Option<&'static Key> {
+    let name = KEY_ALIASES.iter().find(|(alias, _)| *alias == name).map_or(name, |(_, real)| *real);
     KEYS.iter().find(|k| k.name == name)
 }
 

@@ -16,7 +16,7 @@ pub mod wikitext;
 use std::path::{Path, PathBuf};
 
 pub use batches::{Batcher, EpochOrder};
-pub use prepare::{prepare, DataConfig, PreparedData};
+pub use prepare::{prepare, prepare_validation, DataConfig, PreparedData};
 pub use token_cache::TokenStream;
 pub use tokenizer::Tokenizer;
 

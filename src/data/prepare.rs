@@ -49,11 +49,10 @@ pub fn subset(mut rows: Vec<String>, ratio: f64) -> Vec<String> {
 
 pub fn prepare(cfg: &DataConfig, progress: &ProgressFn) -> Result<PreparedData, DataError> {
     let source = Source::resolve(&cfg.dataset, &cfg.dataset_config)?;
-    let mut notes = vec![];
     let train_id = format!("{}|train|subset={}", source.identity(), cfg.subset_ratio);
     // The training rows are read at most once, whether the BPE or the token cache needs them.
     let mut train_rows: Option<Vec<String>> = None;
-    let mut load_train = |progress: &ProgressFn| -> Result<Vec<String>, DataError> {
+    let mut load_train = || -> Result<Vec<String>, DataError> {
         if let Some(rows) = &train_rows {
             return Ok(rows.clone());
         }
@@ -61,50 +60,66 @@ pub fn prepare(cfg: &DataConfig, progress: &ProgressFn) -> Result<PreparedData, 
         train_rows = Some(rows.clone());
         Ok(rows)
     };
-    let tokenizer = tokenizer::load(&cfg.tokenizer, &cfg.cache_dir, &train_id, &mut || load_train(progress), progress)?;
-
-    let mut streams = vec![];
-    for split in [Split::Train, Split::Validation] {
-        let id = match split {
-            Split::Train => train_id.clone(),
-            Split::Validation => format!("{}|validation", source.identity()),
-        };
-        let key = format!("{id}|tokenizer={:016x}", tokenizer.fingerprint());
-        let path = token_cache::path_for(&cfg.cache_dir, &key);
-        match token_cache::open(&path) {
-            Ok(stream) => {
-                notes.push(format!("{}: {} tokens from the cache {}", split.name(), stream.len(), path.display()));
-                streams.push(stream);
-                continue;
-            }
-            Err(Invalid::Corrupt(why)) => notes.push(format!("{}: cache {} is corrupt ({why}); rebuilding it", split.name(), path.display())),
-            Err(Invalid::Missing) => {}
-        }
-        let rows = match split {
-            Split::Train => load_train(progress)?,
-            Split::Validation => source.rows(Split::Validation, progress)?,
-        };
-        let bytes: usize = rows.iter().map(String::len).sum();
-        let started = Instant::now();
-        let ids = tokenizer.encode_rows(&rows, &format!("tokenizing {}", split.name()), progress)?;
-        let secs = started.elapsed().as_secs_f64();
-        notes.push(format!(
-            "{}: tokenized {} rows ({:.1} MB) into {} tokens in {secs:.2}s ({:.1} MB/s)",
-            split.name(),
-            rows.len(),
-            bytes as f64 / 1e6,
-            ids.len(),
-            bytes as f64 / 1e6 / secs.max(1e-9)
-        ));
-        token_cache::write(&path, &ids, tokenizer.vocab_size()).map_err(|source| DataError::Cache { path: path.clone(), source })?;
-        let stream = match token_cache::open(&path) {
-            Ok(s) => s,
-            Err(_) => TokenStream::from_vec(ids),
-        };
-        streams.push(stream);
-    }
+    let tokenizer = tokenizer::load(&cfg.tokenizer, &cfg.cache_dir, &train_id, &mut load_train, progress)?;
+    let mut notes = vec![];
+    let train = tokenized(cfg, &tokenizer, Split::Train, &train_id, &mut load_train, &mut notes, progress)?;
+    let validation = tokenized_validation(cfg, &source, &tokenizer, &mut notes, progress)?;
     progress(Progress::task("data ready", true));
-    let validation = streams.pop().ok_or_else(|| DataError::Format { path: cfg.cache_dir.clone(), reason: "no splits".into() })?;
-    let train = streams.pop().ok_or_else(|| DataError::Format { path: cfg.cache_dir.clone(), reason: "no splits".into() })?;
     Ok(PreparedData { tokenizer, train, validation, notes })
+}
+
+/// Only the validation split, with a given tokenizer (evaluating a checkpoint).
+pub fn prepare_validation(cfg: &DataConfig, tokenizer: &Tokenizer, progress: &ProgressFn) -> Result<(TokenStream, Vec<String>), DataError> {
+    let source = Source::resolve(&cfg.dataset, &cfg.dataset_config)?;
+    let mut notes = vec![];
+    let stream = tokenized_validation(cfg, &source, tokenizer, &mut notes, progress)?;
+    Ok((stream, notes))
+}
+
+fn tokenized_validation(
+    cfg: &DataConfig,
+    source: &Source,
+    tokenizer: &Tokenizer,
+    notes: &mut Vec<String>,
+    progress: &ProgressFn,
+) -> Result<TokenStream, DataError> {
+    let id = format!("{}|validation", source.identity());
+    tokenized(cfg, tokenizer, Split::Validation, &id, &mut || source.rows(Split::Validation, progress), notes, progress)
+}
+
+/// A split's tokens from the cache, or tokenized (and cached) from its rows.
+fn tokenized(
+    cfg: &DataConfig,
+    tokenizer: &Tokenizer,
+    split: Split,
+    id: &str,
+    rows: &mut dyn FnMut() -> Result<Vec<String>, DataError>,
+    notes: &mut Vec<String>,
+    progress: &ProgressFn,
+) -> Result<TokenStream, DataError> {
+    let key = format!("{id}|tokenizer={:016x}", tokenizer.fingerprint());
+    let path = token_cache::path_for(&cfg.cache_dir, &key);
+    match token_cache::open(&path) {
+        Ok(stream) => {
+            notes.push(format!("{}: {} tokens from the cache {}", split.name(), stream.len(), path.display()));
+            return Ok(stream);
+        }
+        Err(Invalid::Corrupt(why)) => notes.push(format!("{}: cache {} is corrupt ({why}); rebuilding it", split.name(), path.display())),
+        Err(Invalid::Missing) => {}
+    }
+    let rows = rows()?;
+    let bytes: usize = rows.iter().map(String::len).sum();
+    let started = Instant::now();
+    let ids = tokenizer.encode_rows(&rows, &format!("tokenizing {}", split.name()), progress)?;
+    let secs = started.elapsed().as_secs_f64();
+    notes.push(format!(
+        "{}: tokenized {} rows ({:.1} MB) into {} tokens in {secs:.2}s ({:.1} MB/s)",
+        split.name(),
+        rows.len(),
+        bytes as f64 / 1e6,
+        ids.len(),
+        bytes as f64 / 1e6 / secs.max(1e-9)
+    ));
+    token_cache::write(&path, &ids, tokenizer.vocab_size()).map_err(|source| DataError::Cache { path: path.clone(), source })?;
+    Ok(token_cache::open(&path).unwrap_or_else(|_| TokenStream::from_vec(ids)))
 }

@@ -59,7 +59,10 @@ pub fn read_config(dir: &Path) -> Result<(GptConfig, HfConfig), CheckpointError>
 pub fn load_pretrained(dir: &Path, device: &Device) -> Result<(GptConfig, BTreeMap<String, Tensor>), CheckpointError> {
     let (cfg, _) = read_config(dir)?;
     let path = dir.join(WEIGHTS_FILE);
-    let mut tensors = read_tensors(&path, device)?;
+    let mut tensors: HashMap<String, Tensor> = read_tensors(&path, device)?
+        .into_iter()
+        .filter_map(|(name, t)| canonical_name(&name).map(|n| (n, t)))
+        .collect();
     let mut weights = BTreeMap::new();
     for spec in param_specs(&cfg) {
         let t = tensors
@@ -81,15 +84,13 @@ pub fn load_pretrained(dir: &Path, device: &Device) -> Result<(GptConfig, BTreeM
     Ok((cfg, weights))
 }
 
-/// Reads every tensor of a safetensors file as f32, names normalised to the `transformer.`
-/// prefix, ignoring tied-head and attention-mask buffers.
+/// Reads every float tensor of a safetensors file as f32, by its stored name.
 pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, CheckpointError> {
     let bytes = fs::read(path).map_err(|source| CheckpointError::Read { path: path.to_path_buf(), source })?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let Some(name) = canonical_name(&name) else { continue };
         let dtype = match view.dtype() {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::F16 => DType::F16,

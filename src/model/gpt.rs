@@ -218,6 +218,10 @@ impl Gpt {
         self
     }
 
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     pub fn config(&self) -> &GptConfig {
         &self.cfg
     }

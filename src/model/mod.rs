@@ -24,6 +24,8 @@ pub use gpt::Gpt;
 pub struct Trainable {
     pub vars: BTreeMap<String, Var>,
     pub gpt: Gpt,
+    /// Activation dtype (f32; bf16 on CUDA). Parameters keep theirs.
+    compute: Option<DType>,
 }
 
 impl Trainable {
@@ -34,13 +36,26 @@ impl Trainable {
             .collect::<Result<BTreeMap<_, _>>>()?;
         // A Var's tensor keeps the Var's id, so gradients of the model's ops reach the Vars.
         let gpt = build(cfg, vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())))?;
-        Ok(Self { vars, gpt })
+        Ok(Self { vars, gpt, compute: None })
+    }
+
+    /// Computes activations in `dtype` (bf16 on CUDA) over the same (f32) parameters.
+    pub fn with_dtype(mut self, dtype: DType) -> Result<Self> {
+        if dtype != self.gpt.dtype() {
+            self.gpt = self.gpt.with_dtype(dtype);
+            self.compute = Some(dtype);
+        }
+        Ok(self)
     }
 
     /// A model over the same storage that records no graph: for evaluation (candle has no
     /// `no_grad`, and a graph built during eval would hold every activation).
     pub fn detached(&self) -> Result<Gpt> {
-        build(self.gpt.config(), self.vars.iter().map(|(k, v)| (k.clone(), v.as_detached_tensor())))
+        let gpt = build(self.gpt.config(), self.vars.iter().map(|(k, v)| (k.clone(), v.as_detached_tensor())))?;
+        Ok(match self.compute {
+            Some(dtype) => gpt.with_dtype(dtype),
+            None => gpt,
+        })
     }
 
     /// The current weights (detached; shares storage with the Vars until the next update).
@@ -49,11 +64,14 @@ impl Trainable {
     }
 
     /// Picks the parameters' gradients out of a `GradStore`, dropping the gradients candle
-    /// also keeps for constants (masks, tables).
+    /// also keeps for constants (masks, tables). Each is detached: candle detaches a node's
+    /// gradient only when it visits the node, never a leaf's, so a parameter's gradient still
+    /// links to the whole forward graph, and an optimizer state built from it would chain
+    /// every step's activations together (a leak of one graph per step).
     pub fn named_grads(&self, mut store: GradStore) -> BTreeMap<String, Tensor> {
         self.vars
             .iter()
-            .filter_map(|(name, var)| store.remove(var.as_tensor()).map(|g| (name.clone(), g)))
+            .filter_map(|(name, var)| store.remove(var.as_tensor()).map(|g| (name.clone(), g.detach())))
             .collect()
     }
 }

@@ -1,0 +1,191 @@
+//! The command line. Run settings are generated from the key table (`config::keys`), so every
+//! preset key is a flag with the same name, type and help, and `--help` shows its default.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+
+use crate::config::keys::{Kind, KEYS, KEY_ALIASES};
+use crate::config::RunConfig;
+
+/// A run's flags as given: the preset and `(key, raw value)` pairs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunArgs {
+    pub preset: Option<String>,
+    pub flags: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UiOptions {
+    pub no_mouse: bool,
+    pub ascii: bool,
+    /// Draw no TUI even on a terminal.
+    pub headless: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Invocation {
+    /// `difflab [flags]`: the picker, or the dashboard straight away with `--preset`.
+    Lab { run: RunArgs, ui: UiOptions },
+    Train(RunArgs),
+    Eval(RunArgs),
+    Watch { dir: PathBuf, ui: UiOptions },
+    Sweep(RunArgs),
+    LrFind { run: RunArgs, start_lr: f64, end_lr: f64, num_steps: u64, ui: UiOptions },
+    Compare { dirs: Vec<PathBuf>, ui: UiOptions },
+    Bench(Vec<(String, String)>),
+    Presets,
+}
+
+fn default_text(defaults: &serde_json::Value, key: &str) -> String {
+    match &defaults[key] {
+        serde_json::Value::Null => "unset".into(),
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+/// `--preset` and one flag per key.
+fn run_args(cmd: Command) -> Command {
+    let defaults = serde_json::to_value(RunConfig::default()).unwrap_or_default();
+    let mut cmd = cmd.arg(
+        Arg::new("preset")
+            .long("preset")
+            .value_name("NAME|FILE")
+            .help("a preset from presets/ or ~/.config/difflab/presets, or a YAML file; flags override it"),
+    );
+    for key in KEYS {
+        cmd = cmd.arg(
+            Arg::new(key.name)
+                .long(key.name)
+                .value_name(key.kind.value_name())
+                .help(format!("{} [default: {}]", key.help, default_text(&defaults, key.name)))
+                .action(ArgAction::Set)
+                .num_args(1)
+                .allow_hyphen_values(matches!(key.kind, Kind::Float)),
+        );
+    }
+    for (alias, real) in KEY_ALIASES {
+        cmd = cmd.arg(Arg::new(*alias).long(*alias).hide(true).num_args(1).help(format!("read as --{real}")));
+    }
+    cmd
+}
+
+fn ui_args(cmd: Command) -> Command {
+    cmd.arg(Arg::new("no-mouse").long("no-mouse").action(ArgAction::SetTrue).help("leave the mouse to the terminal (copy and paste in tmux); `m` toggles"))
+        .arg(Arg::new("ascii").long("ascii").action(ArgAction::SetTrue).help("ASCII charts for terminals without Braille glyphs"))
+}
+
+pub fn command() -> Command {
+    let lab = ui_args(run_args(Command::new("difflab")))
+        .arg(Arg::new("headless").long("headless").action(ArgAction::SetTrue).help("run without the TUI even on a terminal"));
+    lab.version(env!("CARGO_PKG_VERSION"))
+        .about("A terminal lab bench for GPT-style LMs with differential input embeddings.\nWith no subcommand: the preset picker, or `--preset NAME` to start that run in the dashboard.")
+        .args_conflicts_with_subcommands(true)
+        .subcommand(run_args(Command::new("train").about("Train headless (the research code's `python -m research.train`); JSON markers on stdout")))
+        .subcommand(run_args(Command::new("eval").about("Evaluate --checkpoint DIR on the validation split (loss, perplexity)")))
+        .subcommand(ui_args(Command::new("watch").about("Attach to a run started elsewhere: its history, live tail and controls"))
+            .arg(Arg::new("run_dir").required(true).value_name("RUN_DIR")))
+        .subcommand(run_args(Command::new("sweep").about("Run one trial per value of a swept key (e.g. --learning_rate 1e-3,3e-4,1e-4, or the preset's sweep:)")))
+        .subcommand(ui_args(run_args(Command::new("lr-find").about("The exponential LR range test on a copy of the model"))
+            .arg(Arg::new("start_lr").long("start_lr").value_name("X").default_value("1e-7").help("first learning rate"))
+            .arg(Arg::new("end_lr").long("end_lr").value_name("X").default_value("10").help("last learning rate"))
+            .arg(Arg::new("num_steps").long("num_steps").value_name("N").default_value("100").help("steps from start_lr to end_lr"))))
+        .subcommand(ui_args(Command::new("compare").about("Overlay runs: curves, final eval loss and perplexity, config differences"))
+            .arg(Arg::new("run_dirs").required(true).num_args(1..).value_name("RUN_DIR")))
+        .subcommand(crate::bench::args(Command::new("bench").about("Time training steps on random tokens (same flags as shared/bench/bench_train.py)")))
+        .subcommand(Command::new("presets").about("List the presets"))
+}
+
+fn run_from(m: &ArgMatches) -> RunArgs {
+    let mut flags = vec![];
+    let names = KEYS.iter().map(|k| k.name).chain(KEY_ALIASES.iter().map(|(a, _)| *a));
+    for name in names {
+        if let Some(v) = m.get_one::<String>(name) {
+            let index = m.index_of(name).unwrap_or(0);
+            flags.push((index, name.to_string(), v.clone()));
+        }
+    }
+    flags.sort();
+    RunArgs { preset: m.get_one::<String>("preset").cloned(), flags: flags.into_iter().map(|(_, k, v)| (k, v)).collect() }
+}
+
+fn ui_from(m: &ArgMatches) -> UiOptions {
+    let flag = |n: &str| m.try_get_one::<bool>(n).ok().flatten().copied().unwrap_or(false);
+    UiOptions { no_mouse: flag("no-mouse"), ascii: flag("ascii"), headless: flag("headless") }
+}
+
+fn float(m: &ArgMatches, name: &str) -> Result<f64, clap::Error> {
+    let raw = m.get_one::<String>(name).cloned().unwrap_or_default();
+    raw.parse().map_err(|_| clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("--{name}: {raw:?} is not a number\n")))
+}
+
+pub fn parse<I, T>(args: I) -> Result<Invocation, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let m = command().try_get_matches_from(args)?;
+    Ok(match m.subcommand() {
+        Some(("train", s)) => Invocation::Train(run_from(s)),
+        Some(("eval", s)) => Invocation::Eval(run_from(s)),
+        Some(("watch", s)) => Invocation::Watch {
+            dir: s.get_one::<String>("run_dir").map(PathBuf::from).unwrap_or_default(),
+            ui: ui_from(s),
+        },
+        Some(("sweep", s)) => Invocation::Sweep(run_from(s)),
+        Some(("lr-find", s)) => Invocation::LrFind {
+            run: run_from(s),
+            start_lr: float(s, "start_lr")?,
+            end_lr: float(s, "end_lr")?,
+            num_steps: float(s, "num_steps")? as u64,
+            ui: ui_from(s),
+        },
+        Some(("compare", s)) => Invocation::Compare {
+            dirs: s.get_many::<String>("run_dirs").into_iter().flatten().map(PathBuf::from).collect(),
+            ui: ui_from(s),
+        },
+        Some(("bench", s)) => Invocation::Bench(crate::bench::flags_from(s)),
+        Some(("presets", _)) => Invocation::Presets,
+        _ => Invocation::Lab { run: run_from(&m), ui: ui_from(&m) },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_is_well_formed() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn both_flag_forms_and_true_false_values_parse() {
+        let inv = parse(["difflab", "train", "--rope", "true", "--n_layer=2", "--learning_rate", "1e-3", "--preset", "demo"]).unwrap();
+        let Invocation::Train(run) = inv else { panic!("train") };
+        assert_eq!(run.preset.as_deref(), Some("demo"));
+        assert_eq!(
+            run.flags,
+            vec![("rope".into(), "true".into()), ("n_layer".into(), "2".into()), ("learning_rate".into(), "1e-3".into())]
+        );
+    }
+
+    #[test]
+    fn unknown_flags_are_refused_with_a_suggestion() {
+        let err = parse(["difflab", "train", "--learning_rte", "1"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn help_lists_every_key_with_its_default() {
+        let mut cmd = command();
+        let help = cmd.find_subcommand_mut("train").unwrap().render_long_help().to_string();
+        for key in KEYS {
+            assert!(help.contains(&format!("--{}", key.name)), "--{} missing from help", key.name);
+        }
+        assert!(help.contains("[default: 0.999]"), "adam_beta2 default shown");
+    }
+}

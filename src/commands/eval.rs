@@ -1,0 +1,97 @@
+//! `difflab eval` / `--eval_only true`: the validation loss and perplexity of a saved model
+//! (a checkpoint-N dir, a final output_dir, or any HF GPT-2 layout dir).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use super::BadInput;
+use crate::config::Resolved;
+use crate::data::prepare::default_cache_dir;
+use crate::data::{prepare_validation, tokenizer, Progress, Tokenizer};
+use crate::events::{EvalRecord, Event};
+use crate::model::checkpoint::load_pretrained;
+use crate::model::Trainable;
+use crate::sinks::human::{describe, StderrLog};
+use crate::sinks::Sink;
+use crate::train::checkpoint::{TrainerState, TOKENIZER, TRAINER_STATE};
+use crate::train::run::data_config;
+use crate::train::{device, step::evaluate};
+
+/// The checkpoint's own tokenizer.json when it carries one, else the configured tokenizer
+/// (`gpt2` for an HF GPT-2 directory).
+fn tokenizer_for(dir: &Path, spec: &str, cache: &Path) -> anyhow::Result<Tokenizer> {
+    let own = dir.join(TOKENIZER);
+    if own.is_file() {
+        return Ok(Tokenizer::from_file(&own.display().to_string(), &own)?);
+    }
+    if spec.starts_with("bpe:") {
+        return Err(BadInput(format!("{} has no tokenizer.json and a bpe:N tokenizer cannot be rebuilt for it; pass --tokenizer gpt2 or a tokenizer.json path", dir.display())).into());
+    }
+    let mut no_rows = || Ok(vec![]);
+    Ok(tokenizer::load(spec, cache, "", &mut no_rows, &|p: Progress| report(&p))?)
+}
+
+fn report(p: &Progress) {
+    let _ = StderrLog::new().handle(&Event::Prepare(crate::events::PrepareProgress {
+        stage: p.stage.clone(),
+        done: p.done,
+        total: p.total,
+        unit: format!("{:?}", p.unit).to_lowercase(),
+    }));
+}
+
+pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
+    let cfg = &resolved.config;
+    let dir = PathBuf::from(cfg.checkpoint.clone().unwrap_or_else(|| cfg.output_dir.clone()));
+    if !dir.join("config.json").is_file() {
+        return Err(BadInput(format!("{} holds no config.json: give --checkpoint a checkpoint-N directory, a finished output_dir or an HF GPT-2 directory", dir.display())).into());
+    }
+    let device = device::select(&cfg.device)?;
+    let (model_cfg, weights) = load_pretrained(&dir, &device)?;
+    let cache = default_cache_dir();
+    let tokenizer = tokenizer_for(&dir, &cfg.tokenizer_spec(), &cache)?;
+    if tokenizer.vocab_size() > model_cfg.vocab_size {
+        return Err(BadInput(format!(
+            "the tokenizer has {} tokens but the model {} only {}; pass the tokenizer it was trained with (--tokenizer)",
+            tokenizer.vocab_size(),
+            dir.display(),
+            model_cfg.vocab_size
+        ))
+        .into());
+    }
+    let (stream, notes) = prepare_validation(&data_config(cfg, &cache), &tokenizer, &|p| report(&p))?;
+    for n in notes {
+        eprintln!("[info] {n}");
+    }
+    let block_size = cfg.block_size.min(model_cfg.n_positions);
+    if block_size < cfg.block_size {
+        eprintln!("[info] block_size {} is longer than the model's n_positions; evaluating in blocks of {block_size}", cfg.block_size);
+    }
+    let gpt = Trainable::new(&model_cfg, weights)?.detached()?;
+    let started = Instant::now();
+    let max = cfg.eval_max_blocks.map(|n| n as usize);
+    let (loss, predictions) = evaluate(&gpt, &stream, block_size, cfg.micro_batch_size, max, &device)
+        .with_context(|| format!("evaluating {}", dir.display()))?;
+    if predictions == 0 {
+        return Err(BadInput(format!("the validation split has fewer than {block_size} tokens: lower --block_size")).into());
+    }
+    let state: Option<TrainerState> = std::fs::read_to_string(dir.join(TRAINER_STATE)).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let secs = started.elapsed().as_secs_f64();
+    let tokens = predictions + predictions / (block_size as u64 - 1);
+    let event = Event::Evaluate(EvalRecord {
+        step: state.as_ref().map_or(0, |s| s.global_step),
+        epoch: state.as_ref().map_or(0.0, |s| s.epoch),
+        eval_loss: loss,
+        perplexity: loss.exp(),
+        eval_tokens: tokens,
+        eval_tokens_per_second: tokens as f64 / secs.max(1e-9),
+    });
+    println!("{}", event.to_json_line());
+    if let Some(line) = describe(&event) {
+        eprintln!("{line} | {}", dir.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,103 @@
+//! The application edge: turns an `Invocation` into work, errors into messages and exit codes
+//! (0 done, 2 bad input, 1 failure). The only place that uses `anyhow`.
+
+pub mod eval;
+pub mod headless;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::cli::{Invocation, RunArgs};
+use crate::config::resolve::parse_flag_value;
+use crate::config::{resolve, ConfigError, Overrides, PresetLibrary, Resolved};
+
+pub const EXIT_BAD_INPUT: u8 = 2;
+
+/// Bad input, as opposed to a failure: the exit code 2 class.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    use crate::data::DataError;
+    use crate::model::checkpoint::CheckpointError;
+    use crate::train::{device::DeviceError, TrainError};
+    for cause in err.chain() {
+        if cause.is::<ConfigError>() || cause.is::<DeviceError>() || cause.is::<crate::bench::BenchError>() || cause.is::<BadInput>() {
+            return EXIT_BAD_INPUT;
+        }
+        if let Some(e) = cause.downcast_ref::<DataError>() {
+            return if matches!(e, DataError::Cache { .. }) { 1 } else { EXIT_BAD_INPUT };
+        }
+        if let Some(e) = cause.downcast_ref::<TrainError>() {
+            return if e.is_user_error() { EXIT_BAD_INPUT } else { 1 };
+        }
+        if let Some(e) = cause.downcast_ref::<CheckpointError>() {
+            let failure = matches!(e, CheckpointError::Write { .. } | CheckpointError::NonFinite { .. } | CheckpointError::Candle(_));
+            return if failure { 1 } else { EXIT_BAD_INPUT };
+        }
+    }
+    1
+}
+
+/// A bad-input error raised at the edge (a missing run directory, say).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+/// Preset chain + flags -> a resolved, validated config. Warnings go to stderr.
+pub fn resolve_run(args: &RunArgs) -> Result<Resolved, ConfigError> {
+    let library = PresetLibrary::load();
+    let chain = match &args.preset {
+        Some(p) => library.chain(p)?,
+        None => vec![],
+    };
+    let flags: Overrides = args
+        .flags
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), parse_flag_value(k, v)?)))
+        .collect::<Result<_, ConfigError>>()?;
+    let resolved = resolve(&chain, &flags)?;
+    for w in &resolved.warnings {
+        eprintln!("{w}");
+    }
+    Ok(resolved)
+}
+
+pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
+    match invocation {
+        Invocation::Train(args) => {
+            let resolved = resolve_run(&args)?;
+            if resolved.config.eval_only {
+                return eval::run(&resolved);
+            }
+            headless::train(&resolved)
+        }
+        Invocation::Eval(args) => eval::run(&resolve_run(&args)?),
+        Invocation::Lab { run, ui } => {
+            use std::io::IsTerminal;
+            if run.preset.is_none() && run.flags.is_empty() && !std::io::stdout().is_terminal() {
+                return Err(BadInput("no preset given and stdout is not a terminal (the picker needs one); run `difflab --preset demo` or `difflab train --preset demo`".into()).into());
+            }
+            if ui.headless || !std::io::stdout().is_terminal() {
+                let resolved = resolve_run(&run)?;
+                return if resolved.config.eval_only { eval::run(&resolved) } else { headless::train(&resolved) };
+            }
+            Err(BadInput("the TUI is not built yet; use `difflab train`".into()).into())
+        }
+        Invocation::Bench(flags) => {
+            let result = crate::bench::run(&flags).context("bench")?;
+            println!("{result}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Invocation::Presets => {
+            for preset in PresetLibrary::load().all() {
+                match preset {
+                    Ok(p) => println!("{:<16} {}", p.name, p.description),
+                    Err(e) => println!("(broken) {e}"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Invocation::Watch { .. } | Invocation::Sweep(_) | Invocation::LrFind { .. } | Invocation::Compare { .. } => {
+            Err(BadInput("this command is not built yet".into()).into())
+        }
+    }
+}

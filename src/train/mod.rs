@@ -1,0 +1,130 @@
+//! The training run of DESIGN §2 on its own thread. It owns model, optimizer and data, and
+//! talks to the rest only through typed messages: `Event`s out, `ControlMsg`s in.
+
+pub mod checkpoint;
+pub mod controls;
+pub mod device;
+pub mod run;
+pub mod step;
+
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+
+use crate::config::RunConfig;
+use crate::events::{ControlMsg, Event, TrainEnd};
+pub use controls::StopSignal;
+
+/// Everything a run needs besides its channels.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub config: RunConfig,
+    pub preset: Option<String>,
+    /// difflab's cache (token files, trained tokenizers).
+    pub cache_dir: PathBuf,
+    /// Fault injection for tests: steps whose loss (`loss@N`) or gradient (`grad@N`) is made
+    /// non-finite. Read from `DIFFLAB_INJECT_NONFINITE` by the CLI.
+    pub inject_nonfinite: Vec<(u64, Injection)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injection {
+    Loss,
+    Grad,
+}
+
+/// Parses `loss@3,grad@5`.
+pub fn parse_injections(spec: &str) -> Vec<(u64, Injection)> {
+    spec.split(',')
+        .filter_map(|item| {
+            let (what, step) = item.trim().split_once('@')?;
+            let kind = match what {
+                "loss" => Injection::Loss,
+                "grad" => Injection::Grad,
+                _ => return None,
+            };
+            Some((step.parse().ok()?, kind))
+        })
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::model::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Device(#[from] device::DeviceError),
+    #[error("{0}")]
+    Config(String),
+    #[error("the loss or gradient was not finite for {steps} steps in a row (last at step {step}); stopping. Lower the learning rate (the tutor: tenfold), or check the data")]
+    Diverged { steps: u64, step: u64 },
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl TrainError {
+    /// Bad input (exit code 2) rather than a failure (exit code 1).
+    pub fn is_user_error(&self) -> bool {
+        use crate::data::DataError as D;
+        use crate::model::checkpoint::CheckpointError as C;
+        match self {
+            TrainError::Data(D::Cache { .. }) => false,
+            TrainError::Data(_) | TrainError::Device(_) | TrainError::Config(_) => true,
+            TrainError::Checkpoint(C::Write { .. } | C::NonFinite { .. } | C::Candle(_)) => false,
+            TrainError::Checkpoint(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A running trainer: its events, its control inbox, its stop flag and its thread.
+pub struct TrainHandle {
+    pub events: Receiver<Event>,
+    pub controls: Sender<ControlMsg>,
+    pub stop: StopSignal,
+    thread: JoinHandle<Result<TrainEnd, TrainError>>,
+}
+
+impl TrainHandle {
+    /// Waits for the trainer. A panic in it becomes an error, not a crash.
+    pub fn join(self) -> Result<TrainEnd, TrainError> {
+        self.thread.join().unwrap_or_else(|panic| {
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(TrainError::Config(format!("the trainer panicked: {text}")))
+        })
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+}
+
+/// Starts the run on a background thread.
+pub fn spawn(spec: RunSpec) -> TrainHandle {
+    spawn_with(spec, StopSignal::default())
+}
+
+pub fn spawn_with(spec: RunSpec, stop: StopSignal) -> TrainHandle {
+    let (event_tx, events) = unbounded();
+    let (controls, control_rx) = unbounded();
+    let stop_for_thread = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("difflab-trainer".into())
+        .spawn(move || run::train(&spec, &event_tx, control_rx, stop_for_thread))
+        .unwrap_or_else(|e| panic!("cannot start the trainer thread: {e}"));
+    TrainHandle { events, controls, stop, thread }
+}
+
+/// Sends an event; a closed receiver (the UI is gone) is not the trainer's problem.
+pub(crate) fn emit(tx: &Sender<Event>, event: Event) {
+    let _ = tx.send(event);
+}

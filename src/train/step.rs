@@ -1,0 +1,124 @@
+//! One micro-batch forward and backward (plain, or with gradient checkpointing), and
+//! evaluation without a graph.
+
+use candle_core::{Device, Result, Tensor, Var};
+
+use crate::data::{Batcher, TokenStream};
+use crate::model::dropout::Dropout;
+use crate::model::gpt::next_token_loss;
+use crate::model::ops::cross_entropy;
+use crate::model::{Gpt, Trainable};
+use crate::optim::grads::{accumulate, Grads};
+
+pub struct MicroStep {
+    /// The micro-batch's mean token loss (unscaled).
+    pub loss: f64,
+    /// Gradients of `loss * scale`.
+    pub grads: Grads,
+    /// `||d_t||` for every (b, t), differential models only.
+    pub diff_norms: Option<Vec<f32>>,
+}
+
+/// A micro-batch: token ids `(B, T)`, and explicit targets `(B, T)` or none (then each block
+/// is its own label, shifted inside the loss, as HF: `T - 1` predictions per block).
+pub struct MicroBatch<'a> {
+    pub ids: &'a Tensor,
+    pub targets: Option<&'a Tensor>,
+}
+
+fn loss_of(logits: &Tensor, batch: &MicroBatch) -> Result<Tensor> {
+    match batch.targets {
+        None => next_token_loss(logits, batch.ids),
+        Some(t) => {
+            let (b, s, v) = logits.dims3()?;
+            cross_entropy(&logits.reshape((b * s, v))?, &t.flatten_all()?.to_dtype(candle_core::DType::U32)?)
+        }
+    }
+}
+
+/// Forward and backward of one micro-batch; gradients are of `loss * scale` (`scale` =
+/// 1 / accumulation steps).
+pub fn forward_backward(
+    model: &Trainable,
+    batch: &MicroBatch,
+    scale: f64,
+    dropout: Option<&mut Dropout>,
+    checkpointing: bool,
+) -> Result<MicroStep> {
+    if checkpointing {
+        return checkpointed(model, batch, scale, dropout);
+    }
+    let out = model.gpt.forward(batch.ids, dropout)?;
+    let loss = loss_of(&out.logits, batch)?;
+    let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let grads = model.named_grads((loss * scale)?.backward()?);
+    Ok(MicroStep { loss: value, grads, diff_norms: norms(out.diff_norms)? })
+}
+
+fn norms(t: Option<Tensor>) -> Result<Option<Vec<f32>>> {
+    t.map(|t| t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()
+}
+
+/// Gradient checkpointing: the forward keeps only each block's input; the backward
+/// recomputes one block at a time and pulls the gradient through it (a vector-Jacobian
+/// product), so peak memory holds one block's activations instead of all of them.
+/// Dropout masks are replayed from a copy of the generator taken before each block.
+fn checkpointed(model: &Trainable, batch: &MicroBatch, scale: f64, mut dropout: Option<&mut Dropout>) -> Result<MicroStep> {
+    let gpt = &model.gpt;
+    let ids = batch.ids;
+    let (_, seq_len) = ids.dims2()?;
+    let ctx = gpt.seq_context(seq_len)?;
+    let emb = gpt.embed(ids, dropout.as_deref_mut())?;
+    let mut xs = emb.xs.detach();
+    let mut saved = Vec::with_capacity(gpt.blocks().len());
+    for block in gpt.blocks() {
+        saved.push((xs.clone(), dropout.as_deref().cloned()));
+        xs = block.forward(&xs, &ctx, dropout.as_deref_mut())?.detach();
+    }
+    // top segment: ln_f, head and loss, with the last block's output as a leaf
+    let top = Var::from_tensor(&xs)?;
+    let hidden = gpt.final_hidden(top.as_tensor(), emb.tokens.as_ref())?;
+    let loss = loss_of(&gpt.logits(&hidden)?, batch)?;
+    let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let store = (loss * scale)?.backward()?;
+    let mut upstream = store.get(top.as_tensor()).cloned();
+    let mut grads = model.named_grads(store);
+    for (block, (input, mut rng)) in gpt.blocks().iter().zip(saved).rev() {
+        let Some(g) = upstream.take() else { break };
+        let leaf = Var::from_tensor(&input)?;
+        let ys = block.forward(leaf.as_tensor(), &ctx, rng.as_mut())?;
+        let store = (ys * g)?.sum_all()?.backward()?;
+        upstream = store.get(leaf.as_tensor()).cloned();
+        accumulate(&mut grads, model.named_grads(store))?;
+    }
+    if let Some(g) = upstream {
+        accumulate(&mut grads, model.named_grads((emb.xs * g)?.sum_all()?.backward()?))?;
+    }
+    Ok(MicroStep { loss: value, grads, diff_norms: norms(emb.diff_norms)? })
+}
+
+/// Mean next-token loss over the first `max_blocks` blocks of `stream` (all by default),
+/// in batches of `batch`, with a graph-free model. Returns `(loss, predictions)`.
+pub fn evaluate(
+    gpt: &Gpt,
+    stream: &TokenStream,
+    block_size: usize,
+    batch: usize,
+    max_blocks: Option<usize>,
+    device: &Device,
+) -> Result<(f64, u64)> {
+    let blocks = max_blocks.map_or(stream.num_blocks(block_size), |m| m.min(stream.num_blocks(block_size)));
+    let batcher = Batcher { stream, block_size };
+    let mut total = 0.0;
+    let mut start = 0;
+    while start < blocks {
+        let n = batch.min(blocks - start);
+        let ids = batcher.sequential(start, n, device)?;
+        let logits = gpt.forward(&ids, None)?.logits;
+        // every block has block_size - 1 predictions: the mean of block means is the token mean
+        total += next_token_loss(&logits, &ids)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
+        start += n;
+    }
+    let predictions = (blocks * (block_size - 1)) as u64;
+    Ok((if blocks > 0 { total / blocks as f64 } else { f64::NAN }, predictions))
+}
