@@ -49,7 +49,8 @@ fn default_text(defaults: &serde_json::Value, key: &str) -> String {
 /// `--preset` and one flag per key.
 fn run_args(cmd: Command) -> Command {
     let defaults = serde_json::to_value(RunConfig::default()).unwrap_or_default();
-    let mut cmd = cmd.arg(
+    // a repeated flag takes its last value, as argparse does
+    let mut cmd = cmd.args_override_self(true).arg(
         Arg::new("preset")
             .long("preset")
             .value_name("NAME|FILE")
@@ -83,6 +84,7 @@ pub fn command() -> Command {
     lab.version(env!("CARGO_PKG_VERSION"))
         .about("A terminal lab bench for GPT-style LMs with differential input embeddings.\nWith no subcommand: the preset picker, or `--preset NAME` to start that run in the dashboard.")
         .args_conflicts_with_subcommands(true)
+        .args_override_self(true)
         .subcommand(run_args(Command::new("train").about("Train headless (the research code's `python -m research.train`); JSON markers on stdout")))
         .subcommand(run_args(Command::new("eval").about("Evaluate --checkpoint DIR on the validation split (loss, perplexity)")))
         .subcommand(ui_args(Command::new("watch").about("Attach to a run started elsewhere: its history, live tail and controls"))

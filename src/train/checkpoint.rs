@@ -68,10 +68,13 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Write { path: path.to_path_buf(), source }
 }
 
-/// The fault-injection hook of the crash tests: `DIFFLAB_FAULT=abort_during_save` kills the
-/// process half-way through writing a checkpoint.
+/// The fault-injection hook of the crash tests: `DIFFLAB_FAULT=abort_during_save:N` kills the
+/// process half-way through writing its N-th checkpoint.
 fn fault_point() {
-    if std::env::var("DIFFLAB_FAULT").is_ok_and(|v| v == "abort_during_save") {
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let target = std::env::var("DIFFLAB_FAULT").ok().and_then(|v| v.strip_prefix("abort_during_save:")?.parse::<u64>().ok());
+    if target == Some(n) {
         std::process::abort();
     }
 }

@@ -79,3 +79,55 @@ pub fn fake_hub_repo(cache: &std::path::Path, folder: &str, sha: &str, files: &[
         assert!(pointer.exists(), "symlink resolves");
     }
 }
+
+/// The difflab binary, isolated: its own cache, HOME (no user presets) and offline hub.
+pub fn difflab(home: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_difflab"));
+    cmd.env("HOME", home)
+        .env("DIFFLAB_CACHE", home.join("cache"))
+        .env("HF_HOME", home.join("hf"))
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RAYON_NUM_THREADS", "2")
+        .env_remove("DIFFLAB_PRESET_DIR")
+        .env_remove("DIFFLAB_FAULT")
+        .env_remove("DIFFLAB_INJECT_NONFINITE");
+    cmd
+}
+
+/// A small local text corpus with learnable structure, written into `dir`.
+pub fn tiny_corpus(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("corpus.txt");
+    let words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it"];
+    let text: String = (0..3000)
+        .map(|i| {
+            let line: Vec<&str> = (0..8).map(|j| words[(i * 7 + j * 3 + i / 5) % words.len()]).collect();
+            format!(" {} .\n", line.join(" "))
+        })
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Flags for a run that takes a few seconds on 2 cores.
+pub fn tiny_flags(corpus: &std::path::Path, out: &std::path::Path) -> Vec<String> {
+    [
+        "--dataset", &corpus.display().to_string(),
+        "--tokenizer", "byte",
+        "--output_dir", &out.display().to_string(),
+        "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+        "--batch_size", "4", "--micro_batch_size", "2",
+        "--learning_rate", "3e-3", "--lr_scheduler_type", "cosine", "--warmup_steps", "2",
+        "--max_steps", "20", "--eval_steps", "10", "--save_steps", "10", "--logging_steps", "1",
+        "--eval_max_blocks", "8", "--rope", "true", "--research", "true",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The JSON objects of a JSON-lines text, asserting every line parses.
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}

@@ -1,0 +1,334 @@
+//! The trainer end to end: markers and metrics, evaluation of saved models, exact resume,
+//! controls through the channel API, non-finite steps, crash and signal safety.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use difflab::cli::{parse, Invocation};
+use difflab::commands::resolve_run;
+use difflab::events::{Control, ControlMsg, Event};
+use difflab::model::checkpoint::load_pretrained;
+use difflab::train::{self, checkpoint, Injection, RunSpec, TrainError};
+
+fn run_cli(home: &Path, args: &[String]) -> (i32, String, String) {
+    let out = difflab(home).arg("train").args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn spec_from(flags: &[String], cache: &Path) -> RunSpec {
+    let args: Vec<String> = ["difflab".to_string(), "train".into()].into_iter().chain(flags.iter().cloned()).collect();
+    let Invocation::Train(run) = parse(args).unwrap() else { panic!("train") };
+    let resolved = resolve_run(&run).unwrap();
+    RunSpec { config: resolved.config, preset: None, cache_dir: cache.to_path_buf(), inject_nonfinite: vec![] }
+}
+
+fn flags_with(base: &[String], extra: &[&str]) -> Vec<String> {
+    base.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect()
+}
+
+#[test]
+fn markers_and_metrics_are_json_lines_as_designed() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let out = home.path().join("run");
+    let (code, stdout, stderr) = run_cli(home.path(), &tiny_flags(&corpus, &out));
+    assert_eq!(code, 0, "{stderr}");
+    let markers = json_lines(&stdout);
+    let kinds: Vec<&str> = markers.iter().map(|m| m["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"train_begin"));
+    assert_eq!(kinds.last(), Some(&"train_end"));
+    assert!(kinds.iter().all(|k| ["train_begin", "progress", "evaluate", "train_end"].contains(k)), "{kinds:?}");
+    let progress: Vec<_> = markers.iter().filter(|m| m["event"] == "progress").collect();
+    assert_eq!(progress.len(), 20, "logging_steps 1");
+    for p in &progress {
+        for key in ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "diff_norm_mean", "diff_norm_std", "diff_norm_min", "diff_norm_max"] {
+            assert!(p[key].is_number(), "progress.{key}: {p}");
+        }
+    }
+    let evals: Vec<_> = markers.iter().filter(|m| m["event"] == "evaluate").collect();
+    assert_eq!(evals.iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![10, 20], "every eval_steps and at the end");
+    for e in &evals {
+        let (loss, ppl) = (e["eval_loss"].as_f64().unwrap(), e["perplexity"].as_f64().unwrap());
+        assert!((ppl - loss.exp()).abs() < 1e-9 * ppl);
+    }
+    let begin = &markers[0];
+    assert_eq!(begin["config"]["n_embd"], 32);
+    assert!(begin["num_parameters"].as_u64().unwrap() > 0);
+    let end = markers.last().unwrap();
+    assert_eq!(end["status"], "completed");
+    // metrics.jsonl: every line parses; markers plus checkpoints, in order
+    let metrics = json_lines(&std::fs::read_to_string(out.join("metrics.jsonl")).unwrap());
+    let logged: Vec<&str> = metrics.iter().map(|m| m["event"].as_str().unwrap()).collect();
+    assert_eq!(logged.iter().filter(|k| **k == "progress").count(), 20);
+    assert_eq!(logged.iter().filter(|k| **k == "checkpoint").count(), 2, "{logged:?}");
+    // the loss falls on this tiny corpus
+    let first = progress[0]["loss"].as_f64().unwrap();
+    let last = progress[19]["loss"].as_f64().unwrap();
+    assert!(last < first - 1.0, "loss {first} -> {last}");
+    // the final model is in output_dir, HF layout, with its tokenizer
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    // baselines carry no diff-norm keys
+    let base_out = home.path().join("base");
+    let flags = flags_with(&tiny_flags(&corpus, &base_out), &["--research", "false", "--max_steps", "2"]);
+    let (code, stdout, _) = run_cli(home.path(), &flags);
+    assert_eq!(code, 0);
+    assert!(json_lines(&stdout).iter().filter(|m| m["event"] == "progress").all(|p| p.get("diff_norm_mean").is_none()));
+}
+
+#[test]
+fn eval_only_reads_checkpoints_final_dirs_and_hf_gpt2_dirs() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let out = home.path().join("run");
+    let (code, stdout, stderr) = run_cli(home.path(), &tiny_flags(&corpus, &out));
+    assert_eq!(code, 0, "{stderr}");
+    let final_eval = json_lines(&stdout).into_iter().filter(|m| m["event"] == "evaluate").last().unwrap();
+    for dir in [out.join("checkpoint-20"), out.clone()] {
+        let flags = flags_with(&tiny_flags(&corpus, &out), &["--eval_only", "true", "--checkpoint", &dir.display().to_string()]);
+        let (code, stdout, stderr) = run_cli(home.path(), &flags);
+        assert_eq!(code, 0, "{stderr}");
+        let e = &json_lines(&stdout)[0];
+        assert_eq!(e["event"], "evaluate");
+        let diff = (e["eval_loss"].as_f64().unwrap() - final_eval["eval_loss"].as_f64().unwrap()).abs();
+        assert!(diff < 1e-6, "{}: the same model, the same loss", dir.display());
+    }
+    // the golden GPT-2 directory (vocab 512, 32 positions) with the byte tokenizer
+    let gpt2 = golden_dir("rope0_diff0").join("model");
+    let out = difflab(home.path())
+        .args(["eval", "--checkpoint", &gpt2.display().to_string(), "--dataset", &corpus.display().to_string(), "--tokenizer", "byte", "--block_size", "32"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = &json_lines(&String::from_utf8_lossy(&out.stdout))[0];
+    let loss = e["eval_loss"].as_f64().unwrap();
+    assert!((loss - 512f64.ln()).abs() < 0.5, "an untrained 512-vocab model is near ln(512): {loss}");
+    // a directory without a model is bad input
+    let out = difflab(home.path()).args(["eval", "--checkpoint", &home.path().display().to_string()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+fn losses(events: &[Event]) -> Vec<(u64, f64)> {
+    events.iter().filter_map(|e| if let Event::Progress(p) = e { Some((p.step, p.loss)) } else { None }).collect()
+}
+
+#[test]
+fn resuming_gives_the_losses_of_an_uninterrupted_run() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let cache = home.path().join("cache");
+    let out = home.path().join("full");
+    let full = train::spawn(spec_from(&tiny_flags(&corpus, &out), &cache));
+    let full_events: Vec<Event> = full.events.iter().collect();
+    full.join().unwrap();
+    let resumed_out = home.path().join("resumed");
+    std::fs::create_dir_all(&resumed_out).unwrap();
+    let from = out.join("checkpoint-10").display().to_string();
+    let flags = flags_with(&tiny_flags(&corpus, &resumed_out), &["--resume_from_checkpoint", &from]);
+    let resumed = train::spawn(spec_from(&flags, &cache));
+    let resumed_events: Vec<Event> = resumed.events.iter().collect();
+    resumed.join().unwrap();
+    let a: Vec<_> = losses(&full_events).into_iter().filter(|(s, _)| *s > 10).collect();
+    let b = losses(&resumed_events);
+    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), b.iter().map(|x| x.0).collect::<Vec<_>>());
+    assert_eq!(b.len(), 10);
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert!(((x - y) / x).abs() < 1e-5, "step {s}: {x} uninterrupted vs {y} resumed");
+    }
+}
+
+#[test]
+fn controls_pause_checkpoint_scale_the_lr_and_stop() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let cache = home.path().join("cache");
+    let out = home.path().join("run");
+    let flags = flags_with(&tiny_flags(&corpus, &out), &["--max_steps", "200", "--lr_scheduler_type", "constant", "--save_steps", "0"]);
+    let h = train::spawn(spec_from(&flags, &cache));
+    let send = |c: Control| h.controls.send(ControlMsg { control: c, origin: "api".into() }).unwrap();
+    // queued before the first step: applied at step 0
+    send(Control::Pause);
+    let mut events = vec![];
+    let wait_for = |events: &mut Vec<Event>, pred: &dyn Fn(&Event) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let e = h.events.recv_timeout(deadline - Instant::now()).expect("event in time");
+            let hit = pred(&e);
+            events.push(e);
+            if hit {
+                return;
+            }
+        }
+    };
+    wait_for(&mut events, &|e| matches!(e, Event::Control(c) if c.action == "pause"));
+    let paused_at = Instant::now();
+    // while paused: no progress for a while
+    std::thread::sleep(Duration::from_millis(1500));
+    while let Ok(e) = h.events.try_recv() {
+        assert!(!matches!(e, Event::Progress(_)), "no progress while paused");
+        events.push(e);
+    }
+    // a checkpoint while paused, then a lower LR, then resume
+    send(Control::CheckpointNow);
+    wait_for(&mut events, &|e| matches!(e, Event::Checkpoint(c) if c.reason == "control"));
+    send(Control::ScaleLr { factor: 0.1 });
+    send(Control::Resume);
+    wait_for(&mut events, &|e| matches!(e, Event::Progress(p) if p.step >= 3));
+    let paused_for = paused_at.elapsed();
+    let lrs: Vec<f64> = events.iter().filter_map(|e| if let Event::Progress(p) = e { Some(p.learning_rate) } else { None }).collect();
+    assert!(lrs.iter().all(|lr| (lr - 3e-4).abs() < 1e-12), "LR = 0.1 x schedule (3e-3): {lrs:?}");
+    send(Control::CheckpointNow);
+    wait_for(&mut events, &|e| matches!(e, Event::Checkpoint(c) if c.reason == "control" && c.step > 0));
+    send(Control::Stop { save: true });
+    wait_for(&mut events, &|e| matches!(e, Event::TrainEnd(_)));
+    let end = match events.last() { Some(Event::TrainEnd(e)) => e.clone(), _ => unreachable!() };
+    h.join().unwrap();
+    assert_eq!(end.status, "stopped");
+    assert!(end.train_runtime < paused_for.as_secs_f64() - 1.0, "paused time excluded: runtime {} vs paused {:?}", end.train_runtime, paused_for);
+    let actions: Vec<String> = events.iter().filter_map(|e| if let Event::Control(c) = e { Some(c.action.clone()) } else { None }).collect();
+    assert_eq!(actions, vec!["pause", "checkpoint", "scale_lr", "resume", "checkpoint", "stop_and_save"]);
+    assert!(events.iter().any(|e| matches!(e, Event::Checkpoint(c) if c.reason == "stop")), "stop and save wrote a checkpoint");
+    // the LR scale persists in the checkpoint and through resume
+    let last = checkpoint::list(&out).pop().unwrap().1;
+    let state = checkpoint::load(&last, &candle_core::Device::Cpu).unwrap().state;
+    assert!((state.lr_scale - 0.1).abs() < 1e-12);
+    let flags = flags_with(&flags, &["--resume_from_checkpoint", &last.display().to_string(), "--max_steps", &(state.global_step + 2).to_string()]);
+    let h = train::spawn(spec_from(&flags, &cache));
+    let resumed: Vec<Event> = h.events.iter().collect();
+    h.join().unwrap();
+    let lrs: Vec<f64> = resumed.iter().filter_map(|e| if let Event::Progress(p) = e { Some(p.learning_rate) } else { None }).collect();
+    assert_eq!(lrs.len(), 2);
+    assert!(lrs.iter().all(|lr| (lr - 3e-4).abs() < 1e-12), "{lrs:?}");
+
+    // stop without saving: no final checkpoint, no final model
+    let out2 = home.path().join("nosave");
+    let h = train::spawn(spec_from(&flags_with(&tiny_flags(&corpus, &out2), &["--save_steps", "0"]), &cache));
+    h.controls.send(ControlMsg { control: Control::Stop { save: false }, origin: "api".into() }).unwrap();
+    let events: Vec<Event> = h.events.iter().collect();
+    h.join().unwrap();
+    assert!(!events.iter().any(|e| matches!(e, Event::Checkpoint(_))));
+    assert!(!out2.join("model.safetensors").exists());
+    assert!(matches!(events.last(), Some(Event::TrainEnd(e)) if e.status == "stopped"));
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_a_run_of_them_stops_training() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let cache = home.path().join("cache");
+    let out = home.path().join("run");
+    let mut spec = spec_from(&tiny_flags(&corpus, &out), &cache);
+    spec.inject_nonfinite = vec![(3, Injection::Loss), (7, Injection::Grad)];
+    let h = train::spawn(spec);
+    let events: Vec<Event> = h.events.iter().collect();
+    let end = h.join().unwrap();
+    let skipped: Vec<u64> = events.iter().filter_map(|e| if let Event::Skipped(s) = e { Some(s.step) } else { None }).collect();
+    assert_eq!(skipped, vec![4, 8]);
+    assert_eq!(end.skipped_steps, 2);
+    assert_eq!(end.status, "completed");
+
+    let out = home.path().join("diverged");
+    let mut spec = spec_from(&tiny_flags(&corpus, &out), &cache);
+    spec.inject_nonfinite = (5..12).map(|s| (s, Injection::Grad)).collect();
+    let h = train::spawn(spec);
+    let events: Vec<Event> = h.events.iter().collect();
+    let err = h.join().unwrap_err();
+    assert!(matches!(err, TrainError::Diverged { steps: 5, .. }), "{err}");
+    assert!(err.to_string().contains("Lower the learning rate"), "{err}");
+    assert!(matches!(events.last(), Some(Event::TrainEnd(e)) if e.status == "failed"));
+    for (_, dir) in checkpoint::list(&out) {
+        let (_, w) = load_pretrained(&dir, &candle_core::Device::Cpu).unwrap();
+        assert!(w.values().all(|t| difflab::model::checkpoint::all_finite(t).unwrap()), "{} holds NaN", dir.display());
+    }
+}
+
+fn assert_run_dir_consistent(out: &Path) {
+    for (_, dir) in checkpoint::list(out) {
+        checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap_or_else(|e| panic!("{} does not load: {e}", dir.display()));
+    }
+    if let Ok(text) = std::fs::read_to_string(out.join("metrics.jsonl")) {
+        json_lines(&text);
+    }
+}
+
+#[test]
+fn a_crash_during_a_save_leaves_the_previous_checkpoint_and_a_parseable_log() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let out = home.path().join("run");
+    let flags = flags_with(&tiny_flags(&corpus, &out), &["--save_steps", "5"]);
+    // the second save aborts half-way
+    let status = difflab(home.path()).arg("train").args(&flags).env("DIFFLAB_FAULT", "abort_during_save:2").output().unwrap().status;
+    assert!(!status.success());
+    let saved: Vec<u64> = checkpoint::list(&out).iter().map(|(s, _)| *s).collect();
+    assert_eq!(saved, vec![5], "the interrupted checkpoint-10 is not there under its real name");
+    assert_run_dir_consistent(&out);
+    // resuming from the latest continues to the end
+    let (code, _, stderr) = run_cli(home.path(), &flags_with(&flags, &["--resume_from_checkpoint", "latest"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("resuming from") && stderr.contains("checkpoint-5"), "{stderr}");
+
+    // SIGKILL at random moments, repeatedly, while checkpoints are written every step
+    let out = home.path().join("killed");
+    let flags = flags_with(&tiny_flags(&corpus, &out), &["--save_steps", "1", "--save_total_limit", "2", "--max_steps", "60"]);
+    let mut rng = 12345u64;
+    for round in 0..6 {
+        let mut args = flags.clone();
+        if !checkpoint::list(&out).is_empty() {
+            args.extend(["--resume_from_checkpoint".to_string(), "latest".to_string()]);
+        }
+        let mut child = difflab(home.path()).arg("train").args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let delay = 300 + (rng >> 33) % 1500;
+        std::thread::sleep(Duration::from_millis(delay));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_run_dir_consistent(&out);
+        let _ = round;
+    }
+    assert!(!checkpoint::list(&out).is_empty(), "some checkpoint survived the kills");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_a_second_exits_at_once() {
+    use std::io::{BufRead, BufReader};
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    for (signal, twice) in [("INT", false), ("TERM", false), ("INT", true)] {
+        let out = home.path().join(format!("run-{signal}-{twice}"));
+        let flags = flags_with(&tiny_flags(&corpus, &out), &["--max_steps", "100000", "--save_steps", "0"]);
+        let mut child = difflab(home.path()).arg("train").args(&flags).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // wait until it is training
+        loop {
+            let line = lines.next().unwrap().unwrap();
+            if line.contains("\"progress\"") {
+                break;
+            }
+        }
+        let kill = |sig: &str| std::process::Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+        kill(signal);
+        if twice {
+            kill(signal);
+        }
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let status = child.wait().unwrap();
+        if twice {
+            assert_eq!(status.code(), Some(130), "a second Ctrl-C exits at once");
+        } else {
+            assert_eq!(status.code(), Some(0), "SIG{signal}: a clean stop");
+            let end = json_lines(rest.last().unwrap()).pop().unwrap();
+            assert_eq!(end["event"], "train_end");
+            assert_eq!(end["status"], "stopped");
+            let saved = checkpoint::list(&out);
+            assert_eq!(saved.len(), 1, "a final checkpoint");
+            assert!(out.join("model.safetensors").exists());
+        }
+        assert_run_dir_consistent(&out);
+    }
+}
