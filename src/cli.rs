@@ -35,6 +35,7 @@ pub enum Invocation {
     LrFind { run: RunArgs, start_lr: f64, end_lr: f64, num_steps: u64, ui: UiOptions },
     Compare { dirs: Vec<PathBuf>, ui: UiOptions },
     Bench(Vec<(String, String)>),
+    Logits { checkpoint: PathBuf, ids: Option<String>, text: Option<String> },
     Presets,
 }
 
@@ -97,6 +98,10 @@ pub fn command() -> Command {
         .subcommand(ui_args(Command::new("compare").about("Overlay runs: curves, final eval loss and perplexity, config differences"))
             .arg(Arg::new("run_dirs").required(true).num_args(1..).value_name("RUN_DIR")))
         .subcommand(crate::bench::args(Command::new("bench").about("Time training steps on random tokens (same flags as shared/bench/bench_train.py)")))
+        .subcommand(Command::new("logits").about("Print a saved model's logits for token ids or text, as JSON (for comparing with other tools)")
+            .arg(Arg::new("checkpoint").long("checkpoint").required(true).value_name("DIR"))
+            .arg(Arg::new("ids").long("ids").value_name("1,2,3").conflicts_with("text"))
+            .arg(Arg::new("text").long("text").value_name("TEXT")))
         .subcommand(Command::new("presets").about("List the presets"))
 }
 
@@ -149,6 +154,11 @@ where
             ui: ui_from(s),
         },
         Some(("bench", s)) => Invocation::Bench(crate::bench::flags_from(s)),
+        Some(("logits", s)) => Invocation::Logits {
+            checkpoint: s.get_one::<String>("checkpoint").map(PathBuf::from).unwrap_or_default(),
+            ids: s.get_one::<String>("ids").cloned(),
+            text: s.get_one::<String>("text").cloned(),
+        },
         Some(("presets", _)) => Invocation::Presets,
         _ => Invocation::Lab { run: run_from(&m), ui: ui_from(&m) },
     })

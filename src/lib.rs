@@ -11,5 +11,6 @@ pub mod events;
 pub mod model;
 pub mod optim;
 pub mod remote;
+pub mod series;
 pub mod sinks;
 pub mod train;

@@ -3,6 +3,7 @@
 
 pub mod eval;
 pub mod headless;
+pub mod logits;
 
 use std::process::ExitCode;
 
@@ -87,6 +88,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             println!("{result}");
             Ok(ExitCode::SUCCESS)
         }
+        Invocation::Logits { checkpoint, ids, text } => logits::run(&checkpoint, ids.as_deref(), text.as_deref()),
         Invocation::Presets => {
             for preset in PresetLibrary::load().all() {
                 match preset {

@@ -1,8 +1,10 @@
 //! Sinks: consumers of the trainer's events, each writing one output (DESIGN §4, §6). The
 //! headless runner and the TUI feed every event to the same `Sinks`.
 
+pub mod figures;
 pub mod human;
 pub mod metrics;
+pub mod tensorboard;
 
 use std::io::Write;
 use std::path::Path;
@@ -67,8 +69,14 @@ impl Sinks {
 }
 
 /// The file sinks of a run directory (metrics.jsonl; TensorBoard and figures when enabled).
-pub fn file_sinks(output_dir: &Path, _config: &crate::config::RunConfig) -> std::io::Result<Sinks> {
+pub fn file_sinks(output_dir: &Path, config: &crate::config::RunConfig) -> std::io::Result<Sinks> {
     let mut sinks = Sinks::default();
     sinks.push("metrics.jsonl", Box::new(metrics::MetricsLog::open(&output_dir.join(metrics::METRICS_FILE))?));
+    if config.log_tensorboard {
+        sinks.push("tensorboard", Box::new(tensorboard::TensorBoard::open(output_dir, config.log_figures)?));
+    }
+    if config.log_figures {
+        sinks.push("figures", Box::new(figures::Figures::new(output_dir)));
+    }
     Ok(sinks)
 }

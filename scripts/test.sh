@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite, set-up included: a virtual environment with TensorBoard (for the
+# check that TensorBoard's own reader accepts our event files), then every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import tensorboard" 2>/dev/null; then
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check "tensorboard==2.21.*"
+fi
+export DIFFLAB_PYTHON="$PWD/.venv/bin/python"
+cargo test --release -- --include-ignored "$@"
