@@ -1,6 +1,7 @@
 //! difflab: a terminal lab bench that trains GPT-style language models with differential
 //! input embeddings against standard baselines. See README.md for the map of modules.
 
+pub mod app;
 pub mod atomic_file;
 pub mod bench;
 pub mod cli;
@@ -14,3 +15,5 @@ pub mod remote;
 pub mod series;
 pub mod sinks;
 pub mod train;
+pub mod tui;
+pub mod ui;

@@ -81,7 +81,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
                 let resolved = resolve_run(&run)?;
                 return if resolved.config.eval_only { eval::run(&resolved) } else { headless::train(&resolved) };
             }
-            Err(BadInput("the TUI is not built yet; use `difflab train`".into()).into())
+            crate::tui::lab(run, ui)
         }
         Invocation::Bench(flags) => {
             let result = crate::bench::run(&flags).context("bench")?;
@@ -98,7 +98,8 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Invocation::Watch { .. } | Invocation::Sweep(_) | Invocation::LrFind { .. } | Invocation::Compare { .. } => {
+        Invocation::Watch { dir, ui } => crate::tui::watch(&dir, ui),
+        Invocation::Sweep(_) | Invocation::LrFind { .. } | Invocation::Compare { .. } => {
             Err(BadInput("this command is not built yet".into()).into())
         }
     }

@@ -1,0 +1,193 @@
+//! The preset picker: every preset with its description and key values; the learning rate and
+//! the step limit can be edited before Enter starts the run.
+
+use crate::cli::RunArgs;
+use crate::config::{resolve, ConfigError, Preset, RunConfig};
+
+use super::Key;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub name: String,
+    pub origin: String,
+    pub description: String,
+    /// The resolved settings, or why the preset is broken.
+    pub config: Result<RunConfig, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    LearningRate,
+    MaxSteps,
+}
+
+#[derive(Debug, Clone)]
+pub struct Picker {
+    pub entries: Vec<Entry>,
+    pub selected: usize,
+    /// The field being typed into, and its text so far.
+    pub editing: Option<(Field, String)>,
+    /// Edited values per entry: `(learning_rate, max_steps)` as typed.
+    pub overrides: Vec<(Option<String>, Option<String>)>,
+    /// The flags given on the command line, applied to every preset.
+    pub base_flags: Vec<(String, String)>,
+    pub error: Option<String>,
+}
+
+pub enum Outcome {
+    Stay,
+    Start(RunArgs),
+    Quit,
+}
+
+impl Picker {
+    /// From the presets of the library (each resolved with `base_flags`).
+    pub fn new(presets: Vec<Result<(Vec<Preset>, Preset), ConfigError>>, base_flags: Vec<(String, String)>) -> Self {
+        let entries: Vec<Entry> = presets
+            .into_iter()
+            .map(|p| match p {
+                Ok((chain, preset)) => Entry {
+                    name: preset.name.clone(),
+                    origin: preset.origin.clone(),
+                    description: preset.description.clone(),
+                    config: resolve(&chain, &vec![]).map(|r| r.config).map_err(|e| e.to_string()),
+                },
+                Err(e) => Entry { name: "(broken)".into(), origin: String::new(), description: String::new(), config: Err(e.to_string()) },
+            })
+            .collect();
+        let selected = entries.iter().position(|e| e.name == "demo").unwrap_or(0);
+        let overrides = vec![(None, None); entries.len()];
+        Self { entries, selected, editing: None, overrides, base_flags, error: None }
+    }
+
+    pub fn current(&self) -> Option<&Entry> {
+        self.entries.get(self.selected)
+    }
+
+    /// The learning rate and step limit shown (edited, or the preset's).
+    pub fn shown(&self, field: Field) -> String {
+        let (lr, steps) = self.overrides.get(self.selected).cloned().unwrap_or((None, None));
+        let cfg = self.current().and_then(|e| e.config.as_ref().ok());
+        match field {
+            Field::LearningRate => lr.unwrap_or_else(|| cfg.map_or("-".into(), |c| format!("{:e}", c.learning_rate))),
+            Field::MaxSteps => steps.unwrap_or_else(|| cfg.and_then(|c| c.max_steps).map_or("epochs".into(), |s| s.to_string())),
+        }
+    }
+
+    pub fn run_args(&self) -> RunArgs {
+        let mut flags = self.base_flags.clone();
+        if let Some((lr, steps)) = self.overrides.get(self.selected) {
+            if let Some(lr) = lr {
+                flags.push(("learning_rate".into(), lr.clone()));
+            }
+            if let Some(steps) = steps {
+                flags.push(("max_steps".into(), steps.clone()));
+            }
+        }
+        RunArgs { preset: self.current().map(|e| e.origin.clone()).filter(|o| !o.is_empty()).map(|o| preset_ref(&o, self.current())), flags }
+    }
+
+    pub fn on_key(&mut self, key: Key) -> Outcome {
+        if let Some((field, mut text)) = self.editing.take() {
+            match key {
+                Key::Enter | Key::Tab => {
+                    let valid = match field {
+                        Field::LearningRate => text.parse::<f64>().is_ok_and(|x| x > 0.0 && x.is_finite()),
+                        Field::MaxSteps => text.parse::<u64>().is_ok_and(|x| x > 0),
+                    };
+                    if valid {
+                        let slot = &mut self.overrides[self.selected];
+                        match field {
+                            Field::LearningRate => slot.0 = Some(text),
+                            Field::MaxSteps => slot.1 = Some(text),
+                        }
+                        self.error = None;
+                    } else {
+                        self.error = Some(format!("{text:?} is not a valid {}", if field == Field::LearningRate { "learning rate (e.g. 3e-4)" } else { "step count (e.g. 500)" }));
+                    }
+                }
+                Key::Esc => self.error = None,
+                Key::Backspace => {
+                    text.pop();
+                    self.editing = Some((field, text));
+                }
+                Key::Char(c) if c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+') => {
+                    text.push(c);
+                    self.editing = Some((field, text));
+                }
+                _ => self.editing = Some((field, text)),
+            }
+            return Outcome::Stay;
+        }
+        match key {
+            Key::Up | Key::Char('k') => self.selected = self.selected.saturating_sub(1),
+            Key::Down | Key::Char('j') => self.selected = (self.selected + 1).min(self.entries.len().saturating_sub(1)),
+            Key::Char('l') => self.editing = Some((Field::LearningRate, String::new())),
+            Key::Char('s') => self.editing = Some((Field::MaxSteps, String::new())),
+            Key::Enter => {
+                return match self.current().map(|e| &e.config) {
+                    Some(Ok(_)) => Outcome::Start(self.run_args()),
+                    Some(Err(e)) => {
+                        self.error = Some(e.clone());
+                        Outcome::Stay
+                    }
+                    None => Outcome::Stay,
+                }
+            }
+            Key::Char('q') | Key::Esc => return Outcome::Quit,
+            _ => {}
+        }
+        Outcome::Stay
+    }
+}
+
+/// Built-in presets are named, user presets are given by path.
+fn preset_ref(origin: &str, entry: Option<&Entry>) -> String {
+    match entry {
+        Some(e) if origin == format!("presets/{}.yaml", e.name) => e.name.clone(),
+        _ => origin.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PresetLibrary;
+
+    fn picker() -> Picker {
+        let lib = PresetLibrary::builtin();
+        let presets = lib.names().iter().map(|n| lib.chain(n).map(|c| (c.clone(), c.last().cloned().unwrap()))).collect();
+        Picker::new(presets, vec![])
+    }
+
+    #[test]
+    fn starts_on_demo_and_enter_starts_it() {
+        let mut p = picker();
+        assert_eq!(p.current().unwrap().name, "demo");
+        let Outcome::Start(args) = p.on_key(Key::Enter) else { panic!("start") };
+        assert_eq!(args.preset.as_deref(), Some("demo"));
+        assert!(args.flags.is_empty());
+    }
+
+    #[test]
+    fn the_learning_rate_and_steps_can_be_edited_before_starting() {
+        let mut p = picker();
+        p.on_key(Key::Down);
+        let name = p.current().unwrap().name.clone();
+        for k in [Key::Char('l'), Key::Char('3'), Key::Char('e'), Key::Char('-'), Key::Char('4'), Key::Enter] {
+            p.on_key(k);
+        }
+        for k in [Key::Char('s'), Key::Char('2'), Key::Char('5'), Key::Enter] {
+            p.on_key(k);
+        }
+        assert_eq!(p.shown(Field::LearningRate), "3e-4");
+        let Outcome::Start(args) = p.on_key(Key::Enter) else { panic!("start") };
+        assert_eq!(args.preset, Some(name));
+        assert_eq!(args.flags, vec![("learning_rate".to_string(), "3e-4".to_string()), ("max_steps".to_string(), "25".to_string())]);
+        // a bad value is refused with a message
+        for k in [Key::Char('l'), Key::Char('-'), Key::Enter] {
+            p.on_key(k);
+        }
+        assert!(p.error.as_ref().unwrap().contains("not a valid learning rate"));
+    }
+}

@@ -1,0 +1,121 @@
+//! The preset picker screen.
+
+use ratatui::buffer::Buffer;
+use ratatui::layout::{Constraint, Direction, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Paragraph, Widget, Wrap};
+
+use super::{block, button_row, put};
+use crate::app::picker::Field;
+use crate::app::{App, Button, Picker};
+use crate::sinks::human::si;
+
+fn areas(area: Rect) -> (Rect, Rect, Rect, Rect) {
+    let rows = Layout::default()
+        .direction(Direction::Vertical)
+        .constraints([Constraint::Length(1), Constraint::Min(5), Constraint::Length(1)])
+        .split(area);
+    let cols = Layout::default()
+        .direction(Direction::Horizontal)
+        .constraints([Constraint::Length(24.min(area.width / 3)), Constraint::Min(20)])
+        .split(rows[1]);
+    (rows[0], cols[0], cols[1], rows[2])
+}
+
+fn bar(area: Rect) -> Vec<(Rect, Button, String)> {
+    let (_, _, _, bar) = areas(area);
+    button_row(bar, &[("[enter] start".into(), Button::Start), ("[q] quit".into(), Button::Quit)])
+}
+
+/// Keys without a button, shown after the buttons.
+fn hints(area: Rect, buf: &mut Buffer) {
+    let (_, _, _, bar) = areas(area);
+    let used: u16 = super::button_row(bar, &[("[enter] start".into(), Button::Start), ("[q] quit".into(), Button::Quit)]).iter().map(|(r, _, _)| r.width + 1).sum();
+    put(buf, bar.x + used + 1, bar.y, "up/down select | l edit LR | s edit steps", bar.width.saturating_sub(used + 1) as usize, Style::default().fg(Color::DarkGray));
+}
+
+pub fn buttons(area: Rect) -> Vec<(Rect, Button)> {
+    bar(area).into_iter().map(|(r, b, _)| (r, b)).collect()
+}
+
+fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
+    let Some(e) = p.current() else { return vec![Line::from("no presets")] };
+    let key = |k: &str| Span::styled(format!("{k:<14}"), Style::default().fg(Color::Gray));
+    let mut lines = vec![Line::from(Span::styled(e.description.clone(), Style::default().add_modifier(Modifier::BOLD))), Line::from("")];
+    match &e.config {
+        Err(err) => lines.push(Line::from(Span::styled(err.clone(), Style::default().fg(Color::Red)))),
+        Ok(c) => {
+            let model = crate::model::GptConfig {
+                vocab_size: if c.tokenizer_spec() == "gpt2" { 50257 } else { c.tokenizer_spec().strip_prefix("bpe:").and_then(|n| n.parse().ok()).unwrap_or(257) },
+                n_positions: c.block_size,
+                n_embd: c.n_embd,
+                n_layer: c.n_layer,
+                n_head: c.n_head,
+                layer_norm_epsilon: 1e-5,
+                rope: c.rope,
+                rope_theta: c.rope_theta,
+                differential: c.research,
+                dropout: 0.0,
+            };
+            let variant = format!("{}{}", if c.research { "differential + " } else { "baseline, " }, if c.rope { "RoPE" } else { "learned positions" });
+            let data = if c.dataset == "wikitext" { format!("wikitext {} (subset {})", c.dataset_config, c.subset_ratio) } else { format!("{} (subset {})", c.dataset, c.subset_ratio) };
+            let edit = |f: Field, value: String| -> Span<'static> {
+                match &p.editing {
+                    Some((ef, text)) if *ef == f => Span::styled(format!("{text}_"), Style::default().fg(Color::Black).bg(Color::Yellow)),
+                    _ => Span::styled(value, Style::default().fg(Color::Yellow)),
+                }
+            };
+            let rows: Vec<(&str, Vec<Span<'static>>)> = vec![
+                ("model", vec![Span::raw(format!("{} layers x {} wide, {} heads, ~{} params", c.n_layer, c.n_embd, c.n_head, si(model.num_parameters() as f64)))]),
+                ("variant", vec![Span::raw(variant)]),
+                ("data", vec![Span::raw(data)]),
+                ("tokenizer", vec![Span::raw(c.tokenizer_spec())]),
+                ("sequence", vec![Span::raw(format!("block {} | batch {} = {} x {} micro", c.block_size, c.batch_size, c.accumulation_steps(), c.micro_batch_size))]),
+                ("learning rate", vec![edit(Field::LearningRate, p.shown(Field::LearningRate)), Span::styled("   [l] edit", Style::default().fg(Color::DarkGray))]),
+                ("schedule", vec![Span::raw(format!("{} | warmup {} steps / ratio {}", c.lr_scheduler_type, c.warmup_steps, c.warmup_ratio))]),
+                ("steps", vec![edit(Field::MaxSteps, p.shown(Field::MaxSteps)), Span::raw(format!("  ({} epochs)", c.num_train_epochs)), Span::styled("   [s] edit", Style::default().fg(Color::DarkGray))]),
+                ("output", vec![Span::raw(c.output_dir.clone())]),
+            ];
+            for (k, mut v) in rows {
+                let mut spans = vec![key(k)];
+                spans.append(&mut v);
+                lines.push(Line::from(spans));
+            }
+        }
+    }
+    if let Some(err) = &p.error {
+        lines.push(Line::from(""));
+        lines.push(Line::from(Span::styled(err.clone(), Style::default().fg(Color::Red))));
+    }
+    lines
+}
+
+pub fn render(p: &Picker, app: &App, area: Rect, buf: &mut Buffer) {
+    let (header, list, detail, _) = areas(area);
+    Paragraph::new(Line::from(vec![
+        Span::styled(" difflab ", Style::default().add_modifier(Modifier::BOLD).fg(Color::Black).bg(Color::Cyan)),
+        Span::raw("  choose a preset  (up/down, enter to start)"),
+    ]))
+    .render(header, buf);
+    let frame = block(" presets ", Color::Cyan, app.ascii);
+    let inner = frame.inner(list);
+    frame.render(list, buf);
+    for (i, e) in p.entries.iter().enumerate().take(inner.height as usize) {
+        let style = if i == p.selected {
+            Style::default().fg(Color::Black).bg(Color::Cyan)
+        } else if e.config.is_err() {
+            Style::default().fg(Color::Red)
+        } else {
+            Style::default()
+        };
+        let marker = if i == p.selected { ">" } else { " " };
+        put(buf, inner.x, inner.y + i as u16, format!("{marker} {:<w$}", e.name, w = (inner.width as usize).saturating_sub(2)), inner.width as usize, style);
+    }
+    let name = p.current().map_or(String::new(), |e| format!(" {} ", e.name));
+    Paragraph::new(detail_lines(p)).wrap(Wrap { trim: false }).block(block(name, Color::Cyan, app.ascii)).render(detail, buf);
+    for (rect, _, label) in bar(area) {
+        put(buf, rect.x, rect.y, &label, rect.width as usize, Style::default().fg(Color::Black).bg(Color::Gray));
+    }
+    hints(area, buf);
+}

@@ -1,0 +1,154 @@
+//! Screens rendered with ratatui's `TestBackend`, from synthetic events: snapshots of the
+//! picker and the dashboard at 80x24 and 160x48 (Braille and ASCII), and mouse hit-testing.
+
+use difflab::app::{App, Button, Dashboard, Mode, Msg, Picker};
+use difflab::config::PresetLibrary;
+use difflab::events::*;
+use ratatui::backend::TestBackend;
+use ratatui::layout::Rect;
+use ratatui::Terminal;
+
+fn begin(research: bool) -> Event {
+    Event::TrainBegin(TrainBegin {
+        config: serde_json::json!({"research": research, "max_grad_norm": 1.0}),
+        preset: Some(if research { "sanity-diff" } else { "sanity-baseline" }.into()),
+        num_parameters: 6_850_000,
+        device: "cpu (2 threads)".into(),
+        variant: if research { "differential + rope" } else { "baseline (rope)" }.into(),
+        vocab_size: 50257,
+        train_blocks: 900,
+        validation_blocks: 60,
+        steps_per_epoch: 56,
+        total_steps: 560,
+        start_step: 0,
+        tokens_per_step: 2048,
+        warmup_steps: 50,
+        output_dir: "outputs/sanity".into(),
+        timestamp: 0.0,
+    })
+}
+
+/// A synthetic run: 300 steps of a falling, noisy loss with one spike, warmup + cosine LR,
+/// evals every 50 steps, an LR cut at 150, a pause at 200 and checkpoints.
+fn dashboard(research: bool) -> App {
+    let mut app = App::dashboard(Dashboard::new("run"), Mode::Owned, true, false);
+    let mut send = |e: Event| {
+        app.update(Msg::Event(e));
+    };
+    send(begin(research));
+    let mut scale = 1.0;
+    for step in 1..=300u64 {
+        let s = step as f64;
+        let noise = ((s * 12.9898).sin() * 43758.5453).fract() * 0.15;
+        let loss = 3.0 + 7.5 * (-s / 60.0).exp() + noise + if step == 222 { 2.5 } else { 0.0 };
+        let lr = if step < 50 { 1e-3 * s / 50.0 } else { 1e-3 * 0.5 * (1.0 + (std::f64::consts::PI * (s - 50.0) / 510.0).cos()) } * scale;
+        send(Event::Progress(StepRecord {
+            step,
+            epoch: s / 56.0,
+            loss,
+            learning_rate: lr,
+            grad_norm: 0.4 + 2.0 * (-s / 40.0).exp() + noise,
+            tokens_per_second: 5120.0,
+            diff_norm_mean: research.then_some(0.9),
+            diff_norm_std: research.then_some(0.17),
+            diff_norm_min: research.then_some(0.0),
+            diff_norm_max: research.then_some(1.3),
+            diff_norm_hist: research.then(|| Histogram {
+                counts: vec![2, 0, 0, 1, 3, 5, 9, 14, 30, 52, 80, 111, 130, 120, 90, 60, 30, 12, 4, 1],
+                edges: (0..=20).map(|i| i as f64 * 0.065).collect(),
+                sum: 0.0,
+                sum_squares: 0.0,
+            }),
+            elapsed: s * 0.4,
+        }));
+        if step % 50 == 0 {
+            send(Event::Evaluate(EvalRecord { step, epoch: s / 56.0, eval_loss: loss + 0.1, perplexity: (loss + 0.1).exp(), eval_tokens: 7680, eval_tokens_per_second: 20000.0 }));
+        }
+        if step % 100 == 0 {
+            send(Event::Checkpoint(CheckpointRecord { step, path: format!("outputs/sanity/checkpoint-{step}"), reason: "save_steps".into(), deleted: vec![] }));
+        }
+        if step == 150 {
+            scale = 0.1;
+            send(Event::Control(ControlRecord { step, action: "scale_lr".into(), lr_scale: 0.1, origin: "ui".into() }));
+        }
+    }
+    send(Event::Control(ControlRecord { step: 300, action: "pause".into(), lr_scale: 0.1, origin: "ui".into() }));
+    app
+}
+
+fn draw(app: &App, w: u16, h: u16) -> Terminal<TestBackend> {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| difflab::ui::render(app, f)).unwrap();
+    t
+}
+
+fn picker() -> App {
+    let lib = PresetLibrary::builtin();
+    let presets = lib.names().iter().map(|n| lib.chain(n).map(|c| (c.clone(), c.last().cloned().unwrap()))).collect();
+    App::picker(Picker::new(presets, vec![]), true, false)
+}
+
+#[test]
+fn picker_80x24() {
+    insta::assert_snapshot!(draw(&picker(), 80, 24).backend());
+}
+
+#[test]
+fn picker_160x48() {
+    insta::assert_snapshot!(draw(&picker(), 160, 48).backend());
+}
+
+#[test]
+fn dashboard_80x24() {
+    insta::assert_snapshot!(draw(&dashboard(true), 80, 24).backend());
+}
+
+#[test]
+fn dashboard_160x48() {
+    insta::assert_snapshot!(draw(&dashboard(true), 160, 48).backend());
+}
+
+#[test]
+fn dashboard_ascii_baseline_log_y_80x24() {
+    let mut app = dashboard(false);
+    app.ascii = true;
+    app.update(Msg::Click(Button::LogY));
+    let t = draw(&app, 80, 24);
+    let text = t.backend().to_string();
+    assert!(text.is_ascii(), "ASCII mode draws no Braille or block glyphs");
+    assert!(text.contains("does not apply: baseline"));
+    insta::assert_snapshot!(t.backend());
+}
+
+#[test]
+fn quit_dialog_80x24() {
+    let mut app = dashboard(true);
+    app.update(Msg::Key(difflab::app::Key::Char('q')));
+    insta::assert_snapshot!(draw(&app, 80, 24).backend());
+}
+
+#[test]
+fn every_button_is_hit_where_it_is_drawn() {
+    let app = dashboard(true);
+    for (w, h) in [(80, 24), (160, 48)] {
+        let t = draw(&app, w, h);
+        let buf = t.backend().buffer();
+        let area = Rect::new(0, 0, w, h);
+        let row = h - 1;
+        let line: String = (0..w).map(|x| buf[(x, row)].symbol().to_string()).collect();
+        for (label, button) in [("[p]", Button::Pause), ("[c]", Button::Checkpoint), ("[l]", Button::LowerLr), ("[q]", Button::Quit), ("[m]", Button::Mouse)] {
+            let col = line.find(label).unwrap_or_else(|| panic!("{label} drawn at {w}x{h}: {line}")) as u16;
+            assert_eq!(difflab::ui::hit(&app, area, col + 1, row), Some(button), "{label} at {w}x{h}");
+        }
+        assert_eq!(difflab::ui::hit(&app, area, 1, 1), None, "a chart is not a button");
+    }
+}
+
+#[test]
+fn tiny_and_odd_sizes_do_not_panic() {
+    let app = dashboard(true);
+    for (w, h) in [(1, 1), (10, 5), (40, 12), (79, 23), (300, 90)] {
+        draw(&app, w, h);
+        draw(&picker(), w, h);
+    }
+}
