@@ -10,7 +10,6 @@ use common::*;
 use difflab::model::checkpoint::load_pretrained;
 use difflab::model::diagnostics::norm_stats;
 use difflab::model::gpt::next_token_loss;
-use difflab::model::ops::cross_entropy;
 use difflab::model::Trainable;
 use difflab::optim::{grads, AdamW, AdamWConfig};
 
@@ -37,6 +36,9 @@ fn forward_logits_hidden_and_loss_match() {
         let loss = next_token_loss(&out.logits, ids).unwrap().to_scalar::<f32>().unwrap();
         let want = r["loss"].to_scalar::<f32>().unwrap();
         assert!((loss - want).abs() < 1e-5, "{variant} loss {loss} vs {want}");
+        // the training path (fused head + loss, no logits) gives the same
+        let fused = model.next_token_loss(&out.hidden, ids).unwrap().to_scalar::<f32>().unwrap();
+        assert!((fused - want).abs() < 1e-5, "{variant} fused loss {fused} vs {want}");
     }
 }
 
@@ -78,11 +80,10 @@ fn train_batch(variant: &str, step: usize) -> (Tensor, Tensor) {
     (batch.narrow(1, 0, t).unwrap(), batch.narrow(1, 1, t).unwrap())
 }
 
+/// The training path: hidden states, then the fused head + loss.
 fn step_loss_and_grads(model: &Trainable, x: &Tensor, y: &Tensor) -> (f32, BTreeMap<String, Tensor>) {
-    let out = model.gpt.forward(x, None).unwrap();
-    let (b, t, v) = out.logits.dims3().unwrap();
-    let targets = y.flatten_all().unwrap().to_dtype(candle_core::DType::U32).unwrap();
-    let loss = cross_entropy(&out.logits.reshape((b * t, v)).unwrap(), &targets).unwrap();
+    let (hidden, _) = model.gpt.forward_hidden(x, None).unwrap();
+    let loss = model.gpt.loss(&hidden, y).unwrap();
     let value = loss.to_scalar::<f32>().unwrap();
     (value, model.named_grads(loss.backward().unwrap()))
 }

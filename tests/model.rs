@@ -310,3 +310,89 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The fused CPU kernels against the composed ops every device has: same values, same
+/// gradients (inputs and parameters).
+#[test]
+fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
+    use candle_core::Var;
+    use difflab::model::ops;
+    let dev = Device::Cpu;
+    let noise = |shape: &[usize], seed: u64| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i as f64 * 0.7 + seed as f64 * 13.1).sin() * 2.0) as f32).collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
+    };
+    let close = |what: &str, a: &Tensor, b: &Tensor| assert_close(what, a, b, 2e-6, 1e-4);
+
+    // layer norm: x, weight, bias
+    let (x, w, b) = (noise(&[6, 5, 24], 1), noise(&[24], 2), noise(&[24], 3));
+    let probe = noise(&[6, 5, 24], 4).as_detached_tensor();
+    let run = |fused: bool| {
+        let y = if fused { ops::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5) } else { ops::composed_layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5) }.unwrap();
+        let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, [x.as_tensor(), w.as_tensor(), b.as_tensor()].map(|t| g.get(t).unwrap().clone()))
+    };
+    let ((y1, g1), (y2, g2)) = (run(true), run(false));
+    close("layer norm", &y1, &y2);
+    for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+        close(&format!("layer norm grad {i}"), a, b);
+    }
+
+    // linear: x (B, T, in), W (in, out), b (out)
+    let (x, w, b) = (noise(&[3, 5, 16], 11), noise(&[16, 24], 12), noise(&[24], 13));
+    let probe = noise(&[3, 5, 24], 14).as_detached_tensor();
+    let run = |fused: bool| {
+        let y = if fused { ops::linear(x.as_tensor(), w.as_tensor(), b.as_tensor()) } else { ops::composed_linear(x.as_tensor(), w.as_tensor(), b.as_tensor()) }.unwrap();
+        let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, [x.as_tensor(), w.as_tensor(), b.as_tensor()].map(|t| g.get(t).unwrap().clone()))
+    };
+    let ((y1, g1), (y2, g2)) = (run(true), run(false));
+    close("linear", &y1, &y2);
+    for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+        close(&format!("linear grad {i}"), a, b);
+    }
+
+    // causal softmax over (B, H, T, T)
+    let t = 9;
+    let s = noise(&[2, 3, t, t], 5);
+    let mask = ops::causal_mask(t, &dev).unwrap();
+    let probe = noise(&[2, 3, t, t], 6).as_detached_tensor();
+    let run = |fused: bool| {
+        let y = if fused { ops::causal_softmax(s.as_tensor(), &mask) } else { ops::composed_causal_softmax(s.as_tensor(), &mask) }.unwrap();
+        let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(s.as_tensor()).unwrap().clone())
+    };
+    let ((y1, g1), (y2, g2)) = (run(true), run(false));
+    close("causal softmax", &y1, &y2);
+    close("causal softmax grad", &g1, &g2);
+
+    // gelu
+    let x = noise(&[7, 33], 7);
+    let run = |fused: bool| {
+        let y = if fused { ops::gelu(x.as_tensor()).unwrap() } else { x.as_tensor().gelu().unwrap() };
+        let g = (&y * &y).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(x.as_tensor()).unwrap().clone())
+    };
+    let ((y1, g1), (y2, g2)) = (run(true), run(false));
+    close("gelu", &y1, &y2);
+    // candle's own tanh-GELU backward rounds its constants to 6 digits: allow for that
+    assert_close("gelu grad", &g1, &g2, 1e-4, 1e-4);
+
+    // the tied head + cross-entropy: gradients for the hidden states and the embedding,
+    // over more rows than one chunk holds (V = 70000: chunks of ~120 rows)
+    for (rows, vocab) in [(11usize, 37usize), (300, 70_000)] {
+        let hidden = noise(&[rows, 16], 8);
+        let wte = noise(&[vocab, 16], 9);
+        let targets = Tensor::from_vec((0..rows as u32).map(|i| (i * 5) % vocab as u32).collect::<Vec<_>>(), rows, &dev).unwrap();
+        let run = |fused: bool| {
+            let l = if fused { ops::head_cross_entropy(hidden.as_tensor(), wte.as_tensor(), &targets) } else { ops::composed_head_cross_entropy(hidden.as_tensor(), wte.as_tensor(), &targets) }.unwrap();
+            let g = (&l * 3.0).unwrap().backward().unwrap();
+            (l, g.get(hidden.as_tensor()).unwrap().clone(), g.get(wte.as_tensor()).unwrap().clone())
+        };
+        let ((l1, h1, w1), (l2, h2, w2)) = (run(true), run(false));
+        assert_close("head cross-entropy", &l1, &l2, 1e-5, 1e-5);
+        close("head cross-entropy d hidden", &h1, &h2);
+        close("head cross-entropy d wte", &w1, &w2);
+    }
+}

@@ -27,13 +27,9 @@ impl Conv1D {
     /// `(B, T, in) -> (B, T, out)`. Weights are cast here, not at load time, so a bf16
     /// forward always reads the current f32 master weights.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b_sz, seq_len, n_in) = xs.dims3()?;
         let w = self.weight.to_dtype(xs.dtype())?;
         let b = self.bias.to_dtype(xs.dtype())?;
-        xs.reshape((b_sz * seq_len, n_in))? // (B*T, in)
-            .matmul(&w)? // (B*T, out)
-            .broadcast_add(&b)?
-            .reshape((b_sz, seq_len, ()))
+        ops::linear(xs, &w, &b) // (B, T, in) -> (B, T, out)
     }
 }
 
@@ -96,7 +92,7 @@ impl Attention {
         // Scale q before the matmul: touches (B,H,T,hd) instead of (B,H,T,T).
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?; // (B, H, T, T)
-        let probs = ops::masked_softmax(&scores, &ctx.mask)?;
+        let probs = ops::causal_softmax(&scores, &ctx.mask)?;
         let probs = maybe_dropout(&probs, dropout)?;
         let ys = probs.matmul(&v)? // (B, H, T, hd)
             .transpose(1, 2)? // (B, T, H, hd)
@@ -300,8 +296,9 @@ impl Gpt {
         ops::upcast(&logits)
     }
 
-    /// The whole model: ids `(B, T)` -> logits. `dropout` is `Some` when training.
-    pub fn forward(&self, ids: &Tensor, mut dropout: Option<&mut Dropout>) -> Result<Output> {
+    /// Everything but the head: ids `(B, T)` -> hidden after `ln_f` `(B, T, C)`, and the
+    /// diff norms. `dropout` is `Some` when training.
+    pub fn forward_hidden(&self, ids: &Tensor, mut dropout: Option<&mut Dropout>) -> Result<(Tensor, Option<Tensor>)> {
         let (_, seq_len) = ids.dims2()?;
         let ctx = self.seq_context(seq_len)?;
         let emb = self.embed(ids, dropout.as_deref_mut())?;
@@ -309,9 +306,29 @@ impl Gpt {
         for block in &self.h {
             xs = block.forward(&xs, &ctx, dropout.as_deref_mut())?;
         }
-        let hidden = self.final_hidden(&xs, emb.tokens.as_ref())?;
+        Ok((self.final_hidden(&xs, emb.tokens.as_ref())?, emb.diff_norms))
+    }
+
+    /// The whole model: ids `(B, T)` -> logits.
+    pub fn forward(&self, ids: &Tensor, dropout: Option<&mut Dropout>) -> Result<Output> {
+        let (hidden, diff_norms) = self.forward_hidden(ids, dropout)?;
         let logits = self.logits(&hidden)?;
-        Ok(Output { logits, hidden, diff_norms: emb.diff_norms })
+        Ok(Output { logits, hidden, diff_norms })
+    }
+
+    /// Mean cross-entropy of `hidden (B, S, C)` through the tied head against `targets (B, S)`,
+    /// without materialising all the logits on the CPU.
+    pub fn loss(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b_sz, seq_len, c) = hidden.dims3()?;
+        let hidden = ops::upcast(&hidden.reshape((b_sz * seq_len, c))?)?;
+        ops::head_cross_entropy(&hidden, &self.wte, &targets.flatten_all()?.to_dtype(DType::U32)?)
+    }
+
+    /// HF's causal-LM loss of a block batch: positions `0..T-1` of `hidden` predict `ids`
+    /// at `1..T` (`labels = input_ids`, shifted inside the loss).
+    pub fn next_token_loss(&self, hidden: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let (_, seq_len) = ids.dims2()?;
+        self.loss(&hidden.narrow(1, 0, seq_len - 1)?, &ids.narrow(1, 1, seq_len - 1)?)
     }
 }
 

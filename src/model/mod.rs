@@ -5,10 +5,12 @@ pub mod checkpoint;
 pub mod config;
 pub mod diagnostics;
 pub mod dropout;
+pub mod fused;
 pub mod gpt;
 pub mod ops;
 pub mod params;
 pub mod rope;
+pub mod simd;
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -4,10 +4,45 @@
 //! backward and cut the graph without an error (shared/docs/reference/candle-training.md §1.2),
 //! so every primitive here is built from ops that have one.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Result, Tensor, D};
 
-/// LayerNorm over the last dim, composed (mean, variance, normalise, affine).
+use super::fused;
+
+/// The fused CPU kernels apply to f32 tensors on the CPU; everything else (CUDA, bf16, the f64
+/// gradient checks) takes the composed path.
+fn fused_applies(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// `y = x . W + b` for `x (.., in)`, `W (in, out)` (HF Conv1D layout).
+pub fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if fused_applies(&[xs, weight, bias]) {
+        return xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, fused::Linear);
+    }
+    composed_linear(xs, weight, bias)
+}
+
+pub fn composed_linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    let n_in = dims[dims.len() - 1];
+    let mut out = dims.clone();
+    let last = out.len() - 1;
+    out[last] = weight.dim(1)?;
+    xs.reshape(((), n_in))?.matmul(weight)?.broadcast_add(bias)?.reshape(out)
+}
+
+/// LayerNorm over the last dim.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_applies(&[xs, weight, bias]) {
+        return xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, fused::LayerNorm { eps: eps as f32 });
+    }
+    composed_layer_norm(xs, weight, bias, eps)
+}
+
+/// LayerNorm, composed (mean, variance, normalise, affine): the path every device has.
+pub fn composed_layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
     let xs = upcast(xs)?;
     let mean = xs.mean_keepdim(D::Minus1)?;
@@ -17,21 +52,46 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
     normed.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
-/// Softmax over the last dim of causal attention scores `(B, H, T, T)` after adding the
-/// additive mask `(T, T)` (0 on and below the diagonal, -inf above).
-pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// Softmax over the last dim of causal attention scores `(B, H, T, T)`; keys after the query
+/// get probability 0. `mask` is the additive `(T, T)` mask the composed path uses.
+pub fn causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if fused_applies(&[scores]) {
+        return scores.contiguous()?.apply_op1(fused::CausalSoftmax);
+    }
+    composed_causal_softmax(scores, mask)
+}
+
+pub fn composed_causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let scores = scores.broadcast_add(mask)?;
     candle_nn::ops::softmax(&scores, D::Minus1)
 }
 
 /// GELU, tanh approximation (HF `gelu_new`).
 pub fn gelu(xs: &Tensor) -> Result<Tensor> {
+    if fused_applies(&[xs]) {
+        return xs.contiguous()?.apply_op1(fused::Gelu);
+    }
     xs.gelu()
 }
 
 /// Mean token cross-entropy of `logits (N, V)` against `targets (N)` (u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     candle_nn::loss::cross_entropy(&upcast(logits)?, targets)
+}
+
+/// The tied head and the loss together: `hidden (N, C)`, `wte (V, C)`, `targets (N)` ->
+/// mean cross-entropy of `hidden . wte^T`. Fused (logits made a chunk at a time) on the CPU.
+pub fn head_cross_entropy(hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused_applies(&[hidden, wte]) {
+        let targets = Arc::new(targets.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?);
+        return hidden.contiguous()?.apply_op2(&wte.contiguous()?, fused::HeadCrossEntropy::new(targets));
+    }
+    composed_head_cross_entropy(hidden, wte, targets)
+}
+
+pub fn composed_head_cross_entropy(hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let wte = wte.to_dtype(hidden.dtype())?;
+    cross_entropy(&hidden.matmul(&wte.t()?)?, targets)
 }
 
 /// The additive causal mask `(T, T)`: 0 where key <= query, -inf above the diagonal.

@@ -5,8 +5,6 @@ use candle_core::{Device, Result, Tensor, Var};
 
 use crate::data::{Batcher, TokenStream};
 use crate::model::dropout::Dropout;
-use crate::model::gpt::next_token_loss;
-use crate::model::ops::cross_entropy;
 use crate::model::{Gpt, Trainable};
 use crate::optim::grads::{accumulate, Grads};
 
@@ -26,13 +24,10 @@ pub struct MicroBatch<'a> {
     pub targets: Option<&'a Tensor>,
 }
 
-fn loss_of(logits: &Tensor, batch: &MicroBatch) -> Result<Tensor> {
+fn loss_of(gpt: &Gpt, hidden: &Tensor, batch: &MicroBatch) -> Result<Tensor> {
     match batch.targets {
-        None => next_token_loss(logits, batch.ids),
-        Some(t) => {
-            let (b, s, v) = logits.dims3()?;
-            cross_entropy(&logits.reshape((b * s, v))?, &t.flatten_all()?.to_dtype(candle_core::DType::U32)?)
-        }
+        None => gpt.next_token_loss(hidden, batch.ids),
+        Some(t) => gpt.loss(hidden, t),
     }
 }
 
@@ -48,11 +43,11 @@ pub fn forward_backward(
     if checkpointing {
         return checkpointed(model, batch, scale, dropout);
     }
-    let out = model.gpt.forward(batch.ids, dropout)?;
-    let loss = loss_of(&out.logits, batch)?;
+    let (hidden, diff_norms) = model.gpt.forward_hidden(batch.ids, dropout)?;
+    let loss = loss_of(&model.gpt, &hidden, batch)?;
     let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     let grads = model.named_grads((loss * scale)?.backward()?);
-    Ok(MicroStep { loss: value, grads, diff_norms: norms(out.diff_norms)? })
+    Ok(MicroStep { loss: value, grads, diff_norms: norms(diff_norms)? })
 }
 
 fn norms(t: Option<Tensor>) -> Result<Option<Vec<f32>>> {
@@ -78,7 +73,7 @@ fn checkpointed(model: &Trainable, batch: &MicroBatch, scale: f64, mut dropout: 
     // top segment: ln_f, head and loss, with the last block's output as a leaf
     let top = Var::from_tensor(&xs)?;
     let hidden = gpt.final_hidden(top.as_tensor(), emb.tokens.as_ref())?;
-    let loss = loss_of(&gpt.logits(&hidden)?, batch)?;
+    let loss = loss_of(gpt, &hidden, batch)?;
     let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     let store = (loss * scale)?.backward()?;
     let mut upstream = store.get(top.as_tensor()).cloned();
@@ -114,9 +109,9 @@ pub fn evaluate(
     while start < blocks {
         let n = batch.min(blocks - start);
         let ids = batcher.sequential(start, n, device)?;
-        let logits = gpt.forward(&ids, None)?.logits;
+        let (hidden, _) = gpt.forward_hidden(&ids, None)?;
         // every block has block_size - 1 predictions: the mean of block means is the token mean
-        total += next_token_loss(&logits, &ids)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
+        total += gpt.next_token_loss(&hidden, &ids)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
         start += n;
     }
     let predictions = (blocks * (block_size - 1)) as u64;
