@@ -301,7 +301,11 @@ fn ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_a_second_exits_at_once(
     let corpus = tiny_corpus(home.path());
     for (signal, twice) in [("INT", false), ("TERM", false), ("INT", true)] {
         let out = home.path().join(format!("run-{signal}-{twice}"));
-        let flags = flags_with(&tiny_flags(&corpus, &out), &["--max_steps", "100000", "--save_steps", "0"]);
+        let mut flags = flags_with(&tiny_flags(&corpus, &out), &["--max_steps", "100000", "--save_steps", "0"]);
+        if twice {
+            // slower steps, so the second signal lands while the first is still being honoured
+            flags = flags_with(&flags, &["--n_embd", "256", "--n_layer", "3", "--batch_size", "32", "--micro_batch_size", "8"]);
+        }
         let mut child = difflab(home.path()).arg("train").args(&flags).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         // wait until it is training
@@ -314,6 +318,8 @@ fn ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_a_second_exits_at_once(
         let kill = |sig: &str| std::process::Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
         kill(signal);
         if twice {
+            // standard signals do not queue: two sent at once may arrive as one
+            std::thread::sleep(Duration::from_millis(30));
             kill(signal);
         }
         let rest: Vec<String> = lines.map_while(Result::ok).collect();
