@@ -396,3 +396,45 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
         close("head cross-entropy d wte", &w1, &w2);
     }
 }
+
+/// The fused attention (probabilities kept, or recomputed in the backward) against attention
+/// composed from candle ops, with and without RoPE.
+#[test]
+fn fused_attention_equals_composed_attention() {
+    use candle_core::{Var, D};
+    use difflab::model::attention::{CausalAttention, Rope};
+    use difflab::model::ops;
+    use difflab::model::rope::RotaryTables;
+    let dev = Device::Cpu;
+    let (b, t, h, hd) = (2, 7, 3, 4);
+    let c = h * hd;
+    let n = b * t * 3 * c;
+    let qkv = Var::from_tensor(&Tensor::from_vec((0..n).map(|i| ((i as f32) * 0.37).sin()).collect::<Vec<_>>(), (b, t, 3 * c), &dev).unwrap()).unwrap();
+    let probe = Tensor::from_vec((0..b * t * c).map(|i| ((i as f32) * 0.11).cos()).collect::<Vec<_>>(), (b, t, c), &dev).unwrap();
+    let tables = RotaryTables::new(t, hd, 10_000.0, &dev).unwrap();
+    for rope in [false, true] {
+        let composed = {
+            let x = qkv.as_tensor();
+            let heads = |i: usize| x.narrow(D::Minus1, i * c, c).unwrap().reshape((b, t, h, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let (mut q, mut k, v) = (heads(0), heads(1), heads(2));
+            if rope {
+                q = tables.apply(&q).unwrap();
+                k = tables.apply(&k).unwrap();
+            }
+            let q = (q * (1.0 / (hd as f64).sqrt())).unwrap();
+            let p = ops::composed_causal_softmax(&q.matmul(&k.t().unwrap()).unwrap(), &ops::causal_mask(t, &dev).unwrap()).unwrap();
+            p.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, t, c)).unwrap()
+        };
+        let host = rope.then(|| Rope {
+            cos: std::sync::Arc::new(tables.cos.flatten_all().unwrap().to_vec1().unwrap()),
+            sin: std::sync::Arc::new(tables.sin.flatten_all().unwrap().to_vec1().unwrap()),
+        });
+        let grad_of = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap().get(qkv.as_tensor()).unwrap().clone();
+        let want_grad = grad_of(&composed);
+        for keep in [true, false] {
+            let y = qkv.as_tensor().apply_op1(CausalAttention::new(h, host.clone(), keep)).unwrap();
+            assert_close(&format!("attention rope {rope} keep {keep}"), &y, &composed, 1e-5, 1e-5);
+            assert_close(&format!("attention grad rope {rope} keep {keep}"), &grad_of(&y), &want_grad, 1e-5, 1e-4);
+        }
+    }
+}

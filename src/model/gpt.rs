@@ -7,6 +7,9 @@
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use std::sync::Arc;
+
+use super::attention::{CausalAttention, Rope};
 use super::config::GptConfig;
 use super::dropout::{maybe_dropout, Dropout};
 use super::ops;
@@ -75,9 +78,23 @@ impl Attention {
         ctx: &SeqContext,
         dropout: &mut Option<&mut Dropout>,
     ) -> Result<Tensor> {
-        let (b_sz, seq_len, c) = xs.dims3()?;
-        let hd = c / self.n_head;
         let qkv = self.c_attn.forward(xs)?; // (B, T, 3C), q | k | v along the last dim
+        let dropout_on = dropout.as_ref().is_some_and(|d| d.is_active());
+        let ys = if !dropout_on && ops::fused_applies(&[&qkv]) {
+            // one op from qkv to merged heads (attention dropout is not fused)
+            let op = CausalAttention::new(self.n_head, ctx.rope_host.clone(), qkv.track_op());
+            qkv.contiguous()?.apply_op1(op)?
+        } else {
+            self.composed(&qkv, ctx, dropout)?
+        };
+        self.c_proj.forward(&ys)
+    }
+
+    /// Attention from composed ops: the path every device and dropout have.
+    fn composed(&self, qkv: &Tensor, ctx: &SeqContext, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
+        let (b_sz, seq_len, c3) = qkv.dims3()?;
+        let c = c3 / 3;
+        let hd = c / self.n_head;
         let heads = |i: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, i * c, c)?
                 .reshape((b_sz, seq_len, self.n_head, hd))?
@@ -94,10 +111,9 @@ impl Attention {
         let scores = q.matmul(&k.t()?)?; // (B, H, T, T)
         let probs = ops::causal_softmax(&scores, &ctx.mask)?;
         let probs = maybe_dropout(&probs, dropout)?;
-        let ys = probs.matmul(&v)? // (B, H, T, hd)
+        probs.matmul(&v)? // (B, H, T, hd)
             .transpose(1, 2)? // (B, T, H, hd)
-            .reshape((b_sz, seq_len, c))?;
-        self.c_proj.forward(&ys)
+            .reshape((b_sz, seq_len, c))
     }
 }
 
@@ -159,6 +175,8 @@ impl Block {
 pub struct SeqContext {
     mask: Tensor,
     rope: Option<RotaryTables>,
+    /// The same tables as host floats, for the fused attention.
+    rope_host: Option<Rope>,
 }
 
 /// What the embedding stage hands to the blocks.
@@ -239,7 +257,14 @@ impl Gpt {
         } else {
             None
         };
-        Ok(SeqContext { mask: ops::causal_mask(seq_len, device)?.to_dtype(self.dtype)?, rope })
+        let rope_host = match (&rope, device.is_cpu()) {
+            (Some(r), true) => Some(Rope {
+                cos: Arc::new(r.cos.flatten_all()?.to_vec1::<f32>()?),
+                sin: Arc::new(r.sin.flatten_all()?.to_vec1::<f32>()?),
+            }),
+            _ => None,
+        };
+        Ok(SeqContext { mask: ops::causal_mask(seq_len, device)?.to_dtype(self.dtype)?, rope, rope_host })
     }
 
     /// Token ids `(B, T)` -> block input.

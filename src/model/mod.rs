@@ -1,12 +1,15 @@
 //! The model of DESIGN §1: GPT-2 with learned positions or RoPE, and the differential
 //! variant with either; its parameters, initialisation, diagnostics and the HF checkpoint.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod diagnostics;
 pub mod dropout;
 pub mod fused;
 pub mod gpt;
+pub mod head;
+pub mod kernels;
 pub mod ops;
 pub mod params;
 pub mod rope;

@@ -12,7 +12,7 @@ use super::fused;
 
 /// The fused CPU kernels apply to f32 tensors on the CPU; everything else (CUDA, bf16, the f64
 /// gradient checks) takes the composed path.
-fn fused_applies(ts: &[&Tensor]) -> bool {
+pub fn fused_applies(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 

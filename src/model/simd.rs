@@ -93,9 +93,9 @@ fn sum_exp_shifted_impl(xs: &[f32], shift: f32) -> f32 {
 }
 
 #[inline(always)]
-fn scaled_exp_shifted_impl(xs: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
-    for (o, x) in out.iter_mut().zip(xs) {
-        *o = exp(x - shift) * scale;
+fn scaled_exp_shifted_in_place_impl(xs: &mut [f32], shift: f32, scale: f32) {
+    for x in xs.iter_mut() {
+        *x = exp(*x - shift) * scale;
     }
 }
 
@@ -175,8 +175,8 @@ dispatch!(
     sum_exp_shifted = sum_exp_shifted_impl(xs: &[f32], shift: f32) -> f32
 );
 dispatch!(
-    /// `out = exp(xs - shift) * scale`.
-    scaled_exp_shifted = scaled_exp_shifted_impl(xs: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> ()
+    /// `xs = exp(xs - shift) * scale`.
+    scaled_exp_shifted_in_place = scaled_exp_shifted_in_place_impl(xs: &mut [f32], shift: f32, scale: f32) -> ()
 );
 dispatch!(
     /// HF `gelu_new`.

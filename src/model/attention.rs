@@ -1,0 +1,261 @@
+//! Causal self-attention on the CPU, straight from the `c_attn` output: `qkv (B, T, 3C)` ->
+//! `y (B, T, C)` with the heads already merged.
+//!
+//! Per (batch, head), in parallel: gather q and k (rotated when RoPE is on), `S = q k^T /
+//! sqrt(hd)`, causal softmax in place, `y_h = P v` written into its head's columns of `y`.
+//! The backward recomputes q and k, takes `P` from the forward (kept when it fits, else
+//! recomputed), and writes `dq`, `dk`, `dv` into one `(B, T, 3C)` gradient. Against the
+//! composed path this removes the head split/merge copies, the scale and mask ops, and
+//! candle's zero-filled gradient slots for every `(B, H, T, T)` tensor. Dropout on the
+//! attention probabilities is not fused: with dropout on, the model takes the composed path.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::fused::slice;
+use super::kernels::gemm_strided;
+use super::simd;
+
+/// Keep the attention probabilities between forward and backward up to this size (bytes).
+pub const KEEP_BYTES: usize = 256 << 20;
+
+/// Rotary tables `(T, hd)` as plain floats.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub c: usize,
+    pub h: usize,
+    pub hd: usize,
+}
+
+impl Dims {
+    pub fn new(b: usize, t: usize, c: usize, n_head: usize) -> Self {
+        Self { b, t, c, h: n_head, hd: c / n_head }
+    }
+
+    fn of(l: &Layout, n_head: usize) -> Result<Self> {
+        let &[b, t, c3] = l.dims() else { candle_core::bail!("attention: qkv must be (B, T, 3C), got {:?}", l.dims()) };
+        let c = c3 / 3;
+        if c3 % 3 != 0 || c % n_head != 0 {
+            candle_core::bail!("attention: width {c3} is not 3 x a multiple of {n_head} heads")
+        }
+        Ok(Self::new(b, t, c, n_head))
+    }
+
+    /// Floats of the attention probabilities of a batch.
+    pub fn probs_len(&self) -> usize {
+        self.b * self.h * self.t * self.t
+    }
+}
+
+/// A raw pointer that parallel tasks write disjoint parts through.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// Safety: every task writes a region no other task touches (its own head's columns).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// A method, not a field access: closures then capture the whole `Shared` (Send + Sync),
+    /// not the bare pointer.
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Rotates each `(x[i], x[i + hd/2])` pair by the position's angle (or back).
+fn rotate(rows: &mut [f32], t: usize, hd: usize, rope: &Rope, inverse: bool) {
+    let half = hd / 2;
+    for pos in 0..t {
+        let row = &mut rows[pos * hd..(pos + 1) * hd];
+        let (cos, sin) = (&rope.cos[pos * hd..pos * hd + half], &rope.sin[pos * hd..pos * hd + half]);
+        for i in 0..half {
+            let (a, b) = (row[i], row[i + half]);
+            let s = if inverse { -sin[i] } else { sin[i] };
+            row[i] = a * cos[i] - b * s;
+            row[i + half] = b * cos[i] + a * s;
+        }
+    }
+}
+
+/// Head `head`'s q and k of batch `bi` as `(T, hd)` rows, rotated when RoPE is on.
+fn qk(qkv: &[f32], d: &Dims, rope: &Option<Rope>, bi: usize, head: usize, q: &mut [f32], k: &mut [f32]) {
+    for pos in 0..d.t {
+        let src = (bi * d.t + pos) * 3 * d.c + head * d.hd;
+        q[pos * d.hd..(pos + 1) * d.hd].copy_from_slice(&qkv[src..src + d.hd]);
+        k[pos * d.hd..(pos + 1) * d.hd].copy_from_slice(&qkv[src + d.c..src + d.c + d.hd]);
+    }
+    if let Some(r) = rope {
+        rotate(q, d.t, d.hd, r, false);
+        rotate(k, d.t, d.hd, r, false);
+    }
+}
+
+/// `P = causal_softmax(q k^T / sqrt(hd))`.
+fn probabilities(q: &[f32], k: &[f32], d: &Dims, p: &mut [f32]) {
+    let scale = 1.0 / (d.hd as f32).sqrt();
+    // Safety: q and k are (T, hd), p is (T, T), all row-major.
+    unsafe { gemm_strided((d.t, d.t, d.hd), (p.as_mut_ptr(), d.t), false, (q.as_ptr(), d.hd, 1), (k.as_ptr(), 1, d.hd), scale, false) };
+    for (i, row) in p.chunks_mut(d.t).enumerate() {
+        let (valid, masked) = row.split_at_mut(i + 1);
+        let sum = simd::exp_shifted_in_place(valid, simd::max(valid));
+        let inv = 1.0 / sum;
+        valid.iter_mut().for_each(|x| *x *= inv);
+        masked.iter_mut().for_each(|x| *x = 0.0);
+    }
+}
+
+/// `y (B, T, C)` from `qkv (B, T, 3C)`; the probabilities go to `keep` when given.
+pub fn forward(qkv: &[f32], d: &Dims, rope: &Option<Rope>, y: &mut [f32], keep: Option<&mut [f32]>) {
+    assert!(qkv.len() == d.b * d.t * 3 * d.c && y.len() == d.b * d.t * d.c, "attention: buffer sizes");
+    let tt = d.t * d.t;
+    let out = Shared(y.as_mut_ptr());
+    let work = |task: usize, p: &mut [f32]| {
+        let (bi, head) = (task / d.h, task % d.h);
+        let (mut q, mut k) = (vec![0f32; d.t * d.hd], vec![0f32; d.t * d.hd]);
+        qk(qkv, d, rope, bi, head, &mut q, &mut k);
+        probabilities(&q, &k, d, p);
+        let v = &qkv[bi * d.t * 3 * d.c + 2 * d.c + head * d.hd..];
+        // Safety: y_h is this task's own (T, hd) column block of y (row stride C); v is read
+        // with row stride 3C inside qkv.
+        unsafe { gemm_strided((d.t, d.hd, d.t), (out.at(bi * d.t * d.c + head * d.hd), d.c), false, (p.as_ptr(), d.t, 1), (v.as_ptr(), 3 * d.c, 1), 1.0, false) };
+    };
+    match keep {
+        Some(kept) => kept[..d.probs_len()].par_chunks_mut(tt).enumerate().for_each(|(task, p)| work(task, p)),
+        None => (0..d.b * d.h).into_par_iter().for_each(|task| work(task, &mut vec![0f32; tt])),
+    }
+}
+
+/// `dqkv (B, T, 3C)` (overwritten) from `dy (B, T, C)`; `probs` from the forward, or none to
+/// recompute them.
+pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: &Option<Rope>, dqkv: &mut [f32]) {
+    assert!(dqkv.len() == qkv.len() && dy.len() == d.b * d.t * d.c, "attention backward: buffer sizes");
+    let tt = d.t * d.t;
+    let scale = 1.0 / (d.hd as f32).sqrt();
+    let out = Shared(dqkv.as_mut_ptr());
+    (0..d.b * d.h).into_par_iter().for_each(|task| {
+        let (bi, head) = (task / d.h, task % d.h);
+        let (mut q, mut k) = (vec![0f32; d.t * d.hd], vec![0f32; d.t * d.hd]);
+        qk(qkv, d, rope, bi, head, &mut q, &mut k);
+        let mut own = vec![];
+        let p: &[f32] = match probs {
+            Some(all) => &all[task * tt..(task + 1) * tt],
+            None => {
+                own = vec![0f32; tt];
+                probabilities(&q, &k, d, &mut own);
+                &own
+            }
+        };
+        let row0 = bi * d.t;
+        let v = &qkv[row0 * 3 * d.c + 2 * d.c + head * d.hd..];
+        let d_out = &dy[row0 * d.c + head * d.hd..];
+        let mut dp = vec![0f32; tt];
+        let (mut dq, mut dk) = (vec![0f32; d.t * d.hd], vec![0f32; d.t * d.hd]);
+        // Safety: all buffers have the stated shapes; the dv block is this task's own (T, hd)
+        // columns of dqkv (row stride 3C).
+        unsafe {
+            // dV = P^T dO
+            gemm_strided((d.t, d.hd, d.t), (out.at(row0 * 3 * d.c + 2 * d.c + head * d.hd), 3 * d.c), false, (p.as_ptr(), 1, d.t), (d_out.as_ptr(), d.c, 1), 1.0, false);
+            // dP = dO V^T
+            gemm_strided((d.t, d.t, d.hd), (dp.as_mut_ptr(), d.t), false, (d_out.as_ptr(), d.c, 1), (v.as_ptr(), 1, 3 * d.c), 1.0, false);
+        }
+        // dS = P * (dP - rowsum(dP * P)); masked entries have P = 0, so dS = 0 there
+        for (dpr, pr) in dp.chunks_mut(d.t).zip(p.chunks(d.t)) {
+            let dot = simd::dot(dpr, pr);
+            dpr.iter_mut().zip(pr).for_each(|(g, y)| *g = y * (*g - dot));
+        }
+        // Safety: dS is (T, T), q, k, dq and dk are (T, hd).
+        unsafe {
+            gemm_strided((d.t, d.hd, d.t), (dq.as_mut_ptr(), d.hd), false, (dp.as_ptr(), d.t, 1), (k.as_ptr(), d.hd, 1), scale, false);
+            gemm_strided((d.t, d.hd, d.t), (dk.as_mut_ptr(), d.hd), false, (dp.as_ptr(), 1, d.t), (q.as_ptr(), d.hd, 1), scale, false);
+        }
+        if let Some(r) = rope {
+            rotate(&mut dq, d.t, d.hd, r, true);
+            rotate(&mut dk, d.t, d.hd, r, true);
+        }
+        for pos in 0..d.t {
+            let dst = (row0 + pos) * 3 * d.c + head * d.hd;
+            // Safety: this task's own q and k columns of dqkv at this position.
+            unsafe {
+                std::ptr::copy_nonoverlapping(dq[pos * d.hd..].as_ptr(), out.at(dst), d.hd);
+                std::ptr::copy_nonoverlapping(dk[pos * d.hd..].as_ptr(), out.at(dst + d.c), d.hd);
+            }
+        }
+        drop(own);
+    });
+}
+
+/// The attention as a candle op (autograd path).
+pub struct CausalAttention {
+    pub n_head: usize,
+    pub rope: Option<Rope>,
+    /// Keep `P` for the backward (false when no backward will run: evaluation).
+    pub keep: bool,
+    saved: Mutex<Option<Vec<f32>>>,
+}
+
+impl CausalAttention {
+    pub fn new(n_head: usize, rope: Option<Rope>, keep: bool) -> Self {
+        Self { n_head, rope, keep, saved: Mutex::new(None) }
+    }
+}
+
+fn poisoned<T>(_: T) -> candle_core::Error {
+    candle_core::Error::Msg("attention: poisoned lock".into())
+}
+
+impl CustomOp1 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "difflab-causal-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l, self.n_head)?;
+        let qkv = slice(s, l, self.name())?;
+        let mut y = vec![0f32; d.b * d.t * d.c];
+        if self.keep && d.probs_len() * 4 <= KEEP_BYTES {
+            let mut kept = vec![0f32; d.probs_len()];
+            forward(qkv, &d, &self.rope, &mut y, Some(&mut kept));
+            *self.saved.lock().map_err(poisoned)? = Some(kept);
+        } else {
+            forward(qkv, &d, &self.rope, &mut y, None);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((d.b, d.t, d.c))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let saved = self.saved.lock().map_err(poisoned)?.take();
+        let op = AttentionBackward { n_head: self.n_head, rope: self.rope.clone(), probs: Mutex::new(saved) };
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+struct AttentionBackward {
+    n_head: usize,
+    rope: Option<Rope>,
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp2 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "difflab-causal-attention-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l1, self.n_head)?;
+        let (qkv, dy) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let kept = self.probs.lock().map_err(poisoned)?.take();
+        let mut dqkv = vec![0f32; qkv.len()];
+        backward(qkv, dy, kept.as_deref(), &d, &self.rope, &mut dqkv);
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
+    }
+}

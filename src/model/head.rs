@@ -1,0 +1,105 @@
+//! The tied LM head and its cross-entropy on the CPU: `hidden (N, C)`, `wte (V, C)`,
+//! `targets (N)`. When `N x V` logits fit in `KEEP_BYTES` the forward keeps the softmax it
+//! computed and the backward only scales it and subtracts the one-hot. Otherwise logits are
+//! made a chunk of rows at a time and never kept whole: the forward keeps each row's
+//! log-sum-exp and the backward makes each chunk again. Either way `d_hidden = d_logits . wte`
+//! and `d_wte = d_logits^T . hidden` come out contiguous, and log_softmax + gather's four or
+//! more `(N, V)` temporaries never exist.
+
+use rayon::prelude::*;
+
+use super::kernels::{matmul, Layout};
+use super::simd;
+
+/// Keep the softmax between forward and backward up to this size (bytes).
+const KEEP_BYTES: usize = 128 << 20;
+
+/// Rows of logits made at once when they are not kept: about 32 MB.
+fn chunk_rows(vocab: usize) -> usize {
+    ((8 << 20) / vocab.max(1)).max(1)
+}
+
+/// What the forward leaves for the backward.
+pub struct Saved {
+    lse: Vec<f32>,
+    probs: Option<Vec<f32>>,
+}
+
+/// Mean cross-entropy of `hidden . wte^T` against `targets`.
+pub fn forward(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -> Result<(f32, Saved), String> {
+    let (n, v) = (h.len() / c, w.len() / c);
+    if n != targets.len() {
+        return Err(format!("head cross-entropy: {n} rows but {} targets", targets.len()));
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        return Err(format!("target id {bad} is outside the vocabulary of {v}"));
+    }
+    let keep = n * v * 4 <= KEEP_BYTES;
+    let rows = if keep { n } else { chunk_rows(v) };
+    let mut logits = vec![0f32; rows.min(n) * v];
+    let mut lse = vec![0f32; n];
+    let mut total = 0f64;
+    for start in (0..n).step_by(rows) {
+        let m = rows.min(n - start);
+        let chunk = &mut logits[..m * v];
+        matmul(chunk, &h[start * c..(start + m) * c], w, (m, c, v), Layout::ABt, false);
+        total += chunk
+            .par_chunks_mut(v)
+            .zip(lse[start..start + m].par_iter_mut())
+            .zip(targets[start..start + m].par_iter())
+            .map(|((row, l), &t)| {
+                let max = simd::max(row);
+                let target_logit = row[t as usize];
+                if keep {
+                    // the row becomes its softmax, for the backward
+                    let sum = simd::exp_shifted_in_place(row, max);
+                    *l = max + sum.ln();
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|p| *p *= inv);
+                } else {
+                    *l = max + simd::sum_exp_shifted(row, max).ln();
+                }
+                (*l - target_logit) as f64
+            })
+            .sum::<f64>();
+    }
+    let probs = keep.then_some(logits);
+    Ok(((total / n as f64) as f32, Saved { lse, probs }))
+}
+
+/// Gradients of `g * loss`: `dh += d_logits . wte`, `dw += d_logits^T . h`, with
+/// `d_logits = (softmax - onehot) * g / N`.
+pub fn backward(saved: Saved, h: &[f32], w: &[f32], c: usize, targets: &[u32], g: f32, dh: &mut [f32], dw: &mut [f32]) {
+    let (n, v) = (h.len() / c, w.len() / c);
+    let scale = g / n as f32;
+    let to_grad = |rows: &mut [f32], start: usize, lse: Option<&[f32]>| {
+        rows.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+            let r = start + i;
+            match lse {
+                // logits -> (softmax - onehot) * scale
+                Some(lse) => simd::scaled_exp_shifted_in_place(row, lse[r], scale),
+                // a kept softmax: just scale
+                None => row.iter_mut().for_each(|p| *p *= scale),
+            }
+            row[targets[r] as usize] -= scale;
+        });
+    };
+    let mut emit = |d: &[f32], start: usize, m: usize| {
+        matmul(&mut dh[start * c..(start + m) * c], d, w, (m, v, c), Layout::Ab, true);
+        matmul(dw, d, &h[start * c..(start + m) * c], (v, m, c), Layout::AtB, true);
+    };
+    if let Some(mut d) = saved.probs {
+        to_grad(&mut d, 0, None);
+        emit(&d, 0, n);
+        return;
+    }
+    let rows = chunk_rows(v);
+    let mut d = vec![0f32; rows.min(n) * v];
+    for start in (0..n).step_by(rows) {
+        let m = rows.min(n - start);
+        let chunk = &mut d[..m * v];
+        matmul(chunk, &h[start * c..(start + m) * c], w, (m, c, v), Layout::ABt, false);
+        to_grad(chunk, start, Some(&saved.lse));
+        emit(chunk, start, m);
+    }
+}

@@ -1,0 +1,202 @@
+//! The CPU kernels behind the fused ops and the written-out training step: plain functions on
+//! row-major `f32` slices, parallel inside (rayon, gemm). No tensors, no graph.
+
+use rayon::prelude::*;
+
+use super::simd;
+
+/// Elements per rayon task: big enough that scheduling does not dominate.
+pub const MIN_TASK_ELEMS: usize = 16 * 1024;
+
+pub fn rows_per_task(row_len: usize) -> usize {
+    (MIN_TASK_ELEMS / row_len.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------- matmul
+
+/// `dst (m x n) = [dst +] a . b`, every operand given as (pointer, row stride, column
+/// stride). The one place that calls gemm.
+///
+/// Safety: each pointer must address its whole matrix with the given strides.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize),
+    accumulate: bool,
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize, usize),
+    scale: f32,
+    parallel: bool,
+) {
+    let par = if parallel { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
+    gemm::gemm(m, n, k, dst.0, 1, dst.1 as isize, accumulate, a.0, a.2 as isize, a.1 as isize, b.0, b.2 as isize, b.1 as isize, 1.0, scale, false, false, false, par)
+}
+
+/// Which operand is stored transposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `a (m x k) . b (k x n)`
+    Ab,
+    /// `a (m x k) . b^T`, `b` stored `(n x k)`
+    ABt,
+    /// `a^T . b (k x n)`, `a` stored `(k x m)`
+    AtB,
+}
+
+/// `dst (m x n) [+]= a . b` for contiguous row-major operands, in the given layout.
+pub fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize), layout: Layout, accumulate: bool) {
+    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul: operands smaller than {m}x{k}x{n}");
+    let a_op = match layout {
+        Layout::AtB => (a.as_ptr(), 1, m),
+        _ => (a.as_ptr(), k, 1),
+    };
+    let b_op = match layout {
+        Layout::ABt => (b.as_ptr(), 1, k),
+        _ => (b.as_ptr(), n, 1),
+    };
+    // Safety: the sizes were checked above and the strides address row-major storage.
+    unsafe { gemm_strided((m, n, k), (dst.as_mut_ptr(), n), accumulate, a_op, b_op, 1.0, true) }
+}
+
+// ---------------------------------------------------------------- linear
+
+/// `y (N x out) = x (N x in) . W (in x out) + b`.
+pub fn linear(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+    let (n_out, n_in) = (b.len(), w.len() / b.len());
+    let n = x.len() / n_in;
+    for row in y.chunks_mut(n_out).take(n) {
+        row.copy_from_slice(b);
+    }
+    matmul(y, x, w, (n, n_in, n_out), Layout::Ab, true);
+}
+
+/// Gradients of `linear`: `dx [+]= dy W^T`, `dW += x^T dy`, `db += colsum(dy)`.
+pub fn linear_backward(x: &[f32], w: &[f32], dy: &[f32], dx: Option<(&mut [f32], bool)>, dw: &mut [f32], db: &mut [f32]) {
+    let n_out = db.len();
+    let n_in = w.len() / n_out;
+    let n = x.len() / n_in;
+    if let Some((dx, accumulate)) = dx {
+        matmul(dx, dy, w, (n, n_out, n_in), Layout::ABt, accumulate);
+    }
+    matmul(dw, x, dy, (n_in, n, n_out), Layout::AtB, true);
+    column_sum(dy, db);
+}
+
+/// `acc += sum of the rows of x (N x C)`.
+pub fn column_sum(x: &[f32], acc: &mut [f32]) {
+    let c = acc.len();
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(rows_per_task(c) * c)
+        .map(|chunk| {
+            let mut part = vec![0f32; c];
+            for row in chunk.chunks(c) {
+                part.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            part
+        })
+        .collect();
+    for p in partials {
+        acc.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    }
+}
+
+// ---------------------------------------------------------------- layer norm
+
+/// A row's mean and 1/std.
+pub fn moments(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let c = w.len();
+    let rows = rows_per_task(c) * c;
+    y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_mut(c).zip(xc.chunks(c)) {
+            let (mean, rstd) = moments(xr, eps);
+            for j in 0..c {
+                yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+            }
+        }
+    });
+}
+
+/// `dx [+]= d LN / dx . dy`; `dw += sum dy * xhat`, `db += sum dy` (moments recomputed).
+pub fn layer_norm_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut [f32], accumulate: bool, dw: &mut [f32], db: &mut [f32]) {
+    let c = w.len();
+    let rows = rows_per_task(c) * c;
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(rows)
+        .zip(x.par_chunks(rows).zip(dy.par_chunks(rows)))
+        .map(|(dxc, (xc, gc))| {
+            let mut acc = vec![0f32; 2 * c];
+            for ((o, xr), gr) in dxc.chunks_mut(c).zip(xc.chunks(c)).zip(gc.chunks(c)) {
+                let (mean, rstd) = moments(xr, eps);
+                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                for j in 0..c {
+                    let xhat = (xr[j] - mean) * rstd;
+                    let g = gr[j] * w[j];
+                    sum_g += g;
+                    sum_gx += g * xhat;
+                    acc[j] += gr[j] * xhat;
+                    acc[c + j] += gr[j];
+                }
+                let (mg, mgx) = (sum_g / c as f32, sum_gx / c as f32);
+                for j in 0..c {
+                    let xhat = (xr[j] - mean) * rstd;
+                    let d = rstd * (gr[j] * w[j] - mg - xhat * mgx);
+                    if accumulate { o[j] += d } else { o[j] = d }
+                }
+            }
+            acc
+        })
+        .collect();
+    for p in partials {
+        dw.iter_mut().zip(&p[..c]).for_each(|(a, v)| *a += v);
+        db.iter_mut().zip(&p[c..]).for_each(|(a, v)| *a += v);
+    }
+}
+
+// ---------------------------------------------------------------- GELU
+
+pub fn gelu(x: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(MIN_TASK_ELEMS).zip(x.par_chunks(MIN_TASK_ELEMS)).for_each(|(yc, xc)| simd::gelu(xc, yc));
+}
+
+pub fn gelu_backward(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    dx.par_chunks_mut(MIN_TASK_ELEMS)
+        .zip(x.par_chunks(MIN_TASK_ELEMS).zip(dy.par_chunks(MIN_TASK_ELEMS)))
+        .for_each(|(oc, (xc, gc))| simd::gelu_backward(xc, gc, oc));
+}
+
+// ---------------------------------------------------------------- softmax
+
+/// Causal softmax in place over `(.., T, T)`: row `i` keeps keys `0..=i`, the rest become 0.
+pub fn causal_softmax(x: &[f32], t: usize, y: &mut [f32]) {
+    let per_task = rows_per_task(t);
+    y.par_chunks_mut(per_task * t).zip(x.par_chunks(per_task * t)).enumerate().for_each(|(task, (yc, xc))| {
+        for (r, (yr, xr)) in yc.chunks_mut(t).zip(xc.chunks(t)).enumerate() {
+            let i = (task * per_task + r) % t;
+            let (valid, masked) = yr.split_at_mut(i + 1);
+            let sum = simd::exp_shifted(&xr[..=i], simd::max(&xr[..=i]), valid);
+            let inv = 1.0 / sum;
+            valid.iter_mut().for_each(|o| *o *= inv);
+            masked.iter_mut().for_each(|o| *o = 0.0);
+        }
+    });
+}
+
+/// `dx = y * (dy - sum(dy * y))` per row of length `t`.
+pub fn softmax_backward(y: &[f32], dy: &[f32], t: usize, dx: &mut [f32]) {
+    let rows = rows_per_task(t) * t;
+    dx.par_chunks_mut(rows).zip(y.par_chunks(rows).zip(dy.par_chunks(rows))).for_each(|(dxc, (yc, dyc))| {
+        for ((o, yr), gr) in dxc.chunks_mut(t).zip(yc.chunks(t)).zip(dyc.chunks(t)) {
+            let dot = simd::dot(yr, gr);
+            for ((o, a), b) in o.iter_mut().zip(yr).zip(gr) {
+                *o = a * (b - dot);
+            }
+        }
+    });
+}
