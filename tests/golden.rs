@@ -12,6 +12,7 @@ use difflab::model::diagnostics::norm_stats;
 use difflab::model::gpt::next_token_loss;
 use difflab::model::Trainable;
 use difflab::optim::{grads, AdamW, AdamWConfig};
+use difflab::train::step::{forward_backward, MicroBatch};
 
 fn reference(variant: &str) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(golden_dir(variant).join("reference.safetensors"), &Device::Cpu).unwrap()
@@ -80,8 +81,14 @@ fn train_batch(variant: &str, step: usize) -> (Tensor, Tensor) {
     (batch.narrow(1, 0, t).unwrap(), batch.narrow(1, 1, t).unwrap())
 }
 
-/// The training path: hidden states, then the fused head + loss.
+/// The trainer's step (on the CPU: the written-out forward and backward).
 fn step_loss_and_grads(model: &Trainable, x: &Tensor, y: &Tensor) -> (f32, BTreeMap<String, Tensor>) {
+    let out = forward_backward(model, &MicroBatch { ids: x, targets: Some(y) }, 1.0, None, false).unwrap();
+    (out.loss as f32, out.grads)
+}
+
+/// candle's autograd through the model's fused ops.
+fn autograd_loss_and_grads(model: &Trainable, x: &Tensor, y: &Tensor) -> (f32, BTreeMap<String, Tensor>) {
     let (hidden, _) = model.gpt.forward_hidden(x, None).unwrap();
     let loss = model.gpt.loss(&hidden, y).unwrap();
     let value = loss.to_scalar::<f32>().unwrap();
@@ -94,12 +101,14 @@ fn gradients_of_step0_match() {
         let (cfg, weights) = load_pretrained(&golden_dir(variant).join("model"), &Device::Cpu).unwrap();
         let model = Trainable::new(&cfg, weights).unwrap();
         let (x, y) = train_batch(variant, 0);
-        let (_, grads) = step_loss_and_grads(&model, &x, &y);
         let want = candle_core::safetensors::load(golden_dir(variant).join("grads_step0.safetensors"), &Device::Cpu).unwrap();
-        assert_eq!(grads.len(), want.len(), "{variant}: every parameter has a gradient");
-        for (name, g) in &grads {
-            let w = want.get(name).unwrap_or_else(|| panic!("{variant}: no golden gradient for {name}"));
-            assert_close(&format!("{variant} grad {name}"), g, w, 1e-5, 1e-3);
+        // both the trainer's step and the autograd path meet the reference
+        for (path, (_, grads)) in [("step", step_loss_and_grads(&model, &x, &y)), ("autograd", autograd_loss_and_grads(&model, &x, &y))] {
+            assert_eq!(grads.len(), want.len(), "{variant} {path}: every parameter has a gradient");
+            for (name, g) in &grads {
+                let w = want.get(name).unwrap_or_else(|| panic!("{variant}: no golden gradient for {name}"));
+                assert_close(&format!("{variant} {path} grad {name}"), g, w, 1e-5, 1e-3);
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod checkpoint;
+pub mod cpu_step;
 pub mod config;
 pub mod diagnostics;
 pub mod dropout;
@@ -51,6 +52,11 @@ impl Trainable {
             self.compute = Some(dtype);
         }
         Ok(self)
+    }
+
+    /// Activations in f32 (not a bf16 compute dtype).
+    pub fn computes_in_f32(&self) -> bool {
+        self.compute.is_none() && self.gpt.dtype() == DType::F32
     }
 
     /// A model over the same storage that records no graph: for evaluation (candle has no

@@ -5,7 +5,7 @@ use candle_core::{Device, Result, Tensor, Var};
 
 use crate::data::{Batcher, TokenStream};
 use crate::model::dropout::Dropout;
-use crate::model::{Gpt, Trainable};
+use crate::model::{cpu_step, Gpt, Trainable};
 use crate::optim::grads::{accumulate, Grads};
 
 pub struct MicroStep {
@@ -32,7 +32,8 @@ fn loss_of(gpt: &Gpt, hidden: &Tensor, batch: &MicroBatch) -> Result<Tensor> {
 }
 
 /// Forward and backward of one micro-batch; gradients are of `loss * scale` (`scale` =
-/// 1 / accumulation steps).
+/// 1 / accumulation steps). f32 on the CPU without dropout takes the written-out step
+/// (`cpu_step`); everything else candle's autograd.
 pub fn forward_backward(
     model: &Trainable,
     batch: &MicroBatch,
@@ -40,6 +41,10 @@ pub fn forward_backward(
     dropout: Option<&mut Dropout>,
     checkpointing: bool,
 ) -> Result<MicroStep> {
+    if dropout.is_none() && model.computes_in_f32() && cpu_step::applies(&model.vars, 0.0) {
+        let out = cpu_step::forward_backward(model.gpt.config(), &model.vars, batch.ids, batch.targets, scale, checkpointing)?;
+        return Ok(MicroStep { loss: out.loss, grads: out.grads, diff_norms: out.diff_norms });
+    }
     if checkpointing {
         return checkpointed(model, batch, scale, dropout);
     }

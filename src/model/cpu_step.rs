@@ -1,0 +1,382 @@
+//! The training step written out, llm.c style, for f32 on the CPU: the forward keeps the
+//! activations each layer's backward needs, and the backward adds straight into one gradient
+//! buffer per parameter. This skips candle's autograd, whose bookkeeping (a zero-filled slot
+//! and an extra add for every intermediate tensor, gradients kept for constants) cost as much
+//! as the matmuls at these sizes. The math is the model's (`gpt.rs`); tests hold the two to
+//! the same gradients, and the golden tests run through this path. With gradient
+//! checkpointing only each block's input is kept and the block is recomputed in the backward.
+//! Dropout is not written out: with dropout on, training takes the autograd path.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Result, Storage, StorageRef, Tensor, Var};
+use rayon::prelude::*;
+
+use super::attention::{self, Dims, Rope};
+use super::config::GptConfig;
+use super::fused::slice;
+use super::head;
+use super::params::param_specs;
+use super::kernels::{gelu, gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward};
+use super::rope::RotaryTables;
+
+const EPS: f32 = 1e-5;
+
+/// One block's parameters (or gradients), indexed by the constants below, in
+/// `BLOCK_NAMES` order.
+struct Block<T>([T; 12]);
+
+const BLOCK_NAMES: [&str; 12] = [
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.c_attn.weight",
+    "attn.c_attn.bias",
+    "attn.c_proj.weight",
+    "attn.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+];
+const LN_1_W: usize = 0;
+const LN_1_B: usize = 1;
+const ATTN_W: usize = 2;
+const ATTN_B: usize = 3;
+const PROJ_W: usize = 4;
+const PROJ_B: usize = 5;
+const LN_2_W: usize = 6;
+const LN_2_B: usize = 7;
+const FC_W: usize = 8;
+const FC_B: usize = 9;
+const MLP_W: usize = 10;
+const MLP_B: usize = 11;
+
+/// Mutable views of two distinct fields of a gradient block.
+fn pair(g: &mut Block<Vec<f32>>, a: usize, b: usize) -> (&mut [f32], &mut [f32]) {
+    let (lo, hi) = g.0.split_at_mut(b);
+    (&mut lo[a], &mut hi[0])
+}
+
+/// Every parameter, as its floats (borrowed from the `Var`s for the step).
+struct Weights<'a> {
+    wte: &'a [f32],
+    wpe: Option<&'a [f32]>,
+    h: Vec<Block<&'a [f32]>>,
+    ln_f_w: &'a [f32],
+    ln_f_b: &'a [f32],
+}
+
+/// Gradient buffers, the same shapes.
+struct Grads {
+    wte: Vec<f32>,
+    wpe: Option<Vec<f32>>,
+    h: Vec<Block<Vec<f32>>>,
+    ln_f_w: Vec<f32>,
+    ln_f_b: Vec<f32>,
+}
+
+/// One block's kept activations (all but `x_in` are empty under checkpointing until recomputed).
+#[derive(Default)]
+struct Acts {
+    x_in: Vec<f32>,
+    ln1: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Option<Vec<f32>>,
+    att: Vec<f32>,
+    x_mid: Vec<f32>,
+    ln2: Vec<f32>,
+    h: Vec<f32>,
+    g: Vec<f32>,
+}
+
+pub struct Outcome {
+    pub loss: f64,
+    pub grads: BTreeMap<String, Tensor>,
+    pub diff_norms: Option<Vec<f32>>,
+}
+
+/// Whether the written-out step applies: f32 parameters on the CPU, no dropout.
+pub fn applies(vars: &BTreeMap<String, Var>, dropout: f32) -> bool {
+    dropout == 0.0 && vars.values().all(|v| v.device().is_cpu() && v.dtype() == candle_core::DType::F32)
+}
+
+fn guard(v: &Var) -> (StorageRef<'_>, &candle_core::Layout) {
+    v.as_tensor().storage_and_layout()
+}
+
+/// Forward and backward of one micro-batch. `ids (B, T)`; `targets (B, T)` or none for the
+/// next-token loss of the blocks themselves. Gradients are of `loss * scale`.
+pub fn forward_backward(cfg: &GptConfig, vars: &BTreeMap<String, Var>, ids: &Tensor, targets: Option<&Tensor>, scale: f64, checkpointing: bool) -> Result<Outcome> {
+    let (b, t) = ids.dims2()?;
+    let ids: Vec<u32> = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+    let targets: Option<Vec<u32>> = targets.map(|t| t.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()).transpose()?;
+    // hold every parameter's storage for the step (reads only; the optimizer writes later)
+    let guards: BTreeMap<&str, (StorageRef<'_>, &candle_core::Layout)> = vars.iter().map(|(k, v)| (k.as_str(), guard(v))).collect();
+    let get = |name: &str| -> Result<&[f32]> {
+        let (storage, layout) = guards.get(name).ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
+        match &**storage {
+            Storage::Cpu(cpu) => slice(cpu, layout, "cpu step"),
+            _ => candle_core::bail!("cpu step: {name} is not on the CPU"),
+        }
+    };
+    let w = Weights {
+        wte: get("transformer.wte.weight")?,
+        wpe: if cfg.rope { None } else { Some(get("transformer.wpe.weight")?) },
+        h: (0..cfg.n_layer)
+            .map(|i| {
+                let fields: Vec<&[f32]> = BLOCK_NAMES.iter().map(|n| get(&format!("transformer.h.{i}.{n}"))).collect::<Result<_>>()?;
+                let fields: [&[f32]; 12] = fields.try_into().map_err(|_| candle_core::Error::Msg("block fields".into()))?;
+                Ok(Block(fields))
+            })
+            .collect::<Result<_>>()?,
+        ln_f_w: get("transformer.ln_f.weight")?,
+        ln_f_b: get("transformer.ln_f.bias")?,
+    };
+    let step = Step { cfg, w: &w, b, t, rope: rope_tables(cfg, t)? };
+    step.run(&ids, targets.as_deref(), scale as f32, checkpointing)
+}
+
+fn rope_tables(cfg: &GptConfig, t: usize) -> Result<Option<Rope>> {
+    if !cfg.rope {
+        return Ok(None);
+    }
+    let tables = RotaryTables::new(t, cfg.head_dim(), cfg.rope_theta, &Device::Cpu)?;
+    Ok(Some(Rope {
+        cos: std::sync::Arc::new(tables.cos.flatten_all()?.to_vec1()?),
+        sin: std::sync::Arc::new(tables.sin.flatten_all()?.to_vec1()?),
+    }))
+}
+
+struct Step<'a> {
+    cfg: &'a GptConfig,
+    w: &'a Weights<'a>,
+    b: usize,
+    t: usize,
+    rope: Option<Rope>,
+}
+
+fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut out = a.to_vec();
+    out.par_chunks_mut(16 * 1024).zip(b.par_chunks(16 * 1024)).for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o += x));
+    out
+}
+
+impl Step<'_> {
+    fn n(&self) -> usize {
+        self.b * self.t
+    }
+
+    fn dims(&self) -> Dims {
+        Dims::new(self.b, self.t, self.cfg.n_embd, self.cfg.n_head)
+    }
+
+    /// Runs block `p` from `x_in`, filling every activation (the probabilities if `keep_probs`).
+    fn block_forward(&self, p: &Block<&[f32]>, x_in: Vec<f32>, keep_probs: bool) -> (Acts, Vec<f32>) {
+        let (n, c) = (self.n(), self.cfg.n_embd);
+        let d = self.dims();
+        let mut a = Acts { x_in, ..Default::default() };
+        a.ln1 = vec![0f32; n * c];
+        layer_norm(&a.x_in, p.0[LN_1_W], p.0[LN_1_B], EPS, &mut a.ln1);
+        a.qkv = vec![0f32; n * 3 * c];
+        linear(&a.ln1, p.0[ATTN_W], p.0[ATTN_B], &mut a.qkv);
+        a.att = vec![0f32; n * c];
+        if keep_probs && d.probs_len() * 4 <= attention::KEEP_BYTES {
+            let mut probs = vec![0f32; d.probs_len()];
+            attention::forward(&a.qkv, &d, &self.rope, &mut a.att, Some(&mut probs));
+            a.probs = Some(probs);
+        } else {
+            attention::forward(&a.qkv, &d, &self.rope, &mut a.att, None);
+        }
+        let mut proj = vec![0f32; n * c];
+        linear(&a.att, p.0[PROJ_W], p.0[PROJ_B], &mut proj);
+        a.x_mid = add(&a.x_in, &proj);
+        a.ln2 = vec![0f32; n * c];
+        layer_norm(&a.x_mid, p.0[LN_2_W], p.0[LN_2_B], EPS, &mut a.ln2);
+        a.h = vec![0f32; n * 4 * c];
+        linear(&a.ln2, p.0[FC_W], p.0[FC_B], &mut a.h);
+        a.g = vec![0f32; n * 4 * c];
+        gelu(&a.h, &mut a.g);
+        let mut mlp = proj; // reuse: same size
+        linear(&a.g, p.0[MLP_W], p.0[MLP_B], &mut mlp);
+        let x_out = add(&a.x_mid, &mlp);
+        (a, x_out)
+    }
+
+    /// `dx_in` from `dx_out`, adding into the block's gradients `g`.
+    fn block_backward(&self, p: &Block<&[f32]>, a: &Acts, dx_out: &[f32], g: &mut Block<Vec<f32>>) -> Vec<f32> {
+        let (n, c) = (self.n(), self.cfg.n_embd);
+        // MLP: dx_out flows to the residual and into mlp.c_proj
+        let mut d_g = vec![0f32; n * 4 * c];
+        let (dw, db) = pair(g, MLP_W, MLP_B);
+        linear_backward(&a.g, p.0[MLP_W], dx_out, Some((&mut d_g, false)), dw, db);
+        let mut d_h = vec![0f32; n * 4 * c];
+        gelu_backward(&a.h, &d_g, &mut d_h);
+        drop(d_g);
+        let mut d_ln2 = vec![0f32; n * c];
+        let (dw, db) = pair(g, FC_W, FC_B);
+        linear_backward(&a.ln2, p.0[FC_W], &d_h, Some((&mut d_ln2, false)), dw, db);
+        drop(d_h);
+        let mut dx_mid = dx_out.to_vec();
+        let (dw, db) = pair(g, LN_2_W, LN_2_B);
+        layer_norm_backward(&a.x_mid, p.0[LN_2_W], &d_ln2, EPS, &mut dx_mid, true, dw, db);
+        // attention
+        let mut d_att = d_ln2; // reuse: same size
+        let (dw, db) = pair(g, PROJ_W, PROJ_B);
+        linear_backward(&a.att, p.0[PROJ_W], &dx_mid, Some((&mut d_att, false)), dw, db);
+        let mut d_qkv = vec![0f32; n * 3 * c];
+        attention::backward(&a.qkv, &d_att, a.probs.as_deref(), &self.dims(), &self.rope, &mut d_qkv);
+        let mut d_ln1 = d_att; // reuse
+        let (dw, db) = pair(g, ATTN_W, ATTN_B);
+        linear_backward(&a.ln1, p.0[ATTN_W], &d_qkv, Some((&mut d_ln1, false)), dw, db);
+        let mut dx_in = dx_mid;
+        let (dw, db) = pair(g, LN_1_W, LN_1_B);
+        layer_norm_backward(&a.x_in, p.0[LN_1_W], &d_ln1, EPS, &mut dx_in, true, dw, db);
+        dx_in
+    }
+
+    fn run(&self, ids: &[u32], targets: Option<&[u32]>, scale: f32, checkpointing: bool) -> Result<Outcome> {
+        let (b, t, c, cfg) = (self.b, self.t, self.cfg.n_embd, self.cfg);
+        let n = b * t;
+        let v = cfg.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {v}")
+        }
+
+        // ---- embeddings: e = wte[ids]; x0 = d (differential) or e, plus wpe
+        let mut e = vec![0f32; n * c];
+        e.par_chunks_mut(c).zip(ids.par_iter()).for_each(|(row, &id)| row.copy_from_slice(&self.w.wte[id as usize * c..(id as usize + 1) * c]));
+        let mut x0 = if cfg.differential {
+            let mut d = e.clone();
+            for bi in 0..b {
+                for pos in (1..t).rev() {
+                    let (prev, cur) = d[(bi * t + pos - 1) * c..(bi * t + pos + 1) * c].split_at_mut(c);
+                    // d_t = e_t - e_(t-1), from e (prev still holds e_(t-1): we go backwards)
+                    cur.iter_mut().zip(prev.iter()).for_each(|(x, p)| *x -= p);
+                }
+            }
+            d
+        } else {
+            e.clone()
+        };
+        let diff_norms = cfg.differential.then(|| x0.chunks(c).map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()).collect::<Vec<_>>());
+        if let Some(wpe) = self.w.wpe {
+            x0.par_chunks_mut(c).enumerate().for_each(|(r, row)| row.iter_mut().zip(&wpe[(r % t) * c..(r % t + 1) * c]).for_each(|(x, p)| *x += p));
+        }
+
+        // ---- blocks (keeping activations, or only block inputs under checkpointing)
+        let mut acts: Vec<Acts> = Vec::with_capacity(cfg.n_layer);
+        let mut x = x0;
+        for p in &self.w.h {
+            if checkpointing {
+                let (_, out) = self.block_forward(p, x.clone(), false);
+                acts.push(Acts { x_in: x, ..Default::default() });
+                x = out;
+            } else {
+                let (a, out) = self.block_forward(p, x, true);
+                acts.push(a);
+                x = out;
+            }
+        }
+
+        // ---- top: ln_f(x + e), the head and the loss on the predicting rows
+        let z = if cfg.differential { add(&x, &e) } else { x };
+        let mut hidden = vec![0f32; n * c];
+        layer_norm(&z, self.w.ln_f_w, self.w.ln_f_b, EPS, &mut hidden);
+        // next-token: every position but a block's last predicts the id after it
+        let (rows, labels): (Vec<usize>, Vec<u32>) = match targets {
+            Some(tg) => ((0..n).collect(), tg.to_vec()),
+            None => (0..n).filter(|r| r % t != t - 1).map(|r| (r, ids[r + 1])).unzip(),
+        };
+        let mut picked = vec![0f32; rows.len() * c];
+        picked.par_chunks_mut(c).zip(rows.par_iter()).for_each(|(dst, &r)| dst.copy_from_slice(&hidden[r * c..(r + 1) * c]));
+        let (loss, saved) = head::forward(&picked, self.w.wte, c, &labels).map_err(candle_core::Error::Msg)?;
+
+        // ---- backward
+        let mut g = self.zero_grads();
+        let mut d_picked = vec![0f32; picked.len()];
+        head::backward(saved, &picked, self.w.wte, c, &labels, scale, &mut d_picked, &mut g.wte);
+        drop(picked);
+        let mut d_hidden = vec![0f32; n * c];
+        for (src, &r) in d_picked.chunks(c).zip(&rows) {
+            d_hidden[r * c..(r + 1) * c].copy_from_slice(src);
+        }
+        let mut dx = vec![0f32; n * c];
+        layer_norm_backward(&z, self.w.ln_f_w, &d_hidden, EPS, &mut dx, false, &mut g.ln_f_w, &mut g.ln_f_b);
+        drop((z, d_hidden));
+        // with the differential path, d(x_L + e)/de is the same gradient
+        let d_e_top = cfg.differential.then(|| dx.clone());
+        for (i, a) in acts.iter_mut().enumerate().rev() {
+            let p = &self.w.h[i];
+            if checkpointing {
+                let (full, _) = self.block_forward(p, std::mem::take(&mut a.x_in), true);
+                *a = full;
+            }
+            dx = self.block_backward(p, a, &dx, &mut g.h[i]);
+            *a = Acts::default(); // free this block's activations now
+        }
+
+        // ---- embeddings backward
+        if let Some(dwpe) = g.wpe.as_mut() {
+            for (r, row) in dx.chunks(c).enumerate() {
+                dwpe[(r % t) * c..(r % t + 1) * c].iter_mut().zip(row).for_each(|(a, x)| *a += x);
+            }
+        }
+        let mut d_e = if cfg.differential {
+            // d_t = e_t - e_(t-1): de_t = dd_t - dd_(t+1)
+            let mut de = dx.clone();
+            for bi in 0..b {
+                for pos in 0..t - 1 {
+                    let cur = &mut de[(bi * t + pos) * c..(bi * t + pos + 1) * c];
+                    let next_dd = &dx[(bi * t + pos + 1) * c..(bi * t + pos + 2) * c];
+                    cur.iter_mut().zip(next_dd).for_each(|(x, n)| *x -= n);
+                }
+            }
+            de
+        } else {
+            dx
+        };
+        if let Some(top) = d_e_top {
+            d_e.iter_mut().zip(&top).for_each(|(a, x)| *a += x);
+        }
+        for (row, &id) in d_e.chunks(c).zip(ids) {
+            g.wte[id as usize * c..(id as usize + 1) * c].iter_mut().zip(row).for_each(|(a, x)| *a += x);
+        }
+        Ok(Outcome { loss: loss as f64, grads: self.into_tensors(g)?, diff_norms })
+    }
+
+    fn zero_grads(&self) -> Grads {
+        let w = self.w;
+        Grads {
+            wte: vec![0f32; w.wte.len()],
+            wpe: w.wpe.map(|p| vec![0f32; p.len()]),
+            h: w.h.iter().map(|p| Block(p.0.map(|f| vec![0f32; f.len()]))).collect(),
+            ln_f_w: vec![0f32; w.ln_f_w.len()],
+            ln_f_b: vec![0f32; w.ln_f_b.len()],
+        }
+    }
+
+    /// The buffers as tensors named and shaped as `param_specs` says.
+    fn into_tensors(&self, g: Grads) -> Result<BTreeMap<String, Tensor>> {
+        let mut flat: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        flat.insert("transformer.wte.weight".into(), g.wte);
+        if let Some(p) = g.wpe {
+            flat.insert("transformer.wpe.weight".into(), p);
+        }
+        for (i, block) in g.h.into_iter().enumerate() {
+            for (name, data) in BLOCK_NAMES.iter().zip(block.0) {
+                flat.insert(format!("transformer.h.{i}.{name}"), data);
+            }
+        }
+        flat.insert("transformer.ln_f.weight".into(), g.ln_f_w);
+        flat.insert("transformer.ln_f.bias".into(), g.ln_f_b);
+        param_specs(self.cfg)
+            .into_iter()
+            .map(|spec| {
+                let data = flat.remove(&spec.name).ok_or_else(|| candle_core::Error::Msg(format!("no gradient for {}", spec.name)))?;
+                Ok((spec.name, Tensor::from_vec(data, spec.shape, &Device::Cpu)?))
+            })
+            .collect()
+    }
+}
