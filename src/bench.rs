@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::model::params::init_weights;
 use crate::model::{GptConfig, Trainable};
-use crate::optim::grads::{accumulate, clip, global_norm};
+use crate::optim::grads::{accumulate, clip_factor, global_norm};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::train::device;
 use crate::train::step::{forward_backward, MicroBatch};
@@ -198,8 +198,7 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
             accumulate(&mut grads, out.grads)?;
         }
         let norm = global_norm(&grads)?;
-        clip(&mut grads, norm, clip_to)?;
-        opt.step(&grads, lr_at(step as u64, lr, min_lr, lr_warmup, steps as u64))?;
+        opt.step(&grads, lr_at(step as u64, lr, min_lr, lr_warmup, steps as u64), clip_factor(norm, clip_to))?;
         dev.synchronize()?;
         step_secs.push(t.elapsed().as_secs_f64());
         last_loss = loss_sum / accum as f64;

@@ -169,7 +169,7 @@ fn weight_decay_touches_only_two_dimensional_parameters() {
     let zeros: BTreeMap<String, Tensor> =
         model.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().zeros_like().unwrap())).collect();
     let lr = 0.5;
-    opt.step(&zeros, lr).unwrap();
+    opt.step(&zeros, lr, 1.0).unwrap();
     for (name, t) in model.weights() {
         let after = to_vec(&t);
         let factor = if t.rank() >= 2 { 1.0 - lr as f32 * 0.1 } else { 1.0 };

@@ -2,11 +2,14 @@
 //!
 //! candle's `AdamW` hides its moments (so a run cannot resume exactly) and has no parameter
 //! groups (so biases and LayerNorm would be decayed); this one keeps `m` and `v` per parameter
-//! name and decays only the parameters marked as such.
+//! name and decays only the parameters marked as such. On the CPU the update runs in place
+//! (`cpu`), elsewhere as tensor ops.
 
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Result, Tensor, Var};
+
+use super::cpu;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -22,11 +25,17 @@ impl Default for AdamWConfig {
     }
 }
 
+/// A parameter's first and second moments.
+enum Moments {
+    /// `[m | v]` in one CPU buffer, updated in place.
+    Packed(Tensor),
+    Split { m: Tensor, v: Tensor },
+}
+
 struct Slot {
     var: Var,
     decays: bool,
-    m: Tensor,
-    v: Tensor,
+    moments: Moments,
 }
 
 pub struct AdamW {
@@ -36,19 +45,21 @@ pub struct AdamW {
     slots: BTreeMap<String, Slot>,
 }
 
+fn fresh_moments(var: &Var) -> Result<Moments> {
+    let t = var.as_tensor();
+    Ok(if cpu::applies(&[t]) {
+        Moments::Packed(Tensor::zeros(2 * t.elem_count(), DType::F32, t.device())?)
+    } else {
+        Moments::Split { m: t.zeros_like()?, v: t.zeros_like()? }
+    })
+}
+
 impl AdamW {
     /// `decays(name, var)` says which parameters get weight decay (2-D ones, per DESIGN §2).
-    pub fn new(
-        vars: &BTreeMap<String, Var>,
-        cfg: AdamWConfig,
-        decays: impl Fn(&str, &Var) -> bool,
-    ) -> Result<Self> {
+    pub fn new(vars: &BTreeMap<String, Var>, cfg: AdamWConfig, decays: impl Fn(&str, &Var) -> bool) -> Result<Self> {
         let slots = vars
             .iter()
-            .map(|(name, var)| {
-                let zeros = var.as_tensor().zeros_like()?;
-                Ok((name.clone(), Slot { var: var.clone(), decays: decays(name, var), m: zeros.clone(), v: zeros }))
-            })
+            .map(|(name, var)| Ok((name.clone(), Slot { var: var.clone(), decays: decays(name, var), moments: fresh_moments(var)? })))
             .collect::<Result<_>>()?;
         Ok(Self { cfg, step: 0, slots })
     }
@@ -57,8 +68,9 @@ impl AdamW {
         self.step
     }
 
-    /// One update with learning rate `lr`. Parameters without a gradient are left alone.
-    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+    /// One update with learning rate `lr`, on gradients scaled by `grad_scale` (the clipping
+    /// factor). Parameters without a gradient are left alone.
+    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bias1 = 1.0 - beta1.powi(self.step as i32);
@@ -66,40 +78,63 @@ impl AdamW {
         let step_size = lr / bias1;
         for (name, slot) in self.slots.iter_mut() {
             let Some(g) = grads.get(name) else { continue };
-            let g = g.to_dtype(DType::F32)?;
-            // m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g²
-            slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
-            slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let denom = ((slot.v.sqrt()? / bias2_sqrt)? + eps)?;
+            // decoupled decay, as torch: theta <- theta (1 - lr wd)
+            let decay = if slot.decays { 1.0 - lr * weight_decay } else { 1.0 };
             let theta = slot.var.as_tensor();
-            // decoupled decay first, as torch: θ ← θ (1 - lr wd)
-            let theta = if slot.decays && weight_decay != 0.0 { (theta * (1.0 - lr * weight_decay))? } else { theta.clone() };
-            let updated = (theta - ((&slot.m / denom)? * step_size)?)?;
-            slot.var.set(&updated)?;
+            match &mut slot.moments {
+                Moments::Packed(mv) if cpu::applies(&[g, theta]) => {
+                    mv.inplace_op2(g, &cpu::Moments { beta1: beta1 as f32, beta2: beta2 as f32, grad_scale: grad_scale as f32 })?;
+                    theta.inplace_op2(mv, &cpu::Apply { decay: decay as f32, step_size: step_size as f32, bias2_sqrt: bias2_sqrt as f32, eps: eps as f32 })?;
+                }
+                Moments::Packed(_) => candle_core::bail!("adamw: {name}: gradient not on the CPU"),
+                Moments::Split { m, v } => {
+                    let g = (g.to_dtype(DType::F32)? * grad_scale)?;
+                    // m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
+                    *m = ((&*m * beta1)? + (&g * (1.0 - beta1))?)?;
+                    *v = ((&*v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                    let denom = ((v.sqrt()? / bias2_sqrt)? + eps)?;
+                    let updated = ((theta * decay)? - ((&*m / denom)? * step_size)?)?;
+                    slot.var.set(&updated)?;
+                }
+            }
         }
         Ok(())
     }
 
     /// The moments as named tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`), for saving.
-    pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
+    pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for (name, slot) in &self.slots {
-            out.insert(format!("exp_avg.{name}"), slot.m.clone());
-            out.insert(format!("exp_avg_sq.{name}"), slot.v.clone());
+            let shape = slot.var.as_tensor().shape().clone();
+            let (m, v) = match &slot.moments {
+                Moments::Packed(mv) => {
+                    let n = shape.elem_count();
+                    (mv.narrow(0, 0, n)?.reshape(&shape)?, mv.narrow(0, n, n)?.reshape(&shape)?)
+                }
+                Moments::Split { m, v } => (m.clone(), v.clone()),
+            };
+            out.insert(format!("exp_avg.{name}"), m);
+            out.insert(format!("exp_avg_sq.{name}"), v);
         }
-        out
+        Ok(out)
     }
 
     /// Restores moments and step count saved by `state_tensors`; every slot must be present.
     pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>, step: u64) -> std::result::Result<(), String> {
         for (name, slot) in self.slots.iter_mut() {
-            for (key, dst) in [(format!("exp_avg.{name}"), &mut slot.m), (format!("exp_avg_sq.{name}"), &mut slot.v)] {
+            let shape = slot.var.as_tensor().dims().to_vec();
+            let get = |key: String| -> std::result::Result<Tensor, String> {
                 let t = tensors.get(&key).ok_or_else(|| format!("optimizer state has no `{key}`"))?;
-                if t.dims() != dst.dims() {
-                    return Err(format!("optimizer state `{key}` has shape {:?}, expected {:?}", t.dims(), dst.dims()));
+                if t.dims() != shape.as_slice() {
+                    return Err(format!("optimizer state `{key}` has shape {:?}, expected {shape:?}", t.dims()));
                 }
-                *dst = t.to_device(dst.device()).map_err(|e| e.to_string())?;
-            }
+                t.to_device(slot.var.device()).and_then(|t| t.to_dtype(DType::F32)).map_err(|e| e.to_string())
+            };
+            let (m, v) = (get(format!("exp_avg.{name}"))?, get(format!("exp_avg_sq.{name}"))?);
+            slot.moments = match slot.moments {
+                Moments::Packed(_) => Moments::Packed(Tensor::cat(&[m.flatten_all().map_err(|e| e.to_string())?, v.flatten_all().map_err(|e| e.to_string())?], 0).map_err(|e| e.to_string())?),
+                Moments::Split { .. } => Moments::Split { m, v },
+            };
         }
         self.step = step;
         Ok(())

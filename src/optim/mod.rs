@@ -2,6 +2,7 @@
 //! parameters only, global-norm clipping, gradient accumulation and the LR schedules.
 
 pub mod adamw;
+pub mod cpu;
 pub mod grads;
 pub mod schedule;
 

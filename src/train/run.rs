@@ -20,7 +20,7 @@ use crate::model::diagnostics::{norm_stats, HISTOGRAM_BINS};
 use crate::model::dropout::Dropout;
 use crate::model::params::init_weights;
 use crate::model::{GptConfig, Trainable};
-use crate::optim::grads::{accumulate, clip, global_norm, Grads};
+use crate::optim::grads::{accumulate, clip_factor, global_norm, Grads};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, ScheduleKind};
 
 /// Non-finite steps in a row after which the run stops.
@@ -264,8 +264,7 @@ pub fn train(spec: &RunSpec, tx: &Sender<Event>, controls: Receiver<ControlMsg>,
             continue;
         }
         consecutive_skips = 0;
-        clip(&mut grads, norm, cfg.max_grad_norm)?;
-        opt.step(&grads, lr)?;
+        opt.step(&grads, lr, clip_factor(norm, cfg.max_grad_norm))?;
         drop(grads);
         state.optimizer_steps = opt.steps_taken();
         loss_sum += step_loss;
@@ -303,7 +302,7 @@ pub fn train(spec: &RunSpec, tx: &Sender<Event>, controls: Receiver<ControlMsg>,
             save_checkpoint(&ctx, &opt, &mut state, ctl.lr_scale, reason, &mut emit_ev, &mut last_saved_step)?;
         }
         let weights = model.weights();
-        checkpoint::save_model_dir(&out_dir, &parts(&ctx, &opt, &state, &weights).as_parts())?;
+        checkpoint::save_model_dir(&out_dir, &parts(&ctx, &opt, &state, &weights)?.as_parts())?;
     }
     let runtime = clock.elapsed().as_secs_f64();
     let trained = done - session_start;
@@ -385,8 +384,8 @@ fn note_eval(state: &mut TrainerState, rec: &EvalRecord) {
     }
 }
 
-fn parts<'a>(ctx: &'a Ctx, opt: &AdamW, state: &'a TrainerState, weights: &'a BTreeMap<String, Tensor>) -> OwnedParts<'a> {
-    OwnedParts { ctx, state, weights, optimizer: opt.state_tensors() }
+fn parts<'a>(ctx: &'a Ctx, opt: &AdamW, state: &'a TrainerState, weights: &'a BTreeMap<String, Tensor>) -> Result<OwnedParts<'a>, TrainError> {
+    Ok(OwnedParts { ctx, state, weights, optimizer: opt.state_tensors()? })
 }
 
 /// The optimizer state materialised next to borrowed parts, for one save.
@@ -429,7 +428,7 @@ fn save_checkpoint(
         state.best_model_checkpoint = Some(checkpoint::checkpoint_dir(ctx.out_dir, step).display().to_string());
     }
     let weights = ctx.model.weights();
-    let owned = parts(ctx, opt, state, &weights);
+    let owned = parts(ctx, opt, state, &weights)?;
     let path = checkpoint::save(ctx.out_dir, &owned.as_parts())?;
     let keep = state.best_model_checkpoint.as_ref().and_then(|p| p.rsplit('-').next()?.parse().ok());
     let deleted = checkpoint::rotate(ctx.out_dir, ctx.spec.config.save_total_limit, keep);
