@@ -105,7 +105,7 @@ pub fn matmul_peak_gflops(device: &Device, dtype: DType) -> Result<f64, BenchErr
     let a = Tensor::ones((n, n), dtype, device)?;
     let b = Tensor::ones((n, n), dtype, device)?;
     let mut best = f64::INFINITY;
-    for _ in 0..6 {
+    for _ in 0..12 {
         let t = Instant::now();
         let c = a.matmul(&b)?;
         device.synchronize()?;
@@ -177,6 +177,9 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
     let accum = bs / mb;
     let tokens_per_step = (bs * block) as f64;
     let mut step_secs = vec![];
+    // per-phase time over the timed steps: forward+backward of the micro-batches, gradient
+    // accumulation, norm + AdamW
+    let (mut t_fwd_bwd, mut t_accumulate, mut t_optimizer) = (0.0f64, 0.0f64, 0.0f64);
     let (mut first_loss, mut last_loss) = (None, f64::NAN);
     let mut timed_start = None;
     for step in 0..steps {
@@ -193,13 +196,25 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
             let seq = Tensor::from_vec(seq, (mb, block + 1), &dev)?;
             let (x, y) = (seq.narrow(1, 0, block)?, seq.narrow(1, 1, block)?);
             let d = dropout_rng.is_active().then_some(&mut dropout_rng);
+            let t0 = Instant::now();
             let out = forward_backward(&model, &MicroBatch { ids: &x, targets: Some(&y) }, 1.0 / accum as f64, d, ckpt)?;
+            dev.synchronize()?;
+            let t1 = Instant::now();
             loss_sum += out.loss;
             accumulate(&mut grads, out.grads)?;
+            dev.synchronize()?;
+            if step >= untimed {
+                t_fwd_bwd += (t1 - t0).as_secs_f64();
+                t_accumulate += t1.elapsed().as_secs_f64();
+            }
         }
+        let t0 = Instant::now();
         let norm = global_norm(&grads)?;
         opt.step(&grads, lr_at(step as u64, lr, min_lr, lr_warmup, steps as u64), clip_factor(norm, clip_to))?;
         dev.synchronize()?;
+        if step >= untimed {
+            t_optimizer += t0.elapsed().as_secs_f64();
+        }
         step_secs.push(t.elapsed().as_secs_f64());
         last_loss = loss_sum / accum as f64;
         first_loss.get_or_insert(last_loss);
@@ -215,6 +230,17 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
     let flops = cfg.flops_per_token(block);
     let achieved = flops * tps / 1e9;
     let (_, peak_rss) = rss_mib();
+    // evaluation: forward only, on a graph-free model
+    let eval_model = model.detached()?;
+    let eval_ids = Tensor::from_vec((0..mb * block).map(|_| rng.random_range(0..vocab as u32)).collect::<Vec<_>>(), (mb, block), &dev)?;
+    let eval_start = Instant::now();
+    let eval_reps = 3;
+    for _ in 0..eval_reps {
+        let (hidden, _) = eval_model.forward_hidden(&eval_ids, None)?;
+        eval_model.next_token_loss(&hidden, &eval_ids)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    }
+    let eval_tps = (eval_reps * mb * block) as f64 / eval_start.elapsed().as_secs_f64();
+    let per_step = |t: f64| 1000.0 * t / timed_steps as f64;
     Ok(json!({
         "config": {
             "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block, "vocab_size": vocab,
@@ -234,6 +260,8 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
         "achieved_gflops": achieved,
         "matmul_peak_gflops": peak,
         "mfu": achieved / peak,
+        "phase_ms_per_step": {"forward_backward": per_step(t_fwd_bwd), "accumulate": per_step(t_accumulate), "norm_and_adamw": per_step(t_optimizer)},
+        "eval_tokens_per_second": eval_tps,
         "first_loss": first_loss,
         "final_loss": last_loss,
         "ln_vocab": (vocab as f64).ln(),
