@@ -31,7 +31,7 @@ pub enum Invocation {
     Train(RunArgs),
     Eval(RunArgs),
     Watch { dir: PathBuf, ui: UiOptions },
-    Sweep(RunArgs),
+    Sweep { run: RunArgs, ui: UiOptions },
     LrFind { run: RunArgs, start_lr: f64, end_lr: f64, num_steps: u64, ui: UiOptions },
     Compare { dirs: Vec<PathBuf>, ui: UiOptions },
     Bench(Vec<(String, String)>),
@@ -79,9 +79,12 @@ fn ui_args(cmd: Command) -> Command {
         .arg(Arg::new("ascii").long("ascii").action(ArgAction::SetTrue).help("ASCII charts for terminals without Braille glyphs"))
 }
 
+fn headless_arg(cmd: Command) -> Command {
+    cmd.arg(Arg::new("headless").long("headless").action(ArgAction::SetTrue).help("print instead of drawing, even on a terminal"))
+}
+
 pub fn command() -> Command {
-    let lab = ui_args(run_args(Command::new("difflab")))
-        .arg(Arg::new("headless").long("headless").action(ArgAction::SetTrue).help("run without the TUI even on a terminal"));
+    let lab = headless_arg(ui_args(run_args(Command::new("difflab"))));
     lab.version(env!("CARGO_PKG_VERSION"))
         .about("A terminal lab bench for GPT-style LMs with differential input embeddings.\nWith no subcommand: the preset picker, or `--preset NAME` to start that run in the dashboard.")
         .args_conflicts_with_subcommands(true)
@@ -90,12 +93,14 @@ pub fn command() -> Command {
         .subcommand(run_args(Command::new("eval").about("Evaluate --checkpoint DIR on the validation split (loss, perplexity)")))
         .subcommand(ui_args(Command::new("watch").about("Attach to a run started elsewhere: its history, live tail and controls"))
             .arg(Arg::new("run_dir").required(true).value_name("RUN_DIR")))
-        .subcommand(run_args(Command::new("sweep").about("Run one trial per value of a swept key (e.g. --learning_rate 1e-3,3e-4,1e-4, or the preset's sweep:)")))
-        .subcommand(ui_args(run_args(Command::new("lr-find").about("The exponential LR range test on a copy of the model"))
-            .arg(Arg::new("start_lr").long("start_lr").value_name("X").default_value("1e-7").help("first learning rate"))
-            .arg(Arg::new("end_lr").long("end_lr").value_name("X").default_value("10").help("last learning rate"))
-            .arg(Arg::new("num_steps").long("num_steps").value_name("N").default_value("100").help("steps from start_lr to end_lr"))))
-        .subcommand(ui_args(Command::new("compare").about("Overlay runs: curves, final eval loss and perplexity, config differences"))
+        .subcommand(headless_arg(ui_args(run_args(Command::new("sweep").about("Run one trial per value of a swept key (e.g. --learning_rate 1e-3,3e-4,1e-4, or the preset's sweep:)")))))
+        .subcommand(
+            headless_arg(ui_args(run_args(Command::new("lr-find").about("The exponential LR range test on a copy of the model"))))
+                .arg(Arg::new("start_lr").long("start_lr").value_name("X").default_value("1e-7").help("first learning rate"))
+                .arg(Arg::new("end_lr").long("end_lr").value_name("X").default_value("10").help("last learning rate"))
+                .arg(Arg::new("num_steps").long("num_steps").value_name("N").default_value("100").help("steps from start_lr to end_lr")),
+        )
+        .subcommand(headless_arg(ui_args(Command::new("compare").about("Overlay runs: curves, final eval loss and perplexity, config differences")))
             .arg(Arg::new("run_dirs").required(true).num_args(1..).value_name("RUN_DIR")))
         .subcommand(crate::bench::args(Command::new("bench").about("Time training steps on random tokens (same flags as shared/bench/bench_train.py)")))
         .subcommand(Command::new("logits").about("Print a saved model's logits for token ids or text, as JSON (for comparing with other tools)")
@@ -141,7 +146,7 @@ where
             dir: s.get_one::<String>("run_dir").map(PathBuf::from).unwrap_or_default(),
             ui: ui_from(s),
         },
-        Some(("sweep", s)) => Invocation::Sweep(run_from(s)),
+        Some(("sweep", s)) => Invocation::Sweep { run: run_from(s), ui: ui_from(s) },
         Some(("lr-find", s)) => Invocation::LrFind {
             run: run_from(s),
             start_lr: float(s, "start_lr")?,

@@ -13,6 +13,7 @@ pub mod model;
 pub mod optim;
 pub mod remote;
 pub mod series;
+pub mod sweep;
 pub mod sinks;
 pub mod train;
 pub mod tui;

@@ -17,7 +17,12 @@ use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use crossterm::event::{self as term, DisableMouseCapture, EnableMouseCapture, KeyCode, KeyEventKind, KeyModifiers, MouseButton, MouseEventKind};
 use crossterm::execute;
 
+use crate::app::overlay::{Kind, Overlay};
 use crate::app::{App, Command, Dashboard, Key, Mode, Msg, Picker};
+use crate::config::RunConfig;
+use crate::sweep::compare::Run;
+use crate::sweep::lr_find::LrFindEvent;
+use crate::sweep::{SweepEvent, SweepHandle};
 use crate::cli::{RunArgs, UiOptions};
 use crate::commands::{headless, resolve_run};
 use crate::config::PresetLibrary;
@@ -33,6 +38,8 @@ enum Input {
     Term(term::Event),
     Train(Event),
     TrainerDone(Result<(), String>),
+    Sweep(SweepEvent),
+    LrFind(LrFindEvent),
 }
 
 /// A run this process trains, with its sinks and inbox.
@@ -48,6 +55,7 @@ enum Backend {
     None,
     Owned(OwnedRun),
     Watching(PathBuf),
+    Sweep(StopSignal),
 }
 
 fn key_of(k: term::KeyEvent) -> Option<Key> {
@@ -265,6 +273,8 @@ fn run_loop(
                     failed = r.is_err();
                     Some(Msg::TrainerDone(r))
                 }
+                Input::Sweep(e) => Some(Msg::Sweep(e)),
+                Input::LrFind(e) => Some(Msg::LrFind(e)),
             };
             if let Some(msg) = msg {
                 commands.extend(app.update(msg));
@@ -281,6 +291,11 @@ fn run_loop(
             match command {
                 Command::Exit => return Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }),
                 Command::SetMouse(on) => set_mouse(on),
+                Command::StopSweep => {
+                    if let Backend::Sweep(stop) = backend {
+                        stop.request();
+                    }
+                }
                 Command::Control(control) => {
                     let msg = ControlMsg { control, origin: if matches!(backend, Backend::Watching(_)) { "watch".into() } else { "ui".into() } };
                     match backend {
@@ -298,7 +313,7 @@ fn run_loop(
                                 return Ok(ExitCode::SUCCESS);
                             }
                         }
-                        Backend::None => {}
+                        Backend::None | Backend::Sweep(_) => {}
                     }
                 }
                 Command::Start(args) => match start_run(&args, tx, stop) {
@@ -321,4 +336,51 @@ fn run_loop(
             dirty = false;
         }
     }
+}
+
+/// A sweep's trials, live, overlaid.
+pub fn sweep(handle: SweepHandle, base: &RunConfig, ui: UiOptions) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = unbounded();
+    let stop = handle.stop.clone();
+    let forward_tx = tx.clone();
+    let _ = std::thread::Builder::new().name("difflab-sweep-forward".into()).spawn(move || {
+        for e in handle.events.iter() {
+            if forward_tx.send(Input::Sweep(e)).is_err() {
+                return;
+            }
+        }
+        handle.join();
+    });
+    let app = App::overlay(Overlay::new(Kind::Sweep, &format!("sweep -> {}", base.output_dir)), !ui.no_mouse, ui.ascii);
+    event_loop(app, Backend::Sweep(stop), tx, rx, StopSignal::default())
+}
+
+/// The LR range test, live.
+pub fn lr_find(
+    events: crossbeam_channel::Receiver<LrFindEvent>,
+    worker: std::thread::JoinHandle<Result<(crate::sweep::lr_find::Curve, crate::sweep::lr_find::Suggestions), crate::train::TrainError>>,
+    cfg: &RunConfig,
+    ui: UiOptions,
+) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = unbounded();
+    let forward_tx = tx.clone();
+    let _ = std::thread::Builder::new().name("difflab-lr-forward".into()).spawn(move || {
+        for e in events.iter() {
+            if forward_tx.send(Input::LrFind(e)).is_err() {
+                return;
+            }
+        }
+        if let Ok(Err(e)) = worker.join() {
+            let _ = forward_tx.send(Input::Train(Event::Message { level: crate::events::Level::Error, text: e.to_string() }));
+        }
+    });
+    let app = App::overlay(Overlay::new(Kind::LrFind, &format!("LR range test -> {}/lr_find", cfg.output_dir)), !ui.no_mouse, ui.ascii);
+    event_loop(app, Backend::None, tx, rx, StopSignal::default())
+}
+
+/// Finished runs, overlaid.
+pub fn compare(runs: Vec<Run>, ui: UiOptions) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = unbounded();
+    let app = App::overlay(Overlay::from_runs(&runs), !ui.no_mouse, ui.ascii);
+    event_loop(app, Backend::None, tx, rx, StopSignal::default())
 }

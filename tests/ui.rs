@@ -152,3 +152,38 @@ fn tiny_and_odd_sizes_do_not_panic() {
         draw(&picker(), w, h);
     }
 }
+
+/// The sweep view from synthetic trial events: three curves, the table, the suggestion.
+#[test]
+fn sweep_view_80x24() {
+    use difflab::app::overlay::{Kind, Overlay};
+    use difflab::sweep::{Summary, SweepEvent, TrialResult};
+    let mut app = App::overlay(Overlay::new(Kind::Sweep, "sweep -> outputs/sweep"), true, false);
+    let lrs = [1e-1, 1e-2, 1e-3];
+    let mut trials = vec![];
+    for (i, lr) in lrs.iter().enumerate() {
+        let label = format!("learning_rate-{lr}");
+        app.update(Msg::Sweep(SweepEvent::TrialStart { index: i, of: 3, label: label.clone() }));
+        let steps = if i == 0 { 12 } else { 60 };
+        for s in 1..=steps {
+            let x = s as f64;
+            let loss = match i {
+                0 => 6.0 - x * 0.2 + if s > 8 { (x - 8.0).powi(3) } else { 0.0 },
+                1 => 2.5 + 4.0 * (-x / 15.0).exp(),
+                _ => 5.0 + 1.5 * (-x / 60.0).exp(),
+            };
+            app.update(Msg::Sweep(SweepEvent::Train {
+                index: i,
+                event: Event::Progress(StepRecord { step: s, epoch: 0.0, loss, learning_rate: *lr, grad_norm: 1.0, tokens_per_second: 1.0, diff_norm_mean: None, diff_norm_std: None, diff_norm_min: None, diff_norm_max: None, diff_norm_hist: None, elapsed: x }),
+            }));
+        }
+        let status = ["diverged", "completed", "completed"][i];
+        let t = TrialResult { label, value: serde_json::json!(lr), output_dir: String::new(), final_loss: Some(2.6), best_loss: Some(2.5), eval_loss: Some(2.7), perplexity: Some(14.9), steps, status: status.into(), note: None };
+        app.update(Msg::Sweep(SweepEvent::TrialEnd(t.clone())));
+        trials.push(t);
+    }
+    app.update(Msg::Sweep(SweepEvent::Done(Summary { key: "learning_rate".into(), trials, highest_stable: Some(1e-2), recommended: Some(1e-3) })));
+    let t = draw(&app, 80, 24);
+    assert!(t.backend().to_string().contains("recommended"));
+    insta::assert_snapshot!(t.backend());
+}

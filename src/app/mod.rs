@@ -2,9 +2,11 @@
 //! function of messages, testable without a terminal. No ratatui, no crossterm, no candle.
 
 pub mod dashboard;
+pub mod overlay;
 pub mod picker;
 
 pub use dashboard::Dashboard;
+pub use overlay::Overlay;
 pub use picker::Picker;
 
 use crate::cli::RunArgs;
@@ -51,6 +53,8 @@ pub enum Msg {
     TrainerDone(Result<(), String>),
     /// A sink or the inbox reported a problem.
     Warning(String),
+    Sweep(crate::sweep::SweepEvent),
+    LrFind(crate::sweep::lr_find::LrFindEvent),
 }
 
 /// What the update asks the loop to do.
@@ -59,6 +63,8 @@ pub enum Command {
     Start(RunArgs),
     Control(Control),
     SetMouse(bool),
+    /// Stop the sweep: the running trial stops with a checkpoint, the rest are skipped.
+    StopSweep,
     Exit,
 }
 
@@ -73,6 +79,7 @@ pub enum Mode {
 pub enum Screen {
     Picker(Picker),
     Dashboard(Box<Dashboard>),
+    Overlay(Box<Overlay>),
 }
 
 /// The quit dialog's question.
@@ -104,17 +111,21 @@ impl App {
         Self { screen: Screen::Dashboard(Box::new(dashboard)), mode, dialog: None, mouse, ascii, exiting: false }
     }
 
+    pub fn overlay(overlay: Overlay, mouse: bool, ascii: bool) -> Self {
+        Self { screen: Screen::Overlay(Box::new(overlay)), mode: Mode::Owned, dialog: None, mouse, ascii, exiting: false }
+    }
+
     pub fn dash(&self) -> Option<&Dashboard> {
         match &self.screen {
             Screen::Dashboard(d) => Some(d),
-            Screen::Picker(_) => None,
+            _ => None,
         }
     }
 
     fn dash_mut(&mut self) -> Option<&mut Dashboard> {
         match &mut self.screen {
             Screen::Dashboard(d) => Some(d),
-            Screen::Picker(_) => None,
+            _ => None,
         }
     }
 
@@ -126,8 +137,14 @@ impl App {
     pub fn update(&mut self, msg: Msg) -> Vec<Command> {
         match msg {
             Msg::Event(e) => {
-                if let Some(d) = self.dash_mut() {
-                    d.apply(&e);
+                match &mut self.screen {
+                    Screen::Dashboard(d) => d.apply(&e),
+                    Screen::Overlay(o) => {
+                        if let Event::Message { text, .. } = &e {
+                            o.note(text.clone());
+                        }
+                    }
+                    Screen::Picker(_) => {}
                 }
                 vec![]
             }
@@ -143,8 +160,38 @@ impl App {
                 }
                 vec![]
             }
+            Msg::Sweep(e) => {
+                if let Screen::Overlay(o) = &mut self.screen {
+                    o.apply_sweep(&e);
+                }
+                if self.exiting && matches!(e, crate::sweep::SweepEvent::Done(_)) { vec![Command::Exit] } else { vec![] }
+            }
+            Msg::LrFind(e) => {
+                if let Screen::Overlay(o) = &mut self.screen {
+                    o.apply_lr_find(&e);
+                }
+                vec![]
+            }
             Msg::Key(key) => self.on_key(key),
             Msg::Click(button) => self.on_button(button),
+        }
+    }
+
+    /// Keys on the overlay view: `q` leaves (a running sweep is stopped first), `y` log-y.
+    fn on_overlay_key(&mut self, key: Key) -> Vec<Command> {
+        let Screen::Overlay(o) = &mut self.screen else { return vec![] };
+        match key {
+            Key::Char('y') => {
+                o.log_y = !o.log_y;
+                vec![]
+            }
+            Key::Char('q') | Key::Esc if o.finished || o.kind != overlay::Kind::Sweep || self.exiting => vec![Command::Exit],
+            Key::Char('q') | Key::Esc => {
+                self.exiting = true;
+                o.status = "stopping the sweep after this trial's checkpoint".into();
+                vec![Command::StopSweep]
+            }
+            _ => vec![],
         }
     }
 
@@ -160,6 +207,9 @@ impl App {
                 _ => return vec![],
             };
             return self.on_button(button);
+        }
+        if matches!(self.screen, Screen::Overlay(_)) {
+            return self.on_overlay_key(key);
         }
         if let Screen::Picker(p) = &mut self.screen {
             return match p.on_key(key) {
@@ -187,6 +237,9 @@ impl App {
 
     /// Ctrl-C: stop and save, as in a headless run; a second one leaves at once.
     fn ctrl_c(&mut self) -> Vec<Command> {
+        if matches!(self.screen, Screen::Overlay(_)) {
+            return self.on_overlay_key(Key::Char('q'));
+        }
         if self.exiting || !self.run_is_live() {
             return vec![Command::Exit];
         }

@@ -4,6 +4,7 @@
 pub mod eval;
 pub mod headless;
 pub mod logits;
+pub mod sweep;
 
 use std::process::ExitCode;
 
@@ -99,8 +100,10 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Invocation::Watch { dir, ui } => crate::tui::watch(&dir, ui),
-        Invocation::Sweep(_) | Invocation::LrFind { .. } | Invocation::Compare { .. } => {
-            Err(BadInput("this command is not built yet".into()).into())
+        Invocation::Sweep { run, ui } => sweep::sweep(&run, ui),
+        Invocation::LrFind { run, start_lr, end_lr, num_steps, ui } => {
+            sweep::lr_find(&run, crate::sweep::lr_find::Range { start: start_lr, end: end_lr, steps: num_steps as usize }, ui)
         }
+        Invocation::Compare { dirs, ui } => sweep::compare(&dirs, ui),
     }
 }

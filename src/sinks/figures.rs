@@ -112,14 +112,32 @@ fn padded(lo: f64, hi: f64) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-struct Line<'a> {
-    label: &'a str,
-    points: Vec<(f64, f64)>,
-    color: RGBColor,
-    markers: bool,
+pub struct Line<'a> {
+    pub label: &'a str,
+    pub points: Vec<(f64, f64)>,
+    pub color: RGBColor,
+    pub markers: bool,
 }
 
+/// The x axis: optimizer steps, or log10 of a learning rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XAxis {
+    Steps,
+    Log10Lr,
+}
+
+pub const BLUE: RGBColor = RGBColor(52, 101, 164);
+pub const RED: RGBColor = RGBColor(204, 0, 0);
+pub const GREEN: RGBColor = RGBColor(78, 154, 6);
+pub const PURPLE: RGBColor = RGBColor(117, 80, 123);
+/// Distinct line colours for overlays (sweeps, comparisons).
+pub const PALETTE: [RGBColor; 8] = [BLUE, RED, GREEN, PURPLE, RGBColor(245, 121, 0), RGBColor(6, 152, 154), RGBColor(196, 160, 0), RGBColor(85, 87, 83)];
+
 fn line_chart(title: &str, y_label: &str, lines: Vec<Line>, threshold: Option<(f64, &str)>) -> std::io::Result<Png> {
+    chart(title, XAxis::Steps, y_label, lines, threshold)
+}
+
+pub fn chart(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, threshold: Option<(f64, &str)>) -> std::io::Result<Png> {
     let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));
     let (x_lo, x_hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
     let ys = lines.iter().flat_map(|l| l.points.iter().map(|p| p.1)).chain(threshold.map(|t| t.0));
@@ -138,12 +156,18 @@ fn line_chart(title: &str, y_label: &str, lines: Vec<Line>, threshold: Option<(f
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
-            .x_desc("optimizer step")
+            .x_desc(match x_axis {
+                XAxis::Steps => "optimizer step",
+                XAxis::Log10Lr => "learning rate (log scale)",
+            })
             .y_desc(y_label)
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 15))
             .y_label_formatter(&|v| tick(*v, sci))
-            .x_label_formatter(&|v| format!("{v:.0}"))
+            .x_label_formatter(&|v| match x_axis {
+                XAxis::Steps => format!("{v:.0}"),
+                XAxis::Log10Lr => format!("{:.0e}", 10f64.powf(*v)),
+            })
             .max_light_lines(1)
             .draw()
             .map_err(|e| e.to_string())?;
@@ -205,7 +229,7 @@ fn histogram_chart(title: &str, h: &Histogram) -> std::io::Result<Png> {
             .axis_desc_style((FONT, 15))
             .draw()
             .map_err(|e| e.to_string())?;
-        let blue = RGBColor(52, 101, 164);
+        let blue = BLUE;
         chart
             .draw_series(h.counts.iter().enumerate().map(|(i, c)| {
                 let (x0, x1) = (h.edges[i], h.edges[i + 1]);
@@ -229,14 +253,14 @@ pub fn render_all(h: &History) -> std::io::Result<Vec<(&'static str, Png)>> {
     let mut out = vec![];
     let prefix = if h.title.is_empty() { String::new() } else { format!("{}: ", h.title) };
     if !h.loss.is_empty() {
-        let mut lines = vec![Line { label: "train loss", points: h.loss.envelope(1600), color: RGBColor(52, 101, 164), markers: false }];
+        let mut lines = vec![Line { label: "train loss", points: h.loss.envelope(1600), color: BLUE, markers: false }];
         if !h.eval.is_empty() {
-            lines.push(Line { label: "eval loss", points: h.eval.envelope(400), color: RGBColor(204, 0, 0), markers: true });
+            lines.push(Line { label: "eval loss", points: h.eval.envelope(400), color: RED, markers: true });
         }
         out.push(("loss", line_chart(&format!("{prefix}loss"), "loss (nats per token)", lines, None)?));
-        let lr = vec![Line { label: "learning rate", points: h.lr.envelope(1600), color: RGBColor(78, 154, 6), markers: false }];
+        let lr = vec![Line { label: "learning rate", points: h.lr.envelope(1600), color: GREEN, markers: false }];
         out.push(("learning_rate", line_chart(&format!("{prefix}learning rate"), "learning rate", lr, None)?));
-        let gn = vec![Line { label: "grad norm (before clipping)", points: h.grad_norm.envelope(1600), color: RGBColor(117, 80, 123), markers: false }];
+        let gn = vec![Line { label: "grad norm (before clipping)", points: h.grad_norm.envelope(1600), color: PURPLE, markers: false }];
         out.push(("grad_norm", line_chart(&format!("{prefix}gradient norm"), "global L2 norm", gn, h.max_grad_norm.map(|t| (t, "clip threshold")))?));
     }
     if let Some((step, hist)) = &h.hist {

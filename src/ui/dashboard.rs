@@ -196,6 +196,7 @@ fn render_loss(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         ascii: app.ascii,
         sci: false,
         empty: "waiting for the first step".into(),
+        y_cap: None,
         border: TRAIN,
     };
     (&plot).render(area, buf);
@@ -212,6 +213,7 @@ fn render_lr(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         ascii: app.ascii,
         sci: true,
         empty: "-".into(),
+        y_cap: None,
         border: LR,
     };
     (&plot).render(area, buf);
@@ -232,6 +234,7 @@ fn render_grad(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         ascii: app.ascii,
         sci: false,
         empty: "-".into(),
+        y_cap: None,
         border: GRAD,
     };
     (&plot).render(area, buf);

@@ -2,6 +2,7 @@
 //! channel. Layout is computed by functions the event loop shares for mouse hit-testing.
 
 pub mod dashboard;
+pub mod overlay;
 pub mod picker;
 pub mod plot;
 
@@ -19,6 +20,7 @@ pub fn render(app: &App, frame: &mut Frame) {
     match &app.screen {
         Screen::Picker(p) => picker::render(p, app, area, frame.buffer_mut()),
         Screen::Dashboard(d) => dashboard::render(d, app, area, frame.buffer_mut()),
+        Screen::Overlay(o) => overlay::render(o, app, area, frame.buffer_mut()),
     }
 }
 
@@ -27,6 +29,7 @@ pub fn hit(app: &App, area: Rect, col: u16, row: u16) -> Option<Button> {
     let buttons = match &app.screen {
         Screen::Picker(_) => picker::buttons(area),
         Screen::Dashboard(_) => dashboard::buttons(app, area),
+        Screen::Overlay(_) => vec![],
     };
     buttons.into_iter().find(|(r, _)| col >= r.x && col < r.x + r.width && row >= r.y && row < r.y + r.height).map(|(_, b)| b)
 }

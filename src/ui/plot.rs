@@ -38,6 +38,9 @@ pub struct Plot {
     pub sci: bool,
     pub empty: String,
     pub border: Color,
+    /// Upper limit of the y axis (points above are clipped), so one diverged curve does not
+    /// flatten the others.
+    pub y_cap: Option<f64>,
 }
 
 const BRAILLE_BITS: [[u8; 4]; 2] = [[0x01, 0x02, 0x04, 0x40], [0x08, 0x10, 0x20, 0x80]];
@@ -176,6 +179,9 @@ impl Plot {
         }
         if x1 <= x0 {
             x1 = x0 + 1.0;
+        }
+        if let Some(cap) = self.y_cap.and_then(|c| self.y_of(c)) {
+            y1 = y1.min(cap).max(y0);
         }
         // 8% padding so the extremes do not sit on the frame
         let pad = ((y1 - y0) * 0.08).max(y1.abs() * 1e-3).max(1e-12);

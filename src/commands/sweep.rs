@@ -1,0 +1,117 @@
+//! `difflab sweep`, `difflab lr-find` and `difflab compare`, headless or in the TUI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use super::{resolve_run, BadInput};
+use crate::cli::{RunArgs, UiOptions};
+use crate::config::resolve::parse_flag_value;
+use crate::config::RunConfig;
+use crate::data::prepare::default_cache_dir;
+use crate::sinks::human::describe;
+use crate::sweep::lr_find::{self, LrFindEvent, Range};
+use crate::sweep::{self, compare, SweepEvent};
+
+/// The swept key and its values: a flag given a comma list, else the preset's `sweep:`.
+/// Each value is checked by resolving the run with it.
+pub fn plan(args: &RunArgs) -> anyhow::Result<(RunConfig, Option<String>, String, Vec<serde_json::Value>)> {
+    let lists: Vec<&(String, String)> = args.flags.iter().filter(|(_, v)| v.contains(',')).collect();
+    if lists.len() > 1 {
+        return Err(BadInput(format!("sweep one key at a time; got lists for {}", lists.iter().map(|(k, _)| format!("--{k}")).collect::<Vec<_>>().join(" and "))).into());
+    }
+    let fixed = RunArgs { preset: args.preset.clone(), flags: args.flags.iter().filter(|(_, v)| !v.contains(',')).cloned().collect() };
+    let resolved = resolve_run(&fixed)?;
+    let (key, values) = match lists.first() {
+        Some((key, list)) => {
+            let values = list.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| parse_flag_value(key, v)).collect::<Result<Vec<_>, _>>()?;
+            (key.clone(), values)
+        }
+        None => resolved.sweep.clone().ok_or_else(|| {
+            BadInput("nothing to sweep: give one flag a list (e.g. --learning_rate 1e-3,3e-4,1e-4) or use a preset with `sweep:`".into())
+        })?,
+    };
+    if values.len() < 2 {
+        return Err(BadInput(format!("--{key}: a sweep needs at least two values")).into());
+    }
+    for v in &values {
+        let mut flags = fixed.flags.clone();
+        flags.push((key.clone(), v.to_string().trim_matches('"').to_string()));
+        resolve_run(&RunArgs { preset: fixed.preset.clone(), flags }).with_context(|| format!("the trial with {key} = {v}"))?;
+    }
+    Ok((resolved.config, resolved.preset, key, values))
+}
+
+fn use_tui(ui: UiOptions) -> bool {
+    use std::io::IsTerminal;
+    !ui.headless && std::io::stdout().is_terminal()
+}
+
+pub fn sweep(args: &RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
+    let (base, preset, key, values) = plan(args)?;
+    let handle = sweep::spawn(base.clone(), preset, key, values, default_cache_dir());
+    if use_tui(ui) {
+        return crate::tui::sweep(handle, &base, ui);
+    }
+    let mut current = String::new();
+    for e in handle.events.iter() {
+        match e {
+            SweepEvent::TrialStart { index, of, label } => {
+                current = label.clone();
+                eprintln!("[sweep] trial {}/{of}: {label}", index + 1);
+            }
+            SweepEvent::Train { event, .. } => {
+                if let Some(line) = describe(&event).filter(|_| !matches!(event, crate::events::Event::Prepare(_))) {
+                    eprintln!("[{current}] {line}");
+                }
+            }
+            SweepEvent::TrialEnd(t) => eprintln!("[sweep] {}: {} after {} steps", t.label, t.status, t.steps),
+            SweepEvent::Done(summary) => {
+                print!("{}", sweep::table(&summary));
+                println!("summary: {}", PathBuf::from(&base.output_dir).join("summary.json").display());
+            }
+        }
+    }
+    handle.join();
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<ExitCode> {
+    let cfg = resolve_run(args)?.config;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let cache = default_cache_dir();
+    let worker_cfg = cfg.clone();
+    let worker = std::thread::Builder::new().name("difflab-lr-find".into()).spawn(move || lr_find::run(&worker_cfg, &cache, range, &tx))?;
+    if use_tui(ui) {
+        return crate::tui::lr_find(rx, worker, &cfg, ui);
+    }
+    for e in rx.iter() {
+        match e {
+            LrFindEvent::Train(ev) => {
+                if let Some(line) = describe(&ev) {
+                    eprintln!("{line}");
+                }
+            }
+            LrFindEvent::Point { lr, loss, smoothed } => eprintln!("[lr-find] lr {lr:.2e} loss {loss:.4} smoothed {smoothed:.4}"),
+            LrFindEvent::Done { curve, suggestions, dir } => {
+                if let Some(why) = &curve.stopped {
+                    eprintln!("[lr-find] stopped: {why}");
+                }
+                println!("{}", serde_json::json!({ "steepest": suggestions.steepest, "valley": suggestions.valley, "points": curve.lrs.len(), "plot": dir.join("lr_find.png") }));
+            }
+        }
+    }
+    worker.join().map_err(|_| anyhow::anyhow!("the lr-find thread panicked"))??;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn compare(dirs: &[PathBuf], ui: UiOptions) -> anyhow::Result<ExitCode> {
+    let runs = dirs.iter().map(|d| compare::load(d)).collect::<Result<Vec<_>, _>>().map_err(|e| BadInput(e.to_string()))?;
+    if use_tui(ui) {
+        return crate::tui::compare(runs, ui);
+    }
+    print!("{}", compare::table(&runs));
+    print!("{}", compare::differences_text(&runs));
+    Ok(ExitCode::SUCCESS)
+}
