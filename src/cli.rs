@@ -36,6 +36,7 @@ pub enum Invocation {
     Compare { dirs: Vec<PathBuf>, ui: UiOptions },
     Bench(Vec<(String, String)>),
     Logits { checkpoint: PathBuf, ids: Option<String>, text: Option<String> },
+    GoldenCheck { golden: PathBuf, device: String, dtype: String },
     Presets,
 }
 
@@ -107,6 +108,10 @@ pub fn command() -> Command {
             .arg(Arg::new("checkpoint").long("checkpoint").required(true).value_name("DIR"))
             .arg(Arg::new("ids").long("ids").value_name("1,2,3").conflicts_with("text"))
             .arg(Arg::new("text").long("text").value_name("TEXT")))
+        .subcommand(Command::new("golden-check").about("Check the model against shared/golden on a device and dtype (the GPU host's check); JSON report")
+            .arg(Arg::new("golden").long("golden").default_value("../shared/golden").value_name("DIR"))
+            .arg(Arg::new("device").long("device").default_value("cpu").value_name("cpu|cuda|cuda:N"))
+            .arg(Arg::new("dtype").long("dtype").default_value("f32").value_name("f32|bf16")))
         .subcommand(Command::new("presets").about("List the presets"))
 }
 
@@ -163,6 +168,11 @@ where
             checkpoint: s.get_one::<String>("checkpoint").map(PathBuf::from).unwrap_or_default(),
             ids: s.get_one::<String>("ids").cloned(),
             text: s.get_one::<String>("text").cloned(),
+        },
+        Some(("golden-check", s)) => Invocation::GoldenCheck {
+            golden: s.get_one::<String>("golden").map(PathBuf::from).unwrap_or_default(),
+            device: s.get_one::<String>("device").cloned().unwrap_or_default(),
+            dtype: s.get_one::<String>("dtype").cloned().unwrap_or_default(),
         },
         Some(("presets", _)) => Invocation::Presets,
         _ => Invocation::Lab { run: run_from(&m), ui: ui_from(&m) },

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod events;
+pub mod golden;
 pub mod model;
 pub mod optim;
 pub mod remote;

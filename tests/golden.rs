@@ -12,7 +12,7 @@ use difflab::model::diagnostics::norm_stats;
 use difflab::model::gpt::next_token_loss;
 use difflab::model::Trainable;
 use difflab::optim::{grads, AdamW, AdamWConfig};
-use difflab::train::step::{forward_backward, MicroBatch};
+use difflab::train::step::{forward_backward, Accumulated, MicroBatch};
 
 fn reference(variant: &str) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(golden_dir(variant).join("reference.safetensors"), &Device::Cpu).unwrap()
@@ -83,8 +83,9 @@ fn train_batch(variant: &str, step: usize) -> (Tensor, Tensor) {
 
 /// The trainer's step (on the CPU: the written-out forward and backward).
 fn step_loss_and_grads(model: &Trainable, x: &Tensor, y: &Tensor) -> (f32, BTreeMap<String, Tensor>) {
-    let out = forward_backward(model, &MicroBatch { ids: x, targets: Some(y) }, 1.0, None, false).unwrap();
-    (out.loss as f32, out.grads)
+    let mut acc = Accumulated::default();
+    let out = forward_backward(model, &MicroBatch { ids: x, targets: Some(y) }, 1.0, None, false, &mut acc).unwrap();
+    (out.loss as f32, acc.into_grads(model.gpt.config()).unwrap())
 }
 
 /// candle's autograd through the model's fused ops.
@@ -138,4 +139,43 @@ fn three_adamw_steps_match() {
             assert_close(&format!("{variant} weight {name} after 3 steps"), &w, &after[&name], 5e-5, 0.0);
         }
     }
+}
+
+/// `difflab golden-check` (the GPU host's check) passes on the CPU in f32 and with bf16
+/// compute, the mixed-precision path `--dtype bf16` trains with.
+#[test]
+fn golden_check_passes_in_f32_and_bf16() {
+    let golden = common::shared_dir().join("golden");
+    for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+        let (reports, _) = difflab::golden::check(&golden, &Device::Cpu, dtype).unwrap();
+        assert_eq!(reports.len(), 4);
+        for r in &reports {
+            assert!(r.pass, "{dtype:?} {r:?}");
+        }
+    }
+}
+
+/// ... and fails when the model is wrong: a copy of one variant whose start weights are nudged.
+#[test]
+fn golden_check_fails_on_perturbed_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = golden_dir("rope1_diff1");
+    let dst = tmp.path().join("rope1_diff1");
+    for sub in ["", "model", "model_after_train"] {
+        std::fs::create_dir_all(dst.join(sub)).unwrap();
+        for entry in std::fs::read_dir(src.join(sub)).unwrap().flatten() {
+            if entry.path().is_file() {
+                std::fs::copy(entry.path(), dst.join(sub).join(entry.file_name())).unwrap();
+            }
+        }
+    }
+    let weights_path = dst.join("model").join("model.safetensors");
+    let mut weights = candle_core::safetensors::load(&weights_path, &Device::Cpu).unwrap();
+    let wte = weights["transformer.wte.weight"].affine(1.0, 0.01).unwrap();
+    weights.insert("transformer.wte.weight".into(), wte);
+    candle_core::safetensors::save(&weights, &weights_path).unwrap();
+    let (reports, _) = difflab::golden::check(tmp.path(), &Device::Cpu, candle_core::DType::F32).unwrap();
+    assert_eq!(reports.len(), 1);
+    assert!(!reports[0].pass, "{:?}", reports[0]);
+    assert!(reports[0].logits_max_abs > 1e-4);
 }

@@ -90,6 +90,18 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Invocation::Logits { checkpoint, ids, text } => logits::run(&checkpoint, ids.as_deref(), text.as_deref()),
+        Invocation::GoldenCheck { golden, device, dtype } => {
+            let device = crate::train::device::select(&device)?;
+            let dtype = match dtype.as_str() {
+                "f32" => candle_core::DType::F32,
+                "bf16" => candle_core::DType::BF16,
+                other => return Err(BadInput(format!("--dtype {other:?}: use f32 or bf16")).into()),
+            };
+            let (reports, tolerances) = crate::golden::check(&golden, &device, dtype)?;
+            let pass = reports.iter().all(|r| r.pass);
+            println!("{}", serde_json::json!({ "device": crate::train::device::describe(&device), "dtype": format!("{dtype:?}").to_lowercase(), "tolerances": tolerances, "variants": reports, "pass": pass }));
+            Ok(if pass { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Invocation::Presets => {
             for preset in PresetLibrary::load().all() {
                 match preset {

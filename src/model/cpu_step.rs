@@ -93,8 +93,37 @@ struct Acts {
 
 pub struct Outcome {
     pub loss: f64,
-    pub grads: BTreeMap<String, Tensor>,
     pub diff_norms: Option<Vec<f32>>,
+}
+
+/// Gradient buffers summed over the micro-batches of a step: each backward adds into them,
+/// so accumulation costs nothing and they are made once per optimizer step.
+pub struct HostGrads(Grads);
+
+impl HostGrads {
+    /// The sums as tensors named and shaped as `param_specs` says.
+    pub fn into_tensors(self, cfg: &GptConfig) -> Result<BTreeMap<String, Tensor>> {
+        let g = self.0;
+        let mut flat: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        flat.insert("transformer.wte.weight".into(), g.wte);
+        if let Some(p) = g.wpe {
+            flat.insert("transformer.wpe.weight".into(), p);
+        }
+        for (i, block) in g.h.into_iter().enumerate() {
+            for (name, data) in BLOCK_NAMES.iter().zip(block.0) {
+                flat.insert(format!("transformer.h.{i}.{name}"), data);
+            }
+        }
+        flat.insert("transformer.ln_f.weight".into(), g.ln_f_w);
+        flat.insert("transformer.ln_f.bias".into(), g.ln_f_b);
+        param_specs(cfg)
+            .into_iter()
+            .map(|spec| {
+                let data = flat.remove(&spec.name).ok_or_else(|| candle_core::Error::Msg(format!("no gradient for {}", spec.name)))?;
+                Ok((spec.name, Tensor::from_vec(data, spec.shape, &Device::Cpu)?))
+            })
+            .collect()
+    }
 }
 
 /// Whether the written-out step applies: f32 parameters on the CPU, no dropout.
@@ -107,8 +136,17 @@ fn guard(v: &Var) -> (StorageRef<'_>, &candle_core::Layout) {
 }
 
 /// Forward and backward of one micro-batch. `ids (B, T)`; `targets (B, T)` or none for the
-/// next-token loss of the blocks themselves. Gradients are of `loss * scale`.
-pub fn forward_backward(cfg: &GptConfig, vars: &BTreeMap<String, Var>, ids: &Tensor, targets: Option<&Tensor>, scale: f64, checkpointing: bool) -> Result<Outcome> {
+/// next-token loss of the blocks themselves. Gradients of `loss * scale` are added into
+/// `grads` (made zero when `None`).
+pub fn forward_backward(
+    cfg: &GptConfig,
+    vars: &BTreeMap<String, Var>,
+    ids: &Tensor,
+    targets: Option<&Tensor>,
+    scale: f64,
+    checkpointing: bool,
+    grads: &mut Option<HostGrads>,
+) -> Result<Outcome> {
     let (b, t) = ids.dims2()?;
     let ids: Vec<u32> = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
     let targets: Option<Vec<u32>> = targets.map(|t| t.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()).transpose()?;
@@ -135,7 +173,13 @@ pub fn forward_backward(cfg: &GptConfig, vars: &BTreeMap<String, Var>, ids: &Ten
         ln_f_b: get("transformer.ln_f.bias")?,
     };
     let step = Step { cfg, w: &w, b, t, rope: rope_tables(cfg, t)? };
-    step.run(&ids, targets.as_deref(), scale as f32, checkpointing)
+    let mut g = match grads.take() {
+        Some(HostGrads(g)) => g,
+        None => step.zero_grads(),
+    };
+    let out = step.run(&ids, targets.as_deref(), scale as f32, checkpointing, &mut g);
+    *grads = Some(HostGrads(g));
+    out
 }
 
 fn rope_tables(cfg: &GptConfig, t: usize) -> Result<Option<Rope>> {
@@ -236,7 +280,7 @@ impl Step<'_> {
         dx_in
     }
 
-    fn run(&self, ids: &[u32], targets: Option<&[u32]>, scale: f32, checkpointing: bool) -> Result<Outcome> {
+    fn run(&self, ids: &[u32], targets: Option<&[u32]>, scale: f32, checkpointing: bool, g: &mut Grads) -> Result<Outcome> {
         let (b, t, c, cfg) = (self.b, self.t, self.cfg.n_embd, self.cfg);
         let n = b * t;
         let v = cfg.vocab_size;
@@ -294,7 +338,6 @@ impl Step<'_> {
         let (loss, saved) = head::forward(&picked, self.w.wte, c, &labels).map_err(candle_core::Error::Msg)?;
 
         // ---- backward
-        let mut g = self.zero_grads();
         let mut d_picked = vec![0f32; picked.len()];
         head::backward(saved, &picked, self.w.wte, c, &labels, scale, &mut d_picked, &mut g.wte);
         drop(picked);
@@ -343,7 +386,7 @@ impl Step<'_> {
         for (row, &id) in d_e.chunks(c).zip(ids) {
             g.wte[id as usize * c..(id as usize + 1) * c].iter_mut().zip(row).for_each(|(a, x)| *a += x);
         }
-        Ok(Outcome { loss: loss as f64, grads: self.into_tensors(g)?, diff_norms })
+        Ok(Outcome { loss: loss as f64, diff_norms })
     }
 
     fn zero_grads(&self) -> Grads {
@@ -357,26 +400,4 @@ impl Step<'_> {
         }
     }
 
-    /// The buffers as tensors named and shaped as `param_specs` says.
-    fn into_tensors(&self, g: Grads) -> Result<BTreeMap<String, Tensor>> {
-        let mut flat: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-        flat.insert("transformer.wte.weight".into(), g.wte);
-        if let Some(p) = g.wpe {
-            flat.insert("transformer.wpe.weight".into(), p);
-        }
-        for (i, block) in g.h.into_iter().enumerate() {
-            for (name, data) in BLOCK_NAMES.iter().zip(block.0) {
-                flat.insert(format!("transformer.h.{i}.{name}"), data);
-            }
-        }
-        flat.insert("transformer.ln_f.weight".into(), g.ln_f_w);
-        flat.insert("transformer.ln_f.bias".into(), g.ln_f_b);
-        param_specs(self.cfg)
-            .into_iter()
-            .map(|spec| {
-                let data = flat.remove(&spec.name).ok_or_else(|| candle_core::Error::Msg(format!("no gradient for {}", spec.name)))?;
-                Ok((spec.name, Tensor::from_vec(data, spec.shape, &Device::Cpu)?))
-            })
-            .collect()
-    }
 }

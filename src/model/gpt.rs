@@ -345,7 +345,7 @@ impl Gpt {
     /// without materialising all the logits on the CPU.
     pub fn loss(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b_sz, seq_len, c) = hidden.dims3()?;
-        let hidden = ops::upcast(&hidden.reshape((b_sz * seq_len, c))?)?;
+        let hidden = hidden.reshape((b_sz * seq_len, c))?;
         ops::head_cross_entropy(&hidden, &self.wte, &targets.flatten_all()?.to_dtype(DType::U32)?)
     }
 

@@ -61,9 +61,11 @@ pub fn causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
     composed_causal_softmax(scores, mask)
 }
 
+/// Composed causal softmax; half-precision scores are normalised in f32.
 pub fn composed_causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let scores = scores.broadcast_add(mask)?;
-    candle_nn::ops::softmax(&scores, D::Minus1)
+    let dtype = scores.dtype();
+    let scores = upcast(scores)?.broadcast_add(&upcast(mask)?)?;
+    candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)
 }
 
 /// GELU, tanh approximation (HF `gelu_new`).
@@ -89,6 +91,7 @@ pub fn head_cross_entropy(hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Re
     composed_head_cross_entropy(hidden, wte, targets)
 }
 
+/// The head matmul in the compute dtype (bf16 on CUDA), the loss in f32.
 pub fn composed_head_cross_entropy(hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let wte = wte.to_dtype(hidden.dtype())?;
     cross_entropy(&hidden.matmul(&wte.t()?)?, targets)

@@ -168,11 +168,11 @@ use crate::data::{Batcher, EpochOrder};
 use crate::events::Event;
 use crate::model::params::init_weights;
 use crate::model::Trainable;
-use crate::optim::grads::{accumulate, clip_factor, global_norm};
+use crate::optim::grads::{clip_factor, global_norm};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::sinks::figures::{self, Line, XAxis};
 use crate::train::run::{model_config, prepare_data};
-use crate::train::step::{forward_backward, MicroBatch};
+use crate::train::step::{forward_backward, Accumulated, MicroBatch};
 use crate::train::{checkpoint, device, TrainError};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -236,14 +236,14 @@ pub fn run(cfg: &RunConfig, cache_dir: &Path, range: Range, tx: &Sender<LrFindEv
         let lr = lr_at(i, range.steps, range.start, range.end);
         let order = EpochOrder::new(blocks, cfg.seed, (i / per_epoch) as u64);
         let offset = (i % per_epoch) * cfg.batch_size;
-        let mut grads = Default::default();
+        let mut acc = Accumulated::default();
         let mut loss = 0.0;
         for micro in order.blocks(offset, cfg.batch_size).chunks(cfg.micro_batch_size) {
             let ids: Tensor = batcher.batch(micro, &device)?;
-            let out = forward_backward(&model, &MicroBatch { ids: &ids, targets: None }, 1.0 / accumulation as f64, None, cfg.gradient_checkpointing)?;
+            let out = forward_backward(&model, &MicroBatch { ids: &ids, targets: None }, 1.0 / accumulation as f64, None, cfg.gradient_checkpointing, &mut acc)?;
             loss += out.loss / accumulation as f64;
-            accumulate(&mut grads, out.grads)?;
         }
+        let grads = acc.into_grads(&model_cfg)?;
         let norm = global_norm(&grads)?;
         let go_on = curve.push(lr, loss);
         if let Some(&smoothed) = curve.smoothed.last() {

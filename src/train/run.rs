@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::checkpoint::{self, Parts, TrainerState};
 use super::controls::{Clock, Controller, StopSignal};
-use super::step::{evaluate, forward_backward, MicroBatch};
+use super::step::{evaluate, forward_backward, Accumulated, MicroBatch};
 use super::{device, emit, Injection, RunSpec, TrainError};
 use crate::config::RunConfig;
 use crate::data::{self, Batcher, DataConfig, EpochOrder, PreparedData, Unit};
@@ -20,7 +20,7 @@ use crate::model::diagnostics::{norm_stats, HISTOGRAM_BINS};
 use crate::model::dropout::Dropout;
 use crate::model::params::init_weights;
 use crate::model::{GptConfig, Trainable};
-use crate::optim::grads::{accumulate, clip_factor, global_norm, Grads};
+use crate::optim::grads::{clip_factor, global_norm, Grads};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, ScheduleKind};
 
 /// Non-finite steps in a row after which the run stops.
@@ -117,7 +117,9 @@ pub fn train(spec: &RunSpec, tx: &Sender<Event>, controls: Receiver<ControlMsg>,
         }
     };
     check_vocab(&data, model_cfg.vocab_size)?;
-    let model = Trainable::new(&model_cfg, weights)?;
+    // bf16 compute over f32 master weights and optimizer state (CUDA only: checked above)
+    let compute = if cfg.dtype == "bf16" { DType::BF16 } else { DType::F32 };
+    let model = Trainable::new(&model_cfg, weights)?.with_dtype(compute)?;
     let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
     let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2)?;
     let mut state = match &resume {
@@ -222,7 +224,7 @@ pub fn train(spec: &RunSpec, tx: &Sender<Event>, controls: Receiver<ControlMsg>,
         // forward/backward over the micro-batches, gradients accumulated
         let started = Instant::now();
         let mut dropout = Dropout::new(cfg.dropout as f32, cfg.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut grads: Grads = BTreeMap::new();
+        let mut acc = Accumulated::default();
         let mut step_loss = 0.0;
         let mut diff_norms = None;
         for micro in blocks.chunks(cfg.micro_batch_size) {
@@ -233,11 +235,11 @@ pub fn train(spec: &RunSpec, tx: &Sender<Event>, controls: Receiver<ControlMsg>,
             let ids = batcher.batch(micro, &device)?;
             let d = if dropout.is_active() { Some(&mut dropout) } else { None };
             let batch = MicroBatch { ids: &ids, targets: None };
-            let out = forward_backward(&model, &batch, 1.0 / accumulation as f64, d, cfg.gradient_checkpointing)?;
+            let out = forward_backward(&model, &batch, 1.0 / accumulation as f64, d, cfg.gradient_checkpointing, &mut acc)?;
             step_loss += out.loss / accumulation as f64;
-            accumulate(&mut grads, out.grads)?;
             diff_norms = out.diff_norms.or(diff_norms);
         }
+        let mut grads = acc.into_grads(&model_cfg)?;
         inject(spec, step, &mut step_loss, &mut grads)?;
         let norm = global_norm(&grads)?;
         let elapsed_step = started.elapsed().as_secs_f64();

@@ -11,10 +11,39 @@ use crate::optim::grads::{accumulate, Grads};
 pub struct MicroStep {
     /// The micro-batch's mean token loss (unscaled).
     pub loss: f64,
-    /// Gradients of `loss * scale`.
-    pub grads: Grads,
     /// `||d_t||` for every (b, t), differential models only.
     pub diff_norms: Option<Vec<f32>>,
+}
+
+/// Gradients summed over the micro-batches of one optimizer step.
+#[derive(Default)]
+pub enum Accumulated {
+    #[default]
+    Empty,
+    /// The written-out CPU step's buffers, added into in place.
+    Host(cpu_step::HostGrads),
+    /// Autograd's gradients, summed as tensors.
+    Tensors(Grads),
+}
+
+impl Accumulated {
+    pub fn into_grads(self, cfg: &crate::model::GptConfig) -> Result<Grads> {
+        match self {
+            Accumulated::Empty => Ok(Grads::new()),
+            Accumulated::Host(h) => h.into_tensors(cfg),
+            Accumulated::Tensors(g) => Ok(g),
+        }
+    }
+
+    fn add(&mut self, grads: Grads) -> Result<()> {
+        match self {
+            Accumulated::Tensors(acc) => accumulate(acc, grads),
+            _ => {
+                *self = Accumulated::Tensors(grads);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A micro-batch: token ids `(B, T)`, and explicit targets `(B, T)` or none (then each block
@@ -31,28 +60,39 @@ fn loss_of(gpt: &Gpt, hidden: &Tensor, batch: &MicroBatch) -> Result<Tensor> {
     }
 }
 
-/// Forward and backward of one micro-batch; gradients are of `loss * scale` (`scale` =
-/// 1 / accumulation steps). f32 on the CPU without dropout takes the written-out step
-/// (`cpu_step`); everything else candle's autograd.
+/// Forward and backward of one micro-batch; gradients of `loss * scale` (`scale` =
+/// 1 / accumulation steps) are added into `acc`. f32 on the CPU without dropout takes the
+/// written-out step (`cpu_step`); everything else candle's autograd.
 pub fn forward_backward(
     model: &Trainable,
     batch: &MicroBatch,
     scale: f64,
     dropout: Option<&mut Dropout>,
     checkpointing: bool,
+    acc: &mut Accumulated,
 ) -> Result<MicroStep> {
-    if dropout.is_none() && model.computes_in_f32() && cpu_step::applies(&model.vars, 0.0) {
-        let out = cpu_step::forward_backward(model.gpt.config(), &model.vars, batch.ids, batch.targets, scale, checkpointing)?;
-        return Ok(MicroStep { loss: out.loss, grads: out.grads, diff_norms: out.diff_norms });
+    if dropout.is_none() && model.computes_in_f32() && cpu_step::applies(&model.vars, 0.0) && !matches!(acc, Accumulated::Tensors(_)) {
+        let mut host = match std::mem::take(acc) {
+            Accumulated::Host(h) => Some(h),
+            _ => None,
+        };
+        let out = cpu_step::forward_backward(model.gpt.config(), &model.vars, batch.ids, batch.targets, scale, checkpointing, &mut host)?;
+        if let Some(h) = host {
+            *acc = Accumulated::Host(h);
+        }
+        return Ok(MicroStep { loss: out.loss, diff_norms: out.diff_norms });
     }
-    if checkpointing {
-        return checkpointed(model, batch, scale, dropout);
-    }
+    let (step, grads) = if checkpointing { checkpointed(model, batch, scale, dropout)? } else { autograd(model, batch, scale, dropout)? };
+    acc.add(grads)?;
+    Ok(step)
+}
+
+fn autograd(model: &Trainable, batch: &MicroBatch, scale: f64, dropout: Option<&mut Dropout>) -> Result<(MicroStep, Grads)> {
     let (hidden, diff_norms) = model.gpt.forward_hidden(batch.ids, dropout)?;
     let loss = loss_of(&model.gpt, &hidden, batch)?;
     let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     let grads = model.named_grads((loss * scale)?.backward()?);
-    Ok(MicroStep { loss: value, grads, diff_norms: norms(diff_norms)? })
+    Ok((MicroStep { loss: value, diff_norms: norms(diff_norms)? }, grads))
 }
 
 fn norms(t: Option<Tensor>) -> Result<Option<Vec<f32>>> {
@@ -63,7 +103,7 @@ fn norms(t: Option<Tensor>) -> Result<Option<Vec<f32>>> {
 /// recomputes one block at a time and pulls the gradient through it (a vector-Jacobian
 /// product), so peak memory holds one block's activations instead of all of them.
 /// Dropout masks are replayed from a copy of the generator taken before each block.
-fn checkpointed(model: &Trainable, batch: &MicroBatch, scale: f64, mut dropout: Option<&mut Dropout>) -> Result<MicroStep> {
+fn checkpointed(model: &Trainable, batch: &MicroBatch, scale: f64, mut dropout: Option<&mut Dropout>) -> Result<(MicroStep, Grads)> {
     let gpt = &model.gpt;
     let ids = batch.ids;
     let (_, seq_len) = ids.dims2()?;
@@ -94,7 +134,7 @@ fn checkpointed(model: &Trainable, batch: &MicroBatch, scale: f64, mut dropout: 
     if let Some(g) = upstream {
         accumulate(&mut grads, model.named_grads((emb.xs * g)?.sum_all()?.backward()?))?;
     }
-    Ok(MicroStep { loss: value, grads, diff_norms: norms(emb.diff_norms)? })
+    Ok((MicroStep { loss: value, diff_norms: norms(emb.diff_norms)? }, grads))
 }
 
 /// Mean next-token loss over the first `max_blocks` blocks of `stream` (all by default),

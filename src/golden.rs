@@ -1,0 +1,138 @@
+//! `difflab golden-check`: the four variants against `shared/golden` on a chosen device and
+//! dtype, as a report of worst errors. It is how a GPU host checks the CUDA path with nothing
+//! but the binary and the golden directory (`scripts/gpu-check.sh`); the tests run it on the CPU.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use serde::Serialize;
+
+use crate::model::checkpoint::load_pretrained;
+use crate::model::gpt::next_token_loss;
+use crate::model::Trainable;
+use crate::optim::grads::{clip_factor, global_norm};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::train::step::{forward_backward, Accumulated, MicroBatch};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tolerances {
+    pub logits: f64,
+    pub loss: f64,
+    /// Per tensor: `||g - g_ref|| / ||g_ref||`.
+    pub grad_rel: f64,
+    pub weights_after: f64,
+}
+
+impl Tolerances {
+    /// f32: the golden README's (grads as a relative norm: 1e-3). bf16: what 8 bits of mantissa
+    /// allow; weights after three AdamW steps at lr 1e-3 get 6e-3 because Adam normalizes each
+    /// update, so a near-zero gradient whose sign flips in bf16 moves its weight by up to 2·lr
+    /// per step whatever the gradient error's size.
+    pub fn for_dtype(dtype: DType) -> Self {
+        if dtype == DType::BF16 {
+            Self { logits: 0.05, loss: 5e-3, grad_rel: 0.05, weights_after: 6e-3 }
+        } else {
+            Self { logits: 1e-4, loss: 1e-5, grad_rel: 1e-3, weights_after: 5e-5 }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantReport {
+    pub variant: String,
+    pub logits_max_abs: f64,
+    pub loss_abs: f64,
+    pub grad_rel_worst: f64,
+    pub grad_worst_tensor: String,
+    pub train_loss_abs_worst: f64,
+    pub weights_after_max_abs: f64,
+    pub pass: bool,
+}
+
+fn host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    Ok(host(a)?.iter().zip(host(b)?).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max))
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    let (a, b) = (host(a)?, host(b)?);
+    let diff: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    Ok(diff / norm.max(1e-12))
+}
+
+pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<VariantReport> {
+    let tol = Tolerances::for_dtype(dtype);
+    let load = |f: &str| -> anyhow::Result<std::collections::HashMap<String, Tensor>> { Ok(candle_core::safetensors::load(dir.join(f), device)?) };
+    let (cfg, weights) = load_pretrained(&dir.join("model"), device)?;
+    let r = load("reference.safetensors")?;
+    let model = Trainable::new(&cfg, weights)?.with_dtype(dtype)?;
+    let out = model.detached()?.forward(&r["input_ids"], None)?;
+    let logits_max_abs = max_abs(&out.logits, &r["logits"])?;
+    let loss = next_token_loss(&out.logits, &r["input_ids"])?.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_scalar::<f64>()?;
+    let loss_abs = (loss - r["loss"].to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_scalar::<f64>()?).abs();
+
+    // gradients of training step 0, and three AdamW steps
+    let batches = load("train_batches.safetensors")?;
+    let want_grads = load("grads_step0.safetensors")?;
+    let log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("train_log.json"))?)?;
+    let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2)?;
+    let (mut grad_rel_worst, mut grad_worst_tensor, mut train_loss_abs_worst) = (0.0f64, String::new(), 0.0f64);
+    for s in 0..3 {
+        let batch = batches["batches"].i(s)?;
+        let t = batch.dim(1)? - 1;
+        let (x, y) = (batch.narrow(1, 0, t)?, batch.narrow(1, 1, t)?);
+        let mut acc = Accumulated::default();
+        let step = forward_backward(&model, &MicroBatch { ids: &x, targets: Some(&y) }, 1.0, None, false, &mut acc)?;
+        let grads: BTreeMap<String, Tensor> = acc.into_grads(&cfg)?;
+        if s == 0 {
+            for (name, g) in &grads {
+                let e = rel(g, &want_grads[name])?;
+                if e > grad_rel_worst {
+                    grad_rel_worst = e;
+                    grad_worst_tensor = name.clone();
+                }
+            }
+        }
+        let want_loss = log["steps"][s]["loss"].as_f64().unwrap_or(f64::NAN);
+        train_loss_abs_worst = train_loss_abs_worst.max((step.loss - want_loss).abs());
+        let norm = global_norm(&grads)?;
+        opt.step(&grads, 1e-3, clip_factor(norm, 1.0))?;
+    }
+    let (_, after) = load_pretrained(&dir.join("model_after_train"), device)?;
+    let mut weights_after_max_abs = 0.0f64;
+    for (name, w) in model.weights() {
+        weights_after_max_abs = weights_after_max_abs.max(max_abs(&w, &after[&name])?);
+    }
+    let pass = logits_max_abs <= tol.logits
+        && loss_abs <= tol.loss
+        && grad_rel_worst <= tol.grad_rel
+        && train_loss_abs_worst <= tol.loss.max(1e-5)
+        && weights_after_max_abs <= tol.weights_after;
+    Ok(VariantReport {
+        variant: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        logits_max_abs,
+        loss_abs,
+        grad_rel_worst,
+        grad_worst_tensor,
+        train_loss_abs_worst,
+        weights_after_max_abs,
+        pass,
+    })
+}
+
+/// Every variant under `golden_dir`.
+pub fn check(golden_dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<(Vec<VariantReport>, Tolerances)> {
+    let mut variants: Vec<_> = std::fs::read_dir(golden_dir)?.flatten().map(|e| e.path()).filter(|p| p.join("reference.safetensors").is_file()).collect();
+    variants.sort();
+    if variants.is_empty() {
+        anyhow::bail!("{} holds no golden variants (rope*_diff*/reference.safetensors)", golden_dir.display());
+    }
+    let reports = variants.iter().map(|v| check_variant(v, device, dtype)).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((reports, Tolerances::for_dtype(dtype)))
+}
