@@ -2,8 +2,9 @@
 //!
 //! One channel carries everything the UI reacts to: terminal input (from a small input
 //! thread), trainer events (live, or tailed from a run's `metrics.jsonl` when watching) and the
-//! trainer's end. The loop drains it, updates the `App`, feeds the sinks, and draws at most
-//! every `FRAME` when something changed.
+//! trainer's end. The loop drains it, updates the `App`, feeds the sinks, and draws: at once
+//! after a key, a click or a resize, and at most every `FRAME` for the trainer's events (a run
+//! sends many a second; charts read well at four frames a second, and the trainer keeps the CPU).
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -31,8 +32,8 @@ use crate::remote::{self, Inbox};
 use crate::sinks::{self, metrics::METRICS_FILE, Sinks};
 use crate::train::{self, StopSignal, TrainHandle};
 
-/// The shortest time between two frames.
-const FRAME: Duration = Duration::from_millis(100);
+/// The shortest time between two frames drawn for trainer events.
+const FRAME: Duration = Duration::from_millis(250);
 
 enum Input {
     Term(term::Event),
@@ -237,18 +238,22 @@ fn run_loop(
     signals: &AtomicUsize,
 ) -> anyhow::Result<ExitCode> {
     let mut dirty = true;
+    // a user action: drawn without waiting for the next frame
+    let mut urgent = true;
     let mut last_draw = Instant::now() - FRAME;
     let mut seen_signals = 0;
     let mut failed = false;
     loop {
         // one message (or a timeout), then everything else already waiting
-        let first = match rx.recv_timeout(FRAME) {
+        let wait = if dirty { FRAME.saturating_sub(last_draw.elapsed()) } else { FRAME };
+        let first = match rx.recv_timeout(wait) {
             Ok(m) => Some(m),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => return Ok(ExitCode::SUCCESS),
         };
         let mut commands = vec![];
         for input in first.into_iter().chain(rx.try_iter()) {
+            urgent |= matches!(input, Input::Term(_));
             let msg = match input {
                 Input::Term(term::Event::Key(k)) => key_of(k).map(Msg::Key),
                 Input::Term(term::Event::Mouse(m)) if app.mouse && m.kind == MouseEventKind::Down(MouseButton::Left) => {
@@ -286,6 +291,7 @@ fn run_loop(
             seen_signals = n;
             commands.extend(app.update(Msg::Key(Key::CtrlC)));
             dirty = true;
+            urgent = true;
         }
         for command in commands {
             match command {
@@ -330,10 +336,11 @@ fn run_loop(
             }
             dirty = true;
         }
-        if dirty && last_draw.elapsed() >= FRAME {
+        if dirty && (urgent || last_draw.elapsed() >= FRAME) {
             terminal.draw(|f| crate::ui::render(app, f))?;
             last_draw = Instant::now();
             dirty = false;
+            urgent = false;
         }
     }
 }

@@ -74,7 +74,7 @@ fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
                 ("sequence", vec![Span::raw(format!("block {} | batch {} = {} x {} micro", c.block_size, c.batch_size, c.accumulation_steps(), c.micro_batch_size))]),
                 ("learning rate", vec![edit(Field::LearningRate, p.shown(Field::LearningRate)), Span::styled("   [l] edit", Style::default().fg(Color::DarkGray))]),
                 ("schedule", vec![Span::raw(format!("{} | warmup {} steps / ratio {}", c.lr_scheduler_type, c.warmup_steps, c.warmup_ratio))]),
-                ("steps", vec![edit(Field::MaxSteps, p.shown(Field::MaxSteps)), Span::raw(format!("  ({} epochs)", c.num_train_epochs)), Span::styled("   [s] edit", Style::default().fg(Color::DarkGray))]),
+                ("steps", vec![edit(Field::MaxSteps, p.shown(Field::MaxSteps)), Span::raw(epochs_note(&p.shown(Field::MaxSteps), c.num_train_epochs)), Span::styled("   [s] edit", Style::default().fg(Color::DarkGray))]),
                 ("output", vec![Span::raw(c.output_dir.clone())]),
             ];
             for (k, mut v) in rows {
@@ -118,4 +118,14 @@ pub fn render(p: &Picker, app: &App, area: Rect, buf: &mut Buffer) {
         put(buf, rect.x, rect.y, &label, rect.width as usize, Style::default().fg(Color::Black).bg(Color::Gray));
     }
     hints(area, buf);
+}
+
+/// Beside the step limit: the epochs it trains for when no step limit is set (a step limit
+/// overrides `num_train_epochs`, as in HF Trainer).
+fn epochs_note(max_steps: &str, epochs: f64) -> String {
+    if max_steps.parse::<u64>().is_ok() {
+        "  (overrides epochs)".into()
+    } else {
+        format!("  ({epochs} epoch{})", if epochs == 1.0 { "" } else { "s" })
+    }
 }
