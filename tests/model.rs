@@ -469,3 +469,33 @@ fn the_written_out_cpu_step_equals_autograd() {
         }
     }
 }
+
+/// Gradient checkpointing on candle's autograd (the path of CUDA, bf16 and dropout runs):
+/// recomputing each block, with its dropout masks replayed, gives the plain path's loss and
+/// gradients.
+#[test]
+fn autograd_gradient_checkpointing_equals_the_plain_path() {
+    use difflab::model::dropout::Dropout;
+    use difflab::train::step::{forward_backward, Accumulated, MicroBatch};
+    for cfg in variants() {
+        let model = Trainable::new(&cfg, init_weights(&cfg, 5, &Device::Cpu).unwrap()).unwrap();
+        let ids = random_ids(2, 12, cfg.vocab_size, 9);
+        let batch = MicroBatch { ids: &ids, targets: None };
+        let run = |checkpointing: bool| {
+            let mut dropout = Dropout::new(0.1, 77);
+            // a Tensors accumulator keeps the step on autograd even on the CPU in f32
+            let mut acc = Accumulated::Tensors(BTreeMap::new());
+            let out = forward_backward(&model, &batch, 0.5, Some(&mut dropout), checkpointing, &mut acc).unwrap();
+            (out.loss, acc.into_grads(&cfg).unwrap())
+        };
+        let (plain_loss, plain) = run(false);
+        let (ckpt_loss, ckpt) = run(true);
+        let what = format!("rope {} diff {}", cfg.rope, cfg.differential);
+        assert!((plain_loss - ckpt_loss).abs() < 1e-6, "{what}: loss {plain_loss} vs {ckpt_loss}");
+        assert_eq!(plain.len(), param_specs(&cfg).len(), "{what}: every parameter has a gradient");
+        assert_eq!(plain.len(), ckpt.len(), "{what}");
+        for (name, g) in &plain {
+            assert_close(&format!("{what} {name}"), &ckpt[name], g, 1e-6, 1e-4);
+        }
+    }
+}
