@@ -211,6 +211,12 @@ fn histogram_chart(title: &str, h: &Histogram) -> std::io::Result<Png> {
     let (lo, hi) = (h.edges.first().copied().unwrap_or(0.0), h.edges.last().copied().unwrap_or(1.0));
     let (lo, hi) = if hi > lo { (lo, hi) } else { (lo - 0.5, hi + 0.5) };
     let top = h.counts.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.1;
+    let n = h.counts.iter().sum::<u64>().max(1) as f64;
+    let mean = h.sum / n;
+    let std = (h.sum_squares / n - mean * mean).max(0.0).sqrt();
+    // the legend goes on the side the mass is not on, so it never hides bars
+    let legend_at = if mean > (lo + hi) / 2.0 { SeriesLabelPosition::UpperLeft } else { SeriesLabelPosition::UpperRight };
+    let label = format!("tokens per bin (mean {mean:.3}, std {std:.3})");
     render(|root| {
         let mut chart = ChartBuilder::on(&root)
             .caption(title, (FONT, 22))
@@ -236,13 +242,14 @@ fn histogram_chart(title: &str, h: &Histogram) -> std::io::Result<Png> {
                 Rectangle::new([(x0, 0.0), (x1, *c as f64)], blue.mix(0.8).filled())
             }))
             .map_err(|e| e.to_string())?
-            .label("count per bin")
+            .label(label.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], blue.filled()));
         chart
             .configure_series_labels()
             .label_font((FONT, 14))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
+            .position(legend_at)
             .draw()
             .map_err(|e| e.to_string())
     })
