@@ -31,7 +31,7 @@ pub struct TrialResult {
     pub eval_loss: Option<f64>,
     pub perplexity: Option<f64>,
     pub steps: u64,
-    /// "completed", "diverged", "stalled", "failed" or "skipped".
+    /// "completed", "lagging", "diverged", "stalled", "stopped", "failed" or "skipped".
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -41,7 +41,7 @@ pub struct TrialResult {
 pub struct Summary {
     pub key: String,
     pub trials: Vec<TrialResult>,
-    /// The highest learning rate that neither diverged nor stalled.
+    /// The highest learning rate that neither diverged, stalled nor lagged.
     pub highest_stable: Option<f64>,
     /// One notch below it: the next lower stable value swept, else half of it (the tutor's
     /// "one notch", 1e-4 -> 5e-5).
@@ -65,7 +65,37 @@ pub fn trial_label(key: &str, value: &serde_json::Value) -> String {
     format!("{key}-{}", v.replace('/', "_"))
 }
 
-/// The stable-range suggestion (learning-rate sweeps only).
+/// A learning rate above the sweep's best whose best loss is this many times the best trial's
+/// trained, but too unstably to use: its loss plateaus far above the others (a demo sweep at
+/// 1e-1 ends at 3.5 nats where 1e-2 reaches 1.5), which the tutor's "does not fall" misses
+/// because the loss still creeps down.
+pub const LAG_RATIO: f64 = 1.5;
+
+/// Marks completed trials of a learning-rate sweep, above the best trial's value, whose best
+/// loss is more than `LAG_RATIO` times the best as "lagging", with a note saying by how much.
+/// Lower learning rates that lag are only slow, and stay "completed".
+pub fn mark_lagging(key: &str, trials: &mut [TrialResult]) {
+    if key != "learning_rate" {
+        return;
+    }
+    let best = trials
+        .iter()
+        .filter(|t| t.status == "completed")
+        .filter_map(|t| Some((t.best_loss?, t.value.as_f64()?)))
+        .min_by(|a, b| a.0.total_cmp(&b.0));
+    let Some((best_loss, best_lr)) = best else { return };
+    for t in trials.iter_mut().filter(|t| t.status == "completed") {
+        if let (Some(loss), Some(lr)) = (t.best_loss, t.value.as_f64()) {
+            if lr > best_lr && loss > LAG_RATIO * best_loss {
+                t.status = "lagging".into();
+                t.note = Some(format!("best loss {loss:.4} is {:.1}x the best trial's {best_loss:.4} (learning_rate {best_lr:e})", loss / best_loss));
+            }
+        }
+    }
+}
+
+/// The stable-range suggestion (learning-rate sweeps only): the highest completed value, and
+/// one notch below it.
 pub fn suggest(key: &str, trials: &[TrialResult]) -> (Option<f64>, Option<f64>) {
     if key != "learning_rate" {
         return (None, None);
@@ -144,6 +174,7 @@ fn run(base: RunConfig, preset: Option<String>, key: String, values: Vec<serde_j
         let _ = tx.send(SweepEvent::TrialEnd(result.clone()));
         trials.push(result);
     }
+    mark_lagging(&key, &mut trials);
     let (highest_stable, recommended) = suggest(&key, &trials);
     let summary = Summary { key, trials, highest_stable, recommended };
     let _ = std::fs::create_dir_all(&root);
@@ -229,6 +260,10 @@ pub fn table(s: &Summary) -> String {
         _ if s.key == "learning_rate" => out.push_str("no learning rate trained stably: lower the range tenfold and sweep again\n"),
         _ => {}
     }
+    // why a trial ended as it did, after the suggestion so a short pane still shows that
+    for t in s.trials.iter().filter(|t| t.note.is_some()) {
+        out.push_str(&format!("{} {}: {}\n", t.value.to_string().trim_matches('"'), t.status, t.note.as_deref().unwrap_or_default()));
+    }
     out
 }
 
@@ -260,5 +295,25 @@ mod tests {
         assert_eq!(suggest("learning_rate", &[t(1.0, "diverged")]), (None, None));
         assert_eq!(suggest("warmup_steps", &trials), (None, None));
         assert_eq!(trial_label("learning_rate", &serde_json::json!(0.001)), "learning_rate-0.001");
+    }
+
+    fn with_loss(v: f64, best: f64) -> TrialResult {
+        TrialResult { best_loss: Some(best), ..t(v, "completed") }
+    }
+
+    #[test]
+    fn a_high_lr_whose_loss_plateaus_far_above_the_best_is_lagging_not_stable() {
+        // the demo sweep's shape: 1e-1 still falls but ends at 3.47 where 1e-2 reaches 1.48
+        let mut trials = [with_loss(1e-1, 3.47), with_loss(3e-2, 1.67), with_loss(1e-2, 1.48), with_loss(1e-3, 2.5)];
+        mark_lagging("learning_rate", &mut trials);
+        let status: Vec<&str> = trials.iter().map(|t| t.status.as_str()).collect();
+        // 1e-3 is as far behind, but below the best value: slow, not unstable
+        assert_eq!(status, ["lagging", "completed", "completed", "completed"]);
+        assert!(trials[0].note.as_deref().is_some_and(|n| n.contains("2.3x")), "{:?}", trials[0].note);
+        assert_eq!(suggest("learning_rate", &trials), (Some(3e-2), Some(1e-2)));
+        // other keys are left as they are
+        let mut other = [with_loss(1.0, 9.0), with_loss(0.0, 1.0)];
+        mark_lagging("warmup_steps", &mut other);
+        assert!(other.iter().all(|t| t.status == "completed"));
     }
 }
