@@ -100,11 +100,24 @@ fn qk(qkv: &[f32], d: &Dims, rope: &Option<Rope>, bi: usize, head: usize, q: &mu
     }
 }
 
+/// Query rows per block of the causal matmuls. Block `[r0, r1)` of queries only sees keys
+/// `0..r1`, so the products skip the blocks above the diagonal: at T = 1024 about 47% of the
+/// attention matmul work (at T = 256, 37%).
+const ROW_BLOCK: usize = 64;
+
+/// `(r0, r1)` row blocks covering `0..t`.
+fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(ROW_BLOCK).map(move |r0| (r0, (r0 + ROW_BLOCK).min(t)))
+}
+
 /// `P = causal_softmax(q k^T / sqrt(hd))`.
 fn probabilities(q: &[f32], k: &[f32], d: &Dims, p: &mut [f32]) {
     let scale = 1.0 / (d.hd as f32).sqrt();
-    // Safety: q and k are (T, hd), p is (T, T), all row-major.
-    unsafe { gemm_strided((d.t, d.t, d.hd), (p.as_mut_ptr(), d.t), false, (q.as_ptr(), d.hd, 1), (k.as_ptr(), 1, d.hd), scale, false) };
+    for (r0, r1) in row_blocks(d.t) {
+        // Safety: q and k are (T, hd), p is (T, T), all row-major; rows r0..r1 of p, keys 0..r1.
+        unsafe { gemm_strided((r1 - r0, r1, d.hd), (p[r0 * d.t..].as_mut_ptr(), d.t), false, (q[r0 * d.hd..].as_ptr(), d.hd, 1), (k.as_ptr(), 1, d.hd), scale, false) };
+    }
+    // every entry right of the diagonal (computed or not) becomes 0 here
     for (i, row) in p.chunks_mut(d.t).enumerate() {
         let (valid, masked) = row.split_at_mut(i + 1);
         let sum = simd::exp_shifted_in_place(valid, simd::max(valid));
@@ -125,9 +138,11 @@ pub fn forward(qkv: &[f32], d: &Dims, rope: &Option<Rope>, y: &mut [f32], keep: 
         qk(qkv, d, rope, bi, head, &mut q, &mut k);
         probabilities(&q, &k, d, p);
         let v = &qkv[bi * d.t * 3 * d.c + 2 * d.c + head * d.hd..];
-        // Safety: y_h is this task's own (T, hd) column block of y (row stride C); v is read
-        // with row stride 3C inside qkv.
-        unsafe { gemm_strided((d.t, d.hd, d.t), (out.at(bi * d.t * d.c + head * d.hd), d.c), false, (p.as_ptr(), d.t, 1), (v.as_ptr(), 3 * d.c, 1), 1.0, false) };
+        for (r0, r1) in row_blocks(d.t) {
+            // Safety: y_h is this task's own (T, hd) column block of y (row stride C); v is read
+            // with row stride 3C inside qkv; query rows r0..r1 use keys 0..r1 only.
+            unsafe { gemm_strided((r1 - r0, d.hd, r1), (out.at((bi * d.t + r0) * d.c + head * d.hd), d.c), false, (p[r0 * d.t..].as_ptr(), d.t, 1), (v.as_ptr(), 3 * d.c, 1), 1.0, false) };
+        }
     };
     match keep {
         Some(kept) => kept[..d.probs_len()].par_chunks_mut(tt).enumerate().for_each(|(task, p)| work(task, p)),
@@ -160,13 +175,19 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
         let d_out = &dy[row0 * d.c + head * d.hd..];
         let mut dp = vec![0f32; tt];
         let (mut dq, mut dk) = (vec![0f32; d.t * d.hd], vec![0f32; d.t * d.hd]);
+        // Block [r0, r1) of rows of P (queries) is non-zero in columns 0..r1 only; block [c0, c1)
+        // of its columns (keys) in rows c0..T only. Each product below reads just those parts.
         // Safety: all buffers have the stated shapes; the dv block is this task's own (T, hd)
         // columns of dqkv (row stride 3C).
         unsafe {
-            // dV = P^T dO
-            gemm_strided((d.t, d.hd, d.t), (out.at(row0 * 3 * d.c + 2 * d.c + head * d.hd), 3 * d.c), false, (p.as_ptr(), 1, d.t), (d_out.as_ptr(), d.c, 1), 1.0, false);
-            // dP = dO V^T
-            gemm_strided((d.t, d.t, d.hd), (dp.as_mut_ptr(), d.t), false, (d_out.as_ptr(), d.c, 1), (v.as_ptr(), 1, 3 * d.c), 1.0, false);
+            for (c0, c1) in row_blocks(d.t) {
+                // dV[c0..c1] = P[c0.., c0..c1]^T dO[c0..]
+                gemm_strided((c1 - c0, d.hd, d.t - c0), (out.at((row0 + c0) * 3 * d.c + 2 * d.c + head * d.hd), 3 * d.c), false, (p[c0 * d.t + c0..].as_ptr(), 1, d.t), (d_out[c0 * d.c..].as_ptr(), d.c, 1), 1.0, false);
+            }
+            for (r0, r1) in row_blocks(d.t) {
+                // dP[r0..r1, ..r1] = dO[r0..r1] V[..r1]^T; the rest of dp stays 0
+                gemm_strided((r1 - r0, r1, d.hd), (dp[r0 * d.t..].as_mut_ptr(), d.t), false, (d_out[r0 * d.c..].as_ptr(), d.c, 1), (v.as_ptr(), 1, 3 * d.c), 1.0, false);
+            }
         }
         // dS = P * (dP - rowsum(dP * P)); masked entries have P = 0, so dS = 0 there
         for (dpr, pr) in dp.chunks_mut(d.t).zip(p.chunks(d.t)) {
@@ -175,8 +196,13 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
         }
         // Safety: dS is (T, T), q, k, dq and dk are (T, hd).
         unsafe {
-            gemm_strided((d.t, d.hd, d.t), (dq.as_mut_ptr(), d.hd), false, (dp.as_ptr(), d.t, 1), (k.as_ptr(), d.hd, 1), scale, false);
-            gemm_strided((d.t, d.hd, d.t), (dk.as_mut_ptr(), d.hd), false, (dp.as_ptr(), 1, d.t), (q.as_ptr(), d.hd, 1), scale, false);
+            for (r0, r1) in row_blocks(d.t) {
+                // dQ[r0..r1] = dS[r0..r1, ..r1] K[..r1]
+                gemm_strided((r1 - r0, d.hd, r1), (dq[r0 * d.hd..].as_mut_ptr(), d.hd), false, (dp[r0 * d.t..].as_ptr(), d.t, 1), (k.as_ptr(), d.hd, 1), scale, false);
+                // dK[c0..c1] = dS[c0.., c0..c1]^T Q[c0..]   (the same blocks, read as key blocks)
+                let (c0, c1) = (r0, r1);
+                gemm_strided((c1 - c0, d.hd, d.t - c0), (dk[c0 * d.hd..].as_mut_ptr(), d.hd), false, (dp[c0 * d.t + c0..].as_ptr(), 1, d.t), (q[c0 * d.hd..].as_ptr(), d.hd, 1), scale, false);
+            }
         }
         if let Some(r) = rope {
             rotate(&mut dq, d.t, d.hd, r, true);
