@@ -17,7 +17,7 @@ use super::config::GptConfig;
 use super::fused::slice;
 use super::head;
 use super::params::param_specs;
-use super::kernels::{gelu, gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward};
+use super::kernels::{add_into, gelu, gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward};
 use super::rope::RotaryTables;
 
 const EPS: f32 = 1e-5;
@@ -201,9 +201,10 @@ struct Step<'a> {
     rope: Option<Rope>,
 }
 
+/// `a + b` as a new buffer.
 fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     let mut out = a.to_vec();
-    out.par_chunks_mut(16 * 1024).zip(b.par_chunks(16 * 1024)).for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o += x));
+    add_into(&mut out, b);
     out
 }
 
@@ -381,7 +382,7 @@ impl Step<'_> {
             dx
         };
         if let Some(top) = d_e_top {
-            d_e.iter_mut().zip(&top).for_each(|(a, x)| *a += x);
+            add_into(&mut d_e, &top);
         }
         for (row, &id) in d_e.chunks(c).zip(ids) {
             g.wte[id as usize * c..(id as usize + 1) * c].iter_mut().zip(row).for_each(|(a, x)| *a += x);
@@ -399,5 +400,4 @@ impl Step<'_> {
             ln_f_b: vec![0f32; w.ln_f_b.len()],
         }
     }
-
 }

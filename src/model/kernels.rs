@@ -58,6 +58,11 @@ pub fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], (m, k, n): (usize, usize, u
     unsafe { gemm_strided((m, n, k), (dst.as_mut_ptr(), n), accumulate, a_op, b_op, 1.0, true) }
 }
 
+/// `acc += x`, element by element, in parallel.
+pub fn add_into(acc: &mut [f32], x: &[f32]) {
+    acc.par_chunks_mut(MIN_TASK_ELEMS).zip(x.par_chunks(MIN_TASK_ELEMS)).for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
+}
+
 // ---------------------------------------------------------------- linear
 
 /// `y (N x out) = x (N x in) . W (in x out) + b`.

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-const CHUNK: usize = 16 * 1024;
+use crate::model::kernels::MIN_TASK_ELEMS as CHUNK;
 
 fn src<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     crate::model::fused::slice(s, l, "optimizer")
@@ -30,7 +30,7 @@ impl InplaceOp2 for AddInto {
 
     fn cpu_fwd(&self, d: &mut CpuStorage, dl: &Layout, s: &CpuStorage, sl: &Layout) -> Result<()> {
         let (x, acc) = (src(s, sl)?, dst(d, dl)?);
-        acc.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
+        crate::model::kernels::add_into(acc, x);
         Ok(())
     }
 }
