@@ -451,7 +451,9 @@ fn fused_attention_case(t: usize) {
 #[test]
 fn the_written_out_cpu_step_equals_autograd() {
     use difflab::model::cpu_step;
-    for cfg in variants() {
+    for mut cfg in variants() {
+        // not the 1e-5 default, so both paths must read the config's epsilon
+        cfg.layer_norm_epsilon = 1e-3;
         let model = Trainable::new(&cfg, init_weights(&cfg, 21, &Device::Cpu).unwrap()).unwrap();
         let ids = random_ids(3, 12, cfg.vocab_size, 4);
         let (hidden, norms) = model.gpt.forward_hidden(&ids, None).unwrap();

@@ -20,8 +20,6 @@ use super::params::param_specs;
 use super::kernels::{add_into, gelu, gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward};
 use super::rope::RotaryTables;
 
-const EPS: f32 = 1e-5;
-
 /// One block's parameters (or gradients), indexed by the constants below, in
 /// `BLOCK_NAMES` order.
 struct Block<T>([T; 12]);
@@ -213,6 +211,11 @@ impl Step<'_> {
         self.b * self.t
     }
 
+    /// LayerNorm's epsilon from the config (HF `layer_norm_epsilon`), as the autograd path uses.
+    fn eps(&self) -> f32 {
+        self.cfg.layer_norm_epsilon as f32
+    }
+
     fn dims(&self) -> Dims {
         Dims::new(self.b, self.t, self.cfg.n_embd, self.cfg.n_head)
     }
@@ -223,7 +226,7 @@ impl Step<'_> {
         let d = self.dims();
         let mut a = Acts { x_in, ..Default::default() };
         a.ln1 = vec![0f32; n * c];
-        layer_norm(&a.x_in, p.0[LN_1_W], p.0[LN_1_B], EPS, &mut a.ln1);
+        layer_norm(&a.x_in, p.0[LN_1_W], p.0[LN_1_B], self.eps(), &mut a.ln1);
         a.qkv = vec![0f32; n * 3 * c];
         linear(&a.ln1, p.0[ATTN_W], p.0[ATTN_B], &mut a.qkv);
         a.att = vec![0f32; n * c];
@@ -238,7 +241,7 @@ impl Step<'_> {
         linear(&a.att, p.0[PROJ_W], p.0[PROJ_B], &mut proj);
         a.x_mid = add(&a.x_in, &proj);
         a.ln2 = vec![0f32; n * c];
-        layer_norm(&a.x_mid, p.0[LN_2_W], p.0[LN_2_B], EPS, &mut a.ln2);
+        layer_norm(&a.x_mid, p.0[LN_2_W], p.0[LN_2_B], self.eps(), &mut a.ln2);
         a.h = vec![0f32; n * 4 * c];
         linear(&a.ln2, p.0[FC_W], p.0[FC_B], &mut a.h);
         a.g = vec![0f32; n * 4 * c];
@@ -265,7 +268,7 @@ impl Step<'_> {
         drop(d_h);
         let mut dx_mid = dx_out.to_vec();
         let (dw, db) = pair(g, LN_2_W, LN_2_B);
-        layer_norm_backward(&a.x_mid, p.0[LN_2_W], &d_ln2, EPS, &mut dx_mid, true, dw, db);
+        layer_norm_backward(&a.x_mid, p.0[LN_2_W], &d_ln2, self.eps(), &mut dx_mid, true, dw, db);
         // attention
         let mut d_att = d_ln2; // reuse: same size
         let (dw, db) = pair(g, PROJ_W, PROJ_B);
@@ -277,7 +280,7 @@ impl Step<'_> {
         linear_backward(&a.ln1, p.0[ATTN_W], &d_qkv, Some((&mut d_ln1, false)), dw, db);
         let mut dx_in = dx_mid;
         let (dw, db) = pair(g, LN_1_W, LN_1_B);
-        layer_norm_backward(&a.x_in, p.0[LN_1_W], &d_ln1, EPS, &mut dx_in, true, dw, db);
+        layer_norm_backward(&a.x_in, p.0[LN_1_W], &d_ln1, self.eps(), &mut dx_in, true, dw, db);
         dx_in
     }
 
@@ -328,7 +331,7 @@ impl Step<'_> {
         // ---- top: ln_f(x + e), the head and the loss on the predicting rows
         let z = if cfg.differential { add(&x, &e) } else { x };
         let mut hidden = vec![0f32; n * c];
-        layer_norm(&z, self.w.ln_f_w, self.w.ln_f_b, EPS, &mut hidden);
+        layer_norm(&z, self.w.ln_f_w, self.w.ln_f_b, self.eps(), &mut hidden);
         // next-token: every position but a block's last predicts the id after it
         let (rows, labels): (Vec<usize>, Vec<u32>) = match targets {
             Some(tg) => ((0..n).collect(), tg.to_vec()),
@@ -347,7 +350,7 @@ impl Step<'_> {
             d_hidden[r * c..(r + 1) * c].copy_from_slice(src);
         }
         let mut dx = vec![0f32; n * c];
-        layer_norm_backward(&z, self.w.ln_f_w, &d_hidden, EPS, &mut dx, false, &mut g.ln_f_w, &mut g.ln_f_b);
+        layer_norm_backward(&z, self.w.ln_f_w, &d_hidden, self.eps(), &mut dx, false, &mut g.ln_f_w, &mut g.ln_f_b);
         drop((z, d_hidden));
         // with the differential path, d(x_L + e)/de is the same gradient
         let d_e_top = cfg.differential.then(|| dx.clone());
