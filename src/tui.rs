@@ -253,7 +253,8 @@ fn run_loop(
         };
         let mut commands = vec![];
         for input in first.into_iter().chain(rx.try_iter()) {
-            urgent |= matches!(input, Input::Term(_));
+            // keys, clicks and resizes draw at once; mouse motion and the trainer wait a frame
+            let from_user = matches!(input, Input::Term(_));
             let msg = match input {
                 Input::Term(term::Event::Key(k)) => key_of(k).map(Msg::Key),
                 Input::Term(term::Event::Mouse(m)) if app.mouse && m.kind == MouseEventKind::Down(MouseButton::Left) => {
@@ -262,6 +263,7 @@ fn run_loop(
                 }
                 Input::Term(term::Event::Resize(..)) => {
                     dirty = true;
+                    urgent = true;
                     None
                 }
                 Input::Term(_) => None,
@@ -284,6 +286,7 @@ fn run_loop(
             if let Some(msg) = msg {
                 commands.extend(app.update(msg));
                 dirty = true;
+                urgent |= from_user;
             }
         }
         let n = signals.load(Ordering::SeqCst);
