@@ -80,7 +80,10 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
     let batches = load("train_batches.safetensors")?;
     let want_grads = load("grads_step0.safetensors")?;
     let log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("train_log.json"))?)?;
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    // the recipe the reference trained with, as its log states it
+    let num = |v: &serde_json::Value, what: &str| v.as_f64().ok_or_else(|| anyhow::anyhow!("{}: train_log.json has no number `{what}`", dir.display()));
+    let (lr, max_norm) = (num(&log["lr"], "lr")?, num(&log["grad_clip"], "grad_clip")?);
+    let adam = AdamWConfig { beta1: num(&log["betas"][0], "betas")?, beta2: num(&log["betas"][1], "betas")?, eps: num(&log["eps"], "eps")?, weight_decay: num(&log["weight_decay"], "weight_decay")? };
     let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2)?;
     let (mut grad_rel_worst, mut grad_worst_tensor, mut train_loss_abs_worst) = (0.0f64, String::new(), 0.0f64);
     for s in 0..3 {
@@ -102,7 +105,7 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
         let want_loss = log["steps"][s]["loss"].as_f64().unwrap_or(f64::NAN);
         train_loss_abs_worst = train_loss_abs_worst.max((step.loss - want_loss).abs());
         let norm = global_norm(&grads)?;
-        opt.step(&grads, 1e-3, clip_factor(norm, 1.0))?;
+        opt.step(&grads, lr, clip_factor(norm, max_norm))?;
     }
     let (_, after) = load_pretrained(&dir.join("model_after_train"), device)?;
     let mut weights_after_max_abs = 0.0f64;
