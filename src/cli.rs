@@ -24,6 +24,14 @@ pub struct UiOptions {
     pub headless: bool,
 }
 
+impl UiOptions {
+    /// Whether to draw: not asked to be headless, and stdout is a terminal.
+    pub fn draws(&self) -> bool {
+        use std::io::IsTerminal;
+        !self.headless && std::io::stdout().is_terminal()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Invocation {
     /// `difflab [flags]`: the picker, or the dashboard straight away with `--preset`.

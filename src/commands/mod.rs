@@ -78,7 +78,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             if run.preset.is_none() && run.flags.is_empty() && !std::io::stdout().is_terminal() {
                 return Err(BadInput("no preset given and stdout is not a terminal (the picker needs one); run `difflab --preset demo` or `difflab train --preset demo`".into()).into());
             }
-            if ui.headless || !std::io::stdout().is_terminal() {
+            if !ui.draws() {
                 let resolved = resolve_run(&run)?;
                 return if resolved.config.eval_only { eval::run(&resolved) } else { headless::train(&resolved) };
             }

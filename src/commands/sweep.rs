@@ -43,15 +43,10 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<(RunConfig, Option<String>, String
     Ok((resolved.config, resolved.preset, key, values))
 }
 
-fn use_tui(ui: UiOptions) -> bool {
-    use std::io::IsTerminal;
-    !ui.headless && std::io::stdout().is_terminal()
-}
-
 pub fn sweep(args: &RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let (base, preset, key, values) = plan(args)?;
     let handle = sweep::spawn(base.clone(), preset, key, values, default_cache_dir());
-    if use_tui(ui) {
+    if ui.draws() {
         return crate::tui::sweep(handle, &base, ui);
     }
     let mut current = String::new();
@@ -83,7 +78,7 @@ pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<Ex
     let cache = default_cache_dir();
     let worker_cfg = cfg.clone();
     let worker = std::thread::Builder::new().name("difflab-lr-find".into()).spawn(move || lr_find::run(&worker_cfg, &cache, range, &tx))?;
-    if use_tui(ui) {
+    if ui.draws() {
         return crate::tui::lr_find(rx, worker, &cfg, ui);
     }
     for e in rx.iter() {
@@ -108,7 +103,7 @@ pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<Ex
 
 pub fn compare(dirs: &[PathBuf], ui: UiOptions) -> anyhow::Result<ExitCode> {
     let runs = dirs.iter().map(|d| compare::load(d)).collect::<Result<Vec<_>, _>>().map_err(|e| BadInput(e.to_string()))?;
-    if use_tui(ui) {
+    if ui.draws() {
         return crate::tui::compare(runs, ui);
     }
     print!("{}", compare::table(&runs));
