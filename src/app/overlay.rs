@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use super::dashboard::LOG_LINES;
 use crate::series::Series;
 use crate::sinks::human::describe;
 use crate::sweep::compare::{self, Run};
@@ -45,7 +46,7 @@ impl Overlay {
     }
 
     pub fn note(&mut self, line: String) {
-        if self.log.len() == 200 {
+        if self.log.len() == LOG_LINES {
             self.log.pop_front();
         }
         self.log.push_back(line);
