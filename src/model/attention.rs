@@ -28,6 +28,13 @@ pub struct Rope {
     pub sin: Arc<Vec<f32>>,
 }
 
+impl Rope {
+    /// The host copy of the model's tables.
+    pub fn from_tables(t: &super::rope::RotaryTables) -> Result<Self> {
+        Ok(Self { cos: Arc::new(t.cos.flatten_all()?.to_vec1()?), sin: Arc::new(t.sin.flatten_all()?.to_vec1()?) })
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Dims {
     pub b: usize,

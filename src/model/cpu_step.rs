@@ -184,11 +184,7 @@ fn rope_tables(cfg: &GptConfig, t: usize) -> Result<Option<Rope>> {
     if !cfg.rope {
         return Ok(None);
     }
-    let tables = RotaryTables::new(t, cfg.head_dim(), cfg.rope_theta, &Device::Cpu)?;
-    Ok(Some(Rope {
-        cos: std::sync::Arc::new(tables.cos.flatten_all()?.to_vec1()?),
-        sin: std::sync::Arc::new(tables.sin.flatten_all()?.to_vec1()?),
-    }))
+    Ok(Some(Rope::from_tables(&RotaryTables::new(t, cfg.head_dim(), cfg.rope_theta, &Device::Cpu)?)?))
 }
 
 struct Step<'a> {

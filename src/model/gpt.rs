@@ -7,8 +7,6 @@
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use std::sync::Arc;
-
 use super::attention::{CausalAttention, Rope};
 use super::config::GptConfig;
 use super::dropout::{maybe_dropout, Dropout};
@@ -258,10 +256,7 @@ impl Gpt {
             None
         };
         let rope_host = match (&rope, device.is_cpu()) {
-            (Some(r), true) => Some(Rope {
-                cos: Arc::new(r.cos.flatten_all()?.to_vec1::<f32>()?),
-                sin: Arc::new(r.sin.flatten_all()?.to_vec1::<f32>()?),
-            }),
+            (Some(r), true) => Some(Rope::from_tables(r)?),
             _ => None,
         };
         Ok(SeqContext { mask: ops::causal_mask(seq_len, device)?.to_dtype(self.dtype)?, rope, rope_host })
