@@ -19,6 +19,7 @@ fn app_with(steps: u64, ascii: bool) -> App {
         preset: Some("mid-diff".into()),
         num_parameters: 124_000_000,
         device: "cpu".into(),
+        engine: "cpu-step".into(),
         variant: "differential + rope".into(),
         vocab_size: 50257,
         train_blocks: steps as usize * 64,
@@ -56,10 +57,22 @@ fn app_with(steps: u64, ascii: bool) -> App {
             elapsed: s,
         })));
         if step % 1000 == 0 {
-            app.update(Msg::Event(Event::Evaluate(EvalRecord { step, epoch: s / steps as f64, eval_loss: loss, perplexity: loss.exp(), eval_tokens: 1 << 20, eval_tokens_per_second: 1e5 })));
+            app.update(Msg::Event(Event::Evaluate(EvalRecord {
+                step,
+                epoch: s / steps as f64,
+                eval_loss: loss,
+                perplexity: loss.exp(),
+                eval_tokens: 1 << 20,
+                eval_tokens_per_second: 1e5,
+            })));
         }
         if step % 25_000 == 0 {
-            app.update(Msg::Event(Event::Control(ControlRecord { step, action: "scale_lr".into(), lr_scale: 0.1, origin: "ui".into() })));
+            app.update(Msg::Event(Event::Control(ControlRecord {
+                step,
+                action: ControlAction::ScaleLr,
+                lr_scale: 0.1,
+                origin: ControlOrigin::Ui,
+            })));
         }
     }
     app
@@ -91,7 +104,11 @@ fn main() {
                 assert!(drawn > (w as usize * h as usize) / 5, "only {drawn} cells drawn at {w}x{h}");
                 times.sort_by(f64::total_cmp);
                 let glyphs = if ascii { "ascii" } else { "braille" };
-                println!("| {steps} | {w}x{h} | {glyphs} | {:.2} | {:.2} |", times[times.len() / 2], times[times.len() * 95 / 100]);
+                println!(
+                    "| {steps} | {w}x{h} | {glyphs} | {:.2} | {:.2} |",
+                    times[times.len() / 2],
+                    times[times.len() * 95 / 100]
+                );
             }
         }
     }

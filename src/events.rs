@@ -6,13 +6,21 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Seconds since the Unix epoch: the wall time events and event files carry.
+pub fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// Data preparation: downloads, corpus generation, tokenizer training, tokenization.
     Prepare(PrepareProgress),
     /// A human-readable line for the log (stderr headless, the event pane in the TUI).
-    Message { level: Level, text: String },
+    Message {
+        level: Level,
+        text: String,
+    },
     TrainBegin(TrainBegin),
     Progress(StepRecord),
     Evaluate(EvalRecord),
@@ -37,8 +45,17 @@ pub struct PrepareProgress {
     pub stage: String,
     pub done: u64,
     pub total: u64,
-    /// "bytes", "rows" or "task".
-    pub unit: String,
+    pub unit: ProgressUnit,
+}
+
+/// What a `Prepare` event counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressUnit {
+    Bytes,
+    Rows,
+    /// A step with no count (training a tokenizer): `done == total` when finished.
+    Task,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +65,10 @@ pub struct TrainBegin {
     pub preset: Option<String>,
     pub num_parameters: usize,
     pub device: String,
+    /// The engine that computes the steps (`engine::Engine`'s name: `cpu-step`,
+    /// `cpu-autograd`, `autograd`); shown, never matched on.
+    #[serde(default)]
+    pub engine: String,
     pub variant: String,
     pub vocab_size: usize,
     pub train_blocks: usize,
@@ -112,8 +133,7 @@ pub struct EvalRecord {
 pub struct CheckpointRecord {
     pub step: u64,
     pub path: String,
-    /// "save_steps", "control", "final", "stop".
-    pub reason: String,
+    pub reason: CheckpointReason,
     /// Checkpoints deleted by `save_total_limit`.
     #[serde(default)]
     pub deleted: Vec<String>,
@@ -122,12 +142,10 @@ pub struct CheckpointRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControlRecord {
     pub step: u64,
-    /// "pause", "resume", "checkpoint", "scale_lr", "stop", "stop_and_save".
-    pub action: String,
+    pub action: ControlAction,
     /// The LR multiplier in force after this control.
     pub lr_scale: f64,
-    /// Where the control came from: "ui", "watch", "signal", "api".
-    pub origin: String,
+    pub origin: ControlOrigin,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,8 +167,7 @@ pub struct TrainEnd {
     pub train_runtime: f64,
     pub tokens_per_second: f64,
     pub skipped_steps: u64,
-    /// "completed", "stopped", "failed".
-    pub status: String,
+    pub status: RunStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub output_dir: String,
@@ -165,19 +182,23 @@ pub enum Control {
     Resume,
     CheckpointNow,
     /// Multiply the schedule's LR by this factor from the next step on (cumulative).
-    ScaleLr { factor: f64 },
-    Stop { save: bool },
+    ScaleLr {
+        factor: f64,
+    },
+    Stop {
+        save: bool,
+    },
 }
 
 impl Control {
-    pub fn action(&self) -> &'static str {
+    pub fn action(&self) -> ControlAction {
         match self {
-            Control::Pause => "pause",
-            Control::Resume => "resume",
-            Control::CheckpointNow => "checkpoint",
-            Control::ScaleLr { .. } => "scale_lr",
-            Control::Stop { save: true } => "stop_and_save",
-            Control::Stop { save: false } => "stop",
+            Control::Pause => ControlAction::Pause,
+            Control::Resume => ControlAction::Resume,
+            Control::CheckpointNow => ControlAction::Checkpoint,
+            Control::ScaleLr { .. } => ControlAction::ScaleLr,
+            Control::Stop { save: true } => ControlAction::StopAndSave,
+            Control::Stop { save: false } => ControlAction::Stop,
         }
     }
 }
@@ -187,8 +208,57 @@ impl Control {
 pub struct ControlMsg {
     #[serde(flatten)]
     pub control: Control,
-    pub origin: String,
+    pub origin: ControlOrigin,
 }
+
+/// Enums whose wire form is their snake_case name, shown the same way to people.
+macro_rules! named {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident = $text:literal),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name {
+            $(#[serde(rename = $text)] $variant),*
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        /// Compares with the wire name (`status == "completed"`).
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+
+named!(
+    /// What a control did, as `control` events record it.
+    ControlAction { Pause = "pause", Resume = "resume", Checkpoint = "checkpoint", ScaleLr = "scale_lr", Stop = "stop", StopAndSave = "stop_and_save" }
+);
+named!(
+    /// Where a control came from: the TUI, a `watch`er, a signal, the channel API, or a sweep.
+    ControlOrigin { Ui = "ui", Watch = "watch", Signal = "signal", Api = "api", Sweep = "sweep" }
+);
+named!(
+    /// Why a checkpoint was written.
+    CheckpointReason { SaveSteps = "save_steps", Control = "control", Final = "final", Stop = "stop" }
+);
+named!(
+    /// How a run ended.
+    RunStatus { Completed = "completed", Stopped = "stopped", Failed = "failed" }
+);
 
 impl Event {
     /// The stdout markers of DESIGN §4 (the research code's console markers).
@@ -202,6 +272,7 @@ impl Event {
     }
 
     pub fn to_json_line(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"event\":\"message\",\"level\":\"error\",\"text\":\"{e}\"}}"))
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!("{{\"event\":\"message\",\"level\":\"error\",\"text\":\"{e}\"}}"))
     }
 }

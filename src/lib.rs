@@ -1,21 +1,24 @@
 //! difflab: a terminal lab bench that trains GPT-style language models with differential
 //! input embeddings against standard baselines. See README.md for the map of modules.
+//!
+//! Modules import only modules below them in this list (`tests/architecture.rs` checks it):
+//! commands, tui, ui, app, sweep, sinks, train, config, data, optim, model, engine, and at the
+//! bottom events, series, atomic_file, fingerprint, signals.
 
 pub mod app;
 pub mod atomic_file;
-pub mod bench;
-pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod events;
-pub mod golden;
+pub mod fingerprint;
 pub mod model;
 pub mod optim;
-pub mod remote;
 pub mod series;
-pub mod sweep;
+pub mod signals;
 pub mod sinks;
+pub mod sweep;
 pub mod train;
 pub mod tui;
 pub mod ui;

@@ -40,7 +40,7 @@ fn flush_subnormals_to_zero() {
 fn main() -> ExitCode {
     keep_freed_memory_for_reuse();
     flush_subnormals_to_zero();
-    let invocation = match difflab::cli::parse(std::env::args_os()) {
+    let invocation = match difflab::commands::cli::parse(std::env::args_os()) {
         Ok(inv) => inv,
         Err(e) => {
             // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2)

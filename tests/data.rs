@@ -28,10 +28,17 @@ fn gpt2_tokenizer_encodes_hello_world() {
 #[test]
 fn rows_become_blocks_as_run_clm_does() {
     // WikiText-shaped rows: a heading, blank rows, body lines with trailing newlines
-    let rows: Vec<String> = [" = Valkyria Chronicles III = \n", "", " Senjō no Valkyria 3 is a game . \n", "", " = = Gameplay = = \n", " It is played in turns . \n"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let rows: Vec<String> = [
+        " = Valkyria Chronicles III = \n",
+        "",
+        " Senjō no Valkyria 3 is a game . \n",
+        "",
+        " = = Gameplay = = \n",
+        " It is played in turns . \n",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let t = gpt2();
     let ids = t.encode_rows(&rows, "test", &quiet).unwrap();
     // tokenize each row, concatenate: empty rows add nothing, "\n" is token 198
@@ -68,7 +75,8 @@ fn local_files_and_folders() {
     let txt = dir.path().join("corpus.txt");
     std::fs::write(&txt, rows.concat()).unwrap();
     let jsonl = dir.path().join("corpus.jsonl");
-    std::fs::write(&jsonl, rows.iter().map(|r| serde_json::json!({"text": r}).to_string() + "\n").collect::<String>()).unwrap();
+    std::fs::write(&jsonl, rows.iter().map(|r| serde_json::json!({"text": r}).to_string() + "\n").collect::<String>())
+        .unwrap();
     let parquet = dir.path().join("corpus.parquet");
     write_parquet(&parquet, &rows);
     for path in [&txt, &jsonl, &parquet] {
@@ -136,7 +144,7 @@ fn trained_bpe_round_trips_the_builtin_corpus() {
 #[test]
 fn byte_tokenizer_is_one_id_per_byte() {
     let dir = tempfile::tempdir().unwrap();
-    let t = tokenizer::load("byte", dir.path(), "x", &mut || Ok(vec![]), &quiet).unwrap();
+    let t = tokenizer::load(&difflab::data::TokenizerSpec::Byte, dir.path(), "x", &mut || Ok(vec![]), &quiet).unwrap();
     let text = "Héllo = wörld =\n";
     assert_eq!(t.encode(text).unwrap(), text.bytes().map(u32::from).collect::<Vec<_>>());
     assert_eq!(t.decode(&t.encode(text).unwrap()).unwrap(), text);
@@ -152,7 +160,7 @@ fn second_preparation_reads_the_cache_and_corrupt_files_are_rebuilt() {
         dataset: txt.to_string_lossy().into_owned(),
         dataset_config: String::new(),
         subset_ratio: 1.0,
-        tokenizer: "bpe:300".into(),
+        tokenizer: difflab::data::TokenizerSpec::Bpe(300),
         cache_dir: dir.path().join("cache"),
     };
     let events = Mutex::new(vec![]);
@@ -162,7 +170,11 @@ fn second_preparation_reads_the_cache_and_corrupt_files_are_rebuilt() {
     assert!(events.lock().unwrap().iter().any(|s| s.starts_with("training a byte-level BPE")));
     events.lock().unwrap().clear();
     let second = prepare(&cfg, &record).unwrap();
-    assert!(!events.lock().unwrap().iter().any(|s| s.starts_with("tokenizing") || s.starts_with("training")), "{:?}", events.lock().unwrap());
+    assert!(
+        !events.lock().unwrap().iter().any(|s| s.starts_with("tokenizing") || s.starts_with("training")),
+        "{:?}",
+        events.lock().unwrap()
+    );
     assert!(second.notes.iter().all(|n| n.contains("from the cache")), "{:?}", second.notes);
     let (train_ids, valid_ids) = (first.train.to_vec(), first.validation.to_vec());
     assert!(second.train.to_vec() == train_ids && second.validation.to_vec() == valid_ids);

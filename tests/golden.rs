@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, IndexOp, Tensor};
 use common::*;
-use difflab::model::checkpoint::load_pretrained;
 use difflab::model::diagnostics::norm_stats;
 use difflab::model::gpt::next_token_loss;
+use difflab::model::hf::load_pretrained;
 use difflab::model::Trainable;
 use difflab::optim::{grads, AdamW, AdamWConfig};
 use difflab::train::step::{forward_backward, Accumulated, MicroBatch};
@@ -56,7 +56,12 @@ fn diff_norms_stats_and_histogram_match() {
         let want = &reference_json(variant)["diff_norm_stats"];
         assert_eq!(stats.count as u64, want["count"].as_u64().unwrap());
         for key in ["mean", "std", "min", "max"] {
-            let got = match key { "mean" => stats.mean, "std" => stats.std, "min" => stats.min, _ => stats.max };
+            let got = match key {
+                "mean" => stats.mean,
+                "std" => stats.std,
+                "min" => stats.min,
+                _ => stats.max,
+            };
             assert!((got - want[key].as_f64().unwrap()).abs() < 1e-5, "{variant} {key}: {got} vs {}", want[key]);
         }
         let counts: Vec<u64> = want["hist_counts"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
@@ -75,7 +80,8 @@ fn diff_norms_stats_and_histogram_match() {
 
 /// `x = batches[s, :, :-1]`, `y = batches[s, :, 1:]`.
 fn train_batch(variant: &str, step: usize) -> (Tensor, Tensor) {
-    let b = candle_core::safetensors::load(golden_dir(variant).join("train_batches.safetensors"), &Device::Cpu).unwrap();
+    let b =
+        candle_core::safetensors::load(golden_dir(variant).join("train_batches.safetensors"), &Device::Cpu).unwrap();
     let batch = b["batches"].i(step).unwrap(); // (B, T+1)
     let t = batch.dim(1).unwrap() - 1;
     (batch.narrow(1, 0, t).unwrap(), batch.narrow(1, 1, t).unwrap())
@@ -84,7 +90,16 @@ fn train_batch(variant: &str, step: usize) -> (Tensor, Tensor) {
 /// The trainer's step (on the CPU: the written-out forward and backward).
 fn step_loss_and_grads(model: &Trainable, x: &Tensor, y: &Tensor) -> (f32, BTreeMap<String, Tensor>) {
     let mut acc = Accumulated::default();
-    let out = forward_backward(model, &MicroBatch { ids: x, targets: Some(y) }, 1.0, None, false, &mut acc).unwrap();
+    let out = forward_backward(
+        difflab::engine::Engine::CpuStep,
+        model,
+        &MicroBatch { ids: x, targets: Some(y) },
+        1.0,
+        None,
+        false,
+        &mut acc,
+    )
+    .unwrap();
     (out.loss as f32, acc.into_grads(model.gpt.config()).unwrap())
 }
 
@@ -102,9 +117,12 @@ fn gradients_of_step0_match() {
         let (cfg, weights) = load_pretrained(&golden_dir(variant).join("model"), &Device::Cpu).unwrap();
         let model = Trainable::new(&cfg, weights).unwrap();
         let (x, y) = train_batch(variant, 0);
-        let want = candle_core::safetensors::load(golden_dir(variant).join("grads_step0.safetensors"), &Device::Cpu).unwrap();
+        let want =
+            candle_core::safetensors::load(golden_dir(variant).join("grads_step0.safetensors"), &Device::Cpu).unwrap();
         // both the trainer's step and the autograd path meet the reference
-        for (path, (_, grads)) in [("step", step_loss_and_grads(&model, &x, &y)), ("autograd", autograd_loss_and_grads(&model, &x, &y))] {
+        for (path, (_, grads)) in
+            [("step", step_loss_and_grads(&model, &x, &y)), ("autograd", autograd_loss_and_grads(&model, &x, &y))]
+        {
             assert_eq!(grads.len(), want.len(), "{variant} {path}: every parameter has a gradient");
             for (name, g) in &grads {
                 let w = want.get(name).unwrap_or_else(|| panic!("{variant}: no golden gradient for {name}"));
@@ -147,7 +165,7 @@ fn three_adamw_steps_match() {
 fn golden_check_passes_in_f32_and_bf16() {
     let golden = common::shared_dir().join("golden");
     for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
-        let (reports, _) = difflab::golden::check(&golden, &Device::Cpu, dtype).unwrap();
+        let (reports, _) = difflab::commands::golden::check(&golden, &Device::Cpu, dtype).unwrap();
         assert_eq!(reports.len(), 4);
         for r in &reports {
             assert!(r.pass, "{dtype:?} {r:?}");
@@ -174,7 +192,7 @@ fn golden_check_fails_on_perturbed_weights() {
     let wte = weights["transformer.wte.weight"].affine(1.0, 0.01).unwrap();
     weights.insert("transformer.wte.weight".into(), wte);
     candle_core::safetensors::save(&weights, &weights_path).unwrap();
-    let (reports, _) = difflab::golden::check(tmp.path(), &Device::Cpu, candle_core::DType::F32).unwrap();
+    let (reports, _) = difflab::commands::golden::check(tmp.path(), &Device::Cpu, candle_core::DType::F32).unwrap();
     assert_eq!(reports.len(), 1);
     assert!(!reports[0].pass, "{:?}", reports[0]);
     assert!(reports[0].logits_max_abs > 1e-4);

@@ -22,27 +22,42 @@ fn wikitext_loads_from_a_real_layout_cache_with_no_network() {
         dataset: "wikitext".into(),
         dataset_config: "wikitext-2-raw-v1".into(),
         subset_ratio: 1.0,
-        tokenizer: "gpt2".into(),
+        tokenizer: difflab::data::TokenizerSpec::Gpt2,
         cache_dir: home.path().join("difflab"),
     };
     let err = prepare(&cfg, &|_| {}).err().expect("empty cache offline fails");
     let msg = err.to_string();
     assert!(matches!(err, DataError::HubMissing { .. }), "{msg}");
-    assert!(msg.contains("openai-community/gpt2") && msg.contains("tokenizer.json") && msg.contains("huggingface-cli download"), "{msg}");
+    assert!(
+        msg.contains("openai-community/gpt2")
+            && msg.contains("tokenizer.json")
+            && msg.contains("huggingface-cli download"),
+        "{msg}"
+    );
 
     // the GPT-2 tokenizer, then WikiText rows with a heading and blank rows
     let tokenizer_json = std::fs::read(shared_dir().join("data/gpt2-tokenizer/tokenizer.json")).unwrap();
     fake_hub_repo(&hub, "models--openai-community--gpt2", &"6".repeat(40), &[("tokenizer.json", tokenizer_json)]);
     let err = prepare(&cfg, &|_| {}).err().expect("dataset still missing");
-    assert!(err.to_string().contains("Salesforce/wikitext") && err.to_string().contains("wikitext-2-raw-v1/train-00000-of-00001.parquet"), "{err}");
+    assert!(
+        err.to_string().contains("Salesforce/wikitext")
+            && err.to_string().contains("wikitext-2-raw-v1/train-00000-of-00001.parquet"),
+        "{err}"
+    );
 
-    let train: Vec<String> = (0..300).flat_map(|i| [format!(" = Article {i} = \n"), String::new(), format!(" Body of article {i} , with words . \n")]).collect();
+    let train: Vec<String> = (0..300)
+        .flat_map(|i| {
+            [format!(" = Article {i} = \n"), String::new(), format!(" Body of article {i} , with words . \n")]
+        })
+        .collect();
     let valid: Vec<String> = vec![" = Valid = \n".into(), String::new(), " held out text . \n".into()];
     let dir = tempfile::tempdir().unwrap();
     let (tp, vp) = (dir.path().join("t.parquet"), dir.path().join("v.parquet"));
     write_parquet(&tp, &train);
     write_parquet(&vp, &valid);
-    let files = wikitext::files("wikitext-2-raw-v1", Split::Train).into_iter().chain(wikitext::files("wikitext-2-raw-v1", Split::Validation));
+    let files = wikitext::files("wikitext-2-raw-v1", Split::Train)
+        .into_iter()
+        .chain(wikitext::files("wikitext-2-raw-v1", Split::Validation));
     let named: Vec<(String, Vec<u8>)> = files
         .map(|f| {
             let bytes = std::fs::read(if f.filename.contains("train") { &tp } else { &vp }).unwrap();

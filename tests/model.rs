@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use difflab::model::checkpoint::{load_pretrained, save_pretrained, CheckpointError};
+use difflab::engine::{Engine, Kernels};
 use difflab::model::gpt::next_token_loss;
+use difflab::model::hf::{load_pretrained, save_pretrained, CheckpointError};
 use difflab::model::params::{init_weights, param_specs};
 use difflab::model::{GptConfig, Trainable};
 use difflab::optim::{grads, AdamW, AdamWConfig};
@@ -51,7 +52,13 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
         let out = model.gpt.forward(&ids, None).unwrap();
         let loss = next_token_loss(&out.logits, &ids).unwrap();
         let g = model.named_grads(loss.backward().unwrap());
-        assert_eq!(g.len(), model.vars.len(), "rope {} diff {}: a parameter got no gradient", cfg.rope, cfg.differential);
+        assert_eq!(
+            g.len(),
+            model.vars.len(),
+            "rope {} diff {}: a parameter got no gradient",
+            cfg.rope,
+            cfg.differential
+        );
         // detached: an optimizer state built from a gradient must not hold the step's graph
         assert!(g.values().all(|t| !t.track_op()), "gradients carry no graph");
         for (name, grad) in &g {
@@ -101,7 +108,11 @@ fn finite_difference_gradient_check_f64() {
                 };
                 let numeric = (probe(h) - probe(-h)) / (2.0 * h);
                 let err = (numeric - analytic[idx]).abs();
-                assert!(err < 1e-6 + 1e-4 * numeric.abs(), "{name}[{idx}]: autograd {} vs numeric {numeric}", analytic[idx]);
+                assert!(
+                    err < 1e-6 + 1e-4 * numeric.abs(),
+                    "{name}[{idx}]: autograd {} vs numeric {numeric}",
+                    analytic[idx]
+                );
             }
         }
     }
@@ -306,7 +317,11 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = vec![];
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        if p.is_dir() {
+            out.extend(walk(&p))
+        } else {
+            out.push(p)
+        }
     }
     out
 }
@@ -329,7 +344,12 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
     let (x, w, b) = (noise(&[6, 5, 24], 1), noise(&[24], 2), noise(&[24], 3));
     let probe = noise(&[6, 5, 24], 4).as_detached_tensor();
     let run = |fused: bool| {
-        let y = if fused { ops::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5) } else { ops::composed_layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5) }.unwrap();
+        let y = if fused {
+            ops::layer_norm(Kernels::FusedCpu, x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+        } else {
+            ops::composed_layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+        }
+        .unwrap();
         let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         (y, [x.as_tensor(), w.as_tensor(), b.as_tensor()].map(|t| g.get(t).unwrap().clone()))
     };
@@ -343,7 +363,12 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
     let (x, w, b) = (noise(&[3, 5, 16], 11), noise(&[16, 24], 12), noise(&[24], 13));
     let probe = noise(&[3, 5, 24], 14).as_detached_tensor();
     let run = |fused: bool| {
-        let y = if fused { ops::linear(x.as_tensor(), w.as_tensor(), b.as_tensor()) } else { ops::composed_linear(x.as_tensor(), w.as_tensor(), b.as_tensor()) }.unwrap();
+        let y = if fused {
+            ops::linear(Kernels::FusedCpu, x.as_tensor(), w.as_tensor(), b.as_tensor())
+        } else {
+            ops::composed_linear(x.as_tensor(), w.as_tensor(), b.as_tensor())
+        }
+        .unwrap();
         let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         (y, [x.as_tensor(), w.as_tensor(), b.as_tensor()].map(|t| g.get(t).unwrap().clone()))
     };
@@ -359,7 +384,12 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
     let mask = ops::causal_mask(t, &dev).unwrap();
     let probe = noise(&[2, 3, t, t], 6).as_detached_tensor();
     let run = |fused: bool| {
-        let y = if fused { ops::causal_softmax(s.as_tensor(), &mask) } else { ops::composed_causal_softmax(s.as_tensor(), &mask) }.unwrap();
+        let y = if fused {
+            ops::causal_softmax(Kernels::FusedCpu, s.as_tensor(), &mask)
+        } else {
+            ops::composed_causal_softmax(s.as_tensor(), &mask)
+        }
+        .unwrap();
         let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         (y, g.get(s.as_tensor()).unwrap().clone())
     };
@@ -370,7 +400,8 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
     // gelu
     let x = noise(&[7, 33], 7);
     let run = |fused: bool| {
-        let y = if fused { ops::gelu(x.as_tensor()).unwrap() } else { x.as_tensor().gelu().unwrap() };
+        let y =
+            if fused { ops::gelu(Kernels::FusedCpu, x.as_tensor()).unwrap() } else { x.as_tensor().gelu().unwrap() };
         let g = (&y * &y).unwrap().sum_all().unwrap().backward().unwrap();
         (y, g.get(x.as_tensor()).unwrap().clone())
     };
@@ -384,9 +415,15 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
     for (rows, vocab) in [(11usize, 37usize), (300, 70_000)] {
         let hidden = noise(&[rows, 16], 8);
         let wte = noise(&[vocab, 16], 9);
-        let targets = Tensor::from_vec((0..rows as u32).map(|i| (i * 5) % vocab as u32).collect::<Vec<_>>(), rows, &dev).unwrap();
+        let targets =
+            Tensor::from_vec((0..rows as u32).map(|i| (i * 5) % vocab as u32).collect::<Vec<_>>(), rows, &dev).unwrap();
         let run = |fused: bool| {
-            let l = if fused { ops::head_cross_entropy(hidden.as_tensor(), wte.as_tensor(), &targets) } else { ops::composed_head_cross_entropy(hidden.as_tensor(), wte.as_tensor(), &targets) }.unwrap();
+            let l = if fused {
+                ops::head_cross_entropy(Kernels::FusedCpu, hidden.as_tensor(), wte.as_tensor(), &targets)
+            } else {
+                ops::composed_head_cross_entropy(hidden.as_tensor(), wte.as_tensor(), &targets)
+            }
+            .unwrap();
             let g = (&l * 3.0).unwrap().backward().unwrap();
             (l, g.get(hidden.as_tensor()).unwrap().clone(), g.get(wte.as_tensor()).unwrap().clone())
         };
@@ -409,39 +446,63 @@ fn fused_attention_equals_composed_attention() {
 
 fn fused_attention_case(t: usize) {
     use candle_core::{Var, D};
-    use difflab::model::attention::{CausalAttention, Rope};
+    use difflab::engine::cpu::attention::{CausalAttention, Rope};
     use difflab::model::ops;
     use difflab::model::rope::RotaryTables;
     let dev = Device::Cpu;
     let (b, h, hd) = (2, 3, 4);
     let c = h * hd;
     let n = b * t * 3 * c;
-    let qkv = Var::from_tensor(&Tensor::from_vec((0..n).map(|i| ((i as f32) * 0.37).sin()).collect::<Vec<_>>(), (b, t, 3 * c), &dev).unwrap()).unwrap();
-    let probe = Tensor::from_vec((0..b * t * c).map(|i| ((i as f32) * 0.11).cos()).collect::<Vec<_>>(), (b, t, c), &dev).unwrap();
+    let qkv = Var::from_tensor(
+        &Tensor::from_vec((0..n).map(|i| ((i as f32) * 0.37).sin()).collect::<Vec<_>>(), (b, t, 3 * c), &dev).unwrap(),
+    )
+    .unwrap();
+    let probe =
+        Tensor::from_vec((0..b * t * c).map(|i| ((i as f32) * 0.11).cos()).collect::<Vec<_>>(), (b, t, c), &dev)
+            .unwrap();
     let tables = RotaryTables::new(t, hd, 10_000.0, &dev).unwrap();
     for rope in [false, true] {
         let composed = {
             let x = qkv.as_tensor();
-            let heads = |i: usize| x.narrow(D::Minus1, i * c, c).unwrap().reshape((b, t, h, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let heads = |i: usize| {
+                x.narrow(D::Minus1, i * c, c)
+                    .unwrap()
+                    .reshape((b, t, h, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
             let (mut q, mut k, v) = (heads(0), heads(1), heads(2));
             if rope {
                 q = tables.apply(&q).unwrap();
                 k = tables.apply(&k).unwrap();
             }
             let q = (q * (1.0 / (hd as f64).sqrt())).unwrap();
-            let p = ops::composed_causal_softmax(&q.matmul(&k.t().unwrap()).unwrap(), &ops::causal_mask(t, &dev).unwrap()).unwrap();
+            let p =
+                ops::composed_causal_softmax(&q.matmul(&k.t().unwrap()).unwrap(), &ops::causal_mask(t, &dev).unwrap())
+                    .unwrap();
             p.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, t, c)).unwrap()
         };
         let host = rope.then(|| Rope {
             cos: std::sync::Arc::new(tables.cos.flatten_all().unwrap().to_vec1().unwrap()),
             sin: std::sync::Arc::new(tables.sin.flatten_all().unwrap().to_vec1().unwrap()),
         });
-        let grad_of = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap().get(qkv.as_tensor()).unwrap().clone();
+        let grad_of = |y: &Tensor| {
+            (y * &probe).unwrap().sum_all().unwrap().backward().unwrap().get(qkv.as_tensor()).unwrap().clone()
+        };
         let want_grad = grad_of(&composed);
         for keep in [true, false] {
             let y = qkv.as_tensor().apply_op1(CausalAttention::new(h, host.clone(), keep)).unwrap();
             assert_close(&format!("attention T {t} rope {rope} keep {keep}"), &y, &composed, 1e-5, 1e-5);
-            assert_close(&format!("attention grad T {t} rope {rope} keep {keep}"), &grad_of(&y), &want_grad, 1e-5, 1e-4);
+            assert_close(
+                &format!("attention grad T {t} rope {rope} keep {keep}"),
+                &grad_of(&y),
+                &want_grad,
+                1e-5,
+                1e-4,
+            );
         }
     }
 }
@@ -471,7 +532,13 @@ fn the_written_out_cpu_step_equals_autograd() {
                 assert_close(&format!("{what} {name}"), g, &want[name], 1e-6, 1e-4);
             }
             match (&out.diff_norms, &norms) {
-                (Some(a), Some(b)) => assert_close(&format!("{what} norms"), &Tensor::new(a.as_slice(), &Device::Cpu).unwrap(), &b.flatten_all().unwrap(), 1e-6, 1e-5),
+                (Some(a), Some(b)) => assert_close(
+                    &format!("{what} norms"),
+                    &Tensor::new(a.as_slice(), &Device::Cpu).unwrap(),
+                    &b.flatten_all().unwrap(),
+                    1e-6,
+                    1e-5,
+                ),
                 (None, None) => {}
                 _ => panic!("{what}: diff norms present on one path only"),
             }
@@ -492,9 +559,11 @@ fn autograd_gradient_checkpointing_equals_the_plain_path() {
         let batch = MicroBatch { ids: &ids, targets: None };
         let run = |checkpointing: bool| {
             let mut dropout = Dropout::new(0.1, 77);
-            // a Tensors accumulator keeps the step on autograd even on the CPU in f32
-            let mut acc = Accumulated::Tensors(BTreeMap::new());
-            let out = forward_backward(&model, &batch, 0.5, Some(&mut dropout), checkpointing, &mut acc).unwrap();
+            // the cpu-autograd engine: dropout on the CPU in f32
+            let mut acc = Accumulated::default();
+            let out =
+                forward_backward(Engine::CpuAutograd, &model, &batch, 0.5, Some(&mut dropout), checkpointing, &mut acc)
+                    .unwrap();
             (out.loss, acc.into_grads(&cfg).unwrap())
         };
         let (plain_loss, plain) = run(false);

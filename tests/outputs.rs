@@ -27,7 +27,11 @@ fn figures_are_pngs_of_the_stated_size_and_the_switches_work() {
         let info = reader.info();
         assert_eq!((info.width, info.height), (800, 480), "{name}");
     }
-    assert!(std::fs::read_dir(out.join("runs")).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("tfevents")));
+    assert!(std::fs::read_dir(out.join("runs")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("tfevents")));
 
     let off = home.path().join("off");
     run(home.path(), &off, &["--log_tensorboard", "false", "--log_figures", "false", "--max_steps", "3"]);
@@ -82,7 +86,17 @@ fn eval_accepts_a_gpt2_directory_without_the_transformer_prefix() {
     let corpus = tiny_corpus(home.path());
     let eval = |d: &Path| {
         let o = difflab(home.path())
-            .args(["eval", "--checkpoint", &d.display().to_string(), "--dataset", &corpus.display().to_string(), "--tokenizer", "byte", "--block_size", "32"])
+            .args([
+                "eval",
+                "--checkpoint",
+                &d.display().to_string(),
+                "--dataset",
+                &corpus.display().to_string(),
+                "--tokenizer",
+                "byte",
+                "--block_size",
+                "32",
+            ])
             .output()
             .unwrap();
         assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));

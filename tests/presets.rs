@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use difflab::cli::{parse, Invocation};
+use difflab::commands::cli::{parse, Invocation};
 use difflab::commands::resolve_run;
 use difflab::config::preset::BUILTIN;
 use difflab::config::{resolve, PresetLibrary};
@@ -96,7 +96,7 @@ fn the_tutors_commands_resolve_to_the_tutors_values_and_match_the_presets() {
         assert_eq!(r.warnings.len(), 2, "n_later and consine each warn once: {:?}", r.warnings);
         assert!(r.warnings.iter().all(|w| w.lines().count() == 1));
         let c = &r.config;
-        assert_eq!(c.lr_scheduler_type, "cosine");
+        assert_eq!(c.lr_scheduler_type.as_str(), "cosine");
         let from_preset = resolve(&lib.chain(preset).unwrap(), &vec![]).unwrap().config;
         let mut a = serde_json::to_value(c).unwrap();
         let mut b = serde_json::to_value(&from_preset).unwrap();

@@ -6,8 +6,22 @@ use common::*;
 
 fn small(out: &std::path::Path) -> Vec<String> {
     [
-        "--preset", "demo", "--tokenizer", "byte", "--max_steps", "40", "--eval_steps", "20", "--save_steps", "0",
-        "--logging_steps", "1", "--warmup_steps", "5", "--output_dir", &out.display().to_string(),
+        "--preset",
+        "demo",
+        "--tokenizer",
+        "byte",
+        "--max_steps",
+        "40",
+        "--eval_steps",
+        "20",
+        "--save_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--warmup_steps",
+        "5",
+        "--output_dir",
+        &out.display().to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -18,11 +32,14 @@ fn small(out: &std::path::Path) -> Vec<String> {
 fn a_learning_rate_sweep_marks_divergence_and_stalls_and_suggests_a_range() {
     let home = tempfile::tempdir().unwrap();
     let out = home.path().join("sweep");
-    let o = difflab(home.path()).arg("sweep").args(small(&out)).args(["--learning_rate", "10,3e-3,1e-7"]).output().unwrap();
+    let o =
+        difflab(home.path()).arg("sweep").args(small(&out)).args(["--learning_rate", "10,3e-3,1e-7"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    let status: Vec<&str> = summary["trials"].as_array().unwrap().iter().map(|t| t["status"].as_str().unwrap()).collect();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let status: Vec<&str> =
+        summary["trials"].as_array().unwrap().iter().map(|t| t["status"].as_str().unwrap()).collect();
     assert_eq!(status, vec!["diverged", "completed", "stalled"], "{stdout}");
     let steps: Vec<u64> = summary["trials"].as_array().unwrap().iter().map(|t| t["steps"].as_u64().unwrap()).collect();
     assert!(steps[0] < 40 && steps[2] < 40 && steps[1] == 40, "bad trials end early: {steps:?}");
@@ -35,17 +52,26 @@ fn a_learning_rate_sweep_marks_divergence_and_stalls_and_suggests_a_range() {
     // a sweep needs a list; two lists are refused
     let o = difflab(home.path()).arg("sweep").args(small(&out)).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
-    let o = difflab(home.path()).arg("sweep").args(small(&out)).args(["--learning_rate", "1e-3,1e-4", "--warmup_steps", "1,2"]).output().unwrap();
+    let o = difflab(home.path())
+        .arg("sweep")
+        .args(small(&out))
+        .args(["--learning_rate", "1e-3,1e-4", "--warmup_steps", "1,2"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("one key at a time"));
 
     // compare: the table, the differences
-    let runs: Vec<String> = ["learning_rate-0.003", "learning_rate-1e-7"].iter().map(|l| out.join(l).display().to_string()).collect();
+    let runs: Vec<String> =
+        ["learning_rate-0.003", "learning_rate-1e-7"].iter().map(|l| out.join(l).display().to_string()).collect();
     let o = difflab(home.path()).arg("compare").args(&runs).output().unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0));
     assert!(text.contains("learning_rate-0.003") && text.contains("learning_rate-1e-7"), "{text}");
-    assert!(text.contains("configuration differences") && text.contains("learning_rate") && text.contains("1e-7"), "{text}");
+    assert!(
+        text.contains("configuration differences") && text.contains("learning_rate") && text.contains("1e-7"),
+        "{text}"
+    );
     let o = difflab(home.path()).args(["compare", &home.path().display().to_string()]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "not a run directory");
 }
@@ -60,6 +86,7 @@ fn the_lr_range_test_suggests_lrs_and_leaves_the_run_alone() {
     let (steep, valley) = (result["steepest"].as_f64().unwrap(), result["valley"].as_f64().unwrap());
     assert!((1e-5..1.0).contains(&steep) && (1e-5..1.0).contains(&valley), "{result}");
     assert!(out.join("lr_find/lr_find.png").is_file() && out.join("lr_find/lr_find.json").is_file());
-    let entries: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let entries: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(entries, vec!["lr_find"], "no checkpoint or model of the run is written");
 }

@@ -7,15 +7,19 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use difflab::cli::{parse, Invocation};
+use difflab::commands::cli::{parse, Invocation};
 use difflab::commands::resolve_run;
-use difflab::events::{Control, ControlMsg, Event};
-use difflab::model::checkpoint::load_pretrained;
+use difflab::events::{Control, ControlMsg, ControlOrigin, Event};
+use difflab::model::hf::load_pretrained;
 use difflab::train::{self, checkpoint, Injection, RunSpec, TrainError};
 
 fn run_cli(home: &Path, args: &[String]) -> (i32, String, String) {
     let out = difflab(home).arg("train").args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn spec_from(flags: &[String], cache: &Path) -> RunSpec {
@@ -44,12 +48,27 @@ fn markers_and_metrics_are_json_lines_as_designed() {
     let progress: Vec<_> = markers.iter().filter(|m| m["event"] == "progress").collect();
     assert_eq!(progress.len(), 20, "logging_steps 1");
     for p in &progress {
-        for key in ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "diff_norm_mean", "diff_norm_std", "diff_norm_min", "diff_norm_max"] {
+        for key in [
+            "step",
+            "epoch",
+            "loss",
+            "learning_rate",
+            "grad_norm",
+            "tokens_per_second",
+            "diff_norm_mean",
+            "diff_norm_std",
+            "diff_norm_min",
+            "diff_norm_max",
+        ] {
             assert!(p[key].is_number(), "progress.{key}: {p}");
         }
     }
     let evals: Vec<_> = markers.iter().filter(|m| m["event"] == "evaluate").collect();
-    assert_eq!(evals.iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![10, 20], "every eval_steps and at the end");
+    assert_eq!(
+        evals.iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(),
+        vec![10, 20],
+        "every eval_steps and at the end"
+    );
     for e in &evals {
         let (loss, ppl) = (e["eval_loss"].as_f64().unwrap(), e["perplexity"].as_f64().unwrap());
         assert!((ppl - loss.exp()).abs() < 1e-9 * ppl);
@@ -87,9 +106,12 @@ fn eval_only_reads_checkpoints_final_dirs_and_hf_gpt2_dirs() {
     let out = home.path().join("run");
     let (code, stdout, stderr) = run_cli(home.path(), &tiny_flags(&corpus, &out));
     assert_eq!(code, 0, "{stderr}");
-    let final_eval = json_lines(&stdout).into_iter().filter(|m| m["event"] == "evaluate").last().unwrap();
+    let final_eval = json_lines(&stdout).into_iter().rfind(|m| m["event"] == "evaluate").unwrap();
     for dir in [out.join("checkpoint-20"), out.clone()] {
-        let flags = flags_with(&tiny_flags(&corpus, &out), &["--eval_only", "true", "--checkpoint", &dir.display().to_string()]);
+        let flags = flags_with(
+            &tiny_flags(&corpus, &out),
+            &["--eval_only", "true", "--checkpoint", &dir.display().to_string()],
+        );
         let (code, stdout, stderr) = run_cli(home.path(), &flags);
         assert_eq!(code, 0, "{stderr}");
         let e = &json_lines(&stdout)[0];
@@ -100,7 +122,17 @@ fn eval_only_reads_checkpoints_final_dirs_and_hf_gpt2_dirs() {
     // the golden GPT-2 directory (vocab 512, 32 positions) with the byte tokenizer
     let gpt2 = golden_dir("rope0_diff0").join("model");
     let out = difflab(home.path())
-        .args(["eval", "--checkpoint", &gpt2.display().to_string(), "--dataset", &corpus.display().to_string(), "--tokenizer", "byte", "--block_size", "32"])
+        .args([
+            "eval",
+            "--checkpoint",
+            &gpt2.display().to_string(),
+            "--dataset",
+            &corpus.display().to_string(),
+            "--tokenizer",
+            "byte",
+            "--block_size",
+            "32",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
@@ -147,9 +179,12 @@ fn controls_pause_checkpoint_scale_the_lr_and_stop() {
     let corpus = tiny_corpus(home.path());
     let cache = home.path().join("cache");
     let out = home.path().join("run");
-    let flags = flags_with(&tiny_flags(&corpus, &out), &["--max_steps", "200", "--lr_scheduler_type", "constant", "--save_steps", "0"]);
+    let flags = flags_with(
+        &tiny_flags(&corpus, &out),
+        &["--max_steps", "200", "--lr_scheduler_type", "constant", "--save_steps", "0"],
+    );
     let h = train::spawn(spec_from(&flags, &cache));
-    let send = |c: Control| h.controls.send(ControlMsg { control: c, origin: "api".into() }).unwrap();
+    let send = |c: Control| h.controls.send(ControlMsg { control: c, origin: ControlOrigin::Api }).unwrap();
     // queued before the first step: applied at step 0
     send(Control::Pause);
     let mut events = vec![];
@@ -179,35 +214,54 @@ fn controls_pause_checkpoint_scale_the_lr_and_stop() {
     send(Control::Resume);
     wait_for(&mut events, &|e| matches!(e, Event::Progress(p) if p.step >= 3));
     let paused_for = paused_at.elapsed();
-    let lrs: Vec<f64> = events.iter().filter_map(|e| if let Event::Progress(p) = e { Some(p.learning_rate) } else { None }).collect();
+    let lrs: Vec<f64> =
+        events.iter().filter_map(|e| if let Event::Progress(p) = e { Some(p.learning_rate) } else { None }).collect();
     assert!(lrs.iter().all(|lr| (lr - 3e-4).abs() < 1e-12), "LR = 0.1 x schedule (3e-3): {lrs:?}");
     send(Control::CheckpointNow);
     wait_for(&mut events, &|e| matches!(e, Event::Checkpoint(c) if c.reason == "control" && c.step > 0));
     send(Control::Stop { save: true });
     wait_for(&mut events, &|e| matches!(e, Event::TrainEnd(_)));
-    let end = match events.last() { Some(Event::TrainEnd(e)) => e.clone(), _ => unreachable!() };
+    let end = match events.last() {
+        Some(Event::TrainEnd(e)) => e.clone(),
+        _ => unreachable!(),
+    };
     h.join().unwrap();
     assert_eq!(end.status, "stopped");
-    assert!(end.train_runtime < paused_for.as_secs_f64() - 1.0, "paused time excluded: runtime {} vs paused {:?}", end.train_runtime, paused_for);
-    let actions: Vec<String> = events.iter().filter_map(|e| if let Event::Control(c) = e { Some(c.action.clone()) } else { None }).collect();
+    assert!(
+        end.train_runtime < paused_for.as_secs_f64() - 1.0,
+        "paused time excluded: runtime {} vs paused {:?}",
+        end.train_runtime,
+        paused_for
+    );
+    let actions: Vec<String> = events
+        .iter()
+        .filter_map(|e| if let Event::Control(c) = e { Some(c.action.to_string()) } else { None })
+        .collect();
     assert_eq!(actions, vec!["pause", "checkpoint", "scale_lr", "resume", "checkpoint", "stop_and_save"]);
-    assert!(events.iter().any(|e| matches!(e, Event::Checkpoint(c) if c.reason == "stop")), "stop and save wrote a checkpoint");
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Checkpoint(c) if c.reason == "stop")),
+        "stop and save wrote a checkpoint"
+    );
     // the LR scale persists in the checkpoint and through resume
     let last = checkpoint::list(&out).pop().unwrap().1;
     let state = checkpoint::load(&last, &candle_core::Device::Cpu).unwrap().state;
     assert!((state.lr_scale - 0.1).abs() < 1e-12);
-    let flags = flags_with(&flags, &["--resume_from_checkpoint", &last.display().to_string(), "--max_steps", &(state.global_step + 2).to_string()]);
+    let flags = flags_with(
+        &flags,
+        &["--resume_from_checkpoint", &last.display().to_string(), "--max_steps", &(state.global_step + 2).to_string()],
+    );
     let h = train::spawn(spec_from(&flags, &cache));
     let resumed: Vec<Event> = h.events.iter().collect();
     h.join().unwrap();
-    let lrs: Vec<f64> = resumed.iter().filter_map(|e| if let Event::Progress(p) = e { Some(p.learning_rate) } else { None }).collect();
+    let lrs: Vec<f64> =
+        resumed.iter().filter_map(|e| if let Event::Progress(p) = e { Some(p.learning_rate) } else { None }).collect();
     assert_eq!(lrs.len(), 2);
     assert!(lrs.iter().all(|lr| (lr - 3e-4).abs() < 1e-12), "{lrs:?}");
 
     // stop without saving: no final checkpoint, no final model
     let out2 = home.path().join("nosave");
     let h = train::spawn(spec_from(&flags_with(&tiny_flags(&corpus, &out2), &["--save_steps", "0"]), &cache));
-    h.controls.send(ControlMsg { control: Control::Stop { save: false }, origin: "api".into() }).unwrap();
+    h.controls.send(ControlMsg { control: Control::Stop { save: false }, origin: ControlOrigin::Api }).unwrap();
     let events: Vec<Event> = h.events.iter().collect();
     h.join().unwrap();
     assert!(!events.iter().any(|e| matches!(e, Event::Checkpoint(_))));
@@ -226,7 +280,8 @@ fn non_finite_steps_are_skipped_and_a_run_of_them_stops_training() {
     let h = train::spawn(spec);
     let events: Vec<Event> = h.events.iter().collect();
     let end = h.join().unwrap();
-    let skipped: Vec<u64> = events.iter().filter_map(|e| if let Event::Skipped(s) = e { Some(s.step) } else { None }).collect();
+    let skipped: Vec<u64> =
+        events.iter().filter_map(|e| if let Event::Skipped(s) = e { Some(s.step) } else { None }).collect();
     assert_eq!(skipped, vec![4, 8]);
     assert_eq!(end.skipped_steps, 2);
     assert_eq!(end.status, "completed");
@@ -242,13 +297,14 @@ fn non_finite_steps_are_skipped_and_a_run_of_them_stops_training() {
     assert!(matches!(events.last(), Some(Event::TrainEnd(e)) if e.status == "failed"));
     for (_, dir) in checkpoint::list(&out) {
         let (_, w) = load_pretrained(&dir, &candle_core::Device::Cpu).unwrap();
-        assert!(w.values().all(|t| difflab::model::checkpoint::all_finite(t).unwrap()), "{} holds NaN", dir.display());
+        assert!(w.values().all(|t| difflab::model::hf::all_finite(t).unwrap()), "{} holds NaN", dir.display());
     }
 }
 
 fn assert_run_dir_consistent(out: &Path) {
     for (_, dir) in checkpoint::list(out) {
-        checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap_or_else(|e| panic!("{} does not load: {e}", dir.display()));
+        checkpoint::load(&dir, &candle_core::Device::Cpu)
+            .unwrap_or_else(|e| panic!("{} does not load: {e}", dir.display()));
     }
     if let Ok(text) = std::fs::read_to_string(out.join("metrics.jsonl")) {
         json_lines(&text);
@@ -262,7 +318,13 @@ fn a_crash_during_a_save_leaves_the_previous_checkpoint_and_a_parseable_log() {
     let out = home.path().join("run");
     let flags = flags_with(&tiny_flags(&corpus, &out), &["--save_steps", "5"]);
     // the second save aborts half-way
-    let status = difflab(home.path()).arg("train").args(&flags).env("DIFFLAB_FAULT", "abort_during_save:2").output().unwrap().status;
+    let status = difflab(home.path())
+        .arg("train")
+        .args(&flags)
+        .env("DIFFLAB_FAULT", "abort_during_save:2")
+        .output()
+        .unwrap()
+        .status;
     assert!(!status.success());
     let saved: Vec<u64> = checkpoint::list(&out).iter().map(|(s, _)| *s).collect();
     assert_eq!(saved, vec![5], "the interrupted checkpoint-10 is not there under its real name");
@@ -274,14 +336,21 @@ fn a_crash_during_a_save_leaves_the_previous_checkpoint_and_a_parseable_log() {
 
     // SIGKILL at random moments, repeatedly, while checkpoints are written every step
     let out = home.path().join("killed");
-    let flags = flags_with(&tiny_flags(&corpus, &out), &["--save_steps", "1", "--save_total_limit", "2", "--max_steps", "60"]);
+    let flags =
+        flags_with(&tiny_flags(&corpus, &out), &["--save_steps", "1", "--save_total_limit", "2", "--max_steps", "60"]);
     let mut rng = 12345u64;
     for round in 0..6 {
         let mut args = flags.clone();
         if !checkpoint::list(&out).is_empty() {
             args.extend(["--resume_from_checkpoint".to_string(), "latest".to_string()]);
         }
-        let mut child = difflab(home.path()).arg("train").args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = difflab(home.path())
+            .arg("train")
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1);
         let delay = 300 + (rng >> 33) % 1500;
         std::thread::sleep(Duration::from_millis(delay));
@@ -304,9 +373,18 @@ fn ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_a_second_exits_at_once(
         let mut flags = flags_with(&tiny_flags(&corpus, &out), &["--max_steps", "100000", "--save_steps", "0"]);
         if twice {
             // slower steps, so the second signal lands while the first is still being honoured
-            flags = flags_with(&flags, &["--n_embd", "256", "--n_layer", "3", "--batch_size", "32", "--micro_batch_size", "8"]);
+            flags = flags_with(
+                &flags,
+                &["--n_embd", "256", "--n_layer", "3", "--batch_size", "32", "--micro_batch_size", "8"],
+            );
         }
-        let mut child = difflab(home.path()).arg("train").args(&flags).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = difflab(home.path())
+            .arg("train")
+            .args(&flags)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         // wait until it is training
         loop {
@@ -315,7 +393,9 @@ fn ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_a_second_exits_at_once(
                 break;
             }
         }
-        let kill = |sig: &str| std::process::Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+        let kill = |sig: &str| {
+            std::process::Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap()
+        };
         kill(signal);
         if twice {
             // standard signals do not queue: two sent at once may arrive as one
@@ -337,4 +417,34 @@ fn ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_a_second_exits_at_once(
         }
         assert_run_dir_consistent(&out);
     }
+}
+
+/// The engine is chosen once and named in `train_begin` and the headless start line: the
+/// written-out step by default on the CPU, autograd over the fused ops with dropout.
+#[test]
+fn the_run_names_its_engine() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    for (dropout, engine) in [("0.0", "cpu-step"), ("0.1", "cpu-autograd")] {
+        let out = home.path().join(format!("run-{dropout}"));
+        let flags = flags_with(&tiny_flags(&corpus, &out), &["--max_steps", "2", "--dropout", dropout]);
+        let (code, stdout, stderr) = run_cli(home.path(), &flags);
+        assert_eq!(code, 0, "{stderr}");
+        let begin = json_lines(&stdout).into_iter().find(|m| m["event"] == "train_begin").unwrap();
+        assert_eq!(begin["engine"], engine, "dropout {dropout}");
+        assert!(stderr.contains(&format!("engine {engine}")), "the start line names the engine: {stderr}");
+    }
+}
+
+/// A panic on the trainer thread is a failure (exit 1) with its message, not bad input (2).
+#[test]
+fn a_trainer_panic_exits_1() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let flags = flags_with(&tiny_flags(&corpus, &home.path().join("run")), &["--max_steps", "4"]);
+    let out =
+        difflab(home.path()).arg("train").args(&flags).env("DIFFLAB_INJECT_NONFINITE", "panic@1").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the trainer panicked") && stderr.contains("injected at step 1"), "{stderr}");
 }

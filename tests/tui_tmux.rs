@@ -13,7 +13,12 @@ struct Tmux {
 
 impl Tmux {
     fn cmd(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux").arg("-L").arg(&self.socket).args(args).output().expect("tmux is installed (.ci/run installs it)");
+        let out = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux is installed (.ci/run installs it)");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -80,7 +85,9 @@ fn the_dashboard_runs_pauses_lowers_the_lr_checkpoints_and_quits_under_tmux() {
 
     // l: the LR pane and the event log show x0.1
     tmux.keys("l");
-    tmux.wait_for("LR x0.1 in the LR pane and the log", 30, |s| s.contains("(x0.1 by control)") && s.contains("scale lr"));
+    tmux.wait_for("LR x0.1 in the LR pane and the log", 30, |s| {
+        s.contains("(x0.1 by control)") && s.contains("scale lr")
+    });
 
     // c: a checkpoint on disk
     tmux.keys("c");
@@ -103,13 +110,20 @@ fn the_dashboard_runs_pauses_lowers_the_lr_checkpoints_and_quits_under_tmux() {
 }
 
 fn has_checkpoint(out: &Path) -> bool {
-    std::fs::read_dir(out).map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))).unwrap_or(false)
+    std::fs::read_dir(out)
+        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")))
+        .unwrap_or(false)
 }
 
 /// The last step of a run's metrics.jsonl, and whether an action was logged.
 fn metrics(out: &Path) -> (u64, String) {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
-    let last = common::json_lines(&text).iter().filter(|m| m["event"] == "progress").filter_map(|m| m["step"].as_u64()).last().unwrap_or(0);
+    let last = common::json_lines(&text)
+        .iter()
+        .filter(|m| m["event"] == "progress")
+        .filter_map(|m| m["step"].as_u64())
+        .next_back()
+        .unwrap_or(0);
     (last, text)
 }
 
@@ -120,7 +134,13 @@ fn watch_attaches_to_a_headless_run_steers_it_and_detaches() {
     let out = home.path().join("run");
     let mut flags = common::tiny_flags(&corpus, &out);
     flags.extend(["--max_steps", "100000", "--save_steps", "0", "--logging_steps", "5"].map(String::from));
-    let mut trainer = common::difflab(home.path()).arg("train").args(&flags).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut trainer = common::difflab(home.path())
+        .arg("train")
+        .args(&flags)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while metrics(&out).0 < 10 {
         assert!(Instant::now() < deadline, "the headless run did not start");
@@ -157,8 +177,11 @@ fn watch_attaches_to_a_headless_run_steers_it_and_detaches() {
     assert!(trainer.try_wait().unwrap().is_none(), "the trainer still runs");
 
     // a control dropped into the run directory stops it, with a final checkpoint
-    let stop = difflab::events::ControlMsg { control: difflab::events::Control::Stop { save: true }, origin: "test".into() };
-    difflab::remote::send(&out, &stop).unwrap();
+    let stop = difflab::events::ControlMsg {
+        control: difflab::events::Control::Stop { save: true },
+        origin: difflab::events::ControlOrigin::Api,
+    };
+    difflab::train::remote::send(&out, &stop).unwrap();
     let status = trainer.wait().unwrap();
     assert!(status.success());
     let text = metrics(&out).1;

@@ -14,6 +14,7 @@ fn begin(research: bool) -> Event {
         preset: Some(if research { "sanity-diff" } else { "sanity-baseline" }.into()),
         num_parameters: 6_850_000,
         device: "cpu (2 threads)".into(),
+        engine: "cpu-step".into(),
         variant: if research { "differential + rope" } else { "baseline (rope)" }.into(),
         vocab_size: 50257,
         train_blocks: 900,
@@ -41,7 +42,11 @@ fn dashboard(research: bool) -> App {
         let s = step as f64;
         let noise = ((s * 12.9898).sin() * 43758.5453).fract() * 0.15;
         let loss = 3.0 + 7.5 * (-s / 60.0).exp() + noise + if step == 222 { 2.5 } else { 0.0 };
-        let lr = if step < 50 { 1e-3 * s / 50.0 } else { 1e-3 * 0.5 * (1.0 + (std::f64::consts::PI * (s - 50.0) / 510.0).cos()) } * scale;
+        let lr = if step < 50 {
+            1e-3 * s / 50.0
+        } else {
+            1e-3 * 0.5 * (1.0 + (std::f64::consts::PI * (s - 50.0) / 510.0).cos())
+        } * scale;
         send(Event::Progress(StepRecord {
             step,
             epoch: s / 56.0,
@@ -62,17 +67,39 @@ fn dashboard(research: bool) -> App {
             elapsed: s * 0.4,
         }));
         if step % 50 == 0 {
-            send(Event::Evaluate(EvalRecord { step, epoch: s / 56.0, eval_loss: loss + 0.1, perplexity: (loss + 0.1).exp(), eval_tokens: 7680, eval_tokens_per_second: 20000.0 }));
+            send(Event::Evaluate(EvalRecord {
+                step,
+                epoch: s / 56.0,
+                eval_loss: loss + 0.1,
+                perplexity: (loss + 0.1).exp(),
+                eval_tokens: 7680,
+                eval_tokens_per_second: 20000.0,
+            }));
         }
         if step % 100 == 0 {
-            send(Event::Checkpoint(CheckpointRecord { step, path: format!("outputs/sanity/checkpoint-{step}"), reason: "save_steps".into(), deleted: vec![] }));
+            send(Event::Checkpoint(CheckpointRecord {
+                step,
+                path: format!("outputs/sanity/checkpoint-{step}"),
+                reason: CheckpointReason::SaveSteps,
+                deleted: vec![],
+            }));
         }
         if step == 150 {
             scale = 0.1;
-            send(Event::Control(ControlRecord { step, action: "scale_lr".into(), lr_scale: 0.1, origin: "ui".into() }));
+            send(Event::Control(ControlRecord {
+                step,
+                action: ControlAction::ScaleLr,
+                lr_scale: 0.1,
+                origin: ControlOrigin::Ui,
+            }));
         }
     }
-    send(Event::Control(ControlRecord { step: 300, action: "pause".into(), lr_scale: 0.1, origin: "ui".into() }));
+    send(Event::Control(ControlRecord {
+        step: 300,
+        action: ControlAction::Pause,
+        lr_scale: 0.1,
+        origin: ControlOrigin::Ui,
+    }));
     app
 }
 
@@ -136,7 +163,13 @@ fn every_button_is_hit_where_it_is_drawn() {
         let area = Rect::new(0, 0, w, h);
         let row = h - 1;
         let line: String = (0..w).map(|x| buf[(x, row)].symbol().to_string()).collect();
-        for (label, button) in [("[p]", Button::Pause), ("[c]", Button::Checkpoint), ("[l]", Button::LowerLr), ("[q]", Button::Quit), ("[m]", Button::Mouse)] {
+        for (label, button) in [
+            ("[p]", Button::Pause),
+            ("[c]", Button::Checkpoint),
+            ("[l]", Button::LowerLr),
+            ("[q]", Button::Quit),
+            ("[m]", Button::Mouse),
+        ] {
             let col = line.find(label).unwrap_or_else(|| panic!("{label} drawn at {w}x{h}: {line}")) as u16;
             assert_eq!(difflab::ui::hit(&app, area, col + 1, row), Some(button), "{label} at {w}x{h}");
         }
@@ -174,15 +207,44 @@ fn sweep_view_80x24() {
             };
             app.update(Msg::Sweep(SweepEvent::Train {
                 index: i,
-                event: Event::Progress(StepRecord { step: s, epoch: 0.0, loss, learning_rate: *lr, grad_norm: 1.0, tokens_per_second: 1.0, diff_norm_mean: None, diff_norm_std: None, diff_norm_min: None, diff_norm_max: None, diff_norm_hist: None, elapsed: x }),
+                event: Event::Progress(StepRecord {
+                    step: s,
+                    epoch: 0.0,
+                    loss,
+                    learning_rate: *lr,
+                    grad_norm: 1.0,
+                    tokens_per_second: 1.0,
+                    diff_norm_mean: None,
+                    diff_norm_std: None,
+                    diff_norm_min: None,
+                    diff_norm_max: None,
+                    diff_norm_hist: None,
+                    elapsed: x,
+                }),
             }));
         }
         let status = ["diverged", "completed", "completed"][i];
-        let t = TrialResult { label, value: serde_json::json!(lr), output_dir: String::new(), final_loss: Some(2.6), best_loss: Some(2.5), eval_loss: Some(2.7), perplexity: Some(14.9), steps, status: status.into(), note: None };
+        let t = TrialResult {
+            label,
+            value: serde_json::json!(lr),
+            output_dir: String::new(),
+            final_loss: Some(2.6),
+            best_loss: Some(2.5),
+            eval_loss: Some(2.7),
+            perplexity: Some(14.9),
+            steps,
+            status: status.into(),
+            note: None,
+        };
         app.update(Msg::Sweep(SweepEvent::TrialEnd(t.clone())));
         trials.push(t);
     }
-    app.update(Msg::Sweep(SweepEvent::Done(Summary { key: "learning_rate".into(), trials, highest_stable: Some(1e-2), recommended: Some(1e-3) })));
+    app.update(Msg::Sweep(SweepEvent::Done(Summary {
+        key: "learning_rate".into(),
+        trials,
+        highest_stable: Some(1e-2),
+        recommended: Some(1e-3),
+    })));
     let t = draw(&app, 80, 24);
     assert!(t.backend().to_string().contains("recommended"));
     insta::assert_snapshot!(t.backend());

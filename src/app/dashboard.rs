@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use crate::events::{Event, Histogram, Level, TrainBegin};
+use crate::events::{ControlAction, Event, Histogram, Level, RunStatus, TrainBegin};
 use crate::series::Series;
 
 /// How many log lines are kept.
@@ -37,7 +37,7 @@ pub enum Status {
     Preparing { stage: String, done: u64, total: u64 },
     Training,
     Paused,
-    Finished { status: String },
+    Finished { status: RunStatus },
     Failed(String),
 }
 
@@ -174,7 +174,13 @@ impl Dashboard {
                 }
                 self.step = b.start_step;
                 self.status = Status::Training;
-                self.log(Level::Info, format!("training {} ({} parameters) on {}, steps {}..{}", b.variant, b.num_parameters, b.device, b.start_step, b.total_steps));
+                self.log(
+                    Level::Info,
+                    format!(
+                        "training {} ({} parameters) on {}, engine {}, steps {}..{}",
+                        b.variant, b.num_parameters, b.device, b.engine, b.start_step, b.total_steps
+                    ),
+                );
                 self.begin = Some(b.clone());
             }
             Event::Progress(p) => {
@@ -189,7 +195,9 @@ impl Dashboard {
                 self.last_grad_norm = Some(p.grad_norm);
                 self.tokens_per_second = Some(p.tokens_per_second);
                 self.elapsed = p.elapsed;
-                if let (Some(mean), Some(std), Some(min), Some(max)) = (p.diff_norm_mean, p.diff_norm_std, p.diff_norm_min, p.diff_norm_max) {
+                if let (Some(mean), Some(std), Some(min), Some(max)) =
+                    (p.diff_norm_mean, p.diff_norm_std, p.diff_norm_min, p.diff_norm_max)
+                {
                     self.diff = Some(DiffStats { step: p.step, mean, std, min, max, hist: p.diff_norm_hist.clone() });
                 }
                 if matches!(self.status, Status::Preparing { .. }) {
@@ -200,7 +208,10 @@ impl Dashboard {
                 self.eval.push(e.step as f64, e.eval_loss);
                 self.eval_loss = Some(e.eval_loss);
                 self.perplexity = Some(e.perplexity);
-                self.log(Level::Info, format!("step {}: eval loss {:.4}, perplexity {:.2}", e.step, e.eval_loss, e.perplexity));
+                self.log(
+                    Level::Info,
+                    format!("step {}: eval loss {:.4}, perplexity {:.2}", e.step, e.eval_loss, e.perplexity),
+                );
             }
             Event::Checkpoint(c) => {
                 self.mark(c.step, MarkKind::Checkpoint);
@@ -208,24 +219,36 @@ impl Dashboard {
             }
             Event::Control(c) => {
                 self.lr_scale = c.lr_scale;
-                match c.action.as_str() {
-                    "pause" => {
+                match c.action {
+                    ControlAction::Pause => {
                         self.paused = true;
                         self.status = Status::Paused;
                         self.mark(c.step, MarkKind::Pause);
                     }
-                    "resume" => {
+                    ControlAction::Resume => {
                         self.paused = false;
                         self.status = Status::Training;
                     }
-                    "scale_lr" => self.mark(c.step, MarkKind::LrChange),
+                    ControlAction::ScaleLr => self.mark(c.step, MarkKind::LrChange),
                     _ => {}
                 }
-                self.log(Level::Info, format!("step {}: {} ({}; LR x{})", c.step, c.action.replace('_', " "), c.origin, c.lr_scale));
+                self.log(
+                    Level::Info,
+                    format!(
+                        "step {}: {} ({}; LR x{})",
+                        c.step,
+                        c.action.as_str().replace('_', " "),
+                        c.origin,
+                        c.lr_scale
+                    ),
+                );
             }
             Event::Skipped(s) => {
                 self.skipped += 1;
-                self.log(Level::Warning, format!("step {}: skipped, {} ({} in a row)", s.step, s.reason, s.consecutive));
+                self.log(
+                    Level::Warning,
+                    format!("step {}: skipped, {} ({} in a row)", s.step, s.reason, s.consecutive),
+                );
             }
             Event::TrainEnd(e) => {
                 self.paused = false;
@@ -236,7 +259,7 @@ impl Dashboard {
                         self.log(Level::Error, err.clone());
                     }
                     None => {
-                        self.status = Status::Finished { status: e.status.clone() };
+                        self.status = Status::Finished { status: e.status };
                         self.log(Level::Info, format!("{} at step {} after {:.0}s", e.status, e.step, e.train_runtime));
                     }
                 }
@@ -252,7 +275,7 @@ impl Dashboard {
                 self.status = Status::Failed(e.clone());
                 self.log(Level::Error, e);
             }
-            Ok(()) if !self.finished() => self.status = Status::Finished { status: "stopped".into() },
+            Ok(()) if !self.finished() => self.status = Status::Finished { status: RunStatus::Stopped },
             _ => {}
         }
     }

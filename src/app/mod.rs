@@ -9,7 +9,7 @@ pub use dashboard::Dashboard;
 pub use overlay::Overlay;
 pub use picker::Picker;
 
-use crate::cli::RunArgs;
+use crate::config::RunArgs;
 use crate::events::{Control, Event};
 
 /// A key, already decoded from the terminal.
@@ -55,6 +55,14 @@ pub enum Msg {
     Warning(String),
     Sweep(crate::sweep::SweepEvent),
     LrFind(crate::sweep::lr_find::LrFindEvent),
+    /// The run the picker asked for started; the dashboard shows it under this title.
+    RunStarted {
+        title: String,
+    },
+    /// The run the picker asked for could not start: shown in the picker.
+    StartFailed(String),
+    /// A control was written to a watched run's directory: what happened to it.
+    ControlSent(String),
 }
 
 /// What the update asks the loop to do.
@@ -112,7 +120,14 @@ impl App {
     }
 
     pub fn overlay(overlay: Overlay, mouse: bool, ascii: bool) -> Self {
-        Self { screen: Screen::Overlay(Box::new(overlay)), mode: Mode::Owned, dialog: None, mouse, ascii, exiting: false }
+        Self {
+            screen: Screen::Overlay(Box::new(overlay)),
+            mode: Mode::Owned,
+            dialog: None,
+            mouse,
+            ascii,
+            exiting: false,
+        }
     }
 
     pub fn dash(&self) -> Option<&Dashboard> {
@@ -152,7 +167,11 @@ impl App {
                 if let Some(d) = self.dash_mut() {
                     d.trainer_done(result);
                 }
-                if self.exiting { vec![Command::Exit] } else { vec![] }
+                if self.exiting {
+                    vec![Command::Exit]
+                } else {
+                    vec![]
+                }
             }
             Msg::Warning(w) => {
                 if let Some(d) = self.dash_mut() {
@@ -164,13 +183,39 @@ impl App {
                 if let Screen::Overlay(o) = &mut self.screen {
                     o.apply_sweep(&e);
                 }
-                if self.exiting && matches!(e, crate::sweep::SweepEvent::Done(_)) { vec![Command::Exit] } else { vec![] }
+                if self.exiting && matches!(e, crate::sweep::SweepEvent::Done(_)) {
+                    vec![Command::Exit]
+                } else {
+                    vec![]
+                }
             }
             Msg::LrFind(e) => {
                 if let Screen::Overlay(o) = &mut self.screen {
                     o.apply_lr_find(&e);
                 }
                 vec![]
+            }
+            Msg::RunStarted { title } => {
+                self.screen = Screen::Dashboard(Box::new(Dashboard::new(&title)));
+                self.mode = Mode::Owned;
+                vec![]
+            }
+            Msg::StartFailed(e) => {
+                if let Screen::Picker(p) = &mut self.screen {
+                    p.error = Some(e);
+                }
+                vec![]
+            }
+            Msg::ControlSent(note) => {
+                if let Some(d) = self.dash_mut() {
+                    d.log_warning(note);
+                }
+                // a watcher that asked to stop the run has nothing to wait for
+                if self.exiting && self.mode == Mode::Watching {
+                    vec![Command::Exit]
+                } else {
+                    vec![]
+                }
             }
             Msg::Key(key) => self.on_key(key),
             Msg::Click(button) => self.on_button(button),
@@ -185,7 +230,9 @@ impl App {
                 o.log_y = !o.log_y;
                 vec![]
             }
-            Key::Char('q') | Key::Esc if o.finished || o.kind != overlay::Kind::Sweep || self.exiting => vec![Command::Exit],
+            Key::Char('q') | Key::Esc if o.finished || o.kind != overlay::Kind::Sweep || self.exiting => {
+                vec![Command::Exit]
+            }
             Key::Char('q') | Key::Esc => {
                 self.exiting = true;
                 o.status = "stopping the sweep after this trial's checkpoint".into();
@@ -310,12 +357,6 @@ impl App {
         }
         vec![]
     }
-
-    /// The dashboard for a run the picker started.
-    pub fn show_dashboard(&mut self, dashboard: Dashboard) {
-        self.screen = Screen::Dashboard(Box::new(dashboard));
-        self.mode = Mode::Owned;
-    }
 }
 
 #[cfg(test)]
@@ -330,6 +371,7 @@ mod tests {
             preset: Some("demo".into()),
             num_parameters: 1000,
             device: "cpu".into(),
+            engine: "cpu-step".into(),
             variant: "differential + rope".into(),
             vocab_size: 100,
             train_blocks: 100,
@@ -361,8 +403,8 @@ mod tests {
         })
     }
 
-    fn control(step: u64, action: &str, scale: f64) -> Event {
-        Event::Control(ControlRecord { step, action: action.into(), lr_scale: scale, origin: "ui".into() })
+    fn control(step: u64, action: ControlAction, scale: f64) -> Event {
+        Event::Control(ControlRecord { step, action, lr_scale: scale, origin: ControlOrigin::Ui })
     }
 
     fn owned() -> App {
@@ -381,13 +423,16 @@ mod tests {
         assert_eq!(d.step, 40);
         assert_eq!(d.status, Status::Training);
         assert_eq!(d.eta_seconds(), Some(60.0 * 1000.0 / 2000.0), "60 steps left at 2000 tok/s");
-        app.update(Msg::Event(control(40, "pause", 1.0)));
+        app.update(Msg::Event(control(40, ControlAction::Pause, 1.0)));
         assert_eq!(app.dash().unwrap().status, Status::Paused);
-        app.update(Msg::Event(control(40, "scale_lr", 0.1)));
-        app.update(Msg::Event(control(40, "resume", 0.1)));
+        app.update(Msg::Event(control(40, ControlAction::ScaleLr, 0.1)));
+        app.update(Msg::Event(control(40, ControlAction::Resume, 0.1)));
         let d = app.dash().unwrap();
         assert_eq!((d.status.clone(), d.lr_scale), (Status::Training, 0.1));
-        assert!(d.marks.contains(&(40, dashboard::MarkKind::LrChange)) && d.marks.contains(&(40, dashboard::MarkKind::Pause)));
+        assert!(
+            d.marks.contains(&(40, dashboard::MarkKind::LrChange))
+                && d.marks.contains(&(40, dashboard::MarkKind::Pause))
+        );
         assert!(d.log.iter().any(|l| l.text.contains("scale lr")));
     }
 
@@ -396,11 +441,15 @@ mod tests {
         let mut app = owned();
         app.update(Msg::Event(progress(1)));
         assert_eq!(app.update(Msg::Key(Key::Char('p'))), vec![Command::Control(Control::Pause)]);
-        app.update(Msg::Event(control(1, "pause", 1.0)));
+        app.update(Msg::Event(control(1, ControlAction::Pause, 1.0)));
         assert_eq!(app.update(Msg::Key(Key::Char('p'))), vec![Command::Control(Control::Resume)], "p toggles");
         assert_eq!(app.update(Msg::Key(Key::Char('c'))), vec![Command::Control(Control::CheckpointNow)]);
         assert_eq!(app.update(Msg::Key(Key::Char('l'))), vec![Command::Control(Control::ScaleLr { factor: 0.1 })]);
-        assert_eq!(app.update(Msg::Click(Button::LowerLr)), vec![Command::Control(Control::ScaleLr { factor: 0.1 })], "buttons act as keys");
+        assert_eq!(
+            app.update(Msg::Click(Button::LowerLr)),
+            vec![Command::Control(Control::ScaleLr { factor: 0.1 })],
+            "buttons act as keys"
+        );
         // q opens the dialog; c cancels; q then s stops with a save and waits for the trainer
         assert!(app.update(Msg::Key(Key::Char('q'))).is_empty());
         assert_eq!(app.dialog, Some(Dialog::Quit));

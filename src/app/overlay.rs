@@ -42,7 +42,17 @@ pub struct Overlay {
 
 impl Overlay {
     pub fn new(kind: Kind, title: &str) -> Self {
-        Self { kind, title: title.into(), curves: vec![], table: vec![], log: VecDeque::new(), status: "starting".into(), finished: false, log_y: false, marks: vec![] }
+        Self {
+            kind,
+            title: title.into(),
+            curves: vec![],
+            table: vec![],
+            log: VecDeque::new(),
+            status: "starting".into(),
+            finished: false,
+            log_y: false,
+            marks: vec![],
+        }
     }
 
     pub fn note(&mut self, line: String) {
@@ -56,7 +66,12 @@ impl Overlay {
         match e {
             SweepEvent::TrialStart { index, of, label } => {
                 self.status = format!("trial {}/{of}: {label}", index + 1);
-                self.curves.push(Curve { label: label.clone(), loss: Series::default(), eval: Series::with_capacity(256), status: "running".into() });
+                self.curves.push(Curve {
+                    label: label.clone(),
+                    loss: Series::default(),
+                    eval: Series::with_capacity(256),
+                    status: "running".into(),
+                });
                 self.table = self.trial_rows();
             }
             SweepEvent::Train { index, event } => {
@@ -77,7 +92,12 @@ impl Overlay {
                 if let Some(c) = self.curves.iter_mut().find(|c| c.label == t.label) {
                     c.status = t.status.clone();
                 } else {
-                    self.curves.push(Curve { label: t.label.clone(), loss: Series::default(), eval: Series::default(), status: t.status.clone() });
+                    self.curves.push(Curve {
+                        label: t.label.clone(),
+                        loss: Series::default(),
+                        eval: Series::default(),
+                        status: t.status.clone(),
+                    });
                 }
                 self.note(format!("{}: {} after {} steps", t.label, t.status, t.steps));
                 self.table = self.trial_rows();
@@ -105,8 +125,18 @@ impl Overlay {
             }
             LrFindEvent::Point { lr, loss, smoothed } => {
                 if self.curves.is_empty() {
-                    self.curves.push(Curve { label: "loss".into(), loss: Series::default(), eval: Series::default(), status: String::new() });
-                    self.curves.push(Curve { label: "smoothed".into(), loss: Series::default(), eval: Series::default(), status: String::new() });
+                    self.curves.push(Curve {
+                        label: "loss".into(),
+                        loss: Series::default(),
+                        eval: Series::default(),
+                        status: String::new(),
+                    });
+                    self.curves.push(Curve {
+                        label: "smoothed".into(),
+                        loss: Series::default(),
+                        eval: Series::default(),
+                        status: String::new(),
+                    });
                 }
                 self.curves[0].loss.push(lr.log10(), *loss);
                 self.curves[1].loss.push(lr.log10(), *smoothed);
@@ -136,7 +166,8 @@ impl Overlay {
             r.eval.iter().for_each(|&(x, y)| eval.push(x, y));
             o.curves.push(Curve { label: r.name.clone(), loss, eval, status: r.status.clone().unwrap_or_default() });
         }
-        o.table = compare::table(runs).lines().chain(compare::differences_text(runs).lines()).map(str::to_string).collect();
+        o.table =
+            compare::table(runs).lines().chain(compare::differences_text(runs).lines()).map(str::to_string).collect();
         o.finished = true;
         o.status = format!("{} runs - q to exit", runs.len());
         o

@@ -1,7 +1,7 @@
 //! The preset picker: every preset with its description and key values; the learning rate and
 //! the step limit can be edited before Enter starts the run.
 
-use crate::cli::RunArgs;
+use crate::config::RunArgs;
 use crate::config::{resolve, ConfigError, Preset, RunConfig};
 
 use super::Key;
@@ -52,7 +52,12 @@ impl Picker {
                     description: preset.description.clone(),
                     config: resolve(&chain, &vec![]).map(|r| r.config).map_err(|e| e.to_string()),
                 },
-                Err(e) => Entry { name: "(broken)".into(), origin: String::new(), description: String::new(), config: Err(e.to_string()) },
+                Err(e) => Entry {
+                    name: "(broken)".into(),
+                    origin: String::new(),
+                    description: String::new(),
+                    config: Err(e.to_string()),
+                },
             })
             .collect();
         let selected = entries.iter().position(|e| e.name == "demo").unwrap_or(0);
@@ -70,7 +75,9 @@ impl Picker {
         let cfg = self.current().and_then(|e| e.config.as_ref().ok());
         match field {
             Field::LearningRate => lr.unwrap_or_else(|| cfg.map_or("-".into(), |c| format!("{:e}", c.learning_rate))),
-            Field::MaxSteps => steps.unwrap_or_else(|| cfg.and_then(|c| c.max_steps).map_or("epochs".into(), |s| s.to_string())),
+            Field::MaxSteps => {
+                steps.unwrap_or_else(|| cfg.and_then(|c| c.max_steps).map_or("epochs".into(), |s| s.to_string()))
+            }
         }
     }
 
@@ -84,7 +91,14 @@ impl Picker {
                 flags.push(("max_steps".into(), steps.clone()));
             }
         }
-        RunArgs { preset: self.current().map(|e| e.origin.clone()).filter(|o| !o.is_empty()).map(|o| preset_ref(&o, self.current())), flags }
+        RunArgs {
+            preset: self
+                .current()
+                .map(|e| e.origin.clone())
+                .filter(|o| !o.is_empty())
+                .map(|o| preset_ref(&o, self.current())),
+            flags,
+        }
     }
 
     pub fn on_key(&mut self, key: Key) -> Outcome {
@@ -103,7 +117,14 @@ impl Picker {
                         }
                         self.error = None;
                     } else {
-                        self.error = Some(format!("{text:?} is not a valid {}", if field == Field::LearningRate { "learning rate (e.g. 3e-4)" } else { "step count (e.g. 500)" }));
+                        self.error = Some(format!(
+                            "{text:?} is not a valid {}",
+                            if field == Field::LearningRate {
+                                "learning rate (e.g. 3e-4)"
+                            } else {
+                                "step count (e.g. 500)"
+                            }
+                        ));
                     }
                 }
                 Key::Esc => self.error = None,
@@ -156,7 +177,8 @@ mod tests {
 
     fn picker() -> Picker {
         let lib = PresetLibrary::builtin();
-        let presets = lib.names().iter().map(|n| lib.chain(n).map(|c| (c.clone(), c.last().cloned().unwrap()))).collect();
+        let presets =
+            lib.names().iter().map(|n| lib.chain(n).map(|c| (c.clone(), c.last().cloned().unwrap()))).collect();
         Picker::new(presets, vec![])
     }
 
@@ -183,7 +205,10 @@ mod tests {
         assert_eq!(p.shown(Field::LearningRate), "3e-4");
         let Outcome::Start(args) = p.on_key(Key::Enter) else { panic!("start") };
         assert_eq!(args.preset, Some(name));
-        assert_eq!(args.flags, vec![("learning_rate".to_string(), "3e-4".to_string()), ("max_steps".to_string(), "25".to_string())]);
+        assert_eq!(
+            args.flags,
+            vec![("learning_rate".to_string(), "3e-4".to_string()), ("max_steps".to_string(), "25".to_string())]
+        );
         // a bad value is refused with a message
         for k in [Key::Char('l'), Key::Char('-'), Key::Enter] {
             p.on_key(k);

@@ -10,9 +10,9 @@ use anyhow::Context;
 use super::BadInput;
 use crate::config::Resolved;
 use crate::data::prepare::default_cache_dir;
-use crate::data::{prepare_validation, tokenizer, Progress, Tokenizer};
+use crate::data::{prepare_validation, tokenizer, Progress, Tokenizer, TokenizerSpec};
 use crate::events::{EvalRecord, Event};
-use crate::model::checkpoint::load_pretrained;
+use crate::model::hf::load_pretrained;
 use crate::model::Trainable;
 use crate::sinks::human::{describe, StderrLog};
 use crate::sinks::Sink;
@@ -22,12 +22,12 @@ use crate::train::{device, step::evaluate};
 
 /// The checkpoint's own tokenizer.json when it carries one, else the configured tokenizer
 /// (`gpt2` for an HF GPT-2 directory).
-fn tokenizer_for(dir: &Path, spec: &str, cache: &Path) -> anyhow::Result<Tokenizer> {
+fn tokenizer_for(dir: &Path, spec: &TokenizerSpec, cache: &Path) -> anyhow::Result<Tokenizer> {
     let own = dir.join(TOKENIZER);
     if own.is_file() {
         return Ok(Tokenizer::from_file(&own.display().to_string(), &own)?);
     }
-    if spec.starts_with("bpe:") {
+    if matches!(spec, TokenizerSpec::Bpe(_)) {
         return Err(BadInput(format!("{} has no tokenizer.json and a bpe:N tokenizer cannot be rebuilt for it; pass --tokenizer gpt2 or a tokenizer.json path", dir.display())).into());
     }
     let mut no_rows = || Ok(vec![]);
@@ -39,7 +39,7 @@ fn report(p: &Progress) {
         stage: p.stage.clone(),
         done: p.done,
         total: p.total,
-        unit: format!("{:?}", p.unit).to_lowercase(),
+        unit: p.unit,
     }));
 }
 
@@ -49,7 +49,7 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
     if !dir.join("config.json").is_file() {
         return Err(BadInput(format!("{} holds no config.json: give --checkpoint a checkpoint-N directory, a finished output_dir or an HF GPT-2 directory", dir.display())).into());
     }
-    let device = device::select(&cfg.device)?;
+    let device = device::select(cfg.device)?;
     let (model_cfg, weights) = load_pretrained(&dir, &device)?;
     let cache = default_cache_dir();
     let tokenizer = tokenizer_for(&dir, &cfg.tokenizer_spec(), &cache)?;
@@ -68,7 +68,10 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
     }
     let block_size = cfg.block_size.min(model_cfg.n_positions);
     if block_size < cfg.block_size {
-        eprintln!("[info] block_size {} is longer than the model's n_positions; evaluating in blocks of {block_size}", cfg.block_size);
+        eprintln!(
+            "[info] block_size {} is longer than the model's n_positions; evaluating in blocks of {block_size}",
+            cfg.block_size
+        );
     }
     let gpt = Trainable::new(&model_cfg, weights)?.detached()?;
     let started = Instant::now();
@@ -76,9 +79,12 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
     let (loss, predictions) = evaluate(&gpt, &stream, block_size, cfg.micro_batch_size, max, &device)
         .with_context(|| format!("evaluating {}", dir.display()))?;
     if predictions == 0 {
-        return Err(BadInput(format!("the validation split has fewer than {block_size} tokens: lower --block_size")).into());
+        return Err(
+            BadInput(format!("the validation split has fewer than {block_size} tokens: lower --block_size")).into()
+        );
     }
-    let state: Option<TrainerState> = std::fs::read_to_string(dir.join(TRAINER_STATE)).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let state: Option<TrainerState> =
+        std::fs::read_to_string(dir.join(TRAINER_STATE)).ok().and_then(|t| serde_json::from_str(&t).ok());
     let secs = started.elapsed().as_secs_f64();
     let tokens = predictions + predictions / (block_size as u64 - 1);
     let event = Event::Evaluate(EvalRecord {

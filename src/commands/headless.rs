@@ -8,8 +8,9 @@ use anyhow::Context;
 
 use crate::config::Resolved;
 use crate::data::prepare::default_cache_dir;
-use crate::remote::Inbox;
+use crate::signals::Interrupts;
 use crate::sinks::{self, human::StderrLog, Sinks, StdoutMarkers};
+use crate::train::remote::Inbox;
 use crate::train::{self, parse_injections, RunSpec, StopSignal};
 
 pub fn spec(resolved: &Resolved) -> RunSpec {
@@ -24,17 +25,14 @@ pub fn spec(resolved: &Resolved) -> RunSpec {
 /// First SIGINT / SIGTERM: stop at the next step boundary with a final checkpoint. Second:
 /// exit at once (every file is written atomically, so nothing is left corrupt).
 pub fn install_signal_handlers(stop: &StopSignal) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    for (signal, code) in [(SIGINT, 130), (SIGTERM, 143)] {
-        signal_hook::flag::register_conditional_shutdown(signal, code, stop.flag())?;
-        signal_hook::flag::register(signal, stop.flag())?;
-    }
-    Ok(())
+    Interrupts::exit_on_second(stop.flag())?;
+    Interrupts::set_flag(stop.flag())
 }
 
 /// The run directory's sinks plus stdout and stderr.
 pub fn all_sinks(output_dir: &std::path::Path, config: &crate::config::RunConfig) -> anyhow::Result<Sinks> {
-    let mut sinks = sinks::file_sinks(output_dir, config).with_context(|| format!("opening the outputs in {}", output_dir.display()))?;
+    let mut sinks = sinks::file_sinks(output_dir, config)
+        .with_context(|| format!("opening the outputs in {}", output_dir.display()))?;
     sinks.push("stdout", Box::new(StdoutMarkers));
     sinks.push("stderr", Box::new(StderrLog::new()));
     Ok(sinks)

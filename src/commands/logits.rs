@@ -1,17 +1,17 @@
 //! `difflab logits`: a saved model's logits for given token ids (or text), as JSON, so other
 //! tools can compare against them (scripts/hf_check.py compares with transformers).
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
 use candle_core::{Device, Tensor};
 
 use super::BadInput;
 use crate::data::Tokenizer;
-use crate::model::checkpoint::load_pretrained;
+use crate::model::hf::load_pretrained;
 use crate::model::Trainable;
 
-pub fn run(checkpoint: &PathBuf, ids: Option<&str>, text: Option<&str>) -> anyhow::Result<ExitCode> {
+pub fn run(checkpoint: &Path, ids: Option<&str>, text: Option<&str>) -> anyhow::Result<ExitCode> {
     let (cfg, weights) = load_pretrained(checkpoint, &Device::Cpu)?;
     let ids: Vec<u32> = match (ids, text) {
         (Some(list), _) => list
@@ -25,7 +25,9 @@ pub fn run(checkpoint: &PathBuf, ids: Option<&str>, text: Option<&str>) -> anyho
         (None, None) => return Err(BadInput("give --ids 1,2,3 or --text \"...\"".into()).into()),
     };
     if ids.is_empty() || ids.len() > cfg.n_positions || ids.iter().any(|&i| i as usize >= cfg.vocab_size) {
-        return Err(BadInput(format!("need 1..={} ids below the vocabulary size {}", cfg.n_positions, cfg.vocab_size)).into());
+        return Err(
+            BadInput(format!("need 1..={} ids below the vocabulary size {}", cfg.n_positions, cfg.vocab_size)).into()
+        );
     }
     let model = Trainable::new(&cfg, weights)?.detached()?;
     let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu)?;

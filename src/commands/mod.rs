@@ -1,8 +1,12 @@
 //! The application edge: turns an `Invocation` into work, errors into messages and exit codes
 //! (0 done, 2 bad input, 1 failure). The only place that uses `anyhow`.
 
+pub mod bench;
+pub mod cli;
 pub mod eval;
+pub mod golden;
 pub mod headless;
+pub mod lab;
 pub mod logits;
 pub mod sweep;
 
@@ -10,19 +14,22 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::cli::{Invocation, RunArgs};
-use crate::config::resolve::parse_flag_value;
-use crate::config::{resolve, ConfigError, Overrides, PresetLibrary, Resolved};
+use crate::config::{ConfigError, PresetLibrary, Resolved, RunArgs};
+use cli::Invocation;
 
 pub const EXIT_BAD_INPUT: u8 = 2;
 
 /// Bad input, as opposed to a failure: the exit code 2 class.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     use crate::data::DataError;
-    use crate::model::checkpoint::CheckpointError;
+    use crate::model::hf::CheckpointError;
     use crate::train::{device::DeviceError, TrainError};
     for cause in err.chain() {
-        if cause.is::<ConfigError>() || cause.is::<DeviceError>() || cause.is::<crate::bench::BenchError>() || cause.is::<BadInput>() {
+        if cause.is::<ConfigError>()
+            || cause.is::<DeviceError>()
+            || cause.is::<bench::BenchError>()
+            || cause.is::<BadInput>()
+        {
             return EXIT_BAD_INPUT;
         }
         if let Some(e) = cause.downcast_ref::<DataError>() {
@@ -32,7 +39,10 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             return if e.is_user_error() { EXIT_BAD_INPUT } else { 1 };
         }
         if let Some(e) = cause.downcast_ref::<CheckpointError>() {
-            let failure = matches!(e, CheckpointError::Write { .. } | CheckpointError::NonFinite { .. } | CheckpointError::Candle(_));
+            let failure = matches!(
+                e,
+                CheckpointError::Write { .. } | CheckpointError::NonFinite { .. } | CheckpointError::Candle(_)
+            );
             return if failure { 1 } else { EXIT_BAD_INPUT };
         }
     }
@@ -46,17 +56,7 @@ pub struct BadInput(pub String);
 
 /// Preset chain + flags -> a resolved, validated config. Warnings go to stderr.
 pub fn resolve_run(args: &RunArgs) -> Result<Resolved, ConfigError> {
-    let library = PresetLibrary::load();
-    let chain = match &args.preset {
-        Some(p) => library.chain(p)?,
-        None => vec![],
-    };
-    let flags: Overrides = args
-        .flags
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), parse_flag_value(k, v)?)))
-        .collect::<Result<_, ConfigError>>()?;
-    let resolved = resolve(&chain, &flags)?;
+    let resolved = args.resolve()?;
     for w in &resolved.warnings {
         eprintln!("{w}");
     }
@@ -82,24 +82,29 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
                 let resolved = resolve_run(&run)?;
                 return if resolved.config.eval_only { eval::run(&resolved) } else { headless::train(&resolved) };
             }
-            crate::tui::lab(run, ui)
+            lab::lab(run, ui)
         }
         Invocation::Bench(flags) => {
-            let result = crate::bench::run(&flags).context("bench")?;
+            let result = bench::run(&flags).context("bench")?;
             println!("{result}");
             Ok(ExitCode::SUCCESS)
         }
         Invocation::Logits { checkpoint, ids, text } => logits::run(&checkpoint, ids.as_deref(), text.as_deref()),
         Invocation::GoldenCheck { golden, device, dtype } => {
-            let device = crate::train::device::select(&device)?;
+            let device = crate::train::device::select(
+                device.parse().map_err(|e| BadInput(format!("--device {device:?}: {e}; use cpu, cuda or cuda:N")))?,
+            )?;
             let dtype = match dtype.as_str() {
                 "f32" => candle_core::DType::F32,
                 "bf16" => candle_core::DType::BF16,
                 other => return Err(BadInput(format!("--dtype {other:?}: use f32 or bf16")).into()),
             };
-            let (reports, tolerances) = crate::golden::check(&golden, &device, dtype)?;
+            let (reports, tolerances) = golden::check(&golden, &device, dtype)?;
             let pass = reports.iter().all(|r| r.pass);
-            println!("{}", serde_json::json!({ "device": crate::train::device::describe(&device), "dtype": format!("{dtype:?}").to_lowercase(), "tolerances": tolerances, "variants": reports, "pass": pass }));
+            println!(
+                "{}",
+                serde_json::json!({ "device": crate::train::device::describe(&device), "dtype": format!("{dtype:?}").to_lowercase(), "tolerances": tolerances, "variants": reports, "pass": pass })
+            );
             Ok(if pass { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Invocation::Presets => {
@@ -111,11 +116,13 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Invocation::Watch { dir, ui } => crate::tui::watch(&dir, ui),
+        Invocation::Watch { dir, ui } => lab::watch(&dir, ui),
         Invocation::Sweep { run, ui } => sweep::sweep(&run, ui),
-        Invocation::LrFind { run, start_lr, end_lr, num_steps, ui } => {
-            sweep::lr_find(&run, crate::sweep::lr_find::Range { start: start_lr, end: end_lr, steps: num_steps as usize }, ui)
-        }
+        Invocation::LrFind { run, start_lr, end_lr, num_steps, ui } => sweep::lr_find(
+            &run,
+            crate::sweep::lr_find::Range { start: start_lr, end: end_lr, steps: num_steps as usize },
+            ui,
+        ),
         Invocation::Compare { dirs, ui } => sweep::compare(&dirs, ui),
     }
 }

@@ -6,22 +6,30 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::{resolve_run, BadInput};
-use crate::cli::{RunArgs, UiOptions};
-use crate::config::resolve::parse_flag_value;
+use crate::config::keys::parse_flag_value;
+use crate::config::RunArgs;
 use crate::config::RunConfig;
 use crate::data::prepare::default_cache_dir;
 use crate::sinks::human::describe;
 use crate::sweep::lr_find::{self, LrFindEvent, Range};
 use crate::sweep::{self, compare, SweepEvent};
+use crate::tui::UiOptions;
 
 /// The swept key and its values: a flag given a comma list, else the preset's `sweep:`.
 /// Each value is checked by resolving the run with it.
 pub fn plan(args: &RunArgs) -> anyhow::Result<(RunConfig, Option<String>, String, Vec<serde_json::Value>)> {
     let lists: Vec<&(String, String)> = args.flags.iter().filter(|(_, v)| v.contains(',')).collect();
     if lists.len() > 1 {
-        return Err(BadInput(format!("sweep one key at a time; got lists for {}", lists.iter().map(|(k, _)| format!("--{k}")).collect::<Vec<_>>().join(" and "))).into());
+        return Err(BadInput(format!(
+            "sweep one key at a time; got lists for {}",
+            lists.iter().map(|(k, _)| format!("--{k}")).collect::<Vec<_>>().join(" and ")
+        ))
+        .into());
     }
-    let fixed = RunArgs { preset: args.preset.clone(), flags: args.flags.iter().filter(|(_, v)| !v.contains(',')).cloned().collect() };
+    let fixed = RunArgs {
+        preset: args.preset.clone(),
+        flags: args.flags.iter().filter(|(_, v)| !v.contains(',')).cloned().collect(),
+    };
     let resolved = resolve_run(&fixed)?;
     let (key, values) = match lists.first() {
         Some((key, list)) => {
@@ -38,7 +46,8 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<(RunConfig, Option<String>, String
     for v in &values {
         let mut flags = fixed.flags.clone();
         flags.push((key.clone(), v.to_string().trim_matches('"').to_string()));
-        resolve_run(&RunArgs { preset: fixed.preset.clone(), flags }).with_context(|| format!("the trial with {key} = {v}"))?;
+        resolve_run(&RunArgs { preset: fixed.preset.clone(), flags })
+            .with_context(|| format!("the trial with {key} = {v}"))?;
     }
     Ok((resolved.config, resolved.preset, key, values))
 }
@@ -47,7 +56,7 @@ pub fn sweep(args: &RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let (base, preset, key, values) = plan(args)?;
     let handle = sweep::spawn(base.clone(), preset, key, values, default_cache_dir());
     if ui.draws() {
-        return crate::tui::sweep(handle, &base, ui);
+        return super::lab::sweep(handle, &base, ui);
     }
     let mut current = String::new();
     for e in handle.events.iter() {
@@ -77,9 +86,11 @@ pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<Ex
     let (tx, rx) = crossbeam_channel::unbounded();
     let cache = default_cache_dir();
     let worker_cfg = cfg.clone();
-    let worker = std::thread::Builder::new().name("difflab-lr-find".into()).spawn(move || lr_find::run(&worker_cfg, &cache, range, &tx))?;
+    let worker = std::thread::Builder::new()
+        .name("difflab-lr-find".into())
+        .spawn(move || lr_find::run(&worker_cfg, &cache, range, &tx))?;
     if ui.draws() {
-        return crate::tui::lr_find(rx, worker, &cfg, ui);
+        return super::lab::lr_find(rx, worker, &cfg, ui);
     }
     for e in rx.iter() {
         match e {
@@ -88,12 +99,17 @@ pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<Ex
                     eprintln!("{line}");
                 }
             }
-            LrFindEvent::Point { lr, loss, smoothed } => eprintln!("[lr-find] lr {lr:.2e} loss {loss:.4} smoothed {smoothed:.4}"),
+            LrFindEvent::Point { lr, loss, smoothed } => {
+                eprintln!("[lr-find] lr {lr:.2e} loss {loss:.4} smoothed {smoothed:.4}")
+            }
             LrFindEvent::Done { curve, suggestions, dir } => {
                 if let Some(why) = &curve.stopped {
                     eprintln!("[lr-find] stopped: {why}");
                 }
-                println!("{}", serde_json::json!({ "steepest": suggestions.steepest, "valley": suggestions.valley, "points": curve.lrs.len(), "plot": dir.join("lr_find.png") }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "steepest": suggestions.steepest, "valley": suggestions.valley, "points": curve.lrs.len(), "plot": dir.join("lr_find.png") })
+                );
             }
         }
     }
@@ -102,9 +118,10 @@ pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<Ex
 }
 
 pub fn compare(dirs: &[PathBuf], ui: UiOptions) -> anyhow::Result<ExitCode> {
-    let runs = dirs.iter().map(|d| compare::load(d)).collect::<Result<Vec<_>, _>>().map_err(|e| BadInput(e.to_string()))?;
+    let runs =
+        dirs.iter().map(|d| compare::load(d)).collect::<Result<Vec<_>, _>>().map_err(|e| BadInput(e.to_string()))?;
     if ui.draws() {
-        return crate::tui::compare(runs, ui);
+        return super::lab::compare(runs, ui);
     }
     print!("{}", compare::table(&runs));
     print!("{}", compare::differences_text(&runs));

@@ -2,6 +2,10 @@
 //! spells them), its type, its default and its help. The CLI, `--help`, preset parsing and
 //! the resolved config are all driven by this table.
 
+use serde_json::Value;
+
+use super::ConfigError;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Bool,
@@ -41,7 +45,11 @@ use Kind::*;
 /// In the research README's order, then difflab's own.
 pub const KEYS: &[Key] = &[
     key("dataset", Str, "wikitext, builtin (offline, generated), or a path to .txt/.parquet/.jsonl or a folder"),
-    key("dataset_config", Str, "wikitext config: wikitext-103-v1, wikitext-103-raw-v1, wikitext-2-v1, wikitext-2-raw-v1"),
+    key(
+        "dataset_config",
+        Str,
+        "wikitext config: wikitext-103-v1, wikitext-103-raw-v1, wikitext-2-v1, wikitext-2-raw-v1",
+    ),
     key("output_dir", Str, "where checkpoints, metrics.jsonl, TensorBoard logs and figures go"),
     key("rope", Bool, "rotary position embedding instead of learned absolute positions"),
     key("research", Bool, "the differential input-embedding variant"),
@@ -115,6 +123,82 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+pub fn canonical_key(key: &str, origin: &str, warnings: &mut Vec<String>) -> String {
+    match KEY_ALIASES.iter().find(|(alias, _)| *alias == key) {
+        Some((alias, real)) => {
+            warnings.push(format!("warning: {origin}: `{alias}` is read as `{real}` (the tutor's spelling)"));
+            real.to_string()
+        }
+        None => key.to_string(),
+    }
+}
+
+/// Checks a value's type against its key (preset files give typed YAML values).
+pub fn check_value(origin: &str, key: &str, value: &Value) -> Result<Value, ConfigError> {
+    let Some(k) = find(key) else {
+        return Err(ConfigError::UnknownKey { origin: origin.into(), key: key.into(), nearest: nearest(key).into() });
+    };
+    let ok = match (k.kind, value) {
+        (Kind::Bool, Value::Bool(_)) => true,
+        (Kind::Int | Kind::OptInt, Value::Number(n)) => n.is_u64(),
+        (Kind::Float, Value::Number(_)) => true,
+        (Kind::Str | Kind::OptStr, Value::String(_)) => true,
+        (Kind::OptInt | Kind::OptStr, Value::Null) => true,
+        _ => false,
+    };
+    if ok {
+        Ok(value.clone())
+    } else {
+        Err(ConfigError::WrongType {
+            origin: origin.into(),
+            key: key.into(),
+            expected: expected_phrase(k.kind).into(),
+            got: value.to_string(),
+        })
+    }
+}
+
+fn expected_phrase(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Bool => "true or false",
+        Kind::Int => "a whole number >= 0",
+        Kind::OptInt => "a whole number >= 0 or null",
+        Kind::Float => "a number",
+        Kind::Str => "a string",
+        Kind::OptStr => "a string or null",
+    }
+}
+
+/// Types a command-line string by its key: `--rope true`, `--n_layer 2`, `--learning_rate 1e-3`.
+pub fn parse_flag_value(key: &str, raw: &str) -> Result<Value, ConfigError> {
+    let origin = "command line";
+    let k = find(key).ok_or_else(|| ConfigError::UnknownKey {
+        origin: origin.into(),
+        key: key.into(),
+        nearest: nearest(key).into(),
+    })?;
+    let null = matches!(raw.to_ascii_lowercase().as_str(), "none" | "null");
+    let parsed = match k.kind {
+        Kind::Bool => match raw.to_ascii_lowercase().as_str() {
+            "true" => Some(Value::Bool(true)),
+            "false" => Some(Value::Bool(false)),
+            _ => None,
+        },
+        Kind::OptInt if null => Some(Value::Null),
+        Kind::Int | Kind::OptInt => raw.parse::<u64>().ok().map(Value::from),
+        Kind::Float => raw.parse::<f64>().ok().filter(|x| x.is_finite()).map(Value::from),
+        Kind::OptStr if null || raw.is_empty() => Some(Value::Null),
+        Kind::Str | Kind::OptStr => Some(Value::String(raw.into())),
+    };
+    parsed.ok_or_else(|| ConfigError::WrongType {
+        origin: format!("{origin} (--{key})"),
+        key: key.into(),
+        expected: expected_phrase(k.kind).into(),
+        got: format!("{raw:?}"),
+    })
+}
+
+/// Defaults, then each preset of the chain (base first), then the flags.
 #[cfg(test)]
 mod tests {
     use super::*;

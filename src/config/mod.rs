@@ -9,10 +9,41 @@ pub mod keys;
 pub mod preset;
 pub mod resolve;
 
+use std::fmt;
+use std::str::FromStr;
+
 use serde::{Deserialize, Serialize};
+
+use crate::data::TokenizerSpec;
+use crate::model::GptConfig;
+use crate::optim::ScheduleKind;
 
 pub use preset::{Preset, PresetLibrary};
 pub use resolve::{resolve, Overrides, Resolved, Source};
+
+/// A run as asked for: the preset and the flags as given, `(key, raw value)` pairs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunArgs {
+    pub preset: Option<String>,
+    pub flags: Vec<(String, String)>,
+}
+
+impl RunArgs {
+    /// Preset chain + flags -> a resolved, validated config (its warnings in `Resolved`).
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let library = PresetLibrary::load();
+        let chain = match &self.preset {
+            Some(p) => library.chain(p)?,
+            None => vec![],
+        };
+        let flags: Overrides = self
+            .flags
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), keys::parse_flag_value(k, v)?)))
+            .collect::<Result<_, ConfigError>>()?;
+        resolve(&chain, &flags)
+    }
+}
 
 /// Everything a run needs, resolved: no key is missing. Field names are the keys of `KEYS`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,7 +67,7 @@ pub struct RunConfig {
     pub batch_size: usize,
     pub micro_batch_size: usize,
     pub learning_rate: f64,
-    pub lr_scheduler_type: String,
+    pub lr_scheduler_type: ScheduleKind,
     pub warmup_steps: u64,
     pub warmup_ratio: f64,
     pub weight_decay: f64,
@@ -50,9 +81,9 @@ pub struct RunConfig {
     pub logging_steps: u64,
     pub seed: u64,
     pub dropout: f64,
-    pub tokenizer: String,
-    pub device: String,
-    pub dtype: String,
+    pub tokenizer: TokenizerSpec,
+    pub device: DeviceSpec,
+    pub dtype: Precision,
     pub resume_from_checkpoint: Option<String>,
     pub adam_beta1: f64,
     pub adam_epsilon: f64,
@@ -85,7 +116,7 @@ impl Default for RunConfig {
             batch_size: 64,
             micro_batch_size: 4,
             learning_rate: 1e-4,
-            lr_scheduler_type: "cosine".into(),
+            lr_scheduler_type: ScheduleKind::Cosine,
             warmup_steps: 0,
             warmup_ratio: 0.0,
             weight_decay: 0.0,
@@ -99,9 +130,9 @@ impl Default for RunConfig {
             logging_steps: 10,
             seed: 42,
             dropout: 0.0,
-            tokenizer: "auto".into(),
-            device: "auto".into(),
-            dtype: "f32".into(),
+            tokenizer: TokenizerSpec::Auto,
+            device: DeviceSpec::Auto,
+            dtype: Precision::F32,
             resume_from_checkpoint: None,
             adam_beta1: 0.9,
             adam_epsilon: 1e-8,
@@ -112,14 +143,25 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
-    /// The tokenizer spec with `auto` resolved.
-    pub fn tokenizer_spec(&self) -> String {
-        if self.tokenizer != "auto" {
-            self.tokenizer.clone()
-        } else if self.dataset == "wikitext" {
-            "gpt2".into()
-        } else {
-            "bpe:8192".into()
+    /// The tokenizer with `auto` resolved against the dataset.
+    pub fn tokenizer_spec(&self) -> TokenizerSpec {
+        self.tokenizer.resolved(&self.dataset)
+    }
+
+    /// The model this run trains, for a tokenizer of `vocab_size` ids. Every caller that
+    /// builds a model from a run's settings (train, lr-find, bench, the picker) comes here.
+    pub fn model_config(&self, vocab_size: usize) -> GptConfig {
+        GptConfig {
+            vocab_size,
+            n_positions: self.block_size,
+            n_embd: self.n_embd,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            layer_norm_epsilon: 1e-5,
+            rope: self.rope,
+            rope_theta: self.rope_theta,
+            differential: self.research,
+            dropout: self.dropout as f32,
         }
     }
 
@@ -144,6 +186,92 @@ pub enum ConfigError {
     Yaml { path: String, reason: String },
     #[error("{path}: `extends` forms a cycle: {chain}")]
     ExtendsCycle { path: String, chain: String },
-    #[error("{origin}: `sweep` must map exactly one key to a list of values, e.g. `sweep: {{learning_rate: [1e-3, 3e-4]}}`")]
+    #[error(
+        "{origin}: `sweep` must map exactly one key to a list of values, e.g. `sweep: {{learning_rate: [1e-3, 3e-4]}}`"
+    )]
     BadSweep { origin: String },
 }
+
+/// Where a run computes: `auto | cpu | cuda | cuda:N`, the same string on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    /// CUDA 0 when this build has CUDA and a GPU answers, else the CPU.
+    Auto,
+    Cpu,
+    /// `cuda` (`None`: device 0) or `cuda:N`.
+    Cuda(Option<usize>),
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(None) => f.write_str("cuda"),
+            DeviceSpec::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(None)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| DeviceSpec::Cuda(Some(n)))
+                .ok_or_else(|| "unknown device".to_string()),
+        }
+    }
+}
+
+/// The compute dtype: `f32`, or `bf16` (CUDA; f32 master weights and optimizer state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err("unknown dtype".into()),
+        }
+    }
+}
+
+/// String forms for serde: the same JSON as before the types existed.
+macro_rules! serde_as_string {
+    ($($t:ty),*) => {$(
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                v.to_string()
+            }
+        }
+    )*};
+}
+serde_as_string!(DeviceSpec, Precision);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::resolve::{canonical_key, check_value};
+use super::keys::{canonical_key, check_value};
 use super::ConfigError;
 
 /// The project's presets, embedded at build time. A test checks this list against `presets/`.
@@ -37,13 +37,16 @@ pub struct Preset {
 }
 
 pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError> {
-    let doc: Value = serde_yaml_ng::from_str(text)
-        .map_err(|e| ConfigError::Yaml { path: origin.into(), reason: e.to_string() })?;
+    let doc: Value =
+        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Yaml { path: origin.into(), reason: e.to_string() })?;
     let map = match doc {
         Value::Object(m) => m,
         Value::Null => Map::new(),
         other => {
-            return Err(ConfigError::Yaml { path: origin.into(), reason: format!("the document is {other}, not a mapping") })
+            return Err(ConfigError::Yaml {
+                path: origin.into(),
+                reason: format!("the document is {other}, not a mapping"),
+            })
         }
     };
     let mut preset = Preset {
@@ -59,9 +62,18 @@ pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError
         match key.as_str() {
             "description" | "extends" => {
                 let Value::String(s) = value else {
-                    return Err(ConfigError::WrongType { origin: origin.into(), key, expected: "a string".into(), got: value.to_string() });
+                    return Err(ConfigError::WrongType {
+                        origin: origin.into(),
+                        key,
+                        expected: "a string".into(),
+                        got: value.to_string(),
+                    });
                 };
-                if key == "description" { preset.description = s } else { preset.extends = Some(s) }
+                if key == "description" {
+                    preset.description = s
+                } else {
+                    preset.extends = Some(s)
+                }
             }
             "sweep" => preset.sweep = Some(parse_sweep(origin, value, &mut preset.warnings)?),
             _ => {
@@ -143,7 +155,8 @@ impl PresetLibrary {
 
     /// A preset by name, or by path to a YAML file.
     pub fn get(&self, name_or_path: &str) -> Result<Preset, ConfigError> {
-        let looks_like_path = name_or_path.ends_with(".yaml") || name_or_path.ends_with(".yml") || name_or_path.contains('/');
+        let looks_like_path =
+            name_or_path.ends_with(".yaml") || name_or_path.ends_with(".yml") || name_or_path.contains('/');
         if looks_like_path {
             let path = Path::new(name_or_path);
             let text = std::fs::read_to_string(path)

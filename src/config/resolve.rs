@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use super::keys::{self, Kind, KEY_ALIASES};
+use super::keys::{canonical_key, check_value};
 use super::preset::Preset;
-use super::{ConfigError, RunConfig};
+use super::{ConfigError, DeviceSpec, Precision, RunConfig};
+use crate::data::TokenizerSpec;
 use crate::optim::ScheduleKind;
 
 /// Where a value came from, for error messages.
@@ -44,82 +45,6 @@ pub struct Resolved {
 }
 
 /// Maps an accepted misspelling to its key, with a warning.
-pub fn canonical_key(key: &str, origin: &str, warnings: &mut Vec<String>) -> String {
-    match KEY_ALIASES.iter().find(|(alias, _)| *alias == key) {
-        Some((alias, real)) => {
-            warnings.push(format!("warning: {origin}: `{alias}` is read as `{real}` (the tutor's spelling)"));
-            real.to_string()
-        }
-        None => key.to_string(),
-    }
-}
-
-/// Checks a value's type against its key (preset files give typed YAML values).
-pub fn check_value(origin: &str, key: &str, value: &Value) -> Result<Value, ConfigError> {
-    let Some(k) = keys::find(key) else {
-        return Err(ConfigError::UnknownKey { origin: origin.into(), key: key.into(), nearest: keys::nearest(key).into() });
-    };
-    let ok = match (k.kind, value) {
-        (Kind::Bool, Value::Bool(_)) => true,
-        (Kind::Int | Kind::OptInt, Value::Number(n)) => n.is_u64(),
-        (Kind::Float, Value::Number(_)) => true,
-        (Kind::Str | Kind::OptStr, Value::String(_)) => true,
-        (Kind::OptInt | Kind::OptStr, Value::Null) => true,
-        _ => false,
-    };
-    if ok {
-        Ok(value.clone())
-    } else {
-        Err(ConfigError::WrongType {
-            origin: origin.into(),
-            key: key.into(),
-            expected: expected_phrase(k.kind).into(),
-            got: value.to_string(),
-        })
-    }
-}
-
-fn expected_phrase(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Bool => "true or false",
-        Kind::Int => "a whole number >= 0",
-        Kind::OptInt => "a whole number >= 0 or null",
-        Kind::Float => "a number",
-        Kind::Str => "a string",
-        Kind::OptStr => "a string or null",
-    }
-}
-
-/// Types a command-line string by its key: `--rope true`, `--n_layer 2`, `--learning_rate 1e-3`.
-pub fn parse_flag_value(key: &str, raw: &str) -> Result<Value, ConfigError> {
-    let origin = "command line";
-    let k = keys::find(key).ok_or_else(|| ConfigError::UnknownKey {
-        origin: origin.into(),
-        key: key.into(),
-        nearest: keys::nearest(key).into(),
-    })?;
-    let null = matches!(raw.to_ascii_lowercase().as_str(), "none" | "null");
-    let parsed = match k.kind {
-        Kind::Bool => match raw.to_ascii_lowercase().as_str() {
-            "true" => Some(Value::Bool(true)),
-            "false" => Some(Value::Bool(false)),
-            _ => None,
-        },
-        Kind::OptInt if null => Some(Value::Null),
-        Kind::Int | Kind::OptInt => raw.parse::<u64>().ok().map(Value::from),
-        Kind::Float => raw.parse::<f64>().ok().filter(|x| x.is_finite()).map(Value::from),
-        Kind::OptStr if null || raw.is_empty() => Some(Value::Null),
-        Kind::Str | Kind::OptStr => Some(Value::String(raw.into())),
-    };
-    parsed.ok_or_else(|| ConfigError::WrongType {
-        origin: format!("{origin} (--{key})"),
-        key: key.into(),
-        expected: expected_phrase(k.kind).into(),
-        got: format!("{raw:?}"),
-    })
-}
-
-/// Defaults, then each preset of the chain (base first), then the flags.
 pub fn resolve(chain: &[Preset], flags: &Overrides) -> Result<Resolved, ConfigError> {
     let mut merged: Map<String, Value> = match serde_json::to_value(RunConfig::default()) {
         Ok(Value::Object(m)) => m,
@@ -142,8 +67,19 @@ pub fn resolve(chain: &[Preset], flags: &Overrides) -> Result<Resolved, ConfigEr
     let origin_of = |key: &str| origins.get(key).cloned().unwrap_or(Source::Default).to_string();
 
     if merged.get("lr_scheduler_type").and_then(Value::as_str) == Some("consine") {
-        warnings.push(format!("warning: {}: lr_scheduler_type `consine` is read as `cosine` (the tutor's spelling)", origin_of("lr_scheduler_type")));
+        warnings.push(format!(
+            "warning: {}: lr_scheduler_type `consine` is read as `cosine` (the tutor's spelling)",
+            origin_of("lr_scheduler_type")
+        ));
         merged.insert("lr_scheduler_type".into(), Value::String("cosine".into()));
+    }
+    // the typed keys, parsed here so a bad value is refused naming its key, origin and fix
+    for (key, fix) in TYPED_KEYS {
+        if let Some(Value::String(v)) = merged.get(*key) {
+            if let Err(problem) = parse_typed(key, v) {
+                return Err(invalid(origin_of(key), key, v, problem, *fix));
+            }
+        }
     }
     let config: RunConfig = serde_json::from_value(Value::Object(merged)).map_err(|e| ConfigError::WrongType {
         origin: "configuration".into(),
@@ -156,7 +92,30 @@ pub fn resolve(chain: &[Preset], flags: &Overrides) -> Result<Resolved, ConfigEr
     Ok(Resolved { config, origins, warnings, preset: chain.last().map(|p| p.name.clone()), sweep })
 }
 
-fn invalid(origin: String, key: &str, value: impl ToString, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+/// Keys whose strings parse into types, with the fix to offer for a bad one.
+const TYPED_KEYS: &[(&str, &str)] = &[
+    ("lr_scheduler_type", "use cosine, linear, constant or constant_with_warmup"),
+    ("device", "use auto, cpu, cuda or cuda:N"),
+    ("dtype", "use f32, or bf16 on CUDA"),
+    ("tokenizer", "use gpt2, byte, bpe:N (e.g. bpe:8192) or a tokenizer.json path"),
+];
+
+fn parse_typed(key: &str, v: &str) -> Result<(), String> {
+    match key {
+        "lr_scheduler_type" => v.parse::<ScheduleKind>().map(drop),
+        "device" => v.parse::<DeviceSpec>().map(drop),
+        "dtype" => v.parse::<Precision>().map(drop),
+        _ => v.parse::<TokenizerSpec>().map(drop),
+    }
+}
+
+fn invalid(
+    origin: String,
+    key: &str,
+    value: impl ToString,
+    problem: impl Into<String>,
+    fix: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid { origin, key: key.into(), value: value.to_string(), problem: problem.into(), fix: fix.into() }
 }
 
@@ -177,9 +136,15 @@ pub fn validate(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(),
         }
     }
     if c.block_size < 2 {
-        return Err(invalid(origin_of("block_size"), "block_size", c.block_size, "a block needs at least 2 tokens (input and next-token label)", "set block_size to 2 or more"));
+        return Err(invalid(
+            origin_of("block_size"),
+            "block_size",
+            c.block_size,
+            "a block needs at least 2 tokens (input and next-token label)",
+            "set block_size to 2 or more",
+        ));
     }
-    if c.batch_size % c.micro_batch_size != 0 {
+    if !c.batch_size.is_multiple_of(c.micro_batch_size) {
         let lower = c.batch_size / c.micro_batch_size * c.micro_batch_size;
         return Err(invalid(
             origin_of("batch_size"),
@@ -189,10 +154,16 @@ pub fn validate(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(),
             format!("use a multiple of micro_batch_size, e.g. batch_size {}", lower.max(c.micro_batch_size)),
         ));
     }
-    if c.n_embd % c.n_head != 0 {
-        return Err(invalid(origin_of("n_embd"), "n_embd", c.n_embd, format!("not divisible by n_head {}", c.n_head), "choose n_embd a multiple of n_head (head size = n_embd / n_head)"));
+    if !c.n_embd.is_multiple_of(c.n_head) {
+        return Err(invalid(
+            origin_of("n_embd"),
+            "n_embd",
+            c.n_embd,
+            format!("not divisible by n_head {}", c.n_head),
+            "choose n_embd a multiple of n_head (head size = n_embd / n_head)",
+        ));
     }
-    if c.rope && (c.n_embd / c.n_head) % 2 != 0 {
+    if c.rope && !(c.n_embd / c.n_head).is_multiple_of(2) {
         return Err(invalid(
             origin_of("n_embd"),
             "n_embd",
@@ -203,7 +174,9 @@ pub fn validate(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(),
     }
     let unit = |key: &str, v: f64, lo_open: bool| -> Result<(), ConfigError> {
         let ok = if lo_open { v > 0.0 && v <= 1.0 } else { (0.0..1.0).contains(&v) };
-        if ok { Ok(()) } else {
+        if ok {
+            Ok(())
+        } else {
             let range = if lo_open { "in (0, 1]" } else { "in [0, 1)" };
             Err(invalid(origin_of(key), key, v, format!("must be {range}"), format!("set {key} {range}")))
         }
@@ -213,38 +186,45 @@ pub fn validate(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(),
     unit("dropout", c.dropout, false)?;
     unit("adam_beta1", c.adam_beta1, false)?;
     unit("adam_beta2", c.adam_beta2, false)?;
-    for (key, v) in [("learning_rate", c.learning_rate), ("num_train_epochs", c.num_train_epochs), ("max_grad_norm", c.max_grad_norm), ("adam_epsilon", c.adam_epsilon), ("rope_theta", c.rope_theta)] {
+    for (key, v) in [
+        ("learning_rate", c.learning_rate),
+        ("num_train_epochs", c.num_train_epochs),
+        ("max_grad_norm", c.max_grad_norm),
+        ("adam_epsilon", c.adam_epsilon),
+        ("rope_theta", c.rope_theta),
+    ] {
         if !(v > 0.0 && v.is_finite()) {
             return Err(invalid(origin_of(key), key, v, "must be a positive number", format!("set {key} above 0")));
         }
     }
     if c.weight_decay < 0.0 {
-        return Err(invalid(origin_of("weight_decay"), "weight_decay", c.weight_decay, "must not be negative", "set weight_decay to 0 or more"));
-    }
-    if let Err(problem) = c.lr_scheduler_type.parse::<ScheduleKind>() {
-        return Err(invalid(origin_of("lr_scheduler_type"), "lr_scheduler_type", &c.lr_scheduler_type, problem, "use cosine, linear, constant or constant_with_warmup"));
+        return Err(invalid(
+            origin_of("weight_decay"),
+            "weight_decay",
+            c.weight_decay,
+            "must not be negative",
+            "set weight_decay to 0 or more",
+        ));
     }
     if c.max_steps == Some(0) {
-        return Err(invalid(origin_of("max_steps"), "max_steps", 0, "must be at least 1", "drop max_steps to train by epochs, or set it to 1 or more"));
-    }
-    let device_ok = matches!(c.device.as_str(), "auto" | "cpu" | "cuda")
-        || c.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-    if !device_ok {
-        return Err(invalid(origin_of("device"), "device", &c.device, "unknown device", "use auto, cpu, cuda or cuda:N"));
-    }
-    if !matches!(c.dtype.as_str(), "f32" | "bf16") {
-        return Err(invalid(origin_of("dtype"), "dtype", &c.dtype, "unknown dtype", "use f32, or bf16 on CUDA"));
-    }
-    if let Some(n) = c.tokenizer.strip_prefix("bpe:") {
-        let ok = n.parse::<usize>().is_ok_and(|n| (257..=65_536 * 16).contains(&n));
-        if !ok {
-            return Err(invalid(origin_of("tokenizer"), "tokenizer", &c.tokenizer, "bpe:N needs a vocabulary size N above 256", "use e.g. bpe:8192"));
-        }
+        return Err(invalid(
+            origin_of("max_steps"),
+            "max_steps",
+            0,
+            "must be at least 1",
+            "drop max_steps to train by epochs, or set it to 1 or more",
+        ));
     }
     if c.dataset == "wikitext" {
         const CONFIGS: [&str; 4] = ["wikitext-103-v1", "wikitext-103-raw-v1", "wikitext-2-v1", "wikitext-2-raw-v1"];
         if !CONFIGS.contains(&c.dataset_config.as_str()) {
-            return Err(invalid(origin_of("dataset_config"), "dataset_config", &c.dataset_config, "not a WikiText config", format!("use one of {}", CONFIGS.join(", "))));
+            return Err(invalid(
+                origin_of("dataset_config"),
+                "dataset_config",
+                &c.dataset_config,
+                "not a WikiText config",
+                format!("use one of {}", CONFIGS.join(", ")),
+            ));
         }
     }
     Ok(())

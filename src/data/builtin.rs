@@ -15,57 +15,120 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const SYLLABLES_A: &[&str] = &[
-    "Tam", "Or", "Cor", "Ed", "Mar", "Bel", "Ros", "Al", "Wen", "Hal", "Is", "Jor", "Kel", "Lin", "Mir", "Nor",
-    "Per", "Quen", "Ran", "Sel", "Tor", "Ul", "Ves", "Wyn", "Yar", "Zel", "Bran", "Cal", "Dar", "Fen",
+    "Tam", "Or", "Cor", "Ed", "Mar", "Bel", "Ros", "Al", "Wen", "Hal", "Is", "Jor", "Kel", "Lin", "Mir", "Nor", "Per",
+    "Quen", "Ran", "Sel", "Tor", "Ul", "Ves", "Wyn", "Yar", "Zel", "Bran", "Cal", "Dar", "Fen",
 ];
 const SYLLABLES_B: &[&str] = &[
-    "sin", "rin", "win", "da", "ek", "la", "ric", "en", "dy", "ford", "olde", "an", "wen", "ia", "o", "ett",
-    "is", "ra", "mund", "el", "ith", "ar", "ny", "ius", "ette", "wyn",
+    "sin", "rin", "win", "da", "ek", "la", "ric", "en", "dy", "ford", "olde", "an", "wen", "ia", "o", "ett", "is",
+    "ra", "mund", "el", "ith", "ar", "ny", "ius", "ette", "wyn",
 ];
 const TOWN_A: &[&str] = &[
-    "Dun", "Hal", "Ash", "Brack", "Cold", "Elm", "Fern", "Glen", "High", "Iron", "Kings", "Long", "Mill",
-    "North", "Oak", "Pike", "Red", "Stone", "Thorn", "West", "Wick", "Black", "Marrow", "Silver",
+    "Dun", "Hal", "Ash", "Brack", "Cold", "Elm", "Fern", "Glen", "High", "Iron", "Kings", "Long", "Mill", "North",
+    "Oak", "Pike", "Red", "Stone", "Thorn", "West", "Wick", "Black", "Marrow", "Silver",
 ];
-const TOWN_B: &[&str] = &["more", "den", "by", "ford", "ton", "wick", "field", "brook", "hollow", "gate", "mere", "stead", "haven", "moor"];
+const TOWN_B: &[&str] =
+    &["more", "den", "by", "ford", "ton", "wick", "field", "brook", "hollow", "gate", "mere", "stead", "haven", "moor"];
 
 /// (trade, workplace)
 const TRADES: &[(&str, &str)] = &[
-    ("weaver", "loom house"), ("miller", "mill"), ("smith", "forge"), ("baker", "bakehouse"), ("potter", "kiln"),
-    ("fisher", "harbour"), ("carpenter", "workshop"), ("mason", "quarry"), ("tanner", "tannery"), ("brewer", "brewhouse"),
-    ("shepherd", "high pasture"), ("cooper", "cooperage"), ("scribe", "library"), ("healer", "infirmary"),
-    ("ferryman", "river crossing"), ("glassblower", "glass works"), ("beekeeper", "apiary"), ("cartwright", "wheel yard"),
-    ("dyer", "dye works"), ("chandler", "candle shop"),
+    ("weaver", "loom house"),
+    ("miller", "mill"),
+    ("smith", "forge"),
+    ("baker", "bakehouse"),
+    ("potter", "kiln"),
+    ("fisher", "harbour"),
+    ("carpenter", "workshop"),
+    ("mason", "quarry"),
+    ("tanner", "tannery"),
+    ("brewer", "brewhouse"),
+    ("shepherd", "high pasture"),
+    ("cooper", "cooperage"),
+    ("scribe", "library"),
+    ("healer", "infirmary"),
+    ("ferryman", "river crossing"),
+    ("glassblower", "glass works"),
+    ("beekeeper", "apiary"),
+    ("cartwright", "wheel yard"),
+    ("dyer", "dye works"),
+    ("chandler", "candle shop"),
 ];
 /// (singular, plural)
 const ANIMALS: &[(&str, &str)] = &[
-    ("goat", "goats"), ("sheep", "sheep"), ("hen", "hens"), ("horse", "horses"), ("dog", "dogs"), ("cat", "cats"),
-    ("goose", "geese"), ("cow", "cows"), ("pig", "pigs"), ("duck", "ducks"), ("mule", "mules"), ("ox", "oxen"),
+    ("goat", "goats"),
+    ("sheep", "sheep"),
+    ("hen", "hens"),
+    ("horse", "horses"),
+    ("dog", "dogs"),
+    ("cat", "cats"),
+    ("goose", "geese"),
+    ("cow", "cows"),
+    ("pig", "pigs"),
+    ("duck", "ducks"),
+    ("mule", "mules"),
+    ("ox", "oxen"),
 ];
 const OBJECTS: &[&str] = &[
-    "lantern", "cloak", "ring", "knife", "drum", "map", "bell", "compass", "kettle", "flute", "book", "key", "shield", "basket",
+    "lantern", "cloak", "ring", "knife", "drum", "map", "bell", "compass", "kettle", "flute", "book", "key", "shield",
+    "basket",
 ];
-const COLORS: &[&str] = &["grey", "red", "green", "blue", "black", "white", "golden", "brown", "silver", "yellow", "copper", "violet"];
+const COLORS: &[&str] =
+    &["grey", "red", "green", "blue", "black", "white", "golden", "brown", "silver", "yellow", "copper", "violet"];
 const NUMBERS: &[&str] = &["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"];
 /// (singular, plural) common nouns for the middle of a story
 const NOUNS: &[(&str, &str)] = &[
-    ("traveller", "travellers"), ("child", "children"), ("merchant", "merchants"), ("neighbour", "neighbours"),
-    ("soldier", "soldiers"), ("farmer", "farmers"), ("stranger", "strangers"), ("sister", "sisters"),
-    ("guard", "guards"), ("singer", "singers"), ("elder", "elders"), ("apprentice", "apprentices"),
+    ("traveller", "travellers"),
+    ("child", "children"),
+    ("merchant", "merchants"),
+    ("neighbour", "neighbours"),
+    ("soldier", "soldiers"),
+    ("farmer", "farmers"),
+    ("stranger", "strangers"),
+    ("sister", "sisters"),
+    ("guard", "guards"),
+    ("singer", "singers"),
+    ("elder", "elders"),
+    ("apprentice", "apprentices"),
 ];
 /// (3rd singular present, plural present, past) transitive verbs
 const VERBS: &[(&str, &str, &str)] = &[
-    ("sees", "see", "saw"), ("helps", "help", "helped"), ("follows", "follow", "followed"), ("admires", "admire", "admired"),
-    ("visits", "visit", "visited"), ("calls", "call", "called"), ("trusts", "trust", "trusted"), ("teaches", "teach", "taught"),
-    ("greets", "greet", "greeted"), ("thanks", "thank", "thanked"), ("watches", "watch", "watched"), ("feeds", "feed", "fed"),
+    ("sees", "see", "saw"),
+    ("helps", "help", "helped"),
+    ("follows", "follow", "followed"),
+    ("admires", "admire", "admired"),
+    ("visits", "visit", "visited"),
+    ("calls", "call", "called"),
+    ("trusts", "trust", "trusted"),
+    ("teaches", "teach", "taught"),
+    ("greets", "greet", "greeted"),
+    ("thanks", "thank", "thanked"),
+    ("watches", "watch", "watched"),
+    ("feeds", "feed", "fed"),
 ];
 /// (singular, plural) predicates with agreement
 const PREDICATES: &[(&str, &str)] = &[
-    ("is tired", "are tired"), ("was happy", "were happy"), ("walks to the market", "walk to the market"),
-    ("has a cart", "have a cart"), ("sings at night", "sing at night"), ("was late", "were late"),
-    ("lives by the river", "live by the river"), ("does not know the way", "do not know the way"),
-    ("is waiting at the gate", "are waiting at the gate"), ("has gone home", "have gone home"),
+    ("is tired", "are tired"),
+    ("was happy", "were happy"),
+    ("walks to the market", "walk to the market"),
+    ("has a cart", "have a cart"),
+    ("sings at night", "sing at night"),
+    ("was late", "were late"),
+    ("lives by the river", "live by the river"),
+    ("does not know the way", "do not know the way"),
+    ("is waiting at the gate", "are waiting at the gate"),
+    ("has gone home", "have gone home"),
 ];
-const PLACES: &[&str] = &["the market", "the bridge", "the well", "the old road", "the square", "the orchard", "the chapel", "the harbour", "the hill", "the inn"];
+const PLACES: &[&str] = &[
+    "the market",
+    "the bridge",
+    "the well",
+    "the old road",
+    "the square",
+    "the orchard",
+    "the chapel",
+    "the harbour",
+    "the hill",
+    "the inn",
+];
 const WEATHER: &[&str] = &["rain", "snow", "wind", "fog", "sun", "frost"];
 const SEASONS: &[&str] = &["spring", "summer", "autumn", "winter"];
 
@@ -83,13 +146,25 @@ struct Person {
 
 impl Person {
     fn subj(&self) -> &'static str {
-        if self.she { "she" } else { "he" }
+        if self.she {
+            "she"
+        } else {
+            "he"
+        }
     }
     fn poss(&self) -> &'static str {
-        if self.she { "her" } else { "his" }
+        if self.she {
+            "her"
+        } else {
+            "his"
+        }
     }
     fn obj(&self) -> &'static str {
-        if self.she { "her" } else { "him" }
+        if self.she {
+            "her"
+        } else {
+            "him"
+        }
     }
 }
 
@@ -117,14 +192,18 @@ fn town(rng: &mut ChaCha8Rng) -> String {
 fn person(rng: &mut ChaCha8Rng, town_name: String) -> Person {
     Person {
         name: name(rng),
-        family: format!("{}{}", pick(rng, SYLLABLES_A), pick(rng, &["wood", "stone", "brook", "well", "ridge", "field"])),
+        family: format!(
+            "{}{}",
+            pick(rng, SYLLABLES_A),
+            pick(rng, &["wood", "stone", "brook", "well", "ridge", "field"])
+        ),
         she: rng.random_bool(0.5),
         trade: rng.random_range(0..TRADES.len()),
         town: town_name,
         count: rng.random_range(0..NUMBERS.len()),
         animal: rng.random_range(0..ANIMALS.len()),
-        color: *pick(rng, COLORS),
-        object: *pick(rng, OBJECTS),
+        color: pick::<&str>(rng, COLORS),
+        object: pick::<&str>(rng, OBJECTS),
     }
 }
 
@@ -163,12 +242,34 @@ fn story_sentence(rng: &mut ChaCha8Rng, people: &[Person]) -> String {
     let p = pick(rng, people);
     let (_, _, past) = *pick(rng, VERBS);
     match rng.random_range(0..6) {
-        0 => format!("In the {} {} , {} {} went to {} .", pick(rng, &["early", "late"]), pick(rng, SEASONS), p.name, p.family, pick(rng, PLACES)),
+        0 => format!(
+            "In the {} {} , {} {} went to {} .",
+            pick(rng, &["early", "late"]),
+            pick(rng, SEASONS),
+            p.name,
+            p.family,
+            pick(rng, PLACES)
+        ),
         1 => {
             let q = pick(rng, people);
-            format!("{} {} {} at {} , and {} {} {} back .", p.name, past, q.name, pick(rng, PLACES), q.subj(), past, p.obj())
+            format!(
+                "{} {} {} at {} , and {} {} {} back .",
+                p.name,
+                past,
+                q.name,
+                pick(rng, PLACES),
+                q.subj(),
+                past,
+                p.obj()
+            )
         }
-        2 => format!("There was {} in {} that day , so {} stayed at the {} .", pick(rng, WEATHER), p.town, p.subj(), TRADES[p.trade].1),
+        2 => format!(
+            "There was {} in {} that day , so {} stayed at the {} .",
+            pick(rng, WEATHER),
+            p.town,
+            p.subj(),
+            TRADES[p.trade].1
+        ),
         3 => format!("{} said that {} {} needed a new {} .", p.name, p.poss(), ANIMALS[p.animal].1, pick(rng, OBJECTS)),
         4 => format!("{} worked at the {} from morning until night .", p.name, TRADES[p.trade].1),
         _ => agreement_sentence(rng, people),
@@ -207,7 +308,7 @@ pub fn document(seed: u64, index: u64) -> Vec<String> {
 
     for _ in 0..rng.random_range(2..=4) {
         if rng.random_bool(0.3) {
-            rows.push(format!(" = = {} = = \n", cap(*pick(&mut rng, SEASONS))));
+            rows.push(format!(" = = {} = = \n", cap(pick::<&str>(&mut rng, SEASONS))));
             rows.push(String::new());
         }
         let sentences: Vec<String> = (0..rng.random_range(3..=6)).map(|_| story_sentence(&mut rng, &people)).collect();
@@ -221,8 +322,22 @@ pub fn document(seed: u64, index: u64) -> Vec<String> {
         let (trade, place) = TRADES[p.trade];
         match rng.random_range(0..3) {
             0 => recall.push(format!("Years later , {} the {trade} still lived in {} .", p.name, p.town)),
-            1 => recall.push(format!("{} never lost the {} {} , and {} {} {} were well .", p.name, p.color, p.object, p.poss(), NUMBERS[p.count], ANIMALS[p.animal].1)),
-            _ => recall.push(format!("Every {} , {} went back to the {} in {} .", pick(&mut rng, SEASONS), p.name, place, p.town)),
+            1 => recall.push(format!(
+                "{} never lost the {} {} , and {} {} {} were well .",
+                p.name,
+                p.color,
+                p.object,
+                p.poss(),
+                NUMBERS[p.count],
+                ANIMALS[p.animal].1
+            )),
+            _ => recall.push(format!(
+                "Every {} , {} went back to the {} in {} .",
+                pick(&mut rng, SEASONS),
+                p.name,
+                place,
+                p.town
+            )),
         }
     }
     rows.push(format!(" {} \n", recall.join(" ")));
@@ -231,7 +346,15 @@ pub fn document(seed: u64, index: u64) -> Vec<String> {
     let qa = match rng.random_range(0..3) {
         0 => format!("Where did {} live ? {} lived in {} .", q.name, q.name, q.town),
         1 => format!("What was {} 's trade ? {} was a {} .", q.name, cap(q.subj()), TRADES[q.trade].0),
-        _ => format!("What did {} keep ? {} kept {} {} and a {} {} .", q.name, cap(q.subj()), NUMBERS[q.count], ANIMALS[q.animal].1, q.color, q.object),
+        _ => format!(
+            "What did {} keep ? {} kept {} {} and a {} {} .",
+            q.name,
+            cap(q.subj()),
+            NUMBERS[q.count],
+            ANIMALS[q.animal].1,
+            q.color,
+            q.object
+        ),
     };
     rows.push(format!(" {qa} \n"));
     rows.push(String::new());

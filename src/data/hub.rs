@@ -65,7 +65,8 @@ pub fn cache_dir() -> PathBuf {
 
 /// `HF_HUB_OFFLINE=1` (or `true`/`yes`), as huggingface_hub reads it.
 pub fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 /// The cached copy of `file`, if any: `snapshots/<sha>/<filename>` where `<sha>` is the
@@ -76,9 +77,7 @@ pub fn cached(cache: &Path, file: &HubFile) -> Option<PathBuf> {
     if let Ok(sha) = std::fs::read_to_string(folder.join("refs").join(&file.revision)) {
         shas.insert(0, sha.trim().to_string());
     }
-    shas.into_iter()
-        .map(|sha| folder.join("snapshots").join(sha).join(&file.filename))
-        .find(|p| p.is_file())
+    shas.into_iter().map(|sha| folder.join("snapshots").join(sha).join(&file.filename)).find(|p| p.is_file())
 }
 
 /// The local path of `file`: from the cache, else downloaded into it (unless offline).
@@ -88,9 +87,7 @@ pub fn fetch(file: &HubFile, progress: &ProgressFn) -> Result<PathBuf, DataError
         return Ok(path);
     }
     let missing = |reason: String| DataError::HubMissing {
-        repo: file.repo_id.clone(),
-        file: file.filename.clone(),
-        revision: file.revision.clone(),
+        file: format!("{}: `{}` (revision {})", file.repo_id, file.filename, file.revision),
         cache: cache.clone(),
         reason,
         hint: file.fetch_hint(),

@@ -25,11 +25,18 @@ impl LocalDataset {
     pub fn resolve(path: &Path) -> Result<Self, DataError> {
         if path.is_dir() {
             let find = |prefixes: &[&str]| -> Option<PathBuf> {
-                let mut files: Vec<PathBuf> = std::fs::read_dir(path).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                let mut files: Vec<PathBuf> =
+                    std::fs::read_dir(path).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
                 files.sort();
                 files.into_iter().find(|f| {
                     let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-                    supported(f) && prefixes.iter().any(|p| stem == *p || stem.starts_with(&format!("{p}.")) || stem.starts_with(&format!("{p}-")) || stem.starts_with(&format!("{p}_")))
+                    supported(f)
+                        && prefixes.iter().any(|p| {
+                            stem == *p
+                                || stem.starts_with(&format!("{p}."))
+                                || stem.starts_with(&format!("{p}-"))
+                                || stem.starts_with(&format!("{p}_"))
+                        })
                 })
             };
             let train = find(&["train"]);
@@ -46,7 +53,10 @@ impl LocalDataset {
             return Err(DataError::NotFound { path: path.into() });
         }
         if !supported(path) {
-            return Err(DataError::Format { path: path.into(), reason: "unsupported file type; use .txt, .parquet or .jsonl".into() });
+            return Err(DataError::Format {
+                path: path.into(),
+                reason: "unsupported file type; use .txt, .parquet or .jsonl".into(),
+            });
         }
         Ok(LocalDataset::File(path.to_path_buf()))
     }
@@ -71,11 +81,16 @@ impl LocalDataset {
 
     pub fn rows(&self, split: Split) -> Result<Vec<String>, DataError> {
         match self {
-            LocalDataset::Folder { train, validation } => read_rows(if split == Split::Train { train } else { validation }),
+            LocalDataset::Folder { train, validation } => {
+                read_rows(if split == Split::Train { train } else { validation })
+            }
             LocalDataset::File(path) => {
                 let mut rows = read_rows(path)?;
                 if rows.len() < 2 {
-                    return Err(DataError::Format { path: path.clone(), reason: "needs at least 2 rows to hold one out for validation".into() });
+                    return Err(DataError::Format {
+                        path: path.clone(),
+                        reason: "needs at least 2 rows to hold one out for validation".into(),
+                    });
                 }
                 let held_out = held_out_rows(rows.len());
                 let validation = rows.split_off(rows.len() - held_out);
@@ -114,12 +129,14 @@ fn jsonl_rows(path: &Path) -> Result<Vec<String>, DataError> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, line)| {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| DataError::Format { path: path.into(), reason: format!("line {}: not JSON ({e})", i + 1) })?;
-            v.get("text")
-                .and_then(|t| t.as_str())
-                .map(str::to_string)
-                .ok_or_else(|| DataError::Format { path: path.into(), reason: format!("line {}: no string field `text`", i + 1) })
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| DataError::Format {
+                path: path.into(),
+                reason: format!("line {}: not JSON ({e})", i + 1),
+            })?;
+            v.get("text").and_then(|t| t.as_str()).map(str::to_string).ok_or_else(|| DataError::Format {
+                path: path.into(),
+                reason: format!("line {}: no string field `text`", i + 1),
+            })
         })
         .collect()
 }

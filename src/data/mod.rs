@@ -9,6 +9,7 @@ pub mod builtin;
 pub mod hub;
 pub mod local;
 pub mod prepare;
+pub mod spec;
 pub mod token_cache;
 pub mod tokenizer;
 pub mod wikitext;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use batches::{Batcher, EpochOrder};
 pub use prepare::{prepare, prepare_validation, DataConfig, PreparedData};
+pub use spec::TokenizerSpec;
 pub use token_cache::TokenStream;
 pub use tokenizer::Tokenizer;
 
@@ -46,13 +48,7 @@ pub struct Progress {
     pub unit: Unit,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unit {
-    Bytes,
-    Rows,
-    /// A step with no count (training a tokenizer): `done == total` when finished.
-    Task,
-}
+pub use crate::events::ProgressUnit as Unit;
 
 impl Progress {
     pub fn bytes(stage: &str, done: u64, total: u64) -> Self {
@@ -71,8 +67,9 @@ pub type ProgressFn<'a> = dyn Fn(Progress) + Sync + 'a;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{repo}: `{file}` (revision {revision}) is not in the Hugging Face cache {cache}: {reason}. To fetch it, {hint}")]
-    HubMissing { repo: String, file: String, revision: String, cache: PathBuf, reason: String, hint: String },
+    /// `file` is `repo: `name` (revision r)`.
+    #[error("{file} is not in the Hugging Face cache {cache}: {reason}. To fetch it, {hint}")]
+    HubMissing { file: String, cache: PathBuf, reason: String, hint: String },
     #[error("dataset file {path} does not exist; give a .txt, .parquet or .jsonl file, a folder with train/validation files, `wikitext` or `builtin`")]
     NotFound { path: PathBuf },
     #[error("cannot read {path}: {reason}")]

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::spec::TokenizerSpec;
 use super::token_cache::{self, Invalid};
 use super::tokenizer::{self, Tokenizer};
 use super::{DataError, Progress, ProgressFn, Source, Split, TokenStream};
@@ -13,7 +14,7 @@ pub struct DataConfig {
     pub dataset_config: String,
     pub subset_ratio: f64,
     /// Resolved tokenizer spec (no `auto`).
-    pub tokenizer: String,
+    pub tokenizer: TokenizerSpec,
     /// difflab's cache: token files and trained tokenizers.
     pub cache_dir: PathBuf,
 }
@@ -69,7 +70,11 @@ pub fn prepare(cfg: &DataConfig, progress: &ProgressFn) -> Result<PreparedData, 
 }
 
 /// Only the validation split, with a given tokenizer (evaluating a checkpoint).
-pub fn prepare_validation(cfg: &DataConfig, tokenizer: &Tokenizer, progress: &ProgressFn) -> Result<(TokenStream, Vec<String>), DataError> {
+pub fn prepare_validation(
+    cfg: &DataConfig,
+    tokenizer: &Tokenizer,
+    progress: &ProgressFn,
+) -> Result<(TokenStream, Vec<String>), DataError> {
     let source = Source::resolve(&cfg.dataset, &cfg.dataset_config)?;
     let mut notes = vec![];
     let stream = tokenized_validation(cfg, &source, tokenizer, &mut notes, progress)?;
@@ -104,7 +109,9 @@ fn tokenized(
             notes.push(format!("{}: {} tokens from the cache {}", split.name(), stream.len(), path.display()));
             return Ok(stream);
         }
-        Err(Invalid::Corrupt(why)) => notes.push(format!("{}: cache {} is corrupt ({why}); rebuilding it", split.name(), path.display())),
+        Err(Invalid::Corrupt(why)) => {
+            notes.push(format!("{}: cache {} is corrupt ({why}); rebuilding it", split.name(), path.display()))
+        }
         Err(Invalid::Missing) => {}
     }
     let rows = rows()?;
@@ -120,6 +127,7 @@ fn tokenized(
         ids.len(),
         bytes as f64 / 1e6 / secs.max(1e-9)
     ));
-    token_cache::write(&path, &ids, tokenizer.vocab_size()).map_err(|source| DataError::Cache { path: path.clone(), source })?;
+    token_cache::write(&path, &ids, tokenizer.vocab_size())
+        .map_err(|source| DataError::Cache { path: path.clone(), source })?;
     Ok(token_cache::open(&path).unwrap_or_else(|_| TokenStream::from_vec(ids)))
 }

@@ -135,7 +135,7 @@ pub fn open(path: &Path) -> Result<TokenStream, Invalid> {
 
 /// The cache file for a split: the key hashes everything that changes its content.
 pub fn path_for(cache_dir: &Path, key: &str) -> PathBuf {
-    cache_dir.join("tokens").join(format!("{:016x}.bin", crate::model::params::fnv1a(key.as_bytes())))
+    cache_dir.join("tokens").join(format!("{:016x}.bin", crate::fingerprint::fnv1a(key.as_bytes())))
 }
 
 #[cfg(test)]

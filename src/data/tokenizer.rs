@@ -9,12 +9,15 @@ use hf_hub::RepoType;
 use rayon::prelude::*;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder,
+};
 
 use super::hub::{fetch, HubFile};
+use super::spec::TokenizerSpec;
 use super::{DataError, Progress, ProgressFn};
 use crate::atomic_file;
-use crate::model::params::fnv1a;
+use crate::fingerprint::fnv1a;
 
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
@@ -33,9 +36,10 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     pub fn from_json(spec: &str, json: String) -> Result<Self, DataError> {
-        let inner = json
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| DataError::Tokenizer { spec: spec.into(), reason: format!("not a valid tokenizer.json: {e}") })?;
+        let inner = json.parse::<tokenizers::Tokenizer>().map_err(|e| DataError::Tokenizer {
+            spec: spec.into(),
+            reason: format!("not a valid tokenizer.json: {e}"),
+        })?;
         Ok(Self { inner, spec: spec.into(), json })
     }
 
@@ -73,7 +77,9 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
-        self.inner.decode(ids, false).map_err(|e| DataError::Tokenizer { spec: self.spec.clone(), reason: e.to_string() })
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| DataError::Tokenizer { spec: self.spec.clone(), reason: e.to_string() })
     }
 
     /// Tokenizes every row and concatenates the ids in row order (HF `run_clm.py`'s
@@ -112,37 +118,42 @@ pub fn gpt2_file() -> HubFile {
 /// Loads (or trains) the tokenizer named by `spec`. `training_rows` is called only when a
 /// BPE has to be trained; `corpus_id` keys the trained file.
 pub fn load(
-    spec: &str,
+    spec: &TokenizerSpec,
     cache_dir: &Path,
     corpus_id: &str,
     training_rows: &mut dyn FnMut() -> Result<Vec<String>, DataError>,
     progress: &ProgressFn,
 ) -> Result<Tokenizer, DataError> {
-    if spec == "gpt2" {
-        let path = fetch(&gpt2_file(), progress)?;
-        return Tokenizer::from_file(spec, &path);
-    }
-    if spec == "byte" {
-        return Tokenizer::from_json(spec, byte_tokenizer_json());
-    }
-    if let Some(n) = spec.strip_prefix("bpe:") {
-        let vocab: usize = n.parse().map_err(|_| DataError::Tokenizer { spec: spec.into(), reason: "bpe:N needs a number".into() })?;
-        let path = bpe_cache_path(cache_dir, corpus_id, vocab);
-        if let Ok(t) = Tokenizer::from_file(spec, &path) {
-            return Ok(t);
+    let name = spec.to_string();
+    match spec {
+        TokenizerSpec::Gpt2 => {
+            let path = fetch(&gpt2_file(), progress)?;
+            Tokenizer::from_file(&name, &path)
         }
-        let stage = format!("training a byte-level BPE of {vocab} tokens");
-        progress(Progress::task(&stage, false));
-        let rows = training_rows()?;
-        let json = train_bpe(&rows, vocab).map_err(|reason| DataError::Tokenizer { spec: spec.into(), reason })?;
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| DataError::Cache { path: parent.into(), source })?;
+        TokenizerSpec::Byte => Tokenizer::from_json(&name, byte_tokenizer_json()),
+        TokenizerSpec::Bpe(vocab) => {
+            let path = bpe_cache_path(cache_dir, corpus_id, *vocab);
+            if let Ok(t) = Tokenizer::from_file(&name, &path) {
+                return Ok(t);
+            }
+            let stage = format!("training a byte-level BPE of {vocab} tokens");
+            progress(Progress::task(&stage, false));
+            let rows = training_rows()?;
+            let json =
+                train_bpe(&rows, *vocab).map_err(|reason| DataError::Tokenizer { spec: name.clone(), reason })?;
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| DataError::Cache { path: parent.into(), source })?;
+            }
+            atomic_file::write(&path, json.as_bytes())
+                .map_err(|source| DataError::Cache { path: path.clone(), source })?;
+            progress(Progress::task(&stage, true));
+            Tokenizer::from_json(&name, json)
         }
-        atomic_file::write(&path, json.as_bytes()).map_err(|source| DataError::Cache { path: path.clone(), source })?;
-        progress(Progress::task(&stage, true));
-        return Tokenizer::from_json(spec, json);
+        TokenizerSpec::File(path) => Tokenizer::from_file(&name, Path::new(path)),
+        TokenizerSpec::Auto => {
+            Err(DataError::Tokenizer { spec: name, reason: "`auto` must be resolved against the dataset first".into() })
+        }
     }
-    Tokenizer::from_file(spec, Path::new(spec))
 }
 
 pub fn bpe_cache_path(cache_dir: &Path, corpus_id: &str, vocab: usize) -> PathBuf {
@@ -158,14 +169,14 @@ pub fn train_bpe(rows: &[String], vocab: usize) -> Result<String, String> {
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
         .build();
-    let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
-        .with_decoder(Some(ByteLevel::default().into()))
-        .build()
-        .map_err(|e| e.to_string())?;
-    tok.train(&mut trainer, rows.iter().filter(|r| !r.is_empty()))
-        .map_err(|e| e.to_string())?;
+    let mut tok =
+        TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
+            .with_model(BPE::default())
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false).into()))
+            .with_decoder(Some(ByteLevel::default().into()))
+            .build()
+            .map_err(|e| e.to_string())?;
+    tok.train(&mut trainer, rows.iter().filter(|r| !r.is_empty())).map_err(|e| e.to_string())?;
     let tok: tokenizers::Tokenizer = tok.into();
     tok.to_string(false).map_err(|e| e.to_string())
 }

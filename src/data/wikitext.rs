@@ -24,7 +24,12 @@ pub fn files(config: &str, split: Split) -> Vec<HubFile> {
     };
     names
         .into_iter()
-        .map(|filename| HubFile { repo_id: REPO.into(), repo_type: RepoType::Dataset, revision: REVISION.into(), filename })
+        .map(|filename| HubFile {
+            repo_id: REPO.into(),
+            repo_type: RepoType::Dataset,
+            revision: REVISION.into(),
+            filename,
+        })
         .collect()
 }
 

@@ -33,6 +33,16 @@ pub struct GptConfig {
 }
 
 impl GptConfig {
+    /// The variant in words, as logs, headers and the picker name it.
+    pub fn variant_name(&self) -> String {
+        let pos = if self.rope { "RoPE" } else { "learned positions" };
+        if self.differential {
+            format!("differential + {pos}")
+        } else {
+            format!("baseline ({pos})")
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }
@@ -176,10 +186,7 @@ impl HfConfig {
     /// The runtime config, refusing what this model does not implement.
     pub fn to_model(&self) -> Result<GptConfig, String> {
         if self.activation_function != "gelu_new" && self.activation_function != "gelu_pytorch_tanh" {
-            return Err(format!(
-                "activation_function {:?} is not supported (only gelu_new)",
-                self.activation_function
-            ));
+            return Err(format!("activation_function {:?} is not supported (only gelu_new)", self.activation_function));
         }
         if self.n_inner.is_some_and(|n| n != 4 * self.n_embd) {
             return Err(format!("n_inner {:?} is not supported (only 4 * n_embd)", self.n_inner));
@@ -187,7 +194,7 @@ impl HfConfig {
         if !self.tie_word_embeddings {
             return Err("tie_word_embeddings false is not supported".into());
         }
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!("n_embd {} is not divisible by n_head {}", self.n_embd, self.n_head));
         }
         Ok(GptConfig {

@@ -12,13 +12,15 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Result, Storage, StorageRef, Tensor, Var};
 use rayon::prelude::*;
 
-use super::attention::{self, Dims, Rope};
 use super::config::GptConfig;
-use super::fused::slice;
-use super::head;
 use super::params::param_specs;
-use super::kernels::{add_into, gelu, gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward};
 use super::rope::RotaryTables;
+use crate::engine::cpu::attention::{self, Dims, Rope};
+use crate::engine::cpu::head;
+use crate::engine::cpu::kernels::{
+    add_into, gelu, gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward,
+};
+use crate::engine::cpu::ops::slice;
 
 /// One block's parameters (or gradients), indexed by the constants below, in
 /// `BLOCK_NAMES` order.
@@ -117,16 +119,13 @@ impl HostGrads {
         param_specs(cfg)
             .into_iter()
             .map(|spec| {
-                let data = flat.remove(&spec.name).ok_or_else(|| candle_core::Error::Msg(format!("no gradient for {}", spec.name)))?;
+                let data = flat
+                    .remove(&spec.name)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no gradient for {}", spec.name)))?;
                 Ok((spec.name, Tensor::from_vec(data, spec.shape, &Device::Cpu)?))
             })
             .collect()
     }
-}
-
-/// Whether the written-out step applies: f32 parameters on the CPU, no dropout.
-pub fn applies(vars: &BTreeMap<String, Var>, dropout: f32) -> bool {
-    dropout == 0.0 && vars.values().all(|v| v.device().is_cpu() && v.dtype() == candle_core::DType::F32)
 }
 
 fn guard(v: &Var) -> (StorageRef<'_>, &candle_core::Layout) {
@@ -147,11 +146,14 @@ pub fn forward_backward(
 ) -> Result<Outcome> {
     let (b, t) = ids.dims2()?;
     let ids: Vec<u32> = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
-    let targets: Option<Vec<u32>> = targets.map(|t| t.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()).transpose()?;
+    let targets: Option<Vec<u32>> =
+        targets.map(|t| t.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()).transpose()?;
     // hold every parameter's storage for the step (reads only; the optimizer writes later)
-    let guards: BTreeMap<&str, (StorageRef<'_>, &candle_core::Layout)> = vars.iter().map(|(k, v)| (k.as_str(), guard(v))).collect();
+    let guards: BTreeMap<&str, (StorageRef<'_>, &candle_core::Layout)> =
+        vars.iter().map(|(k, v)| (k.as_str(), guard(v))).collect();
     let get = |name: &str| -> Result<&[f32]> {
-        let (storage, layout) = guards.get(name).ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
+        let (storage, layout) =
+            guards.get(name).ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
         match &**storage {
             Storage::Cpu(cpu) => slice(cpu, layout, "cpu step"),
             _ => candle_core::bail!("cpu step: {name} is not on the CPU"),
@@ -162,8 +164,10 @@ pub fn forward_backward(
         wpe: if cfg.rope { None } else { Some(get("transformer.wpe.weight")?) },
         h: (0..cfg.n_layer)
             .map(|i| {
-                let fields: Vec<&[f32]> = BLOCK_NAMES.iter().map(|n| get(&format!("transformer.h.{i}.{n}"))).collect::<Result<_>>()?;
-                let fields: [&[f32]; 12] = fields.try_into().map_err(|_| candle_core::Error::Msg("block fields".into()))?;
+                let fields: Vec<&[f32]> =
+                    BLOCK_NAMES.iter().map(|n| get(&format!("transformer.h.{i}.{n}"))).collect::<Result<_>>()?;
+                let fields: [&[f32]; 12] =
+                    fields.try_into().map_err(|_| candle_core::Error::Msg("block fields".into()))?;
                 Ok(Block(fields))
             })
             .collect::<Result<_>>()?,
@@ -184,7 +188,7 @@ fn rope_tables(cfg: &GptConfig, t: usize) -> Result<Option<Rope>> {
     if !cfg.rope {
         return Ok(None);
     }
-    Ok(Some(Rope::from_tables(&RotaryTables::new(t, cfg.head_dim(), cfg.rope_theta, &Device::Cpu)?)?))
+    Ok(Some(RotaryTables::new(t, cfg.head_dim(), cfg.rope_theta, &Device::Cpu)?.host()?))
 }
 
 struct Step<'a> {
@@ -280,7 +284,14 @@ impl Step<'_> {
         dx_in
     }
 
-    fn run(&self, ids: &[u32], targets: Option<&[u32]>, scale: f32, checkpointing: bool, g: &mut Grads) -> Result<Outcome> {
+    fn run(
+        &self,
+        ids: &[u32],
+        targets: Option<&[u32]>,
+        scale: f32,
+        checkpointing: bool,
+        g: &mut Grads,
+    ) -> Result<Outcome> {
         let (b, t, c, cfg) = (self.b, self.t, self.cfg.n_embd, self.cfg);
         let n = b * t;
         let v = cfg.vocab_size;
@@ -290,7 +301,9 @@ impl Step<'_> {
 
         // ---- embeddings: e = wte[ids]; x0 = d (differential) or e, plus wpe
         let mut e = vec![0f32; n * c];
-        e.par_chunks_mut(c).zip(ids.par_iter()).for_each(|(row, &id)| row.copy_from_slice(&self.w.wte[id as usize * c..(id as usize + 1) * c]));
+        e.par_chunks_mut(c)
+            .zip(ids.par_iter())
+            .for_each(|(row, &id)| row.copy_from_slice(&self.w.wte[id as usize * c..(id as usize + 1) * c]));
         let mut x0 = if cfg.differential {
             let mut d = e.clone();
             for bi in 0..b {
@@ -304,9 +317,13 @@ impl Step<'_> {
         } else {
             e.clone()
         };
-        let diff_norms = cfg.differential.then(|| x0.chunks(c).map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()).collect::<Vec<_>>());
+        let diff_norms = cfg
+            .differential
+            .then(|| x0.chunks(c).map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()).collect::<Vec<_>>());
         if let Some(wpe) = self.w.wpe {
-            x0.par_chunks_mut(c).enumerate().for_each(|(r, row)| row.iter_mut().zip(&wpe[(r % t) * c..(r % t + 1) * c]).for_each(|(x, p)| *x += p));
+            x0.par_chunks_mut(c)
+                .enumerate()
+                .for_each(|(r, row)| row.iter_mut().zip(&wpe[(r % t) * c..(r % t + 1) * c]).for_each(|(x, p)| *x += p));
         }
 
         // ---- blocks (keeping activations, or only block inputs under checkpointing)
@@ -334,7 +351,10 @@ impl Step<'_> {
             None => (0..n).filter(|r| r % t != t - 1).map(|r| (r, ids[r + 1])).unzip(),
         };
         let mut picked = vec![0f32; rows.len() * c];
-        picked.par_chunks_mut(c).zip(rows.par_iter()).for_each(|(dst, &r)| dst.copy_from_slice(&hidden[r * c..(r + 1) * c]));
+        picked
+            .par_chunks_mut(c)
+            .zip(rows.par_iter())
+            .for_each(|(dst, &r)| dst.copy_from_slice(&hidden[r * c..(r + 1) * c]));
         let (loss, saved) = head::forward(&picked, self.w.wte, c, &labels).map_err(candle_core::Error::Msg)?;
 
         // ---- backward

@@ -7,11 +7,12 @@
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::attention::{CausalAttention, Rope};
 use super::config::GptConfig;
 use super::dropout::{maybe_dropout, Dropout};
 use super::ops;
 use super::rope::RotaryTables;
+use crate::engine::cpu::attention::{CausalAttention, Rope};
+use crate::engine::Kernels;
 
 /// HF's Conv1D: `y = x · W + b` with `W` stored `[in, out]`.
 #[derive(Debug, Clone)]
@@ -27,10 +28,10 @@ impl Conv1D {
 
     /// `(B, T, in) -> (B, T, out)`. Weights are cast here, not at load time, so a bf16
     /// forward always reads the current f32 master weights.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, k: Kernels) -> Result<Tensor> {
         let w = self.weight.to_dtype(xs.dtype())?;
         let b = self.bias.to_dtype(xs.dtype())?;
-        ops::linear(xs, &w, &b) // (B, T, in) -> (B, T, out)
+        ops::linear(k, xs, &w, &b) // (B, T, in) -> (B, T, out)
     }
 }
 
@@ -46,10 +47,10 @@ impl LayerNorm {
         Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
     }
 
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, k: Kernels) -> Result<Tensor> {
         let w = self.weight.to_dtype(xs.dtype())?;
         let b = self.bias.to_dtype(xs.dtype())?;
-        ops::layer_norm(xs, &w, &b, self.eps)
+        ops::layer_norm(k, xs, &w, &b, self.eps)
     }
 }
 
@@ -70,22 +71,18 @@ impl Attention {
         })
     }
 
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        ctx: &SeqContext,
-        dropout: &mut Option<&mut Dropout>,
-    ) -> Result<Tensor> {
-        let qkv = self.c_attn.forward(xs)?; // (B, T, 3C), q | k | v along the last dim
+    pub fn forward(&self, xs: &Tensor, ctx: &SeqContext, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
+        let qkv = self.c_attn.forward(xs, ctx.kernels)?; // (B, T, 3C), q | k | v along the last dim
         let dropout_on = dropout.as_ref().is_some_and(|d| d.is_active());
-        let ys = if !dropout_on && ops::fused_applies(&[&qkv]) {
-            // one op from qkv to merged heads (attention dropout is not fused)
+        let ys = if !dropout_on && ctx.kernels == Kernels::FusedCpu {
+            // one op from qkv to merged heads; dropout on the probabilities has no fused kernel,
+            // so the cpu-autograd engine composes attention while dropout is on
             let op = CausalAttention::new(self.n_head, ctx.rope_host.clone(), qkv.track_op());
             qkv.contiguous()?.apply_op1(op)?
         } else {
             self.composed(&qkv, ctx, dropout)?
         };
-        self.c_proj.forward(&ys)
+        self.c_proj.forward(&ys, ctx.kernels)
     }
 
     /// Attention from composed ops: the path every device and dropout have.
@@ -107,9 +104,10 @@ impl Attention {
         // Scale q before the matmul: touches (B,H,T,hd) instead of (B,H,T,T).
         let q = (q * (1.0 / (hd as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?; // (B, H, T, T)
-        let probs = ops::causal_softmax(&scores, &ctx.mask)?;
+        let probs = ops::causal_softmax(ctx.kernels, &scores, &ctx.mask)?;
         let probs = maybe_dropout(&probs, dropout)?;
-        probs.matmul(&v)? // (B, H, T, hd)
+        probs
+            .matmul(&v)? // (B, H, T, hd)
             .transpose(1, 2)? // (B, T, H, hd)
             .reshape((b_sz, seq_len, c))
     }
@@ -124,14 +122,11 @@ pub struct Mlp {
 impl Mlp {
     pub fn load(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
         let c = cfg.n_embd;
-        Ok(Self {
-            c_fc: Conv1D::load(vb.pp("c_fc"), c, 4 * c)?,
-            c_proj: Conv1D::load(vb.pp("c_proj"), 4 * c, c)?,
-        })
+        Ok(Self { c_fc: Conv1D::load(vb.pp("c_fc"), c, 4 * c)?, c_proj: Conv1D::load(vb.pp("c_proj"), 4 * c, c)? })
     }
 
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.c_proj.forward(&ops::gelu(&self.c_fc.forward(xs)?)?)
+    pub fn forward(&self, xs: &Tensor, k: Kernels) -> Result<Tensor> {
+        self.c_proj.forward(&ops::gelu(k, &self.c_fc.forward(xs, k)?)?, k)
     }
 }
 
@@ -155,15 +150,11 @@ impl Block {
     }
 
     /// `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))`, dropout on both residual branches.
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        ctx: &SeqContext,
-        mut dropout: Option<&mut Dropout>,
-    ) -> Result<Tensor> {
-        let attn = self.attn.forward(&self.ln_1.forward(xs)?, ctx, &mut dropout)?;
+    pub fn forward(&self, xs: &Tensor, ctx: &SeqContext, mut dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        let k = ctx.kernels;
+        let attn = self.attn.forward(&self.ln_1.forward(xs, k)?, ctx, &mut dropout)?;
         let xs = (xs + maybe_dropout(&attn, &mut dropout)?)?;
-        let mlp = self.mlp.forward(&self.ln_2.forward(&xs)?)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&xs, k)?, k)?;
         xs + maybe_dropout(&mlp, &mut dropout)?
     }
 }
@@ -175,6 +166,7 @@ pub struct SeqContext {
     rope: Option<RotaryTables>,
     /// The same tables as host floats, for the fused attention.
     rope_host: Option<Rope>,
+    kernels: Kernels,
 }
 
 /// What the embedding stage hands to the blocks.
@@ -197,6 +189,8 @@ pub struct Gpt {
     cfg: GptConfig,
     /// Activation dtype: f32 on CPU; bf16 on CUDA with `dtype: bf16` (weights stay f32).
     dtype: DType,
+    /// The kernels behind every op, chosen with the engine.
+    kernels: Kernels,
 }
 
 pub struct Output {
@@ -211,9 +205,7 @@ impl Gpt {
     pub fn load(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
         let vb_t = vb.pp("transformer");
         let c = cfg.n_embd;
-        let h = (0..cfg.n_layer)
-            .map(|i| Block::load(vb_t.pp("h").pp(i), cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let h = (0..cfg.n_layer).map(|i| Block::load(vb_t.pp("h").pp(i), cfg)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             wte: vb_t.get((cfg.vocab_size, c), "wte.weight")?,
             wpe: if cfg.rope { None } else { Some(vb_t.get((cfg.n_positions, c), "wpe.weight")?) },
@@ -221,6 +213,7 @@ impl Gpt {
             ln_f: LayerNorm::load(vb_t.pp("ln_f"), c, cfg.layer_norm_epsilon)?,
             cfg: cfg.clone(),
             dtype: DType::F32,
+            kernels: Kernels::Composed,
         })
     }
 
@@ -234,6 +227,20 @@ impl Gpt {
         self.dtype
     }
 
+    /// Runs every op on `kernels` (the engine's choice; composed until set).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        self.wte.device()
+    }
+
     pub fn config(&self) -> &GptConfig {
         &self.cfg
     }
@@ -244,10 +251,7 @@ impl Gpt {
 
     pub fn seq_context(&self, seq_len: usize) -> Result<SeqContext> {
         if seq_len > self.cfg.n_positions {
-            candle_core::bail!(
-                "sequence of {seq_len} tokens is longer than n_positions {}",
-                self.cfg.n_positions
-            )
+            candle_core::bail!("sequence of {seq_len} tokens is longer than n_positions {}", self.cfg.n_positions)
         }
         let device = self.wte.device();
         let rope = if self.cfg.rope {
@@ -255,11 +259,16 @@ impl Gpt {
         } else {
             None
         };
-        let rope_host = match (&rope, device.is_cpu()) {
-            (Some(r), true) => Some(Rope::from_tables(r)?),
+        let rope_host = match (&rope, self.kernels) {
+            (Some(r), Kernels::FusedCpu) => Some(r.host()?),
             _ => None,
         };
-        Ok(SeqContext { mask: ops::causal_mask(seq_len, device)?.to_dtype(self.dtype)?, rope, rope_host })
+        Ok(SeqContext {
+            mask: ops::causal_mask(seq_len, device)?.to_dtype(self.dtype)?,
+            rope,
+            rope_host,
+            kernels: self.kernels,
+        })
     }
 
     /// Token ids `(B, T)` -> block input.
@@ -302,7 +311,7 @@ impl Gpt {
             Some(e) => (xs + e)?,
             None => xs.clone(),
         };
-        self.ln_f.forward(&xs)
+        self.ln_f.forward(&xs, self.kernels)
     }
 
     /// Tied head: `hidden (B, T, C) -> logits (B, T, V)`, in f32 at least.
@@ -341,7 +350,7 @@ impl Gpt {
     pub fn loss(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b_sz, seq_len, c) = hidden.dims3()?;
         let hidden = hidden.reshape((b_sz * seq_len, c))?;
-        ops::head_cross_entropy(&hidden, &self.wte, &targets.flatten_all()?.to_dtype(DType::U32)?)
+        ops::head_cross_entropy(self.kernels, &hidden, &self.wte, &targets.flatten_all()?.to_dtype(DType::U32)?)
     }
 
     /// HF's causal-LM loss of a block batch: positions `0..T-1` of `hidden` predict `ids`

@@ -1,20 +1,15 @@
 //! The model of DESIGN §1: GPT-2 with learned positions or RoPE, and the differential
 //! variant with either; its parameters, initialisation, diagnostics and the HF checkpoint.
 
-pub mod attention;
-pub mod checkpoint;
-pub mod cpu_step;
 pub mod config;
+pub mod cpu_step;
 pub mod diagnostics;
 pub mod dropout;
-pub mod fused;
 pub mod gpt;
-pub mod head;
-pub mod kernels;
+pub mod hf;
 pub mod ops;
 pub mod params;
 pub mod rope;
-pub mod simd;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -22,6 +17,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
+use crate::engine::{Engine, Kernels};
 pub use config::GptConfig;
 pub use gpt::Gpt;
 
@@ -45,28 +41,32 @@ impl Trainable {
         Ok(Self { vars, gpt, compute: None })
     }
 
-    /// Computes activations in `dtype` (bf16 on CUDA) over the same (f32) parameters.
+    /// Computes activations in `dtype` (bf16 on CUDA) over the same (f32) parameters, on the
+    /// kernels for that dtype (the engine's `with_engine` may set them explicitly).
     pub fn with_dtype(mut self, dtype: DType) -> Result<Self> {
         if dtype != self.gpt.dtype() {
-            self.gpt = self.gpt.with_dtype(dtype);
+            let kernels = Kernels::for_device(self.gpt.device(), dtype);
+            self.gpt = self.gpt.with_dtype(dtype).with_kernels(kernels);
             self.compute = Some(dtype);
         }
         Ok(self)
     }
 
-    /// Activations in f32 (not a bf16 compute dtype).
-    pub fn computes_in_f32(&self) -> bool {
-        self.compute.is_none() && self.gpt.dtype() == DType::F32
+    /// Runs the model's ops on the kernels of `engine`.
+    pub fn with_engine(mut self, engine: Engine) -> Self {
+        self.gpt = self.gpt.with_kernels(engine.kernels());
+        self
     }
 
     /// A model over the same storage that records no graph: for evaluation (candle has no
     /// `no_grad`, and a graph built during eval would hold every activation).
     pub fn detached(&self) -> Result<Gpt> {
         let gpt = build(self.gpt.config(), self.vars.iter().map(|(k, v)| (k.clone(), v.as_detached_tensor())))?;
-        Ok(match self.compute {
+        let gpt = match self.compute {
             Some(dtype) => gpt.with_dtype(dtype),
             None => gpt,
-        })
+        };
+        Ok(gpt.with_kernels(self.gpt.kernels()))
     }
 
     /// The current weights (detached; shares storage with the Vars until the next update).
@@ -92,6 +92,8 @@ fn build(cfg: &GptConfig, tensors: impl Iterator<Item = (String, Tensor)>) -> Re
     let first = map.values().next();
     let device = first.map(|t| t.device().clone()).unwrap_or(Device::Cpu);
     let dtype = first.map(|t| t.dtype()).unwrap_or(DType::F32);
-    // Parameters keep their dtype (f32 for training; f64 for gradient checks).
-    Ok(Gpt::load(VarBuilder::from_tensors(map, dtype, &device), cfg)?.with_dtype(dtype))
+    // Parameters keep their dtype (f32 for training; f64 for gradient checks), and the ops run
+    // on the kernels for it: fused for f32 on the CPU, composed elsewhere.
+    let gpt = Gpt::load(VarBuilder::from_tensors(map, dtype, &device), cfg)?.with_dtype(dtype);
+    Ok(gpt.with_kernels(Kernels::for_device(&device, dtype)))
 }

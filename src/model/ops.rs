@@ -2,23 +2,20 @@
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm`, `rms_norm` and `rope*` kernels have no
 //! backward and cut the graph without an error (shared/docs/reference/candle-training.md §1.2),
-//! so every primitive here is built from ops that have one.
+//! so every primitive here is built from ops that have one. Each takes the `Kernels` the run's
+//! engine chose: the fused CPU ops (`engine::cpu::ops`, with their own backward) or the
+//! composed chain.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::fused;
-
-/// The fused CPU kernels apply to f32 tensors on the CPU; everything else (CUDA, bf16, the f64
-/// gradient checks) takes the composed path.
-pub fn fused_applies(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-}
+use crate::engine::cpu::ops as fused;
+use crate::engine::Kernels;
 
 /// `y = x . W + b` for `x (.., in)`, `W (in, out)` (HF Conv1D layout).
-pub fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if fused_applies(&[xs, weight, bias]) {
+pub fn linear(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if k == Kernels::FusedCpu {
         return xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, fused::Linear);
     }
     composed_linear(xs, weight, bias)
@@ -34,9 +31,13 @@ pub fn composed_linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
 }
 
 /// LayerNorm over the last dim.
-pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused_applies(&[xs, weight, bias]) {
-        return xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, fused::LayerNorm { eps: eps as f32 });
+pub fn layer_norm(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if k == Kernels::FusedCpu {
+        return xs.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            fused::LayerNorm { eps: eps as f32 },
+        );
     }
     composed_layer_norm(xs, weight, bias, eps)
 }
@@ -54,8 +55,8 @@ pub fn composed_layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64
 
 /// Softmax over the last dim of causal attention scores `(B, H, T, T)`; keys after the query
 /// get probability 0. `mask` is the additive `(T, T)` mask the composed path uses.
-pub fn causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    if fused_applies(&[scores]) {
+pub fn causal_softmax(k: Kernels, scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if k == Kernels::FusedCpu {
         return scores.contiguous()?.apply_op1(fused::CausalSoftmax);
     }
     composed_causal_softmax(scores, mask)
@@ -69,8 +70,8 @@ pub fn composed_causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor>
 }
 
 /// GELU, tanh approximation (HF `gelu_new`).
-pub fn gelu(xs: &Tensor) -> Result<Tensor> {
-    if fused_applies(&[xs]) {
+pub fn gelu(k: Kernels, xs: &Tensor) -> Result<Tensor> {
+    if k == Kernels::FusedCpu {
         return xs.contiguous()?.apply_op1(fused::Gelu);
     }
     xs.gelu()
@@ -83,8 +84,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// The tied head and the loss together: `hidden (N, C)`, `wte (V, C)`, `targets (N)` ->
 /// mean cross-entropy of `hidden . wte^T`. Fused (logits made a chunk at a time) on the CPU.
-pub fn head_cross_entropy(hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if fused_applies(&[hidden, wte]) {
+pub fn head_cross_entropy(k: Kernels, hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if k == Kernels::FusedCpu {
         let targets = Arc::new(targets.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?);
         return hidden.contiguous()?.apply_op2(&wte.contiguous()?, fused::HeadCrossEntropy::new(targets));
     }
@@ -99,9 +100,8 @@ pub fn composed_head_cross_entropy(hidden: &Tensor, wte: &Tensor, targets: &Tens
 
 /// The additive causal mask `(T, T)`: 0 where key <= query, -inf above the diagonal.
 pub fn causal_mask(seq_len: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| (0..seq_len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..seq_len).flat_map(|i| (0..seq_len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Tensor::from_vec(mask, (seq_len, seq_len), device)
 }
 

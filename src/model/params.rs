@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::config::GptConfig;
+use crate::fingerprint::fnv1a;
 
 /// How a fresh parameter is initialised (GPT-2, per DESIGN §1).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,9 +45,7 @@ pub fn param_specs(cfg: &GptConfig) -> Vec<ParamSpec> {
     // Unsupervised Multitask Learners", §2.3): each block adds two branches to the stream.
     let proj_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
     let mut specs = vec![];
-    let mut add = |name: String, shape: Vec<usize>, init: Init| {
-        specs.push(ParamSpec { name, shape, init })
-    };
+    let mut add = |name: String, shape: Vec<usize>, init: Init| specs.push(ParamSpec { name, shape, init });
     add("transformer.wte.weight".into(), vec![cfg.vocab_size, c], Init::Normal { std });
     if !cfg.rope {
         add("transformer.wpe.weight".into(), vec![cfg.n_positions, c], Init::Normal { std });
@@ -90,9 +89,4 @@ pub fn init_weights(cfg: &GptConfig, seed: u64, device: &Device) -> Result<BTree
             Ok((spec.name, Tensor::from_vec(data, spec.shape, device)?))
         })
         .collect()
-}
-
-/// FNV-1a, 64 bit: a stable hash (std's `DefaultHasher` may change between Rust releases).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
 }

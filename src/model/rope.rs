@@ -6,6 +6,8 @@
 
 use candle_core::{Device, Result, Tensor, D};
 
+use crate::engine::cpu::attention::Rope;
+
 /// The cos and sin tables, `(T, hd)` each, computed in f32 as the reference does.
 #[derive(Debug, Clone)]
 pub struct RotaryTables {
@@ -16,9 +18,8 @@ pub struct RotaryTables {
 impl RotaryTables {
     pub fn new(seq_len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<Self> {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
         let mut cos = Vec::with_capacity(seq_len * head_dim);
         let mut sin = Vec::with_capacity(seq_len * head_dim);
         for pos in 0..seq_len {
@@ -37,6 +38,11 @@ impl RotaryTables {
         })
     }
 
+    /// The same tables as host floats, for the CPU engine's fused attention.
+    pub fn host(&self) -> Result<Rope> {
+        Ok(Rope::new(self.cos.flatten_all()?.to_vec1()?, self.sin.flatten_all()?.to_vec1()?))
+    }
+
     /// Rotates `xs (B, H, T, hd)` by position.
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
         let (_b, _h, seq_len, hd) = xs.dims4()?;
@@ -49,4 +55,3 @@ impl RotaryTables {
         xs.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)
     }
 }
-

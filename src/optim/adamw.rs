@@ -29,7 +29,10 @@ impl Default for AdamWConfig {
 enum Moments {
     /// `[m | v]` in one CPU buffer, updated in place.
     Packed(Tensor),
-    Split { m: Tensor, v: Tensor },
+    Split {
+        m: Tensor,
+        v: Tensor,
+    },
 }
 
 struct Slot {
@@ -59,7 +62,9 @@ impl AdamW {
     pub fn new(vars: &BTreeMap<String, Var>, cfg: AdamWConfig, decays: impl Fn(&str, &Var) -> bool) -> Result<Self> {
         let slots = vars
             .iter()
-            .map(|(name, var)| Ok((name.clone(), Slot { var: var.clone(), decays: decays(name, var), moments: fresh_moments(var)? })))
+            .map(|(name, var)| {
+                Ok((name.clone(), Slot { var: var.clone(), decays: decays(name, var), moments: fresh_moments(var)? }))
+            })
             .collect::<Result<_>>()?;
         Ok(Self { cfg, step: 0, slots })
     }
@@ -83,8 +88,19 @@ impl AdamW {
             let theta = slot.var.as_tensor();
             match &mut slot.moments {
                 Moments::Packed(mv) if cpu::applies(&[g, theta]) => {
-                    mv.inplace_op2(g, &cpu::Moments { beta1: beta1 as f32, beta2: beta2 as f32, grad_scale: grad_scale as f32 })?;
-                    theta.inplace_op2(mv, &cpu::Apply { decay: decay as f32, step_size: step_size as f32, bias2_sqrt: bias2_sqrt as f32, eps: eps as f32 })?;
+                    mv.inplace_op2(
+                        g,
+                        &cpu::Moments { beta1: beta1 as f32, beta2: beta2 as f32, grad_scale: grad_scale as f32 },
+                    )?;
+                    theta.inplace_op2(
+                        mv,
+                        &cpu::Apply {
+                            decay: decay as f32,
+                            step_size: step_size as f32,
+                            bias2_sqrt: bias2_sqrt as f32,
+                            eps: eps as f32,
+                        },
+                    )?;
                 }
                 Moments::Packed(_) => candle_core::bail!("adamw: {name}: gradient not on the CPU"),
                 Moments::Split { m, v } => {
@@ -132,7 +148,13 @@ impl AdamW {
             };
             let (m, v) = (get(format!("exp_avg.{name}"))?, get(format!("exp_avg_sq.{name}"))?);
             slot.moments = match slot.moments {
-                Moments::Packed(_) => Moments::Packed(Tensor::cat(&[m.flatten_all().map_err(|e| e.to_string())?, v.flatten_all().map_err(|e| e.to_string())?], 0).map_err(|e| e.to_string())?),
+                Moments::Packed(_) => Moments::Packed(
+                    Tensor::cat(
+                        &[m.flatten_all().map_err(|e| e.to_string())?, v.flatten_all().map_err(|e| e.to_string())?],
+                        0,
+                    )
+                    .map_err(|e| e.to_string())?,
+                ),
                 Moments::Split { .. } => Moments::Split { m, v },
             };
         }

@@ -6,14 +6,15 @@
 use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::model::kernels::MIN_TASK_ELEMS as CHUNK;
+use crate::engine::cpu::kernels::MIN_TASK_ELEMS as CHUNK;
 
 fn src<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    crate::model::fused::slice(s, l, "optimizer")
+    crate::engine::cpu::ops::slice(s, l, "optimizer")
 }
 
 fn dst<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("optimizer: tensor not contiguous".into()))?;
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("optimizer: tensor not contiguous".into()))?;
     match s {
         CpuStorage::F32(v) => Ok(&mut v[a..b]),
         _ => candle_core::bail!("optimizer: f32 only"),
@@ -30,7 +31,7 @@ impl InplaceOp2 for AddInto {
 
     fn cpu_fwd(&self, d: &mut CpuStorage, dl: &Layout, s: &CpuStorage, sl: &Layout) -> Result<()> {
         let (x, acc) = (src(s, sl)?, dst(d, dl)?);
-        crate::model::kernels::add_into(acc, x);
+        crate::engine::cpu::kernels::add_into(acc, x);
         Ok(())
     }
 }
@@ -47,7 +48,7 @@ pub fn add_into(acc: &Tensor, g: &Tensor) -> Result<()> {
 
 /// Sum of squares, in f64, without a squared temporary.
 pub fn sum_squares(t: &Tensor) -> Result<f64> {
-    crate::model::fused::with_host(t, |x| {
+    crate::engine::cpu::ops::with_host(t, |x| {
         x.par_chunks(CHUNK).map(|c| c.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>()).sum()
     })
 }

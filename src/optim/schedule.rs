@@ -40,10 +40,9 @@ impl fmt::Display for ScheduleKind {
 impl FromStr for ScheduleKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown lr_scheduler_type {s:?}; expected one of cosine, linear, constant, constant_with_warmup"))
+        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            format!("unknown lr_scheduler_type {s:?}; expected one of cosine, linear, constant, constant_with_warmup")
+        })
     }
 }
 
@@ -51,6 +50,8 @@ impl FromStr for ScheduleKind {
 pub struct LrSchedule {
     pub kind: ScheduleKind,
     pub base_lr: f64,
+    /// Where the cosine ends (0 in HF's `cosine`; the bench's reference recipe sets a floor).
+    pub min_lr: f64,
     pub warmup_steps: u64,
     pub total_steps: u64,
 }
@@ -66,7 +67,12 @@ impl LrSchedule {
     }
 
     pub fn lr_at(&self, step: u64) -> f64 {
-        self.base_lr * self.factor(step)
+        match self.kind {
+            ScheduleKind::Cosine if step >= self.warmup_steps => {
+                self.min_lr + (self.base_lr - self.min_lr) * self.factor(step)
+            }
+            _ => self.base_lr * self.factor(step),
+        }
     }
 
     pub fn factor(&self, step: u64) -> f64 {
@@ -75,9 +81,19 @@ impl LrSchedule {
         let warm = s / w.max(1.0);
         match self.kind {
             ScheduleKind::Constant => 1.0,
-            ScheduleKind::ConstantWithWarmup => if warming { warm } else { 1.0 },
+            ScheduleKind::ConstantWithWarmup => {
+                if warming {
+                    warm
+                } else {
+                    1.0
+                }
+            }
             ScheduleKind::Linear => {
-                if warming { warm } else { ((n - s) / (n - w).max(1.0)).max(0.0) }
+                if warming {
+                    warm
+                } else {
+                    ((n - s) / (n - w).max(1.0)).max(0.0)
+                }
             }
             ScheduleKind::Cosine => {
                 if warming {
@@ -97,7 +113,7 @@ mod tests {
     use super::*;
 
     fn sched(kind: ScheduleKind) -> LrSchedule {
-        LrSchedule { kind, base_lr: 1e-3, warmup_steps: 10, total_steps: 110 }
+        LrSchedule { kind, base_lr: 1e-3, min_lr: 0.0, warmup_steps: 10, total_steps: 110 }
     }
 
     fn close(a: f64, b: f64) {
@@ -145,7 +161,7 @@ mod tests {
         assert_eq!(LrSchedule::warmup_from(0, 0.03, 1001), 31);
         assert_eq!(LrSchedule::warmup_from(0, 0.0, 1000), 0);
         // no warmup: cosine starts at the base LR
-        let s = LrSchedule { kind: ScheduleKind::Cosine, base_lr: 1.0, warmup_steps: 0, total_steps: 4 };
+        let s = LrSchedule { kind: ScheduleKind::Cosine, base_lr: 1.0, min_lr: 0.0, warmup_steps: 0, total_steps: 4 };
         close(s.lr_at(0), 1.0);
         close(s.lr_at(2), 0.5);
     }

@@ -65,7 +65,11 @@ fn register_font() {
     ONCE.call_once(|| {
         // DejaVu Sans (Bitstream Vera licence, assets/fonts/LICENSE-DejaVu.txt): no system
         // font lookup, so figures look the same everywhere.
-        let _ = plotters::style::register_font(FONT, FontStyle::Normal, include_bytes!("../../assets/fonts/DejaVuSans.ttf"));
+        let _ = plotters::style::register_font(
+            FONT,
+            FontStyle::Normal,
+            include_bytes!("../../assets/fonts/DejaVuSans.ttf"),
+        );
     });
 }
 
@@ -83,7 +87,9 @@ fn encode_png(rgb: &[u8], width: u32, height: u32) -> std::io::Result<Png> {
 }
 
 /// Draws into an RGB buffer with `draw`, then encodes it.
-fn render(draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<(), String>) -> std::io::Result<Png> {
+fn render(
+    draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<(), String>,
+) -> std::io::Result<Png> {
     register_font();
     let mut rgb = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {
@@ -131,13 +137,28 @@ pub const RED: RGBColor = RGBColor(204, 0, 0);
 pub const GREEN: RGBColor = RGBColor(78, 154, 6);
 pub const PURPLE: RGBColor = RGBColor(117, 80, 123);
 /// Distinct line colours for overlays (sweeps, comparisons).
-pub const PALETTE: [RGBColor; 8] = [BLUE, RED, GREEN, PURPLE, RGBColor(245, 121, 0), RGBColor(6, 152, 154), RGBColor(196, 160, 0), RGBColor(85, 87, 83)];
+pub const PALETTE: [RGBColor; 8] = [
+    BLUE,
+    RED,
+    GREEN,
+    PURPLE,
+    RGBColor(245, 121, 0),
+    RGBColor(6, 152, 154),
+    RGBColor(196, 160, 0),
+    RGBColor(85, 87, 83),
+];
 
 fn line_chart(title: &str, y_label: &str, lines: Vec<Line>, threshold: Option<(f64, &str)>) -> std::io::Result<Png> {
     chart(title, XAxis::Steps, y_label, lines, threshold)
 }
 
-pub fn chart(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, threshold: Option<(f64, &str)>) -> std::io::Result<Png> {
+pub fn chart(
+    title: &str,
+    x_axis: XAxis,
+    y_label: &str,
+    lines: Vec<Line>,
+    threshold: Option<(f64, &str)>,
+) -> std::io::Result<Png> {
     let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));
     let (x_lo, x_hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
     let ys = lines.iter().flat_map(|l| l.points.iter().map(|p| p.1)).chain(threshold.map(|t| t.0));
@@ -191,7 +212,12 @@ pub fn chart(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, thresh
             let orange = RGBColor(245, 121, 0);
             let dashes = (0..60).map(|i| x_lo + (x_hi - x_lo) * i as f64 / 60.0).collect::<Vec<_>>();
             chart
-                .draw_series(dashes.chunks(2).filter(|c| c.len() == 2).map(|c| PathElement::new(vec![(c[0], t), (c[1], t)], orange.stroke_width(2))))
+                .draw_series(
+                    dashes
+                        .chunks(2)
+                        .filter(|c| c.len() == 2)
+                        .map(|c| PathElement::new(vec![(c[0], t), (c[1], t)], orange.stroke_width(2))),
+                )
                 .map_err(|e| e.to_string())?
                 .label(label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 8, y)], orange.stroke_width(2)));
@@ -215,7 +241,8 @@ fn histogram_chart(title: &str, h: &Histogram) -> std::io::Result<Png> {
     let mean = h.sum / n;
     let std = (h.sum_squares / n - mean * mean).max(0.0).sqrt();
     // the legend goes on the side the mass is not on, so it never hides bars
-    let legend_at = if mean > (lo + hi) / 2.0 { SeriesLabelPosition::UpperLeft } else { SeriesLabelPosition::UpperRight };
+    let legend_at =
+        if mean > (lo + hi) / 2.0 { SeriesLabelPosition::UpperLeft } else { SeriesLabelPosition::UpperRight };
     let label = format!("tokens per bin (mean {mean:.3}, std {std:.3})");
     render(|root| {
         let mut chart = ChartBuilder::on(&root)
@@ -267,8 +294,21 @@ pub fn render_all(h: &History) -> std::io::Result<Vec<(&'static str, Png)>> {
         out.push(("loss", line_chart(&format!("{prefix}loss"), "loss (nats per token)", lines, None)?));
         let lr = vec![Line { label: "learning rate", points: h.lr.envelope(1600), color: GREEN, markers: false }];
         out.push(("learning_rate", line_chart(&format!("{prefix}learning rate"), "learning rate", lr, None)?));
-        let gn = vec![Line { label: "grad norm (before clipping)", points: h.grad_norm.envelope(1600), color: PURPLE, markers: false }];
-        out.push(("grad_norm", line_chart(&format!("{prefix}gradient norm"), "global L2 norm", gn, h.max_grad_norm.map(|t| (t, "clip threshold")))?));
+        let gn = vec![Line {
+            label: "grad norm (before clipping)",
+            points: h.grad_norm.envelope(1600),
+            color: PURPLE,
+            markers: false,
+        }];
+        out.push((
+            "grad_norm",
+            line_chart(
+                &format!("{prefix}gradient norm"),
+                "global L2 norm",
+                gn,
+                h.max_grad_norm.map(|t| (t, "clip threshold")),
+            )?,
+        ));
     }
     if let Some((step, hist)) = &h.hist {
         out.push(("diff_norm_hist", histogram_chart(&format!("{prefix}differential norms at step {step}"), hist)?));

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use super::Sink;
-use crate::events::{Event, Level};
+use crate::events::{Event, Level, ProgressUnit};
 
 pub struct StderrLog {
     last_prepare: Option<(String, Instant)>,
@@ -40,13 +40,13 @@ pub fn si(x: f64) -> String {
 pub fn describe(event: &Event) -> Option<String> {
     Some(match event {
         Event::Prepare(p) => {
-            let amount = match p.unit.as_str() {
-                "bytes" if p.total > 0 => format!(" {}B / {}B", si(p.done as f64), si(p.total as f64)),
-                "rows" if p.total > 0 => format!(" {} / {} rows", p.done, p.total),
+            let amount = match p.unit {
+                ProgressUnit::Bytes if p.total > 0 => format!(" {}B / {}B", si(p.done as f64), si(p.total as f64)),
+                ProgressUnit::Rows if p.total > 0 => format!(" {} / {} rows", p.done, p.total),
                 _ => String::new(),
             };
-            let pct = if p.total > 0 && p.unit != "task" { format!(" ({:.0}%)", 100.0 * p.done as f64 / p.total as f64) } else { String::new() };
-            let state = if p.unit == "task" { if p.done >= p.total { " done" } else { " ..." } } else { "" };
+            let pct = if p.total > 0 && p.unit != ProgressUnit::Task { format!(" ({:.0}%)", 100.0 * p.done as f64 / p.total as f64) } else { String::new() };
+            let state = if p.unit == ProgressUnit::Task { if p.done >= p.total { " done" } else { " ..." } } else { "" };
             format!("[prepare] {}{amount}{pct}{state}", p.stage)
         }
         Event::Message { level, text } => match level {
@@ -55,10 +55,11 @@ pub fn describe(event: &Event) -> Option<String> {
             Level::Error => format!("[error] {text}"),
         },
         Event::TrainBegin(b) => format!(
-            "[train] {} | {} parameters | {} | {} steps ({} per epoch), {} tokens per step, from step {} -> {}",
+            "[train] {} | {} parameters | {} | engine {} | {} steps ({} per epoch), {} tokens per step, from step {} -> {}",
             b.variant,
             si(b.num_parameters as f64),
             b.device,
+            b.engine,
             b.total_steps,
             b.steps_per_epoch,
             b.tokens_per_step,
@@ -102,7 +103,8 @@ impl Sink for StderrLog {
         if let Event::Prepare(p) = event {
             // at most a line per second per stage, plus its end
             let finished = p.total > 0 && p.done >= p.total;
-            let recent = self.last_prepare.as_ref().is_some_and(|(s, t)| *s == p.stage && t.elapsed() < Duration::from_secs(1));
+            let recent =
+                self.last_prepare.as_ref().is_some_and(|(s, t)| *s == p.stage && t.elapsed() < Duration::from_secs(1));
             if recent && !finished {
                 return Ok(());
             }

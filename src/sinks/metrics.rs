@@ -91,13 +91,18 @@ pub fn parse_lines(text: &str) -> Vec<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Control, ControlRecord};
+    use crate::events::{Control, ControlOrigin, ControlRecord};
 
     #[test]
     fn a_torn_last_line_is_cut_and_appending_continues() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(METRICS_FILE);
-        let ev = Event::Control(ControlRecord { step: 3, action: Control::Pause.action().into(), lr_scale: 1.0, origin: "ui".into() });
+        let ev = Event::Control(ControlRecord {
+            step: 3,
+            action: Control::Pause.action(),
+            lr_scale: 1.0,
+            origin: ControlOrigin::Ui,
+        });
         {
             let mut log = MetricsLog::open(&path).unwrap();
             log.handle(&ev).unwrap();
@@ -107,6 +112,9 @@ mod tests {
         log.handle(&ev).unwrap();
         let events = read(&path).unwrap();
         assert_eq!(events, vec![ev.clone(), ev]);
-        assert!(std::fs::read_to_string(&path).unwrap().lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     }
 }

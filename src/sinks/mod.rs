@@ -11,7 +11,7 @@ use std::path::Path;
 
 use crate::events::Event;
 
-pub trait Sink {
+pub trait Sink: Send {
     fn handle(&mut self, event: &Event) -> std::io::Result<()>;
     /// Called once after the last event.
     fn finish(&mut self) -> std::io::Result<()> {

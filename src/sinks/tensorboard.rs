@@ -10,8 +10,8 @@ use prost::Message;
 
 use super::figures::{self, History};
 use super::Sink;
+use crate::events::now;
 use crate::events::{Event, Histogram};
-use crate::train::run::now;
 
 // --- tensorboard/compat/proto/{event,summary,histogram}.proto, the fields we write
 
@@ -92,7 +92,7 @@ pub struct HistogramProto {
 /// CRC-32C, rotated and offset as TFRecord requires.
 pub fn masked_crc(bytes: &[u8]) -> u32 {
     let c = crc32c::crc32c(bytes);
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// One TFRecord: `u64 len | u32 masked_crc(len) | data | u32 masked_crc(data)`.
@@ -113,7 +113,9 @@ impl EventWriter {
     /// A new event file in `dir`, named as TensorBoard's own writer names them.
     pub fn create(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
         let name = format!("events.out.tfevents.{:010}.{host}.{}.0", now() as u64, std::process::id());
         let path = dir.join(name);
         let mut w = Self { out: BufWriter::new(File::create(&path)?), path };
@@ -130,7 +132,11 @@ impl EventWriter {
         if values.is_empty() {
             return Ok(());
         }
-        self.write(&TbEvent { wall_time: now(), step: step as i64, what: Some(What::Summary(Summary { value: values })) })
+        self.write(&TbEvent {
+            wall_time: now(),
+            step: step as i64,
+            what: Some(What::Summary(Summary { value: values })),
+        })
     }
 }
 
@@ -158,7 +164,12 @@ pub fn histogram(tag: &str, h: &Histogram) -> SummaryValue {
 pub fn image(tag: &str, png: &figures::Png) -> SummaryValue {
     SummaryValue {
         tag: tag.into(),
-        value: Some(Value::Image(Image { height: png.height as i32, width: png.width as i32, colorspace: 3, encoded_image_string: png.bytes.clone() })),
+        value: Some(Value::Image(Image {
+            height: png.height as i32,
+            width: png.width as i32,
+            colorspace: 3,
+            encoded_image_string: png.bytes.clone(),
+        })),
     }
 }
 
@@ -171,12 +182,16 @@ pub struct TensorBoard {
 
 impl TensorBoard {
     pub fn open(output_dir: &Path, with_figures: bool) -> std::io::Result<Self> {
-        Ok(Self { writer: EventWriter::create(&output_dir.join("runs"))?, figures: with_figures.then(History::default) })
+        Ok(Self {
+            writer: EventWriter::create(&output_dir.join("runs"))?,
+            figures: with_figures.then(History::default),
+        })
     }
 
     fn write_figures(&mut self, step: u64) -> std::io::Result<()> {
         let Some(history) = &self.figures else { return Ok(()) };
-        let values = figures::render_all(history)?.iter().map(|(name, png)| image(&format!("figures/{name}"), png)).collect();
+        let values =
+            figures::render_all(history)?.iter().map(|(name, png)| image(&format!("figures/{name}"), png)).collect();
         self.writer.values(step, values)
     }
 }
@@ -195,7 +210,12 @@ impl Sink for TensorBoard {
                     scalar("train/tokens_per_second", p.tokens_per_second),
                     scalar("train/epoch", p.epoch),
                 ];
-                let stats = [("mean", p.diff_norm_mean), ("std", p.diff_norm_std), ("min", p.diff_norm_min), ("max", p.diff_norm_max)];
+                let stats = [
+                    ("mean", p.diff_norm_mean),
+                    ("std", p.diff_norm_std),
+                    ("min", p.diff_norm_min),
+                    ("max", p.diff_norm_max),
+                ];
                 for (name, x) in stats {
                     if let Some(x) = x {
                         v.push(scalar(&format!("research/diff_norm_{name}"), x));
@@ -207,7 +227,8 @@ impl Sink for TensorBoard {
                 self.writer.values(p.step, v)
             }
             Event::Evaluate(e) => {
-                self.writer.values(e.step, vec![scalar("eval/loss", e.eval_loss), scalar("eval/perplexity", e.perplexity)])?;
+                self.writer
+                    .values(e.step, vec![scalar("eval/loss", e.eval_loss), scalar("eval/perplexity", e.perplexity)])?;
                 self.write_figures(e.step)
             }
             _ => Ok(()),

@@ -53,7 +53,7 @@ pub fn load(dir: &Path) -> Result<Run, CompareError> {
             }
             Event::Progress(p) => loss.push((p.step, p.loss)),
             Event::Evaluate(v) => eval.push((v.step, v.eval_loss)),
-            Event::TrainEnd(end) => status = Some(end.status),
+            Event::TrainEnd(end) => status = Some(end.status.to_string()),
             _ => {}
         }
     }
@@ -77,7 +77,8 @@ pub fn differing_keys(runs: &[Run]) -> BTreeMap<String, Vec<serde_json::Value>> 
     keys.into_iter()
         .filter(|k| k.as_str() != "output_dir")
         .filter_map(|k| {
-            let values: Vec<serde_json::Value> = runs.iter().map(|r| r.config.get(k).cloned().unwrap_or(serde_json::Value::Null)).collect();
+            let values: Vec<serde_json::Value> =
+                runs.iter().map(|r| r.config.get(k).cloned().unwrap_or(serde_json::Value::Null)).collect();
             values.windows(2).any(|w| w[0] != w[1]).then(|| (k.clone(), values))
         })
         .collect()
@@ -143,8 +144,16 @@ mod tests {
     #[test]
     fn differences_and_the_table() {
         let runs = vec![
-            run("base", serde_json::json!({"research": false, "learning_rate": 1e-3, "n_layer": 2, "output_dir": "a"}), 3.0),
-            run("diff", serde_json::json!({"research": true, "learning_rate": 5e-4, "n_layer": 2, "output_dir": "b"}), 2.5),
+            run(
+                "base",
+                serde_json::json!({"research": false, "learning_rate": 1e-3, "n_layer": 2, "output_dir": "a"}),
+                3.0,
+            ),
+            run(
+                "diff",
+                serde_json::json!({"research": true, "learning_rate": 5e-4, "n_layer": 2, "output_dir": "b"}),
+                2.5,
+            ),
         ];
         let d = differing_keys(&runs);
         assert_eq!(d.keys().collect::<Vec<_>>(), vec!["learning_rate", "research"]);

@@ -39,7 +39,8 @@ impl Curve {
         self.smoothed.push(smooth);
         let best = self.smoothed.iter().copied().fold(f64::INFINITY, f64::min);
         if n > 1 && smooth > STOP_RATIO * best {
-            self.stopped = Some(format!("smoothed loss {smooth:.3} passed {STOP_RATIO} x the best {best:.3} at LR {lr:.2e}"));
+            self.stopped =
+                Some(format!("smoothed loss {smooth:.3} passed {STOP_RATIO} x the best {best:.3} at LR {lr:.2e}"));
             return false;
         }
         true
@@ -116,7 +117,8 @@ mod tests {
             let lr = lr_at(i, 100, 1e-7, 10.0);
             let x = lr.log10();
             // a logistic drop of 4 nats centred at log10 lr = -3, then exponential growth past 1e-1
-            let loss = 2.0 + 4.0 / (1.0 + ((x + 3.0) * 3.0).exp()) + if x > -1.0 { (x + 1.0).powi(2) * 30.0 } else { 0.0 };
+            let loss =
+                2.0 + 4.0 / (1.0 + ((x + 3.0) * 3.0).exp()) + if x > -1.0 { (x + 1.0).powi(2) * 30.0 } else { 0.0 };
             if !c.push(lr, loss) {
                 break;
             }
@@ -166,14 +168,12 @@ use crossbeam_channel::Sender;
 use crate::config::RunConfig;
 use crate::data::{Batcher, EpochOrder};
 use crate::events::Event;
-use crate::model::params::init_weights;
 use crate::model::Trainable;
-use crate::optim::grads::{clip_factor, global_norm};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{self, AdamW};
 use crate::sinks::figures::{self, Line, XAxis};
-use crate::train::run::{model_config, prepare_data};
+use crate::train::run::{adamw_config, placement, prepare_data, starting_model};
 use crate::train::step::{forward_backward, Accumulated, MicroBatch};
-use crate::train::{checkpoint, device, TrainError};
+use crate::train::TrainError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum LrFindEvent {
@@ -192,11 +192,16 @@ pub struct Range {
 /// Runs the range test from the run's starting point (fresh from its seed, or its
 /// `resume_from_checkpoint`) on a copy of the model; writes `<output_dir>/lr_find/` (curve and
 /// suggestions as JSON, the plot as PNG) and touches nothing else of the run.
-pub fn run(cfg: &RunConfig, cache_dir: &Path, range: Range, tx: &Sender<LrFindEvent>) -> Result<(Curve, Suggestions), TrainError> {
+pub fn run(
+    cfg: &RunConfig,
+    cache_dir: &Path,
+    range: Range,
+    tx: &Sender<LrFindEvent>,
+) -> Result<(Curve, Suggestions), TrainError> {
     if !(range.start > 0.0 && range.end > range.start && range.steps >= 6) {
-        return Err(TrainError::Config(format!("lr-find needs 0 < start_lr < end_lr and num_steps >= 6 (got {:e}, {:e}, {})", range.start, range.end, range.steps)));
+        return Err(TrainError::LrRange { start: range.start, end: range.end, steps: range.steps });
     }
-    let device = device::select(&cfg.device)?;
+    let (device, dtype, engine) = placement(cfg)?;
     // preparation progress, forwarded live
     let (etx, erx) = crossbeam_channel::unbounded::<Event>();
     let data = std::thread::scope(|s| {
@@ -209,24 +214,14 @@ pub fn run(cfg: &RunConfig, cache_dir: &Path, range: Range, tx: &Sender<LrFindEv
         drop(etx);
         data
     })?;
-    let (model_cfg, weights) = match &cfg.resume_from_checkpoint {
-        Some(s) => {
-            let r = checkpoint::load(&checkpoint::resolve(s, Path::new(&cfg.output_dir))?, &device)?;
-            (r.model, r.weights)
-        }
-        None => {
-            let m = model_config(cfg, data.tokenizer.vocab_size());
-            let w = init_weights(&m, cfg.seed, &device)?;
-            (m, w)
-        }
-    };
+    let start = starting_model(cfg, data.tokenizer.vocab_size(), &device)?;
+    let (model_cfg, weights) = (start.model, start.weights);
     // a copy: `weights` are fresh tensors, so the run's checkpoint is never written
-    let model = Trainable::new(&model_cfg, weights)?;
-    let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
-    let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2)?;
+    let model = Trainable::new(&model_cfg, weights)?.with_dtype(dtype)?.with_engine(engine);
+    let mut opt = AdamW::new(&model.vars, adamw_config(cfg), |_, v| v.rank() >= 2)?;
     let blocks = data.train.num_blocks(cfg.block_size);
     if blocks < cfg.batch_size {
-        return Err(TrainError::Config(format!("the training split has {blocks} blocks, fewer than one batch of {}", cfg.batch_size)));
+        return Err(TrainError::TooFewBlocks { blocks, block_size: cfg.block_size, batch_size: cfg.batch_size });
     }
     let batcher = Batcher { stream: &data.train, block_size: cfg.block_size };
     let per_epoch = blocks / cfg.batch_size;
@@ -240,22 +235,29 @@ pub fn run(cfg: &RunConfig, cache_dir: &Path, range: Range, tx: &Sender<LrFindEv
         let mut loss = 0.0;
         for micro in order.blocks(offset, cfg.batch_size).chunks(cfg.micro_batch_size) {
             let ids: Tensor = batcher.batch(micro, &device)?;
-            let out = forward_backward(&model, &MicroBatch { ids: &ids, targets: None }, 1.0 / accumulation as f64, None, cfg.gradient_checkpointing, &mut acc)?;
+            let out = forward_backward(
+                engine,
+                &model,
+                &MicroBatch { ids: &ids, targets: None },
+                1.0 / accumulation as f64,
+                None,
+                cfg.gradient_checkpointing,
+                &mut acc,
+            )?;
             loss += out.loss / accumulation as f64;
         }
         let grads = acc.into_grads(&model_cfg)?;
-        let norm = global_norm(&grads)?;
         let go_on = curve.push(lr, loss);
         if let Some(&smoothed) = curve.smoothed.last() {
             let _ = tx.send(LrFindEvent::Point { lr, loss, smoothed });
         }
-        if !go_on || !norm.is_finite() {
-            if curve.stopped.is_none() {
-                curve.stopped = Some(format!("non-finite gradient at LR {lr:.2e}"));
-            }
+        if !go_on {
             break;
         }
-        opt.step(&grads, lr, clip_factor(norm, cfg.max_grad_norm))?;
+        if !optim::step(&mut opt, &grads, lr, cfg.max_grad_norm)?.applied {
+            curve.stopped.get_or_insert_with(|| format!("non-finite gradient at LR {lr:.2e}"));
+            break;
+        }
     }
     let suggestions = suggest(&curve);
     let dir = PathBuf::from(&cfg.output_dir).join("lr_find");
@@ -267,12 +269,17 @@ pub fn run(cfg: &RunConfig, cache_dir: &Path, range: Range, tx: &Sender<LrFindEv
 fn write(dir: &Path, curve: &Curve, s: &Suggestions) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let json = serde_json::json!({ "curve": curve, "suggestions": s });
-    crate::atomic_file::write(&dir.join("lr_find.json"), serde_json::to_string_pretty(&json).unwrap_or_default().as_bytes())?;
+    crate::atomic_file::write(
+        &dir.join("lr_find.json"),
+        serde_json::to_string_pretty(&json).unwrap_or_default().as_bytes(),
+    )?;
     // fastai's view: the blow-up at the end would flatten everything else, so the y range
     // stops a little above the smoothed curve's highest point before its last five
     let keep = curve.smoothed.len().saturating_sub(5).max(1);
     let cap = curve.smoothed[..keep.min(curve.smoothed.len())].iter().copied().fold(f64::NEG_INFINITY, f64::max) * 1.15;
-    let pts = |ys: &[f64]| curve.lrs.iter().zip(ys).filter(|(_, y)| **y <= cap).map(|(l, y)| (l.log10(), *y)).collect::<Vec<_>>();
+    let pts = |ys: &[f64]| {
+        curve.lrs.iter().zip(ys).filter(|(_, y)| **y <= cap).map(|(l, y)| (l.log10(), *y)).collect::<Vec<_>>()
+    };
     let mut lines = vec![
         Line { label: "loss", points: pts(&curve.losses), color: figures::PALETTE[7], markers: false },
         Line { label: "smoothed loss (EMA 0.98)", points: pts(&curve.smoothed), color: figures::BLUE, markers: false },

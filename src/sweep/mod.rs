@@ -16,7 +16,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use serde::Serialize;
 
 use crate::config::RunConfig;
-use crate::events::{Control, ControlMsg, Event};
+use crate::events::{Control, ControlMsg, ControlOrigin, Event, RunStatus};
 use crate::sinks;
 use crate::train::{self, RunSpec, StopSignal};
 use divergence::{Monitor, Verdict};
@@ -88,7 +88,10 @@ pub fn mark_lagging(key: &str, trials: &mut [TrialResult]) {
         if let (Some(loss), Some(lr)) = (t.best_loss, t.value.as_f64()) {
             if lr > best_lr && loss > LAG_RATIO * best_loss {
                 t.status = "lagging".into();
-                t.note = Some(format!("best loss {loss:.4} is {:.1}x the best trial's {best_loss:.4} (learning_rate {best_lr:e})", loss / best_loss));
+                t.note = Some(format!(
+                    "best loss {loss:.4} is {:.1}x the best trial's {best_loss:.4} (learning_rate {best_lr:e})",
+                    loss / best_loss
+                ));
             }
         }
     }
@@ -100,7 +103,8 @@ pub fn suggest(key: &str, trials: &[TrialResult]) -> (Option<f64>, Option<f64>) 
     if key != "learning_rate" {
         return (None, None);
     }
-    let mut stable: Vec<f64> = trials.iter().filter(|t| t.status == "completed").filter_map(|t| t.value.as_f64()).collect();
+    let mut stable: Vec<f64> =
+        trials.iter().filter(|t| t.status == "completed").filter_map(|t| t.value.as_f64()).collect();
     stable.sort_by(f64::total_cmp);
     let Some(&highest) = stable.last() else { return (None, None) };
     let below = stable.iter().rev().nth(1).copied();
@@ -120,7 +124,13 @@ impl SweepHandle {
 }
 
 /// Runs the trials one after another, each a complete run in `<output_dir>/<key>-<value>`.
-pub fn spawn(base: RunConfig, preset: Option<String>, key: String, values: Vec<serde_json::Value>, cache_dir: PathBuf) -> SweepHandle {
+pub fn spawn(
+    base: RunConfig,
+    preset: Option<String>,
+    key: String,
+    values: Vec<serde_json::Value>,
+    cache_dir: PathBuf,
+) -> SweepHandle {
     let (tx, events) = unbounded();
     let stop = StopSignal::default();
     let stop_for_thread = stop.clone();
@@ -138,7 +148,15 @@ fn with_value(base: &RunConfig, key: &str, value: &serde_json::Value, dir: &Path
     serde_json::from_value(v).map_err(|e| format!("{key} = {value}: {e}"))
 }
 
-fn run(base: RunConfig, preset: Option<String>, key: String, values: Vec<serde_json::Value>, cache_dir: PathBuf, tx: Sender<SweepEvent>, stop: StopSignal) -> Summary {
+fn run(
+    base: RunConfig,
+    preset: Option<String>,
+    key: String,
+    values: Vec<serde_json::Value>,
+    cache_dir: PathBuf,
+    tx: Sender<SweepEvent>,
+    stop: StopSignal,
+) -> Summary {
     let root = PathBuf::from(&base.output_dir);
     let mut trials = vec![];
     let n = values.len();
@@ -178,12 +196,23 @@ fn run(base: RunConfig, preset: Option<String>, key: String, values: Vec<serde_j
     let (highest_stable, recommended) = suggest(&key, &trials);
     let summary = Summary { key, trials, highest_stable, recommended };
     let _ = std::fs::create_dir_all(&root);
-    let _ = crate::atomic_file::write(&root.join("summary.json"), serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes());
+    let _ = crate::atomic_file::write(
+        &root.join("summary.json"),
+        serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes(),
+    );
     let _ = tx.send(SweepEvent::Done(summary.clone()));
     summary
 }
 
-fn trial(cfg: RunConfig, preset: Option<String>, cache_dir: &Path, index: usize, tx: &Sender<SweepEvent>, stop: &StopSignal, result: &mut TrialResult) {
+fn trial(
+    cfg: RunConfig,
+    preset: Option<String>,
+    cache_dir: &Path,
+    index: usize,
+    tx: &Sender<SweepEvent>,
+    stop: &StopSignal,
+    result: &mut TrialResult,
+) {
     let dir = PathBuf::from(&cfg.output_dir);
     let _ = std::fs::create_dir_all(&dir);
     let mut sinks = sinks::file_sinks(&dir, &cfg).unwrap_or_default();
@@ -206,13 +235,17 @@ fn trial(cfg: RunConfig, preset: Option<String>, cache_dir: &Path, index: usize,
                 if let (Some(m), Verdict::Ok) = (monitor.as_mut(), verdict) {
                     verdict = m.observe(p.loss);
                     if verdict != Verdict::Ok {
-                        let _ = handle.controls.send(ControlMsg { control: Control::Stop { save: false }, origin: "sweep".into() });
+                        let _ = handle
+                            .controls
+                            .send(ControlMsg { control: Control::Stop { save: false }, origin: ControlOrigin::Sweep });
                     }
                 }
             }
             Event::Skipped(_) if verdict == Verdict::Ok => {
                 verdict = Verdict::Diverged;
-                let _ = handle.controls.send(ControlMsg { control: Control::Stop { save: false }, origin: "sweep".into() });
+                let _ = handle
+                    .controls
+                    .send(ControlMsg { control: Control::Stop { save: false }, origin: ControlOrigin::Sweep });
             }
             Event::Evaluate(e) => {
                 result.eval_loss = Some(e.eval_loss);
@@ -229,7 +262,7 @@ fn trial(cfg: RunConfig, preset: Option<String>, cache_dir: &Path, index: usize,
         (Verdict::Stalled, _) => "stalled",
         (Verdict::Ok, Err(train::TrainError::Diverged { .. })) => "diverged",
         (Verdict::Ok, Err(_)) => "failed",
-        (Verdict::Ok, Ok(end)) if end.status == "stopped" => "stopped",
+        (Verdict::Ok, Ok(end)) if end.status == RunStatus::Stopped => "stopped",
         (Verdict::Ok, Ok(_)) => "completed",
     }
     .into();
@@ -241,7 +274,10 @@ fn trial(cfg: RunConfig, preset: Option<String>, cache_dir: &Path, index: usize,
 /// The sweep table as text.
 pub fn table(s: &Summary) -> String {
     // the value and its status first: what a narrow terminal still shows
-    let mut out = format!("{:<14} {:<10} {:>10} {:>10} {:>10} {:>9} {:>6}\n", s.key, "status", "final", "best", "eval loss", "eval ppl", "steps");
+    let mut out = format!(
+        "{:<14} {:<10} {:>10} {:>10} {:>10} {:>9} {:>6}\n",
+        s.key, "status", "final", "best", "eval loss", "eval ppl", "steps"
+    );
     let f = |x: Option<f64>, p: usize| x.map_or("-".into(), |v| format!("{v:.p$}"));
     for t in &s.trials {
         out.push_str(&format!(
@@ -256,13 +292,22 @@ pub fn table(s: &Summary) -> String {
         ));
     }
     match (s.highest_stable, s.recommended) {
-        (Some(h), Some(r)) => out.push_str(&format!("stable up to learning_rate {h:e}; recommended {r:e} (one notch below)\n")),
-        _ if s.key == "learning_rate" => out.push_str("no learning rate trained stably: lower the range tenfold and sweep again\n"),
+        (Some(h), Some(r)) => {
+            out.push_str(&format!("stable up to learning_rate {h:e}; recommended {r:e} (one notch below)\n"))
+        }
+        _ if s.key == "learning_rate" => {
+            out.push_str("no learning rate trained stably: lower the range tenfold and sweep again\n")
+        }
         _ => {}
     }
     // why a trial ended as it did, after the suggestion so a short pane still shows that
     for t in s.trials.iter().filter(|t| t.note.is_some()) {
-        out.push_str(&format!("{} {}: {}\n", t.value.to_string().trim_matches('"'), t.status, t.note.as_deref().unwrap_or_default()));
+        out.push_str(&format!(
+            "{} {}: {}\n",
+            t.value.to_string().trim_matches('"'),
+            t.status,
+            t.note.as_deref().unwrap_or_default()
+        ));
     }
     out
 }

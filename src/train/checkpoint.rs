@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::atomic_file;
 use crate::config::RunConfig;
-use crate::model::checkpoint::{self as model_ckpt, CheckpointError};
+use crate::model::hf::{self as model_ckpt, CheckpointError};
 use crate::model::GptConfig;
 
 pub const TRAINER_STATE: &str = "trainer_state.json";
@@ -50,6 +50,29 @@ pub struct TrainerState {
     pub difflab_version: String,
 }
 
+impl TrainerState {
+    /// A run's state before its first step.
+    pub fn fresh(cfg: &RunConfig) -> Self {
+        TrainerState {
+            global_step: 0,
+            epoch: 0.0,
+            max_steps: 0,
+            num_train_epochs: cfg.num_train_epochs,
+            train_batch_size: cfg.batch_size,
+            best_metric: None,
+            best_model_checkpoint: None,
+            log_history: vec![],
+            lr_scale: 1.0,
+            seed: cfg.seed,
+            optimizer_steps: 0,
+            skipped_steps: 0,
+            data_epoch: 0,
+            data_offset: 0,
+            difflab_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
 pub struct Parts<'a> {
     pub model: &'a GptConfig,
     pub weights: &'a BTreeMap<String, Tensor>,
@@ -73,7 +96,8 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
 fn fault_point() {
     static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-    let target = std::env::var("DIFFLAB_FAULT").ok().and_then(|v| v.strip_prefix("abort_during_save:")?.parse::<u64>().ok());
+    let target =
+        std::env::var("DIFFLAB_FAULT").ok().and_then(|v| v.strip_prefix("abort_during_save:")?.parse::<u64>().ok());
     if target == Some(n) {
         std::process::abort();
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::events::{Control, ControlMsg, ControlRecord, Event};
+use crate::events::{Control, ControlAction, ControlMsg, ControlOrigin, ControlRecord, Event};
 
 /// A stop request that a signal handler can set (no channel is async-signal-safe).
 #[derive(Debug, Clone, Default)]
@@ -105,7 +105,7 @@ impl Controller {
         if self.stop_signal.requested() && self.stop.is_none() {
             self.stop = Some(true);
             self.paused = false;
-            emit(self.record(step, "stop_and_save", "signal"));
+            emit(self.record(step, ControlAction::StopAndSave, ControlOrigin::Signal));
             return true;
         }
         false
@@ -124,10 +124,10 @@ impl Controller {
                 self.paused = false;
             }
         }
-        emit(self.record(step, msg.control.action(), &msg.origin));
+        emit(self.record(step, msg.control.action(), msg.origin));
     }
 
-    fn record(&self, step: u64, action: &str, origin: &str) -> Event {
-        Event::Control(ControlRecord { step, action: action.into(), lr_scale: self.lr_scale, origin: origin.into() })
+    fn record(&self, step: u64, action: ControlAction, origin: ControlOrigin) -> Event {
+        Event::Control(ControlRecord { step, action, lr_scale: self.lr_scale, origin })
     }
 }

@@ -2,6 +2,8 @@
 
 use candle_core::Device;
 
+use crate::config::DeviceSpec;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("device {0:?}: this difflab was built without CUDA; rebuild with `cargo build --release --features cuda` (README: CUDA), or use --device cpu")]
@@ -12,26 +14,22 @@ pub enum DeviceError {
 
 /// Resolves a device setting. `auto` is CUDA 0 when this build has CUDA and a GPU answers,
 /// else the CPU.
-pub fn select(spec: &str) -> Result<Device, DeviceError> {
+pub fn select(spec: DeviceSpec) -> Result<Device, DeviceError> {
     let ordinal = match spec {
-        "cpu" => return Ok(Device::Cpu),
-        "auto" => {
+        DeviceSpec::Cpu => return Ok(Device::Cpu),
+        DeviceSpec::Auto => {
             return Ok(if candle_core::utils::cuda_is_available() {
                 Device::new_cuda(0).unwrap_or(Device::Cpu)
             } else {
                 Device::Cpu
             })
         }
-        "cuda" => 0,
-        other => other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).ok_or_else(|| DeviceError::Unavailable {
-            spec: other.into(),
-            reason: "unknown device; use auto, cpu, cuda or cuda:N".into(),
-        })?,
+        DeviceSpec::Cuda(n) => n.unwrap_or(0),
     };
     if !candle_core::utils::cuda_is_available() {
-        return Err(DeviceError::NoCudaBuild(spec.into()));
+        return Err(DeviceError::NoCudaBuild(spec.to_string()));
     }
-    Device::new_cuda(ordinal).map_err(|e| DeviceError::Unavailable { spec: spec.into(), reason: e.to_string() })
+    Device::new_cuda(ordinal).map_err(|e| DeviceError::Unavailable { spec: spec.to_string(), reason: e.to_string() })
 }
 
 pub fn describe(device: &Device) -> String {

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod controls;
 pub mod device;
+pub mod remote;
 pub mod run;
 pub mod step;
 
@@ -24,7 +25,8 @@ pub struct RunSpec {
     /// difflab's cache (token files, trained tokenizers).
     pub cache_dir: PathBuf,
     /// Fault injection for tests: steps whose loss (`loss@N`) or gradient (`grad@N`) is made
-    /// non-finite. Read from `DIFFLAB_INJECT_NONFINITE` by the CLI.
+    /// non-finite, or where the trainer panics (`panic@N`). Read from
+    /// `DIFFLAB_INJECT_NONFINITE` by the CLI.
     pub inject_nonfinite: Vec<(u64, Injection)>,
 }
 
@@ -32,9 +34,11 @@ pub struct RunSpec {
 pub enum Injection {
     Loss,
     Grad,
+    /// A panic on the trainer thread (the test of its exit code).
+    Panic,
 }
 
-/// Parses `loss@3,grad@5`.
+/// Parses `loss@3,grad@5,panic@7`.
 pub fn parse_injections(spec: &str) -> Vec<(u64, Injection)> {
     spec.split(',')
         .filter_map(|item| {
@@ -42,6 +46,7 @@ pub fn parse_injections(spec: &str) -> Vec<(u64, Injection)> {
             let kind = match what {
                 "loss" => Injection::Loss,
                 "grad" => Injection::Grad,
+                "panic" => Injection::Panic,
                 _ => return None,
             };
             Some((step.parse().ok()?, kind))
@@ -54,11 +59,19 @@ pub enum TrainError {
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
-    Checkpoint(#[from] crate::model::checkpoint::CheckpointError),
+    Checkpoint(#[from] crate::model::hf::CheckpointError),
     #[error(transparent)]
     Device(#[from] device::DeviceError),
     #[error("{0}")]
-    Config(String),
+    Unsupported(String),
+    #[error("the training split has {blocks} blocks of {block_size} tokens, fewer than one batch of {batch_size}; lower batch_size or block_size, or raise subset_ratio")]
+    TooFewBlocks { blocks: usize, block_size: usize, batch_size: usize },
+    #[error("lr-find needs 0 < start_lr < end_lr and num_steps >= 6 (got {start:e}, {end:e}, {steps})")]
+    LrRange { start: f64, end: f64, steps: usize },
+    #[error("{dir}: its optimizer state does not fit this model ({reason}); resume from a checkpoint of the same run")]
+    OptimizerState { dir: PathBuf, reason: String },
+    #[error("the trainer panicked: {0}")]
+    Panicked(String),
     #[error("the loss or gradient was not finite for {steps} steps in a row (last at step {step}); stopping. Lower the learning rate (the tutor: tenfold), or check the data")]
     Diverged { steps: u64, step: u64 },
     #[error("tensor error: {0}")]
@@ -71,10 +84,15 @@ impl TrainError {
     /// Bad input (exit code 2) rather than a failure (exit code 1).
     pub fn is_user_error(&self) -> bool {
         use crate::data::DataError as D;
-        use crate::model::checkpoint::CheckpointError as C;
+        use crate::model::hf::CheckpointError as C;
         match self {
             TrainError::Data(D::Cache { .. }) => false,
-            TrainError::Data(_) | TrainError::Device(_) | TrainError::Config(_) => true,
+            TrainError::Data(_)
+            | TrainError::Device(_)
+            | TrainError::Unsupported(_)
+            | TrainError::TooFewBlocks { .. }
+            | TrainError::LrRange { .. }
+            | TrainError::OptimizerState { .. } => true,
             TrainError::Checkpoint(C::Write { .. } | C::NonFinite { .. } | C::Candle(_)) => false,
             TrainError::Checkpoint(_) => true,
             _ => false,
@@ -99,7 +117,7 @@ impl TrainHandle {
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(TrainError::Config(format!("the trainer panicked: {text}")))
+            Err(TrainError::Panicked(text))
         })
     }
 

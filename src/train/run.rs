@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{Receiver, Sender};
@@ -13,42 +13,19 @@ use super::checkpoint::{self, Parts, TrainerState};
 use super::controls::{Clock, Controller, StopSignal};
 use super::step::{evaluate, forward_backward, Accumulated, MicroBatch};
 use super::{device, emit, Injection, RunSpec, TrainError};
-use crate::config::RunConfig;
-use crate::data::{self, Batcher, DataConfig, EpochOrder, PreparedData, Unit};
+use crate::config::{Precision, RunConfig};
+use crate::data::{self, Batcher, DataConfig, EpochOrder, PreparedData};
+use crate::engine::Engine;
 use crate::events::*;
 use crate::model::diagnostics::{norm_stats, HISTOGRAM_BINS};
 use crate::model::dropout::Dropout;
 use crate::model::params::init_weights;
 use crate::model::{GptConfig, Trainable};
-use crate::optim::grads::{clip_factor, global_norm, Grads};
-use crate::optim::{AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use crate::optim::grads::Grads;
+use crate::optim::{self, AdamW, AdamWConfig, LrSchedule};
 
 /// Non-finite steps in a row after which the run stops.
 pub const MAX_CONSECUTIVE_SKIPS: u64 = 5;
-
-pub fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-pub fn model_config(cfg: &RunConfig, vocab_size: usize) -> GptConfig {
-    GptConfig {
-        vocab_size,
-        n_positions: cfg.block_size,
-        n_embd: cfg.n_embd,
-        n_layer: cfg.n_layer,
-        n_head: cfg.n_head,
-        layer_norm_epsilon: 1e-5,
-        rope: cfg.rope,
-        rope_theta: cfg.rope_theta,
-        differential: cfg.research,
-        dropout: cfg.dropout as f32,
-    }
-}
-
-pub fn variant_name(m: &GptConfig) -> String {
-    let pos = if m.rope { "rope" } else { "learned positions" };
-    if m.differential { format!("differential + {pos}") } else { format!("baseline ({pos})") }
-}
 
 pub fn data_config(cfg: &RunConfig, cache_dir: &Path) -> DataConfig {
     DataConfig {
@@ -63,12 +40,7 @@ pub fn data_config(cfg: &RunConfig, cache_dir: &Path) -> DataConfig {
 /// Data preparation with its progress reported as events.
 pub fn prepare_data(cfg: &RunConfig, cache_dir: &Path, tx: &Sender<Event>) -> Result<PreparedData, TrainError> {
     let report = |p: data::Progress| {
-        let unit = match p.unit {
-            Unit::Bytes => "bytes",
-            Unit::Rows => "rows",
-            Unit::Task => "task",
-        };
-        emit(tx, Event::Prepare(PrepareProgress { stage: p.stage, done: p.done, total: p.total, unit: unit.into() }));
+        emit(tx, Event::Prepare(PrepareProgress { stage: p.stage, done: p.done, total: p.total, unit: p.unit }));
     };
     let data = data::prepare(&data_config(cfg, cache_dir), &report)?;
     for note in &data.notes {
@@ -77,17 +49,89 @@ pub fn prepare_data(cfg: &RunConfig, cache_dir: &Path, tx: &Sender<Event>) -> Re
     Ok(data)
 }
 
+/// The device, compute dtype and engine of a run; bf16 on the CPU is refused (nothing there
+/// computes it faster than f32, and the fused kernels are f32).
+pub fn placement(cfg: &RunConfig) -> Result<(Device, DType, Engine), TrainError> {
+    let device = device::select(cfg.device)?;
+    let dtype = match cfg.dtype {
+        Precision::Bf16 if device.is_cpu() => {
+            return Err(TrainError::Unsupported(
+                "dtype bf16 needs a CUDA device; on CPU difflab trains in f32 (set --dtype f32)".into(),
+            ))
+        }
+        Precision::Bf16 => DType::BF16,
+        Precision::F32 => DType::F32,
+    };
+    let engine = Engine::choose(&device, dtype, cfg.dropout);
+    Ok((device, dtype, engine))
+}
+
+/// The model a run starts from, and the checkpoint it comes from when resuming.
+pub struct Start {
+    pub model: GptConfig,
+    pub weights: BTreeMap<String, Tensor>,
+    pub resume: Option<checkpoint::Resume>,
+}
+
+/// The model a run starts from: its checkpoint when resuming, else fresh from the seed.
+pub fn starting_model(cfg: &RunConfig, vocab_size: usize, device: &Device) -> Result<Start, TrainError> {
+    match &cfg.resume_from_checkpoint {
+        Some(s) => {
+            let r = checkpoint::load(&checkpoint::resolve(s, Path::new(&cfg.output_dir))?, device)?;
+            Ok(Start { model: r.model.clone(), weights: r.weights.clone(), resume: Some(r) })
+        }
+        None => {
+            let model = cfg.model_config(vocab_size);
+            let weights = init_weights(&model, cfg.seed, device)?;
+            Ok(Start { model, weights, resume: None })
+        }
+    }
+}
+
+pub fn adamw_config(cfg: &RunConfig) -> AdamWConfig {
+    AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay }
+}
+
+/// Everything the loop works on, built by `set_up`.
+struct Run<'a> {
+    spec: &'a RunSpec,
+    out_dir: PathBuf,
+    device: Device,
+    engine: Engine,
+    data: PreparedData,
+    model_cfg: GptConfig,
+    model: Trainable,
+    opt: AdamW,
+    state: TrainerState,
+    schedule: LrSchedule,
+    train_blocks: usize,
+    steps_per_epoch: u64,
+    tokens_per_step: u64,
+}
+
 /// The whole run. Returns the final figures; errors end the run (reported by the caller).
-pub fn train(spec: &RunSpec, tx: &Sender<Event>, controls: Receiver<ControlMsg>, stop: StopSignal) -> Result<TrainEnd, TrainError> {
+pub fn train(
+    spec: &RunSpec,
+    tx: &Sender<Event>,
+    controls: Receiver<ControlMsg>,
+    stop: StopSignal,
+) -> Result<TrainEnd, TrainError> {
+    let mut run = set_up(spec, tx)?;
+    let mut ctl = Controller::new(controls, stop, run.state.lr_scale);
+    let mut emit_ev = |e: Event| emit(tx, e);
+    let session_start = run.state.global_step;
+    let mut session = Session::new();
+    let failure = train_loop(&mut run, &mut ctl, &mut session, &mut emit_ev).err();
+    wrap_up(&mut run, &ctl, session, session_start, failure, &mut emit_ev)
+}
+
+/// Data, model, optimizer, plan; ends with the `train_begin` event.
+fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Run<'a>, TrainError> {
     let cfg = &spec.config;
     let out_dir = PathBuf::from(&cfg.output_dir);
-    let device = device::select(&cfg.device)?;
-    if cfg.dtype == "bf16" && device.is_cpu() {
-        return Err(TrainError::Config("dtype bf16 needs a CUDA device; on CPU difflab trains in f32 (set --dtype f32)".into()));
-    }
+    let (device, dtype, engine) = placement(cfg)?;
     std::fs::create_dir_all(&out_dir).map_err(|source| TrainError::Io { path: out_dir.clone(), source })?;
 
-    // ---- data
     let data = prepare_data(cfg, &spec.cache_dir, tx)?;
     let block_size = cfg.block_size;
     let train_blocks = data.train.num_blocks(block_size);
@@ -97,128 +141,132 @@ pub fn train(spec: &RunSpec, tx: &Sender<Event>, controls: Receiver<ControlMsg>,
     }
     let steps_per_epoch = (train_blocks / cfg.batch_size) as u64;
     if steps_per_epoch == 0 {
-        return Err(TrainError::Config(format!(
-            "the training split has {train_blocks} blocks of {block_size} tokens, fewer than one batch of {}; lower batch_size or block_size, or raise subset_ratio",
-            cfg.batch_size
-        )));
+        return Err(TrainError::TooFewBlocks { blocks: train_blocks, block_size, batch_size: cfg.batch_size });
     }
 
-    // ---- model and optimizer: resumed, or fresh from the seed
-    let resume = match &cfg.resume_from_checkpoint {
-        Some(s) => Some(checkpoint::load(&checkpoint::resolve(s, &out_dir)?, &device)?),
-        None => None,
-    };
-    let (model_cfg, weights) = match &resume {
-        Some(r) => (r.model.clone(), r.weights.clone()),
-        None => {
-            let m = model_config(cfg, data.tokenizer.vocab_size());
-            let w = init_weights(&m, cfg.seed, &device)?;
-            (m, w)
-        }
-    };
+    let Start { model: model_cfg, weights, resume } = starting_model(cfg, data.tokenizer.vocab_size(), &device)?;
     check_vocab(&data, model_cfg.vocab_size)?;
     // bf16 compute over f32 master weights and optimizer state (CUDA only: checked above)
-    let compute = if cfg.dtype == "bf16" { DType::BF16 } else { DType::F32 };
-    let model = Trainable::new(&model_cfg, weights)?.with_dtype(compute)?;
-    let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
-    let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2)?;
+    let model = Trainable::new(&model_cfg, weights)?.with_dtype(dtype)?.with_engine(engine);
+    let mut opt = AdamW::new(&model.vars, adamw_config(cfg), |_, v| v.rank() >= 2)?;
     let mut state = match &resume {
         Some(r) => {
-            opt.load_state(&r.optimizer, r.state.optimizer_steps).map_err(|e| TrainError::Config(format!("{}: {e}", r.dir.display())))?;
-            emit(tx, Event::Message { level: Level::Info, text: format!("resuming from {} at step {}", r.dir.display(), r.state.global_step) });
+            opt.load_state(&r.optimizer, r.state.optimizer_steps)
+                .map_err(|e| TrainError::OptimizerState { dir: r.dir.clone(), reason: e.to_string() })?;
+            emit(
+                tx,
+                Event::Message {
+                    level: Level::Info,
+                    text: format!("resuming from {} at step {}", r.dir.display(), r.state.global_step),
+                },
+            );
             r.state.clone()
         }
-        None => TrainerState {
-            global_step: 0,
-            epoch: 0.0,
-            max_steps: 0,
-            num_train_epochs: cfg.num_train_epochs,
-            train_batch_size: cfg.batch_size,
-            best_metric: None,
-            best_model_checkpoint: None,
-            log_history: vec![],
-            lr_scale: 1.0,
-            seed: cfg.seed,
-            optimizer_steps: 0,
-            skipped_steps: 0,
-            data_epoch: 0,
-            data_offset: 0,
-            difflab_version: env!("CARGO_PKG_VERSION").into(),
-        },
+        None => TrainerState::fresh(cfg),
     };
 
-    // ---- plan
     let total_steps = cfg.max_steps.unwrap_or_else(|| (cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64);
-    let kind: ScheduleKind = cfg.lr_scheduler_type.parse().map_err(TrainError::Config)?;
     let warmup = LrSchedule::warmup_from(cfg.warmup_steps, cfg.warmup_ratio, total_steps);
-    let schedule = LrSchedule { kind, base_lr: cfg.learning_rate, warmup_steps: warmup, total_steps };
-    state.max_steps = total_steps;
-    let accumulation = cfg.accumulation_steps();
-    let tokens_per_step = (cfg.batch_size * block_size) as u64;
-    let run_config = serde_json::to_value(cfg).unwrap_or_default();
-    emit(tx, Event::TrainBegin(TrainBegin {
-        config: run_config,
-        preset: spec.preset.clone(),
-        num_parameters: model_cfg.num_parameters(),
-        device: device::describe(&device),
-        variant: variant_name(&model_cfg),
-        vocab_size: model_cfg.vocab_size,
-        train_blocks,
-        validation_blocks,
-        steps_per_epoch,
-        total_steps,
-        start_step: state.global_step,
-        tokens_per_step,
+    let schedule = LrSchedule {
+        kind: cfg.lr_scheduler_type,
+        base_lr: cfg.learning_rate,
+        min_lr: 0.0,
         warmup_steps: warmup,
-        output_dir: out_dir.display().to_string(),
-        timestamp: now(),
-    }));
+        total_steps,
+    };
+    state.max_steps = total_steps;
+    let tokens_per_step = (cfg.batch_size * block_size) as u64;
+    emit(
+        tx,
+        Event::TrainBegin(TrainBegin {
+            config: serde_json::to_value(cfg).unwrap_or_default(),
+            preset: spec.preset.clone(),
+            num_parameters: model_cfg.num_parameters(),
+            device: device::describe(&device),
+            engine: engine.as_str().into(),
+            variant: model_cfg.variant_name(),
+            vocab_size: model_cfg.vocab_size,
+            train_blocks,
+            validation_blocks,
+            steps_per_epoch,
+            total_steps,
+            start_step: state.global_step,
+            tokens_per_step,
+            warmup_steps: warmup,
+            output_dir: out_dir.display().to_string(),
+            timestamp: now(),
+        }),
+    );
+    Ok(Run {
+        spec,
+        out_dir,
+        device,
+        engine,
+        data,
+        model_cfg,
+        model,
+        opt,
+        state,
+        schedule,
+        train_blocks,
+        steps_per_epoch,
+        tokens_per_step,
+    })
+}
 
-    let mut ctl = Controller::new(controls, stop, state.lr_scale);
-    let mut clock = Clock::started();
-    let mut emit_ev = |e: Event| emit(tx, e);
-    let batcher = Batcher { stream: &data.train, block_size };
+/// What the loop accumulates over this process's steps.
+struct Session {
+    clock: Clock,
+    loss_sum: f64,
+    loss_count: u64,
+    window: Window,
+    last_eval: Option<EvalRecord>,
+    last_saved_step: Option<u64>,
+}
+
+impl Session {
+    fn new() -> Self {
+        Self {
+            clock: Clock::started(),
+            loss_sum: 0.0,
+            loss_count: 0,
+            window: Window::default(),
+            last_eval: None,
+            last_saved_step: None,
+        }
+    }
+}
+
+/// Steps until the plan is done, a stop is asked for, or the run diverges (`Err`, which the
+/// wrap-up reports). Errors of the machinery itself (a failed save) are returned too.
+fn train_loop(
+    run: &mut Run,
+    ctl: &mut Controller,
+    s: &mut Session,
+    emit_ev: &mut dyn FnMut(Event),
+) -> Result<(), LoopEnd> {
+    let cfg = &run.spec.config;
+    let total_steps = run.schedule.total_steps;
+    let accumulation = cfg.accumulation_steps();
     let mut order: Option<EpochOrder> = None;
     let mut consecutive_skips = 0u64;
-    let mut loss_sum = 0.0;
-    let mut loss_count = 0u64;
-    let mut window = Window::new(clock.elapsed().as_secs_f64());
-    let mut last_eval: Option<EvalRecord> = None;
-    let mut last_saved_step: Option<u64> = None;
-    let mut failure: Option<TrainError> = None;
-    let session_start = state.global_step;
 
-    let ctx = Ctx { spec, model: &model, model_cfg: &model_cfg, data: &data, out_dir: &out_dir, device: &device };
-    let epoch_of = |step: u64| step as f64 / steps_per_epoch as f64;
-
-    // ---- the loop
-    while state.global_step < total_steps {
-        let step = state.global_step;
-        ctl.poll(step, &mut emit_ev);
-        while ctl.paused {
-            ctl.wait(step, &mut clock, &mut emit_ev);
-            if ctl.checkpoint_requested {
-                save_checkpoint(&ctx, &opt, &mut state, ctl.lr_scale, "control", &mut emit_ev, &mut last_saved_step)?;
-                ctl.checkpoint_requested = false;
-            }
-        }
-        if ctl.checkpoint_requested {
-            save_checkpoint(&ctx, &opt, &mut state, ctl.lr_scale, "control", &mut emit_ev, &mut last_saved_step)?;
-            ctl.checkpoint_requested = false;
-        }
+    while run.state.global_step < total_steps {
+        let step = run.state.global_step;
+        apply_controls(run, ctl, s, step, emit_ev)?;
         if ctl.stop.is_some() {
             break;
         }
 
         // learning rate: the schedule, times the user's multiplier
-        let lr = schedule.lr_at(step) * ctl.lr_scale;
+        let lr = run.schedule.lr_at(step) * ctl.lr_scale;
 
         // this step's blocks: epoch-seeded shuffle, consecutive batches within the epoch
-        let epoch = step / steps_per_epoch;
+        let epoch = step / run.steps_per_epoch;
         if order.as_ref().is_none_or(|o| o.epoch != epoch) {
-            order = Some(EpochOrder::new(train_blocks, cfg.seed, epoch));
+            order = Some(EpochOrder::new(run.train_blocks, cfg.seed, epoch));
         }
-        let offset = ((step % steps_per_epoch) as usize) * cfg.batch_size;
+        let offset = ((step % run.steps_per_epoch) as usize) * cfg.batch_size;
         let blocks = order.as_ref().map(|o| o.blocks(offset, cfg.batch_size).to_vec()).unwrap_or_default();
 
         // forward/backward over the micro-batches, gradients accumulated
@@ -227,115 +275,175 @@ pub fn train(spec: &RunSpec, tx: &Sender<Event>, controls: Receiver<ControlMsg>,
         let mut acc = Accumulated::default();
         let mut step_loss = 0.0;
         let mut diff_norms = None;
+        let batcher = Batcher { stream: &run.data.train, block_size: cfg.block_size };
         for micro in blocks.chunks(cfg.micro_batch_size) {
-            ctl.poll(step, &mut emit_ev);
+            ctl.poll(step, emit_ev);
             while ctl.paused {
-                ctl.wait(step, &mut clock, &mut emit_ev);
+                ctl.wait(step, &mut s.clock, emit_ev);
             }
-            let ids = batcher.batch(micro, &device)?;
+            let ids = batcher.batch(micro, &run.device)?;
             let d = if dropout.is_active() { Some(&mut dropout) } else { None };
             let batch = MicroBatch { ids: &ids, targets: None };
-            let out = forward_backward(&model, &batch, 1.0 / accumulation as f64, d, cfg.gradient_checkpointing, &mut acc)?;
+            let out = forward_backward(
+                run.engine,
+                &run.model,
+                &batch,
+                1.0 / accumulation as f64,
+                d,
+                cfg.gradient_checkpointing,
+                &mut acc,
+            )?;
             step_loss += out.loss / accumulation as f64;
             diff_norms = out.diff_norms.or(diff_norms);
         }
-        let mut grads = acc.into_grads(&model_cfg)?;
-        inject(spec, step, &mut step_loss, &mut grads)?;
-        let norm = global_norm(&grads)?;
+        let mut grads = acc.into_grads(&run.model_cfg)?;
+        inject(run.spec, step, &mut step_loss, &mut grads)?;
+
+        // the update, unless the loss or the gradient is not finite
+        let update = if step_loss.is_finite() {
+            optim::step(&mut run.opt, &grads, lr, cfg.max_grad_norm)?
+        } else {
+            optim::Update { grad_norm: f64::NAN, applied: false }
+        };
+        drop(grads);
         let elapsed_step = started.elapsed().as_secs_f64();
 
+        let state = &mut run.state;
         state.global_step += 1;
         let done = state.global_step;
-        state.epoch = epoch_of(done);
-        state.data_epoch = done / steps_per_epoch;
-        state.data_offset = (done % steps_per_epoch) * cfg.batch_size as u64;
+        state.epoch = done as f64 / run.steps_per_epoch as f64;
+        state.data_epoch = done / run.steps_per_epoch;
+        state.data_offset = (done % run.steps_per_epoch) * cfg.batch_size as u64;
 
-        if !step_loss.is_finite() || !norm.is_finite() {
+        if !update.applied {
             consecutive_skips += 1;
             state.skipped_steps += 1;
-            let what = if step_loss.is_finite() { "gradient norm" } else { "loss" };
-            emit_ev(Event::Skipped(SkippedRecord {
-                step: done,
-                reason: format!("{what} is {}", if step_loss.is_finite() { norm } else { step_loss }),
-                consecutive: consecutive_skips,
-            }));
+            let reason = if step_loss.is_finite() {
+                format!("gradient norm is {}", update.grad_norm)
+            } else {
+                format!("loss is {step_loss}")
+            };
+            emit_ev(Event::Skipped(SkippedRecord { step: done, reason, consecutive: consecutive_skips }));
             if consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
-                failure = Some(TrainError::Diverged { steps: consecutive_skips, step: done });
-                break;
+                return Err(LoopEnd::Failed(TrainError::Diverged { steps: consecutive_skips, step: done }));
             }
             continue;
         }
         consecutive_skips = 0;
-        opt.step(&grads, lr, clip_factor(norm, cfg.max_grad_norm))?;
-        drop(grads);
-        state.optimizer_steps = opt.steps_taken();
-        loss_sum += step_loss;
-        loss_count += 1;
-        window.add(step_loss, elapsed_step, tokens_per_step);
+        state.optimizer_steps = run.opt.steps_taken();
+        s.loss_sum += step_loss;
+        s.loss_count += 1;
+        s.window.add(step_loss, elapsed_step, run.tokens_per_step);
 
-        if done % cfg.logging_steps == 0 || done == total_steps {
-            emit_ev(Event::Progress(window.record(done, state.epoch, lr, norm, diff_norms.as_deref(), clock.elapsed().as_secs_f64())));
-            window = Window::new(clock.elapsed().as_secs_f64());
+        if done.is_multiple_of(cfg.logging_steps) || done == total_steps {
+            emit_ev(Event::Progress(s.window.record(
+                done,
+                state.epoch,
+                lr,
+                update.grad_norm,
+                diff_norms.as_deref(),
+                s.clock.elapsed().as_secs_f64(),
+            )));
+            s.window = Window::default();
         }
-        if done % cfg.eval_steps == 0 && done < total_steps {
-            let rec = run_eval(&ctx, done, state.epoch)?;
-            note_eval(&mut state, &rec);
-            emit_ev(Event::Evaluate(rec.clone()));
-            last_eval = Some(rec);
+        if done.is_multiple_of(cfg.eval_steps) && done < total_steps {
+            evaluate_now(run, s, done, emit_ev)?;
         }
-        if cfg.save_steps > 0 && done % cfg.save_steps == 0 && done < total_steps {
-            save_checkpoint(&ctx, &opt, &mut state, ctl.lr_scale, "save_steps", &mut emit_ev, &mut last_saved_step)?;
+        if cfg.save_steps > 0 && done.is_multiple_of(cfg.save_steps) && done < total_steps {
+            save_checkpoint(run, ctl.lr_scale, CheckpointReason::SaveSteps, emit_ev, &mut s.last_saved_step)?;
         }
     }
+    Ok(())
+}
 
-    // ---- the end: final evaluation and save, unless stopped without saving or failed
+/// Pause (waiting out the pause, saving on request while paused) and checkpoint-now.
+fn apply_controls(
+    run: &mut Run,
+    ctl: &mut Controller,
+    s: &mut Session,
+    step: u64,
+    emit_ev: &mut dyn FnMut(Event),
+) -> Result<(), LoopEnd> {
+    ctl.poll(step, emit_ev);
+    loop {
+        if ctl.checkpoint_requested {
+            save_checkpoint(run, ctl.lr_scale, CheckpointReason::Control, emit_ev, &mut s.last_saved_step)?;
+            ctl.checkpoint_requested = false;
+        }
+        if !ctl.paused {
+            return Ok(());
+        }
+        ctl.wait(step, &mut s.clock, emit_ev);
+    }
+}
+
+/// Why the loop ended early: the run failed (reported in `train_end`), or an error of the
+/// machinery (returned as it is).
+enum LoopEnd {
+    Failed(TrainError),
+    Error(TrainError),
+}
+
+impl<E: Into<TrainError>> From<E> for LoopEnd {
+    fn from(e: E) -> Self {
+        LoopEnd::Error(e.into())
+    }
+}
+
+/// The final evaluation and save (unless stopped without saving, or failed), then `train_end`.
+fn wrap_up(
+    run: &mut Run,
+    ctl: &Controller,
+    mut s: Session,
+    session_start: u64,
+    end: Option<LoopEnd>,
+    emit_ev: &mut dyn FnMut(Event),
+) -> Result<TrainEnd, TrainError> {
+    let failure = match end {
+        Some(LoopEnd::Error(e)) => return Err(e),
+        Some(LoopEnd::Failed(e)) => Some(e),
+        None => None,
+    };
     let stopped = ctl.stop.is_some() || failure.is_some();
     let save_at_end = failure.is_none() && ctl.stop != Some(false);
-    let done = state.global_step;
-    if failure.is_none() && last_eval.as_ref().is_none_or(|e| e.step != done) && done > session_start {
-        let rec = run_eval(&ctx, done, state.epoch)?;
-        note_eval(&mut state, &rec);
-        emit_ev(Event::Evaluate(rec.clone()));
-        last_eval = Some(rec);
+    let done = run.state.global_step;
+    if failure.is_none() && s.last_eval.as_ref().is_none_or(|e| e.step != done) && done > session_start {
+        evaluate_now(run, &mut s, done, emit_ev)?;
     }
     if save_at_end && done > 0 {
-        let reason = if stopped { "stop" } else { "final" };
-        if last_saved_step != Some(done) {
-            save_checkpoint(&ctx, &opt, &mut state, ctl.lr_scale, reason, &mut emit_ev, &mut last_saved_step)?;
+        let reason = if stopped { CheckpointReason::Stop } else { CheckpointReason::Final };
+        if s.last_saved_step != Some(done) {
+            save_checkpoint(run, ctl.lr_scale, reason, emit_ev, &mut s.last_saved_step)?;
         }
-        let weights = model.weights();
-        checkpoint::save_model_dir(&out_dir, &parts(&ctx, &opt, &state, &weights)?.as_parts())?;
+        let weights = run.model.weights();
+        checkpoint::save_model_dir(&run.out_dir, &parts(run, &weights)?.as_parts())?;
     }
-    let runtime = clock.elapsed().as_secs_f64();
+    let runtime = s.clock.elapsed().as_secs_f64();
     let trained = done - session_start;
     let end = TrainEnd {
         step: done,
-        epoch: state.epoch,
-        train_loss: (loss_count > 0).then(|| loss_sum / loss_count as f64),
-        eval_loss: last_eval.as_ref().map(|e| e.eval_loss),
-        perplexity: last_eval.as_ref().map(|e| e.perplexity),
+        epoch: run.state.epoch,
+        train_loss: (s.loss_count > 0).then(|| s.loss_sum / s.loss_count as f64),
+        eval_loss: s.last_eval.as_ref().map(|e| e.eval_loss),
+        perplexity: s.last_eval.as_ref().map(|e| e.perplexity),
         train_runtime: runtime,
-        tokens_per_second: (trained * tokens_per_step) as f64 / runtime.max(1e-9),
-        skipped_steps: state.skipped_steps,
-        status: if failure.is_some() { "failed" } else if stopped { "stopped" } else { "completed" }.into(),
+        tokens_per_second: (trained * run.tokens_per_step) as f64 / runtime.max(1e-9),
+        skipped_steps: run.state.skipped_steps,
+        status: if failure.is_some() {
+            RunStatus::Failed
+        } else if stopped {
+            RunStatus::Stopped
+        } else {
+            RunStatus::Completed
+        },
         error: failure.as_ref().map(|e| e.to_string()),
-        output_dir: out_dir.display().to_string(),
+        output_dir: run.out_dir.display().to_string(),
     };
     emit_ev(Event::TrainEnd(end.clone()));
     match failure {
         Some(e) => Err(e),
         None => Ok(end),
     }
-}
-
-/// What the helpers below share.
-struct Ctx<'a> {
-    spec: &'a RunSpec,
-    model: &'a Trainable,
-    model_cfg: &'a GptConfig,
-    data: &'a PreparedData,
-    out_dir: &'a Path,
-    device: &'a Device,
 }
 
 fn check_vocab(data: &PreparedData, vocab: usize) -> Result<(), TrainError> {
@@ -347,7 +455,7 @@ fn check_vocab(data: &PreparedData, vocab: usize) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Test fault injection: a non-finite loss or gradient at chosen steps.
+/// Test fault injection: a non-finite loss or gradient, or a panic, at chosen steps.
 fn inject(spec: &RunSpec, step: u64, loss: &mut f64, grads: &mut Grads) -> Result<(), TrainError> {
     for (at, kind) in &spec.inject_nonfinite {
         if *at != step {
@@ -360,20 +468,34 @@ fn inject(spec: &RunSpec, step: u64, loss: &mut f64, grads: &mut Grads) -> Resul
                     *g = (g.ones_like()? * f64::INFINITY)?;
                 }
             }
+            Injection::Panic => panic!("injected at step {step} (DIFFLAB_INJECT_NONFINITE)"),
         }
     }
     Ok(())
 }
 
-fn run_eval(ctx: &Ctx, step: u64, epoch: f64) -> Result<EvalRecord, TrainError> {
-    let cfg = &ctx.spec.config;
+/// Evaluates now and records it (event, `log_history`, best metric).
+fn evaluate_now(run: &mut Run, s: &mut Session, step: u64, emit_ev: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+    let cfg = &run.spec.config;
     let started = Instant::now();
-    let gpt = ctx.model.detached()?;
+    let gpt = run.model.detached()?;
     let max = cfg.eval_max_blocks.map(|n| n as usize);
-    let (loss, predictions) = evaluate(&gpt, &ctx.data.validation, cfg.block_size, cfg.micro_batch_size, max, ctx.device)?;
+    let (loss, predictions) =
+        evaluate(&gpt, &run.data.validation, cfg.block_size, cfg.micro_batch_size, max, &run.device)?;
     let secs = started.elapsed().as_secs_f64();
     let tokens = predictions + predictions / (cfg.block_size as u64 - 1);
-    Ok(EvalRecord { step, epoch, eval_loss: loss, perplexity: loss.exp(), eval_tokens: tokens, eval_tokens_per_second: tokens as f64 / secs.max(1e-9) })
+    let rec = EvalRecord {
+        step,
+        epoch: run.state.epoch,
+        eval_loss: loss,
+        perplexity: loss.exp(),
+        eval_tokens: tokens,
+        eval_tokens_per_second: tokens as f64 / secs.max(1e-9),
+    };
+    note_eval(&mut run.state, &rec);
+    emit_ev(Event::Evaluate(rec.clone()));
+    s.last_eval = Some(rec);
+    Ok(())
 }
 
 fn note_eval(state: &mut TrainerState, rec: &EvalRecord) {
@@ -386,14 +508,13 @@ fn note_eval(state: &mut TrainerState, rec: &EvalRecord) {
     }
 }
 
-fn parts<'a>(ctx: &'a Ctx, opt: &AdamW, state: &'a TrainerState, weights: &'a BTreeMap<String, Tensor>) -> Result<OwnedParts<'a>, TrainError> {
-    Ok(OwnedParts { ctx, state, weights, optimizer: opt.state_tensors()? })
+fn parts<'a>(run: &'a Run, weights: &'a BTreeMap<String, Tensor>) -> Result<OwnedParts<'a>, TrainError> {
+    Ok(OwnedParts { run, weights, optimizer: run.opt.state_tensors()? })
 }
 
 /// The optimizer state materialised next to borrowed parts, for one save.
 struct OwnedParts<'a> {
-    ctx: &'a Ctx<'a>,
-    state: &'a TrainerState,
+    run: &'a Run<'a>,
     weights: &'a BTreeMap<String, Tensor>,
     optimizer: BTreeMap<String, Tensor>,
 }
@@ -401,50 +522,50 @@ struct OwnedParts<'a> {
 impl OwnedParts<'_> {
     fn as_parts(&self) -> Parts<'_> {
         Parts {
-            model: self.ctx.model_cfg,
+            model: &self.run.model_cfg,
             weights: self.weights,
             optimizer: &self.optimizer,
-            tokenizer_json: self.ctx.data.tokenizer.json(),
-            run_config: &self.ctx.spec.config,
-            state: self.state,
-            eos_token_id: self.ctx.data.tokenizer.end_of_text_id(),
+            tokenizer_json: self.run.data.tokenizer.json(),
+            run_config: &self.run.spec.config,
+            state: &self.run.state,
+            eos_token_id: self.run.data.tokenizer.end_of_text_id(),
         }
     }
 }
 
 fn save_checkpoint(
-    ctx: &Ctx,
-    opt: &AdamW,
-    state: &mut TrainerState,
+    run: &mut Run,
     lr_scale: f64,
-    reason: &str,
+    reason: CheckpointReason,
     emit_ev: &mut dyn FnMut(Event),
     last_saved: &mut Option<u64>,
 ) -> Result<(), TrainError> {
+    let state = &mut run.state;
     state.lr_scale = lr_scale;
     let step = state.global_step;
     let best_now = state.log_history.last().and_then(|e| e["step"].as_u64()) == Some(step)
         && state.best_metric.is_some()
         && state.log_history.last().and_then(|e| e["eval_loss"].as_f64()) == state.best_metric;
     if best_now {
-        state.best_model_checkpoint = Some(checkpoint::checkpoint_dir(ctx.out_dir, step).display().to_string());
+        state.best_model_checkpoint = Some(checkpoint::checkpoint_dir(&run.out_dir, step).display().to_string());
     }
-    let weights = ctx.model.weights();
-    let owned = parts(ctx, opt, state, &weights)?;
-    let path = checkpoint::save(ctx.out_dir, &owned.as_parts())?;
-    let keep = state.best_model_checkpoint.as_ref().and_then(|p| p.rsplit('-').next()?.parse().ok());
-    let deleted = checkpoint::rotate(ctx.out_dir, ctx.spec.config.save_total_limit, keep);
+    let weights = run.model.weights();
+    let owned = parts(run, &weights)?;
+    let path = checkpoint::save(&run.out_dir, &owned.as_parts())?;
+    let keep = run.state.best_model_checkpoint.as_ref().and_then(|p| p.rsplit('-').next()?.parse().ok());
+    let deleted = checkpoint::rotate(&run.out_dir, run.spec.config.save_total_limit, keep);
     *last_saved = Some(step);
     emit_ev(Event::Checkpoint(CheckpointRecord {
         step,
         path: path.display().to_string(),
-        reason: reason.into(),
+        reason,
         deleted: deleted.iter().map(|p| p.display().to_string()).collect(),
     }));
     Ok(())
 }
 
 /// Losses and throughput since the last progress marker.
+#[derive(Default)]
 struct Window {
     loss_sum: f64,
     steps: u64,
@@ -453,10 +574,6 @@ struct Window {
 }
 
 impl Window {
-    fn new(_at: f64) -> Self {
-        Self { loss_sum: 0.0, steps: 0, seconds: 0.0, tokens: 0 }
-    }
-
     fn add(&mut self, loss: f64, seconds: f64, tokens: u64) {
         self.loss_sum += loss;
         self.steps += 1;
@@ -477,7 +594,12 @@ impl Window {
             diff_norm_std: stats.as_ref().map(|s| s.std),
             diff_norm_min: stats.as_ref().map(|s| s.min),
             diff_norm_max: stats.as_ref().map(|s| s.max),
-            diff_norm_hist: stats.map(|s| Histogram { counts: s.hist_counts, edges: s.hist_edges, sum: s.sum, sum_squares: s.sum_squares }),
+            diff_norm_hist: stats.map(|s| Histogram {
+                counts: s.hist_counts,
+                edges: s.hist_edges,
+                sum: s.sum,
+                sum_squares: s.sum_squares,
+            }),
             elapsed,
         }
     }

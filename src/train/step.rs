@@ -4,6 +4,7 @@
 use candle_core::{Device, Result, Tensor, Var};
 
 use crate::data::{Batcher, TokenStream};
+use crate::engine::Engine;
 use crate::model::dropout::Dropout;
 use crate::model::{cpu_step, Gpt, Trainable};
 use crate::optim::grads::{accumulate, Grads};
@@ -60,10 +61,11 @@ fn loss_of(gpt: &Gpt, hidden: &Tensor, batch: &MicroBatch) -> Result<Tensor> {
     }
 }
 
-/// Forward and backward of one micro-batch; gradients of `loss * scale` (`scale` =
-/// 1 / accumulation steps) are added into `acc`. f32 on the CPU without dropout takes the
-/// written-out step (`cpu_step`); everything else candle's autograd.
+/// Forward and backward of one micro-batch on `engine`; gradients of `loss * scale` (`scale` =
+/// 1 / accumulation steps) are added into `acc`. `cpu-step` runs the written-out step
+/// (`cpu_step`), the others candle's autograd over the kernels the model was built with.
 pub fn forward_backward(
+    engine: Engine,
     model: &Trainable,
     batch: &MicroBatch,
     scale: f64,
@@ -71,23 +73,43 @@ pub fn forward_backward(
     checkpointing: bool,
     acc: &mut Accumulated,
 ) -> Result<MicroStep> {
-    if dropout.is_none() && model.computes_in_f32() && cpu_step::applies(&model.vars, 0.0) && !matches!(acc, Accumulated::Tensors(_)) {
+    if engine == Engine::CpuStep {
+        if dropout.as_ref().is_some_and(|d| d.is_active()) {
+            candle_core::bail!("the cpu-step engine has no dropout; a run with dropout takes cpu-autograd")
+        }
         let mut host = match std::mem::take(acc) {
             Accumulated::Host(h) => Some(h),
             _ => None,
         };
-        let out = cpu_step::forward_backward(model.gpt.config(), &model.vars, batch.ids, batch.targets, scale, checkpointing, &mut host)?;
+        let out = cpu_step::forward_backward(
+            model.gpt.config(),
+            &model.vars,
+            batch.ids,
+            batch.targets,
+            scale,
+            checkpointing,
+            &mut host,
+        )?;
         if let Some(h) = host {
             *acc = Accumulated::Host(h);
         }
         return Ok(MicroStep { loss: out.loss, diff_norms: out.diff_norms });
     }
-    let (step, grads) = if checkpointing { checkpointed(model, batch, scale, dropout)? } else { autograd(model, batch, scale, dropout)? };
+    let (step, grads) = if checkpointing {
+        checkpointed(model, batch, scale, dropout)?
+    } else {
+        autograd(model, batch, scale, dropout)?
+    };
     acc.add(grads)?;
     Ok(step)
 }
 
-fn autograd(model: &Trainable, batch: &MicroBatch, scale: f64, dropout: Option<&mut Dropout>) -> Result<(MicroStep, Grads)> {
+fn autograd(
+    model: &Trainable,
+    batch: &MicroBatch,
+    scale: f64,
+    dropout: Option<&mut Dropout>,
+) -> Result<(MicroStep, Grads)> {
     let (hidden, diff_norms) = model.gpt.forward_hidden(batch.ids, dropout)?;
     let loss = loss_of(&model.gpt, &hidden, batch)?;
     let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
@@ -103,7 +125,12 @@ fn norms(t: Option<Tensor>) -> Result<Option<Vec<f32>>> {
 /// recomputes one block at a time and pulls the gradient through it (a vector-Jacobian
 /// product), so peak memory holds one block's activations instead of all of them.
 /// Dropout masks are replayed from a copy of the generator taken before each block.
-fn checkpointed(model: &Trainable, batch: &MicroBatch, scale: f64, mut dropout: Option<&mut Dropout>) -> Result<(MicroStep, Grads)> {
+fn checkpointed(
+    model: &Trainable,
+    batch: &MicroBatch,
+    scale: f64,
+    mut dropout: Option<&mut Dropout>,
+) -> Result<(MicroStep, Grads)> {
     let gpt = &model.gpt;
     let ids = batch.ids;
     let (_, seq_len) = ids.dims2()?;

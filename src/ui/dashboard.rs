@@ -137,7 +137,9 @@ pub fn buttons(app: &App, area: Rect) -> Vec<(Rect, Button)> {
 
 fn status_text(d: &Dashboard) -> (String, Color) {
     match &d.status {
-        Status::Preparing { stage, done, total } if *total > 0 && done < total => (format!("preparing: {stage} {:.0}%", 100.0 * *done as f64 / *total as f64), Color::Yellow),
+        Status::Preparing { stage, done, total } if *total > 0 && done < total => {
+            (format!("preparing: {stage} {:.0}%", 100.0 * *done as f64 / *total as f64), Color::Yellow)
+        }
         Status::Preparing { stage, .. } => (format!("preparing: {stage}"), Color::Yellow),
         Status::Training => ("training".into(), Color::Green),
         Status::Paused => ("PAUSED".into(), Color::Yellow),
@@ -148,7 +150,10 @@ fn status_text(d: &Dashboard) -> (String, Color) {
 
 fn render_header(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     let (status, color) = status_text(d);
-    let mut spans = vec![Span::styled(" difflab ", Style::default().add_modifier(Modifier::BOLD).fg(Color::Black).bg(Color::Cyan)), Span::raw(" ")];
+    let mut spans = vec![
+        Span::styled(" difflab ", Style::default().add_modifier(Modifier::BOLD).fg(Color::Black).bg(Color::Cyan)),
+        Span::raw(" "),
+    ];
     spans.push(Span::styled(d.title.clone(), Style::default().add_modifier(Modifier::BOLD)));
     spans.push(Span::raw(" "));
     spans.push(Span::styled(status, Style::default().fg(color).add_modifier(Modifier::BOLD)));
@@ -156,7 +161,7 @@ fn render_header(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         spans.push(Span::styled(" (watching)", Style::default().fg(Color::Yellow)));
     }
     if let Some(b) = &d.begin {
-        let device = if area.width >= 100 { format!(" | {}", b.device) } else { String::new() };
+        let device = if area.width >= 100 { format!(" | {} | {}", b.device, b.engine) } else { String::new() };
         spans.push(Span::raw(format!(" | {} | {} params{device}", b.variant, si(b.num_parameters as f64))));
     }
     Paragraph::new(Line::from(spans)).render(area, buf);
@@ -178,7 +183,12 @@ fn render_loss(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     if smooth {
         let sm = d.loss.smoothed(d.view.smoothing);
         let step = sm.len().div_ceil(n.max(1)).max(1);
-        layers.push(Layer { points: sm.into_iter().step_by(step).collect(), color: TRAIN, kind: Kind::Line, faint: false });
+        layers.push(Layer {
+            points: sm.into_iter().step_by(step).collect(),
+            color: TRAIN,
+            kind: Kind::Line,
+            faint: false,
+        });
     }
     layers.push(Layer { points: d.eval.envelope(n), color: EVAL, kind: Kind::Points, faint: false });
     let last = match (d.last_loss, d.eval_loss) {
@@ -206,7 +216,12 @@ fn render_lr(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     let scale = if d.lr_scale != 1.0 { format!(" (x{} by control)", d.lr_scale) } else { String::new() };
     let plot = Plot {
         title: format!(" learning rate {}{scale} ", d.last_lr.map_or(String::new(), |l| format!("{l:.2e}"))),
-        layers: vec![Layer { points: d.lr.envelope(points_for(area.width)), color: LR, kind: Kind::Line, faint: false }],
+        layers: vec![Layer {
+            points: d.lr.envelope(points_for(area.width)),
+            color: LR,
+            kind: Kind::Line,
+            faint: false,
+        }],
         hlines: vec![],
         vmarks: marks(d, &[MarkKind::LrChange]),
         log_y: false,
@@ -227,7 +242,12 @@ fn render_grad(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
             d.last_grad_norm.map_or(String::new(), |g| format!("{g:.3}")),
             clip.map_or(String::new(), |c| format!("  (clip at {c})"))
         ),
-        layers: vec![Layer { points: d.grad_norm.envelope(points_for(area.width)), color: GRAD, kind: Kind::Line, faint: false }],
+        layers: vec![Layer {
+            points: d.grad_norm.envelope(points_for(area.width)),
+            color: GRAD,
+            kind: Kind::Line,
+            faint: false,
+        }],
         hlines: clip.map(|c| vec![(c, Color::Red)]).unwrap_or_default(),
         vmarks: marks(d, &[MarkKind::Checkpoint]),
         log_y: d.view.log_y,
@@ -249,7 +269,10 @@ fn render_hist(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     }
     let dim = Style::default().fg(Color::DarkGray);
     if d.begin.is_some() && !d.is_differential() {
-        Paragraph::new("does not apply: baseline run (research false)").style(dim).wrap(Wrap { trim: true }).render(inner, buf);
+        Paragraph::new("does not apply: baseline run (research false)")
+            .style(dim)
+            .wrap(Wrap { trim: true })
+            .render(inner, buf);
         return;
     }
     let Some(s) = &d.diff else {
@@ -268,7 +291,8 @@ fn render_hist(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     let top = h.counts.iter().copied().max().unwrap_or(1).max(1) as f64;
     let n = h.counts.len().max(1);
     let col_w = (bars.width as usize / n).max(1);
-    let levels: Vec<char> = if app.ascii { vec![' ', '.', ':', '#'] } else { " ▁▂▃▄▅▆▇█".chars().collect() };
+    let levels: Vec<char> =
+        if app.ascii { vec![' ', '.', ':', '#'] } else { " ▁▂▃▄▅▆▇█".chars().collect() };
     for (i, c) in h.counts.iter().enumerate() {
         let x = bars.x + (i * col_w) as u16;
         if x >= bars.x + bars.width {
@@ -329,13 +353,25 @@ fn render_progress(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     let (full, empty) = if app.ascii { ('#', '.') } else { ('█', '░') };
     let bar: String = std::iter::repeat_n(full, filled).chain(std::iter::repeat_n(empty, bar_w - filled)).collect();
     put(buf, inner.x, inner.y, &bar, bar_w, Style::default().fg(Color::Green));
-    put(buf, inner.x + bar_w as u16, inner.y, format!("{label}{:>3.0}%", frac * 100.0), inner.width as usize - bar_w, Style::default());
+    put(
+        buf,
+        inner.x + bar_w as u16,
+        inner.y,
+        format!("{label}{:>3.0}%", frac * 100.0),
+        inner.width as usize - bar_w,
+        Style::default(),
+    );
     let eta = match (&d.status, d.eta_seconds()) {
         (Status::Paused, _) => "paused".into(),
         (Status::Training, Some(e)) => duration(e),
         _ => "-".into(),
     };
-    let line2 = format!("epoch {:.2} | {} tok/s | ETA {eta} | {} in", d.epoch, d.tokens_per_second.map_or("-".into(), si), duration(d.elapsed));
+    let line2 = format!(
+        "epoch {:.2} | {} tok/s | ETA {eta} | {} in",
+        d.epoch,
+        d.tokens_per_second.map_or("-".into(), si),
+        duration(d.elapsed)
+    );
     let line3 = format!(
         "eval ppl {} | LR x{} | skipped {}",
         d.perplexity.map_or("-".into(), |p| format!("{p:.2}")),
@@ -398,7 +434,11 @@ pub fn render(d: &Dashboard, app: &App, area: Rect, buf: &mut Buffer) {
     let live = !d.finished();
     for (rect, b, label) in bar_buttons(app, d, area) {
         let active = live || matches!(b, Button::Quit | Button::LogY | Button::Smoothing | Button::Mouse);
-        let style = if active { Style::default().fg(Color::Black).bg(Color::Gray) } else { Style::default().fg(Color::DarkGray) };
+        let style = if active {
+            Style::default().fg(Color::Black).bg(Color::Gray)
+        } else {
+            Style::default().fg(Color::DarkGray)
+        };
         put(buf, rect.x, rect.y, &label, rect.width as usize, style);
     }
     if app.dialog.is_some() {

@@ -31,7 +31,10 @@ pub fn hit(app: &App, area: Rect, col: u16, row: u16) -> Option<Button> {
         Screen::Dashboard(_) => dashboard::buttons(app, area),
         Screen::Overlay(_) => vec![],
     };
-    buttons.into_iter().find(|(r, _)| col >= r.x && col < r.x + r.width && row >= r.y && row < r.y + r.height).map(|(_, b)| b)
+    buttons
+        .into_iter()
+        .find(|(r, _)| col >= r.x && col < r.x + r.width && row >= r.y && row < r.y + r.height)
+        .map(|(_, b)| b)
 }
 
 /// Writes `text` at `(x, y)`, clipped to `width` and to the buffer (tiny terminals never panic).
@@ -47,7 +50,11 @@ pub fn put(buf: &mut Buffer, x: u16, y: u16, text: impl AsRef<str>, width: usize
 /// A bordered block; plain ASCII borders in `--ascii` mode.
 pub fn block(title: impl Into<String>, color: Color, ascii: bool) -> Block<'static> {
     let b = Block::default().borders(Borders::ALL).border_style(Style::default().fg(color)).title(title.into());
-    if ascii { b.border_set(ASCII_BORDER) } else { b }
+    if ascii {
+        b.border_set(ASCII_BORDER)
+    } else {
+        b
+    }
 }
 
 pub const ASCII_BORDER: border::Set = border::Set {

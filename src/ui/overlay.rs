@@ -12,7 +12,16 @@ use super::{block, put};
 use crate::app::overlay::{Kind as View, Overlay};
 use crate::app::App;
 
-pub const COLORS: [Color; 8] = [Color::Cyan, Color::LightRed, Color::LightGreen, Color::LightMagenta, Color::Yellow, Color::LightBlue, Color::White, Color::Gray];
+pub const COLORS: [Color; 8] = [
+    Color::Cyan,
+    Color::LightRed,
+    Color::LightGreen,
+    Color::LightMagenta,
+    Color::Yellow,
+    Color::LightBlue,
+    Color::White,
+    Color::Gray,
+];
 
 pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
     let rows = Layout::default()
@@ -32,7 +41,12 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
     let mut layers = vec![];
     for (i, c) in o.curves.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        layers.push(Layer { points: c.loss.envelope(n), color, kind: Kind::Line, faint: o.kind == View::LrFind && i == 0 });
+        layers.push(Layer {
+            points: c.loss.envelope(n),
+            color,
+            kind: Kind::Line,
+            faint: o.kind == View::LrFind && i == 0,
+        });
         if !c.eval.is_empty() {
             layers.push(Layer { points: c.eval.envelope(n), color, kind: Kind::Points, faint: false });
         }
@@ -53,7 +67,12 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
         empty: "waiting for the first step".into(),
         border: Color::Cyan,
         // a healthy curve starts at its highest: cap the axis a little above the highest start
-        y_cap: o.curves.iter().filter_map(|c| c.loss.buckets().first().map(|b| b.max)).reduce(f64::max).map(|m| m * 1.2),
+        y_cap: o
+            .curves
+            .iter()
+            .filter_map(|c| c.loss.buckets().first().map(|b| b.max))
+            .reduce(f64::max)
+            .map(|m| m * 1.2),
     };
     (&plot).render(rows[1], buf);
 
@@ -76,6 +95,12 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
     for (i, line) in o.log.iter().rev().take(h).rev().enumerate() {
         put(buf, inner.x, inner.y + i as u16, line, inner.width as usize, Style::default().fg(Color::Gray));
     }
-    let hint = if o.finished { "[q] quit  [y] log-y" } else if o.kind == View::Sweep { "[q] stop the sweep  [y] log-y" } else { "[q] quit  [y] log-y" };
+    let hint = if o.finished {
+        "[q] quit  [y] log-y"
+    } else if o.kind == View::Sweep {
+        "[q] stop the sweep  [y] log-y"
+    } else {
+        "[q] quit  [y] log-y"
+    };
     put(buf, rows[3].x, rows[3].y, hint, rows[3].width as usize, Style::default().fg(Color::DarkGray));
 }

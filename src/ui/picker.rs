@@ -9,6 +9,7 @@ use ratatui::widgets::{Paragraph, Widget, Wrap};
 use super::{block, button_row, put};
 use crate::app::picker::Field;
 use crate::app::{App, Button, Picker};
+use crate::data::TokenizerSpec;
 use crate::sinks::human::si;
 
 fn areas(area: Rect) -> (Rect, Rect, Rect, Rect) {
@@ -31,8 +32,19 @@ fn bar(area: Rect) -> Vec<(Rect, Button, String)> {
 /// Keys without a button, shown after the buttons.
 fn hints(area: Rect, buf: &mut Buffer) {
     let (_, _, _, bar) = areas(area);
-    let used: u16 = super::button_row(bar, &[("[enter] start".into(), Button::Start), ("[q] quit".into(), Button::Quit)]).iter().map(|(r, _, _)| r.width + 1).sum();
-    put(buf, bar.x + used + 1, bar.y, "up/down select | l edit LR | s edit steps", bar.width.saturating_sub(used + 1) as usize, Style::default().fg(Color::DarkGray));
+    let used: u16 =
+        super::button_row(bar, &[("[enter] start".into(), Button::Start), ("[q] quit".into(), Button::Quit)])
+            .iter()
+            .map(|(r, _, _)| r.width + 1)
+            .sum();
+    put(
+        buf,
+        bar.x + used + 1,
+        bar.y,
+        "up/down select | l edit LR | s edit steps",
+        bar.width.saturating_sub(used + 1) as usize,
+        Style::default().fg(Color::DarkGray),
+    );
 }
 
 pub fn buttons(area: Rect) -> Vec<(Rect, Button)> {
@@ -42,39 +54,77 @@ pub fn buttons(area: Rect) -> Vec<(Rect, Button)> {
 fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
     let Some(e) = p.current() else { return vec![Line::from("no presets")] };
     let key = |k: &str| Span::styled(format!("{k:<14}"), Style::default().fg(Color::Gray));
-    let mut lines = vec![Line::from(Span::styled(e.description.clone(), Style::default().add_modifier(Modifier::BOLD))), Line::from("")];
+    let mut lines = vec![
+        Line::from(Span::styled(e.description.clone(), Style::default().add_modifier(Modifier::BOLD))),
+        Line::from(""),
+    ];
     match &e.config {
         Err(err) => lines.push(Line::from(Span::styled(err.clone(), Style::default().fg(Color::Red)))),
         Ok(c) => {
-            let model = crate::model::GptConfig {
-                vocab_size: if c.tokenizer_spec() == "gpt2" { 50257 } else { c.tokenizer_spec().strip_prefix("bpe:").and_then(|n| n.parse().ok()).unwrap_or(257) },
-                n_positions: c.block_size,
-                n_embd: c.n_embd,
-                n_layer: c.n_layer,
-                n_head: c.n_head,
-                layer_norm_epsilon: 1e-5,
-                rope: c.rope,
-                rope_theta: c.rope_theta,
-                differential: c.research,
-                dropout: 0.0,
+            // the vocabulary (and so the parameter count) is known before the tokenizer loads
+            // for gpt2 and byte only; a trained BPE may stop short of its N
+            let tokenizer = c.tokenizer_spec();
+            let size = match (tokenizer.known_vocab_size(), &tokenizer) {
+                (Some(v), _) => format!("~{} params (vocabulary {v})", si(c.model_config(v).num_parameters() as f64)),
+                (None, TokenizerSpec::Bpe(n)) => {
+                    format!("<= {} params (BPE vocabulary <= {n})", si(c.model_config(*n).num_parameters() as f64))
+                }
+                (None, _) => "params known after the tokenizer loads".into(),
             };
-            let variant = format!("{}{}", if c.research { "differential + " } else { "baseline, " }, if c.rope { "RoPE" } else { "learned positions" });
-            let data = if c.dataset == "wikitext" { format!("wikitext {} (subset {})", c.dataset_config, c.subset_ratio) } else { format!("{} (subset {})", c.dataset, c.subset_ratio) };
+            let variant = c.model_config(0).variant_name();
+            let data = if c.dataset == "wikitext" {
+                format!("wikitext {} (subset {})", c.dataset_config, c.subset_ratio)
+            } else {
+                format!("{} (subset {})", c.dataset, c.subset_ratio)
+            };
             let edit = |f: Field, value: String| -> Span<'static> {
                 match &p.editing {
-                    Some((ef, text)) if *ef == f => Span::styled(format!("{text}_"), Style::default().fg(Color::Black).bg(Color::Yellow)),
+                    Some((ef, text)) if *ef == f => {
+                        Span::styled(format!("{text}_"), Style::default().fg(Color::Black).bg(Color::Yellow))
+                    }
                     _ => Span::styled(value, Style::default().fg(Color::Yellow)),
                 }
             };
             let rows: Vec<(&str, Vec<Span<'static>>)> = vec![
-                ("model", vec![Span::raw(format!("{} layers x {} wide, {} heads, ~{} params", c.n_layer, c.n_embd, c.n_head, si(model.num_parameters() as f64)))]),
+                (
+                    "model",
+                    vec![Span::raw(format!("{} layers x {} wide, {} heads, {size}", c.n_layer, c.n_embd, c.n_head))],
+                ),
                 ("variant", vec![Span::raw(variant)]),
                 ("data", vec![Span::raw(data)]),
-                ("tokenizer", vec![Span::raw(c.tokenizer_spec())]),
-                ("sequence", vec![Span::raw(format!("block {} | batch {} = {} x {} micro", c.block_size, c.batch_size, c.accumulation_steps(), c.micro_batch_size))]),
-                ("learning rate", vec![edit(Field::LearningRate, p.shown(Field::LearningRate)), Span::styled("   [l] edit", Style::default().fg(Color::DarkGray))]),
-                ("schedule", vec![Span::raw(format!("{} | warmup {} steps / ratio {}", c.lr_scheduler_type, c.warmup_steps, c.warmup_ratio))]),
-                ("steps", vec![edit(Field::MaxSteps, p.shown(Field::MaxSteps)), Span::raw(epochs_note(&p.shown(Field::MaxSteps), c.num_train_epochs)), Span::styled("   [s] edit", Style::default().fg(Color::DarkGray))]),
+                ("tokenizer", vec![Span::raw(tokenizer.to_string())]),
+                (
+                    "sequence",
+                    vec![Span::raw(format!(
+                        "block {} | batch {} = {} x {} micro",
+                        c.block_size,
+                        c.batch_size,
+                        c.accumulation_steps(),
+                        c.micro_batch_size
+                    ))],
+                ),
+                (
+                    "learning rate",
+                    vec![
+                        edit(Field::LearningRate, p.shown(Field::LearningRate)),
+                        Span::styled("   [l] edit", Style::default().fg(Color::DarkGray)),
+                    ],
+                ),
+                (
+                    "schedule",
+                    vec![Span::raw(format!(
+                        "{} | warmup {} steps / ratio {}",
+                        c.lr_scheduler_type, c.warmup_steps, c.warmup_ratio
+                    ))],
+                ),
+                (
+                    "steps",
+                    vec![
+                        edit(Field::MaxSteps, p.shown(Field::MaxSteps)),
+                        Span::raw(epochs_note(&p.shown(Field::MaxSteps), c.num_train_epochs)),
+                        Span::styled("   [s] edit", Style::default().fg(Color::DarkGray)),
+                    ],
+                ),
                 ("output", vec![Span::raw(c.output_dir.clone())]),
             ];
             for (k, mut v) in rows {
@@ -110,10 +160,20 @@ pub fn render(p: &Picker, app: &App, area: Rect, buf: &mut Buffer) {
             Style::default()
         };
         let marker = if i == p.selected { ">" } else { " " };
-        put(buf, inner.x, inner.y + i as u16, format!("{marker} {:<w$}", e.name, w = (inner.width as usize).saturating_sub(2)), inner.width as usize, style);
+        put(
+            buf,
+            inner.x,
+            inner.y + i as u16,
+            format!("{marker} {:<w$}", e.name, w = (inner.width as usize).saturating_sub(2)),
+            inner.width as usize,
+            style,
+        );
     }
     let name = p.current().map_or(String::new(), |e| format!(" {} ", e.name));
-    Paragraph::new(detail_lines(p)).wrap(Wrap { trim: false }).block(block(name, Color::Cyan, app.ascii)).render(detail, buf);
+    Paragraph::new(detail_lines(p))
+        .wrap(Wrap { trim: false })
+        .block(block(name, Color::Cyan, app.ascii))
+        .render(detail, buf);
     for (rect, _, label) in bar(area) {
         put(buf, rect.x, rect.y, &label, rect.width as usize, Style::default().fg(Color::Black).bg(Color::Gray));
     }

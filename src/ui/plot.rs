@@ -76,7 +76,11 @@ impl Canvas {
 
     /// Dot resolution.
     fn dots(&self) -> (usize, usize) {
-        if self.ascii { (self.w, self.h) } else { (self.w * 2, self.h * 4) }
+        if self.ascii {
+            (self.w, self.h)
+        } else {
+            (self.w * 2, self.h * 4)
+        }
     }
 
     fn set(&mut self, dx: i64, dy: i64, color: Color, faint: bool, ch: char) {
@@ -200,7 +204,14 @@ impl Widget for &Plot {
             return;
         }
         let Some(((x0, x1), (y0, y1))) = self.ranges() else {
-            put(buf, inner.x + 1, inner.y + inner.height / 2, &self.empty, inner.width as usize - 1, Style::default().fg(Color::DarkGray));
+            put(
+                buf,
+                inner.x + 1,
+                inner.y + inner.height / 2,
+                &self.empty,
+                inner.width as usize - 1,
+                Style::default().fg(Color::DarkGray),
+            );
             return;
         };
         let label_w = 8u16;
@@ -256,7 +267,11 @@ impl Widget for &Plot {
                 (Kind::Line, true) => '.',
                 (Kind::Line, false) => '*',
             };
-            let dots: Vec<(i64, i64)> = layer.points.iter().filter_map(|&(x, y)| self.y_of(y).filter(|y| y.is_finite()).map(|y| to_dot(x, y))).collect();
+            let dots: Vec<(i64, i64)> = layer
+                .points
+                .iter()
+                .filter_map(|&(x, y)| self.y_of(y).filter(|y| y.is_finite()).map(|y| to_dot(x, y)))
+                .collect();
             match layer.kind {
                 Kind::Points => {
                     for &(dx, dy) in &dots {

@@ -31,10 +31,7 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, abs: f32, rel: f32)
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
     for (i, (g, w)) in to_vec(got).iter().zip(to_vec(want)).enumerate() {
         let err = (g - w).abs();
-        assert!(
-            err <= abs || err <= rel * w.abs(),
-            "{what}[{i}]: got {g}, want {w} (abs err {err})"
-        );
+        assert!(err <= abs || err <= rel * w.abs(), "{what}[{i}]: got {g}, want {w} (abs err {err})");
     }
 }
 
@@ -111,14 +108,44 @@ pub fn tiny_corpus(dir: &std::path::Path) -> std::path::PathBuf {
 /// Flags for a run that takes a few seconds on 2 cores.
 pub fn tiny_flags(corpus: &std::path::Path, out: &std::path::Path) -> Vec<String> {
     [
-        "--dataset", &corpus.display().to_string(),
-        "--tokenizer", "byte",
-        "--output_dir", &out.display().to_string(),
-        "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
-        "--batch_size", "4", "--micro_batch_size", "2",
-        "--learning_rate", "3e-3", "--lr_scheduler_type", "cosine", "--warmup_steps", "2",
-        "--max_steps", "20", "--eval_steps", "10", "--save_steps", "10", "--logging_steps", "1",
-        "--eval_max_blocks", "8", "--rope", "true", "--research", "true",
+        "--dataset",
+        &corpus.display().to_string(),
+        "--tokenizer",
+        "byte",
+        "--output_dir",
+        &out.display().to_string(),
+        "--n_layer",
+        "1",
+        "--n_head",
+        "2",
+        "--n_embd",
+        "32",
+        "--block_size",
+        "32",
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        "2",
+        "--learning_rate",
+        "3e-3",
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_steps",
+        "2",
+        "--max_steps",
+        "20",
+        "--eval_steps",
+        "10",
+        "--save_steps",
+        "10",
+        "--logging_steps",
+        "1",
+        "--eval_max_blocks",
+        "8",
+        "--rope",
+        "true",
+        "--research",
+        "true",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -127,7 +154,5 @@ pub fn tiny_flags(corpus: &std::path::Path, out: &std::path::Path) -> Vec<String
 
 /// The JSON objects of a JSON-lines text, asserting every line parses.
 pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
 }

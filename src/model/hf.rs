@@ -28,7 +28,9 @@ pub enum CheckpointError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid config.json: {reason}")]
     Config { path: PathBuf, reason: String },
-    #[error("{path} is not a readable safetensors file ({reason}); it is truncated or corrupt: save or download it again")]
+    #[error(
+        "{path} is not a readable safetensors file ({reason}); it is truncated or corrupt: save or download it again"
+    )]
     Corrupt { path: PathBuf, reason: String },
     #[error("{path} has no tensor `{name}`, which its config.json requires")]
     MissingTensor { path: PathBuf, name: String },
@@ -128,10 +130,8 @@ pub fn save_pretrained(
     write_tensors(&path, weights)?;
     let config_path = dir.join(CONFIG_FILE);
     let hf = HfConfig::from_model(cfg, eos_token_id);
-    let text = serde_json::to_string_pretty(&hf).map_err(|e| CheckpointError::Config {
-        path: config_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let text = serde_json::to_string_pretty(&hf)
+        .map_err(|e| CheckpointError::Config { path: config_path.clone(), reason: e.to_string() })?;
     atomic_file::write(&config_path, text.as_bytes())
         .map_err(|source| CheckpointError::Write { path: config_path, source })
 }

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::slice;
 use super::kernels::gemm_strided;
+use super::ops::slice;
 use super::simd;
 
 /// Keep the attention probabilities between forward and backward up to this size (bytes).
@@ -29,9 +29,9 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// The host copy of the model's tables.
-    pub fn from_tables(t: &super::rope::RotaryTables) -> Result<Self> {
-        Ok(Self { cos: Arc::new(t.cos.flatten_all()?.to_vec1()?), sin: Arc::new(t.sin.flatten_all()?.to_vec1()?) })
+    /// Host copies of `cos` and `sin` tables, each `(T, hd)` row-major.
+    pub fn new(cos: Vec<f32>, sin: Vec<f32>) -> Self {
+        Self { cos: Arc::new(cos), sin: Arc::new(sin) }
     }
 }
 
@@ -122,7 +122,17 @@ fn probabilities(q: &[f32], k: &[f32], d: &Dims, p: &mut [f32]) {
     let scale = 1.0 / (d.hd as f32).sqrt();
     for (r0, r1) in row_blocks(d.t) {
         // Safety: q and k are (T, hd), p is (T, T), all row-major; rows r0..r1 of p, keys 0..r1.
-        unsafe { gemm_strided((r1 - r0, r1, d.hd), (p[r0 * d.t..].as_mut_ptr(), d.t), false, (q[r0 * d.hd..].as_ptr(), d.hd, 1), (k.as_ptr(), 1, d.hd), scale, false) };
+        unsafe {
+            gemm_strided(
+                (r1 - r0, r1, d.hd),
+                (p[r0 * d.t..].as_mut_ptr(), d.t),
+                false,
+                (q[r0 * d.hd..].as_ptr(), d.hd, 1),
+                (k.as_ptr(), 1, d.hd),
+                scale,
+                false,
+            )
+        };
     }
     // every entry right of the diagonal (computed or not) becomes 0 here
     for (i, row) in p.chunks_mut(d.t).enumerate() {
@@ -148,7 +158,17 @@ pub fn forward(qkv: &[f32], d: &Dims, rope: &Option<Rope>, y: &mut [f32], keep: 
         for (r0, r1) in row_blocks(d.t) {
             // Safety: y_h is this task's own (T, hd) column block of y (row stride C); v is read
             // with row stride 3C inside qkv; query rows r0..r1 use keys 0..r1 only.
-            unsafe { gemm_strided((r1 - r0, d.hd, r1), (out.at((bi * d.t + r0) * d.c + head * d.hd), d.c), false, (p[r0 * d.t..].as_ptr(), d.t, 1), (v.as_ptr(), 3 * d.c, 1), 1.0, false) };
+            unsafe {
+                gemm_strided(
+                    (r1 - r0, d.hd, r1),
+                    (out.at((bi * d.t + r0) * d.c + head * d.hd), d.c),
+                    false,
+                    (p[r0 * d.t..].as_ptr(), d.t, 1),
+                    (v.as_ptr(), 3 * d.c, 1),
+                    1.0,
+                    false,
+                )
+            };
         }
     };
     match keep {
@@ -189,11 +209,27 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
         unsafe {
             for (c0, c1) in row_blocks(d.t) {
                 // dV[c0..c1] = P[c0.., c0..c1]^T dO[c0..]
-                gemm_strided((c1 - c0, d.hd, d.t - c0), (out.at((row0 + c0) * 3 * d.c + 2 * d.c + head * d.hd), 3 * d.c), false, (p[c0 * d.t + c0..].as_ptr(), 1, d.t), (d_out[c0 * d.c..].as_ptr(), d.c, 1), 1.0, false);
+                gemm_strided(
+                    (c1 - c0, d.hd, d.t - c0),
+                    (out.at((row0 + c0) * 3 * d.c + 2 * d.c + head * d.hd), 3 * d.c),
+                    false,
+                    (p[c0 * d.t + c0..].as_ptr(), 1, d.t),
+                    (d_out[c0 * d.c..].as_ptr(), d.c, 1),
+                    1.0,
+                    false,
+                );
             }
             for (r0, r1) in row_blocks(d.t) {
                 // dP[r0..r1, ..r1] = dO[r0..r1] V[..r1]^T; the rest of dp stays 0
-                gemm_strided((r1 - r0, r1, d.hd), (dp[r0 * d.t..].as_mut_ptr(), d.t), false, (d_out[r0 * d.c..].as_ptr(), d.c, 1), (v.as_ptr(), 1, 3 * d.c), 1.0, false);
+                gemm_strided(
+                    (r1 - r0, r1, d.hd),
+                    (dp[r0 * d.t..].as_mut_ptr(), d.t),
+                    false,
+                    (d_out[r0 * d.c..].as_ptr(), d.c, 1),
+                    (v.as_ptr(), 1, 3 * d.c),
+                    1.0,
+                    false,
+                );
             }
         }
         // dS = P * (dP - rowsum(dP * P)); masked entries have P = 0, so dS = 0 there
@@ -205,10 +241,26 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
         unsafe {
             for (r0, r1) in row_blocks(d.t) {
                 // dQ[r0..r1] = dS[r0..r1, ..r1] K[..r1]
-                gemm_strided((r1 - r0, d.hd, r1), (dq[r0 * d.hd..].as_mut_ptr(), d.hd), false, (dp[r0 * d.t..].as_ptr(), d.t, 1), (k.as_ptr(), d.hd, 1), scale, false);
+                gemm_strided(
+                    (r1 - r0, d.hd, r1),
+                    (dq[r0 * d.hd..].as_mut_ptr(), d.hd),
+                    false,
+                    (dp[r0 * d.t..].as_ptr(), d.t, 1),
+                    (k.as_ptr(), d.hd, 1),
+                    scale,
+                    false,
+                );
                 // dK[c0..c1] = dS[c0.., c0..c1]^T Q[c0..]   (the same blocks, read as key blocks)
                 let (c0, c1) = (r0, r1);
-                gemm_strided((c1 - c0, d.hd, d.t - c0), (dk[c0 * d.hd..].as_mut_ptr(), d.hd), false, (dp[c0 * d.t + c0..].as_ptr(), 1, d.t), (q[c0 * d.hd..].as_ptr(), d.hd, 1), scale, false);
+                gemm_strided(
+                    (c1 - c0, d.hd, d.t - c0),
+                    (dk[c0 * d.hd..].as_mut_ptr(), d.hd),
+                    false,
+                    (dp[c0 * d.t + c0..].as_ptr(), 1, d.t),
+                    (q[c0 * d.hd..].as_ptr(), d.hd, 1),
+                    scale,
+                    false,
+                );
             }
         }
         if let Some(r) = rope {

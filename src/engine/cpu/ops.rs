@@ -14,7 +14,8 @@ use super::head;
 use super::kernels;
 
 pub fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &'static str) -> Result<&'a [f32]> {
-    let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
+    let (start, end) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
     Ok(&s.as_slice::<f32>()?[start..end])
 }
 
@@ -75,14 +76,29 @@ impl CustomOp3 for LayerNorm {
         "difflab-layer-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
         let mut y = vec![0f32; x.len()];
         kernels::layer_norm(x, w, b, self.eps, &mut y);
         out(y, l1.shape())
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (c, n) = (w.elem_count(), x.elem_count());
         // one kernel computes all three: a flat buffer [dx (N*C) | dw (C) | db (C)]
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
@@ -102,7 +118,15 @@ impl CustomOp3 for LayerNormBackward {
         "difflab-layer-norm-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w, dy) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
         let (n, c) = (x.len(), w.len());
         let mut packed = vec![0f32; n + 2 * c];
@@ -159,7 +183,15 @@ impl CustomOp3 for Linear {
         "difflab-linear"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
         let n_in = l2.dims()[0];
         if l1.dims().last() != Some(&n_in) || w.len() != n_in * b.len() {
@@ -174,7 +206,14 @@ impl CustomOp3 for Linear {
         out(y, &Shape::from(dims))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n_in, n_out) = w.dims2()?;
         let dy = grad.contiguous()?.reshape(((), n_out))?;
         let x2 = x.detach().reshape(((), n_in))?;
@@ -236,7 +275,12 @@ impl CustomOp2 for HeadCrossEntropy {
 
     fn bwd(&self, h: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-        let saved = self.saved.lock().map_err(poisoned)?.take().ok_or_else(|| candle_core::Error::Msg("head cross-entropy: backward before forward".into()))?;
+        let saved = self
+            .saved
+            .lock()
+            .map_err(poisoned)?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("head cross-entropy: backward before forward".into()))?;
         let (n, c) = h.dims2()?;
         let mut dh = vec![0f32; n * c];
         let mut dw = vec![0f32; w.elem_count()];

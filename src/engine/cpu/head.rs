@@ -69,6 +69,7 @@ pub fn forward(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -> Result<(f32, 
 
 /// Gradients of `g * loss`: `dh += d_logits . wte`, `dw += d_logits^T . h`, with
 /// `d_logits = (softmax - onehot) * g / N`.
+#[allow(clippy::too_many_arguments)] // the inputs and outputs of the math, as slices
 pub fn backward(saved: Saved, h: &[f32], w: &[f32], c: usize, targets: &[u32], g: f32, dh: &mut [f32], dw: &mut [f32]) {
     let (n, v) = (h.len() / c, w.len() / c);
     let scale = g / n as f32;

@@ -8,11 +8,11 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::Serialize;
 
-use crate::model::checkpoint::load_pretrained;
+use crate::engine::Engine;
 use crate::model::gpt::next_token_loss;
+use crate::model::hf::load_pretrained;
 use crate::model::Trainable;
-use crate::optim::grads::{clip_factor, global_norm};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{self, AdamW, AdamWConfig};
 use crate::train::step::{forward_backward, Accumulated, MicroBatch};
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,13 +67,19 @@ fn rel(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
 
 pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<VariantReport> {
     let tol = Tolerances::for_dtype(dtype);
-    let load = |f: &str| -> anyhow::Result<std::collections::HashMap<String, Tensor>> { Ok(candle_core::safetensors::load(dir.join(f), device)?) };
+    let load = |f: &str| -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+        Ok(candle_core::safetensors::load(dir.join(f), device)?)
+    };
     let (cfg, weights) = load_pretrained(&dir.join("model"), device)?;
     let r = load("reference.safetensors")?;
-    let model = Trainable::new(&cfg, weights)?.with_dtype(dtype)?;
+    let engine = Engine::choose(device, dtype, 0.0);
+    let model = Trainable::new(&cfg, weights)?.with_dtype(dtype)?.with_engine(engine);
     let out = model.detached()?.forward(&r["input_ids"], None)?;
     let logits_max_abs = max_abs(&out.logits, &r["logits"])?;
-    let loss = next_token_loss(&out.logits, &r["input_ids"])?.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_scalar::<f64>()?;
+    let loss = next_token_loss(&out.logits, &r["input_ids"])?
+        .to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .to_scalar::<f64>()?;
     let loss_abs = (loss - r["loss"].to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_scalar::<f64>()?).abs();
 
     // gradients of training step 0, and three AdamW steps
@@ -81,9 +87,16 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
     let want_grads = load("grads_step0.safetensors")?;
     let log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("train_log.json"))?)?;
     // the recipe the reference trained with, as its log states it
-    let num = |v: &serde_json::Value, what: &str| v.as_f64().ok_or_else(|| anyhow::anyhow!("{}: train_log.json has no number `{what}`", dir.display()));
+    let num = |v: &serde_json::Value, what: &str| {
+        v.as_f64().ok_or_else(|| anyhow::anyhow!("{}: train_log.json has no number `{what}`", dir.display()))
+    };
     let (lr, max_norm) = (num(&log["lr"], "lr")?, num(&log["grad_clip"], "grad_clip")?);
-    let adam = AdamWConfig { beta1: num(&log["betas"][0], "betas")?, beta2: num(&log["betas"][1], "betas")?, eps: num(&log["eps"], "eps")?, weight_decay: num(&log["weight_decay"], "weight_decay")? };
+    let adam = AdamWConfig {
+        beta1: num(&log["betas"][0], "betas")?,
+        beta2: num(&log["betas"][1], "betas")?,
+        eps: num(&log["eps"], "eps")?,
+        weight_decay: num(&log["weight_decay"], "weight_decay")?,
+    };
     let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2)?;
     let (mut grad_rel_worst, mut grad_worst_tensor, mut train_loss_abs_worst) = (0.0f64, String::new(), 0.0f64);
     for s in 0..3 {
@@ -91,7 +104,8 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
         let t = batch.dim(1)? - 1;
         let (x, y) = (batch.narrow(1, 0, t)?, batch.narrow(1, 1, t)?);
         let mut acc = Accumulated::default();
-        let step = forward_backward(&model, &MicroBatch { ids: &x, targets: Some(&y) }, 1.0, None, false, &mut acc)?;
+        let step =
+            forward_backward(engine, &model, &MicroBatch { ids: &x, targets: Some(&y) }, 1.0, None, false, &mut acc)?;
         let grads: BTreeMap<String, Tensor> = acc.into_grads(&cfg)?;
         if s == 0 {
             for (name, g) in &grads {
@@ -104,8 +118,7 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
         }
         let want_loss = log["steps"][s]["loss"].as_f64().unwrap_or(f64::NAN);
         train_loss_abs_worst = train_loss_abs_worst.max((step.loss - want_loss).abs());
-        let norm = global_norm(&grads)?;
-        opt.step(&grads, lr, clip_factor(norm, max_norm))?;
+        optim::step(&mut opt, &grads, lr, max_norm)?;
     }
     let (_, after) = load_pretrained(&dir.join("model_after_train"), device)?;
     let mut weights_after_max_abs = 0.0f64;
@@ -131,7 +144,11 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
 
 /// Every variant under `golden_dir`.
 pub fn check(golden_dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<(Vec<VariantReport>, Tolerances)> {
-    let mut variants: Vec<_> = std::fs::read_dir(golden_dir)?.flatten().map(|e| e.path()).filter(|p| p.join("reference.safetensors").is_file()).collect();
+    let mut variants: Vec<_> = std::fs::read_dir(golden_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("reference.safetensors").is_file())
+        .collect();
     variants.sort();
     if variants.is_empty() {
         anyhow::bail!("{} holds no golden variants (rope*_diff*/reference.safetensors)", golden_dir.display());

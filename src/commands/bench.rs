@@ -12,12 +12,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
+use crate::config::{DeviceSpec, Precision, RunConfig};
 use crate::model::params::init_weights;
-use crate::model::{GptConfig, Trainable};
-use crate::optim::grads::{clip_factor, global_norm};
-use crate::optim::{AdamW, AdamWConfig};
-use crate::train::device;
+use crate::model::Trainable;
+use crate::optim::{self, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
+use crate::train::run::placement;
 use crate::train::step::{forward_backward, Accumulated, MicroBatch};
+use crate::train::{device, TrainError};
 
 /// `(flag, default, help)`, as bench_train.py spells them.
 const FLAGS: &[(&str, &str, &str)] = &[
@@ -65,6 +66,8 @@ pub enum BenchError {
     #[error(transparent)]
     Device(#[from] device::DeviceError),
     #[error(transparent)]
+    Placement(#[from] TrainError),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 
@@ -79,7 +82,9 @@ impl Opts {
         match self.0.get(k).map(|s| s.to_ascii_lowercase()).as_deref() {
             Some("true" | "1" | "yes") => Ok(true),
             Some("false" | "0" | "no") => Ok(false),
-            other => Err(BenchError::Flag { flag: k.into(), value: other.unwrap_or("").into(), expected: "true or false" }),
+            other => {
+                Err(BenchError::Flag { flag: k.into(), value: other.unwrap_or("").into(), expected: "true or false" })
+            }
         }
     }
 }
@@ -115,23 +120,12 @@ pub fn matmul_peak_gflops(device: &Device, dtype: DType) -> Result<f64, BenchErr
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
 
-/// The reference's schedule: linear warmup to `lr` then cosine to `min_lr`.
-fn lr_at(step: u64, lr: f64, min_lr: f64, warmup: u64, total: u64) -> f64 {
-    if warmup > 0 && step < warmup {
-        return lr * (step + 1) as f64 / warmup as f64;
-    }
-    if total <= warmup {
-        return lr;
-    }
-    let progress = ((step - warmup) as f64 / (total - warmup).max(1) as f64).min(1.0);
-    min_lr + 0.5 * (lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
-}
-
 pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> {
     let (baseline_rss, _) = rss_mib();
     let o = Opts(flags.iter().cloned().collect());
     let int = |k: &str| o.get::<usize>(k, "a whole number");
-    let (n_layer, n_head, n_embd, block, vocab) = (int("n_layer")?, int("n_head")?, int("n_embd")?, int("block_size")?, int("vocab_size")?);
+    let (n_layer, n_head, n_embd, block, vocab) =
+        (int("n_layer")?, int("n_head")?, int("n_embd")?, int("block_size")?, int("vocab_size")?);
     let (mb, bs, steps, untimed) = (int("micro_batch_size")?, int("batch_size")?, int("steps")?, int("warmup_steps")?);
     if mb == 0 || bs % mb != 0 {
         return Err(BenchError::Invalid(format!("batch_size {bs} must be a multiple of micro_batch_size {mb}")));
@@ -150,29 +144,41 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
         o.get::<f64>("grad_clip", "a number")?,
         o.get::<f32>("dropout", "a number")?,
     );
-    let (seed, lr_warmup, log_every) = (o.get::<u64>("seed", "a whole number")?, o.get::<u64>("lr_warmup_steps", "a whole number")?, int("log_every")?);
-    let dev = device::select(o.0.get("device").map(String::as_str).unwrap_or("cpu"))?;
-    let dtype = match o.0.get("dtype").map(String::as_str) {
-        Some("bf16") if dev.is_cuda() => DType::BF16,
-        Some("bf16") => return Err(BenchError::Invalid("dtype bf16 needs a CUDA device".into())),
-        _ => DType::F32,
-    };
-
-    let peak = matmul_peak_gflops(&dev, dtype)?;
-    let cfg = GptConfig {
-        vocab_size: vocab,
-        n_positions: block,
-        n_embd,
+    let (seed, lr_warmup, log_every) = (
+        o.get::<u64>("seed", "a whole number")?,
+        o.get::<u64>("lr_warmup_steps", "a whole number")?,
+        int("log_every")?,
+    );
+    // the run's settings, so the model, device, dtype and engine are chosen as `train` chooses them
+    let run = RunConfig {
         n_layer,
         n_head,
-        layer_norm_epsilon: 1e-5,
+        n_embd,
+        block_size: block,
         rope,
-        rope_theta: 10_000.0,
-        differential: research,
-        dropout,
+        research,
+        dropout: dropout as f64,
+        device: o.get::<DeviceSpec>("device", "cpu, cuda or cuda:N")?,
+        dtype: o.get::<Precision>("dtype", "f32, or bf16 on CUDA")?,
+        ..RunConfig::default()
     };
-    let model = Trainable::new(&cfg, init_weights(&cfg, seed, &dev)?)?.with_dtype(dtype)?;
-    let mut opt = AdamW::new(&model.vars, AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: wd }, |_, v| v.rank() >= 2)?;
+    let (dev, dtype, engine) = placement(&run)?;
+
+    let peak = matmul_peak_gflops(&dev, dtype)?;
+    let cfg = run.model_config(vocab);
+    let model = Trainable::new(&cfg, init_weights(&cfg, seed, &dev)?)?.with_dtype(dtype)?.with_engine(engine);
+    // the reference's recipe: warmup, then cosine down to min_lr
+    let schedule = LrSchedule {
+        kind: ScheduleKind::Cosine,
+        base_lr: lr,
+        min_lr,
+        warmup_steps: lr_warmup,
+        total_steps: steps as u64,
+    };
+    let mut opt =
+        AdamW::new(&model.vars, AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: wd }, |_, v| {
+            v.rank() >= 2
+        })?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
     let accum = bs / mb;
     let tokens_per_step = (bs * block) as f64;
@@ -197,7 +203,15 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
             let (x, y) = (seq.narrow(1, 0, block)?, seq.narrow(1, 1, block)?);
             let d = dropout_rng.is_active().then_some(&mut dropout_rng);
             let t0 = Instant::now();
-            let out = forward_backward(&model, &MicroBatch { ids: &x, targets: Some(&y) }, 1.0 / accum as f64, d, ckpt, &mut acc)?;
+            let out = forward_backward(
+                engine,
+                &model,
+                &MicroBatch { ids: &x, targets: Some(&y) },
+                1.0 / accum as f64,
+                d,
+                ckpt,
+                &mut acc,
+            )?;
             dev.synchronize()?;
             loss_sum += out.loss;
             if step >= untimed {
@@ -206,8 +220,7 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
         }
         let t0 = Instant::now();
         let grads = acc.into_grads(&cfg)?;
-        let norm = global_norm(&grads)?;
-        opt.step(&grads, lr_at(step as u64, lr, min_lr, lr_warmup, steps as u64), clip_factor(norm, clip_to))?;
+        let norm = optim::step(&mut opt, &grads, schedule.lr_at(step as u64), clip_to)?.grad_norm;
         dev.synchronize()?;
         if step >= untimed {
             t_optimizer += t0.elapsed().as_secs_f64();
@@ -229,7 +242,11 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
     let (_, peak_rss) = rss_mib();
     // evaluation: forward only, on a graph-free model
     let eval_model = model.detached()?;
-    let eval_ids = Tensor::from_vec((0..mb * block).map(|_| rng.random_range(0..vocab as u32)).collect::<Vec<_>>(), (mb, block), &dev)?;
+    let eval_ids = Tensor::from_vec(
+        (0..mb * block).map(|_| rng.random_range(0..vocab as u32)).collect::<Vec<_>>(),
+        (mb, block),
+        &dev,
+    )?;
     let eval_start = Instant::now();
     let eval_reps = 3;
     for _ in 0..eval_reps {
@@ -244,7 +261,7 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
             "micro_batch_size": mb, "batch_size": bs, "grad_accum": accum, "steps": steps,
             "warmup_steps_excluded": untimed, "rope": rope, "research": research,
             "gradient_checkpointing": ckpt, "dropout": dropout, "seed": seed,
-            "device": device::describe(&dev), "dtype": format!("{dtype:?}").to_lowercase(),
+            "device": device::describe(&dev), "dtype": format!("{dtype:?}").to_lowercase(), "engine": engine.as_str(),
         },
         "n_params": cfg.num_parameters(),
         "threads": rayon::current_num_threads(),

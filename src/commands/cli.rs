@@ -7,44 +7,48 @@ use std::path::PathBuf;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
 use crate::config::keys::{Kind, KEYS, KEY_ALIASES};
-use crate::config::RunConfig;
-
-/// A run's flags as given: the preset and `(key, raw value)` pairs.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RunArgs {
-    pub preset: Option<String>,
-    pub flags: Vec<(String, String)>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UiOptions {
-    pub no_mouse: bool,
-    pub ascii: bool,
-    /// Draw no TUI even on a terminal.
-    pub headless: bool,
-}
-
-impl UiOptions {
-    /// Whether to draw: not asked to be headless, and stdout is a terminal.
-    pub fn draws(&self) -> bool {
-        use std::io::IsTerminal;
-        !self.headless && std::io::stdout().is_terminal()
-    }
-}
+use crate::config::{RunArgs, RunConfig};
+use crate::tui::UiOptions;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Invocation {
     /// `difflab [flags]`: the picker, or the dashboard straight away with `--preset`.
-    Lab { run: RunArgs, ui: UiOptions },
+    Lab {
+        run: RunArgs,
+        ui: UiOptions,
+    },
     Train(RunArgs),
     Eval(RunArgs),
-    Watch { dir: PathBuf, ui: UiOptions },
-    Sweep { run: RunArgs, ui: UiOptions },
-    LrFind { run: RunArgs, start_lr: f64, end_lr: f64, num_steps: u64, ui: UiOptions },
-    Compare { dirs: Vec<PathBuf>, ui: UiOptions },
+    Watch {
+        dir: PathBuf,
+        ui: UiOptions,
+    },
+    Sweep {
+        run: RunArgs,
+        ui: UiOptions,
+    },
+    LrFind {
+        run: RunArgs,
+        start_lr: f64,
+        end_lr: f64,
+        num_steps: u64,
+        ui: UiOptions,
+    },
+    Compare {
+        dirs: Vec<PathBuf>,
+        ui: UiOptions,
+    },
     Bench(Vec<(String, String)>),
-    Logits { checkpoint: PathBuf, ids: Option<String>, text: Option<String> },
-    GoldenCheck { golden: PathBuf, device: String, dtype: String },
+    Logits {
+        checkpoint: PathBuf,
+        ids: Option<String>,
+        text: Option<String>,
+    },
+    GoldenCheck {
+        golden: PathBuf,
+        device: String,
+        dtype: String,
+    },
     Presets,
 }
 
@@ -84,12 +88,27 @@ fn run_args(cmd: Command) -> Command {
 }
 
 fn ui_args(cmd: Command) -> Command {
-    cmd.arg(Arg::new("no-mouse").long("no-mouse").action(ArgAction::SetTrue).help("leave the mouse to the terminal (copy and paste in tmux); `m` toggles"))
-        .arg(Arg::new("ascii").long("ascii").action(ArgAction::SetTrue).help("ASCII charts for terminals without Braille glyphs"))
+    cmd.arg(
+        Arg::new("no-mouse")
+            .long("no-mouse")
+            .action(ArgAction::SetTrue)
+            .help("leave the mouse to the terminal (copy and paste in tmux); `m` toggles"),
+    )
+    .arg(
+        Arg::new("ascii")
+            .long("ascii")
+            .action(ArgAction::SetTrue)
+            .help("ASCII charts for terminals without Braille glyphs"),
+    )
 }
 
 fn headless_arg(cmd: Command) -> Command {
-    cmd.arg(Arg::new("headless").long("headless").action(ArgAction::SetTrue).help("print instead of drawing, even on a terminal"))
+    cmd.arg(
+        Arg::new("headless")
+            .long("headless")
+            .action(ArgAction::SetTrue)
+            .help("print instead of drawing, even on a terminal"),
+    )
 }
 
 pub fn command() -> Command {
@@ -111,7 +130,7 @@ pub fn command() -> Command {
         )
         .subcommand(headless_arg(ui_args(Command::new("compare").about("Overlay runs: curves, final eval loss and perplexity, config differences")))
             .arg(Arg::new("run_dirs").required(true).num_args(1..).value_name("RUN_DIR")))
-        .subcommand(crate::bench::args(Command::new("bench").about("Time training steps on random tokens (same flags as shared/bench/bench_train.py)")))
+        .subcommand(super::bench::args(Command::new("bench").about("Time training steps on random tokens (same flags as shared/bench/bench_train.py)")))
         .subcommand(Command::new("logits").about("Print a saved model's logits for token ids or text, as JSON (for comparing with other tools)")
             .arg(Arg::new("checkpoint").long("checkpoint").required(true).value_name("DIR"))
             .arg(Arg::new("ids").long("ids").value_name("1,2,3").conflicts_with("text"))
@@ -133,7 +152,10 @@ fn run_from(m: &ArgMatches) -> RunArgs {
         }
     }
     flags.sort();
-    RunArgs { preset: m.get_one::<String>("preset").cloned(), flags: flags.into_iter().map(|(_, k, v)| (k, v)).collect() }
+    RunArgs {
+        preset: m.get_one::<String>("preset").cloned(),
+        flags: flags.into_iter().map(|(_, k, v)| (k, v)).collect(),
+    }
 }
 
 fn ui_from(m: &ArgMatches) -> UiOptions {
@@ -143,7 +165,9 @@ fn ui_from(m: &ArgMatches) -> UiOptions {
 
 fn float(m: &ArgMatches, name: &str) -> Result<f64, clap::Error> {
     let raw = m.get_one::<String>(name).cloned().unwrap_or_default();
-    raw.parse().map_err(|_| clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("--{name}: {raw:?} is not a number\n")))
+    raw.parse().map_err(|_| {
+        clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("--{name}: {raw:?} is not a number\n"))
+    })
 }
 
 pub fn parse<I, T>(args: I) -> Result<Invocation, clap::Error>
@@ -171,7 +195,7 @@ where
             dirs: s.get_many::<String>("run_dirs").into_iter().flatten().map(PathBuf::from).collect(),
             ui: ui_from(s),
         },
-        Some(("bench", s)) => Invocation::Bench(crate::bench::flags_from(s)),
+        Some(("bench", s)) => Invocation::Bench(super::bench::flags_from(s)),
         Some(("logits", s)) => Invocation::Logits {
             checkpoint: s.get_one::<String>("checkpoint").map(PathBuf::from).unwrap_or_default(),
             ids: s.get_one::<String>("ids").cloned(),
@@ -198,12 +222,18 @@ mod tests {
 
     #[test]
     fn both_flag_forms_and_true_false_values_parse() {
-        let inv = parse(["difflab", "train", "--rope", "true", "--n_layer=2", "--learning_rate", "1e-3", "--preset", "demo"]).unwrap();
+        let inv =
+            parse(["difflab", "train", "--rope", "true", "--n_layer=2", "--learning_rate", "1e-3", "--preset", "demo"])
+                .unwrap();
         let Invocation::Train(run) = inv else { panic!("train") };
         assert_eq!(run.preset.as_deref(), Some("demo"));
         assert_eq!(
             run.flags,
-            vec![("rope".into(), "true".into()), ("n_layer".into(), "2".into()), ("learning_rate".into(), "1e-3".into())]
+            vec![
+                ("rope".into(), "true".into()),
+                ("n_layer".into(), "2".into()),
+                ("learning_rate".into(), "1e-3".into())
+            ]
         );
     }
 

@@ -91,7 +91,10 @@ fn take_all(dir: &Path) -> Vec<ControlMsg> {
     let mut files: Vec<PathBuf> = read
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json") && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "json")
+                && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     files.sort();
     files
@@ -107,7 +110,7 @@ fn take_all(dir: &Path) -> Vec<ControlMsg> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::Control;
+    use crate::events::{Control, ControlOrigin};
 
     #[test]
     fn controls_dropped_in_the_directory_reach_the_channel_in_order() {
@@ -115,8 +118,8 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let inbox = Inbox::start(dir.path(), tx).unwrap();
         assert!(is_live(dir.path()));
-        let pause = ControlMsg { control: Control::Pause, origin: "watch".into() };
-        let lower = ControlMsg { control: Control::ScaleLr { factor: 0.1 }, origin: "watch".into() };
+        let pause = ControlMsg { control: Control::Pause, origin: ControlOrigin::Watch };
+        let lower = ControlMsg { control: Control::ScaleLr { factor: 0.1 }, origin: ControlOrigin::Watch };
         send(dir.path(), &pause).unwrap();
         send(dir.path(), &lower).unwrap();
         let got: Vec<ControlMsg> = (0..2).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();

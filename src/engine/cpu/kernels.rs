@@ -17,7 +17,9 @@ pub fn rows_per_task(row_len: usize) -> usize {
 /// `dst (m x n) = [dst +] a . b`, every operand given as (pointer, row stride, column
 /// stride). The one place that calls gemm.
 ///
-/// Safety: each pointer must address its whole matrix with the given strides.
+/// # Safety
+///
+/// Each pointer must address its whole matrix with the given strides.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_strided(
     (m, n, k): (usize, usize, usize),
@@ -29,7 +31,27 @@ pub unsafe fn gemm_strided(
     parallel: bool,
 ) {
     let par = if parallel { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
-    gemm::gemm(m, n, k, dst.0, 1, dst.1 as isize, accumulate, a.0, a.2 as isize, a.1 as isize, b.0, b.2 as isize, b.1 as isize, 1.0, scale, false, false, false, par)
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        1,
+        dst.1 as isize,
+        accumulate,
+        a.0,
+        a.2 as isize,
+        a.1 as isize,
+        b.0,
+        b.2 as isize,
+        b.1 as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// Which operand is stored transposed.
@@ -44,7 +66,14 @@ pub enum Layout {
 }
 
 /// `dst (m x n) [+]= a . b` for contiguous row-major operands, in the given layout.
-pub fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize), layout: Layout, accumulate: bool) {
+pub fn matmul(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    (m, k, n): (usize, usize, usize),
+    layout: Layout,
+    accumulate: bool,
+) {
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul: operands smaller than {m}x{k}x{n}");
     let a_op = match layout {
         Layout::AtB => (a.as_ptr(), 1, m),
@@ -60,7 +89,9 @@ pub fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], (m, k, n): (usize, usize, u
 
 /// `acc += x`, element by element, in parallel.
 pub fn add_into(acc: &mut [f32], x: &[f32]) {
-    acc.par_chunks_mut(MIN_TASK_ELEMS).zip(x.par_chunks(MIN_TASK_ELEMS)).for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
+    acc.par_chunks_mut(MIN_TASK_ELEMS)
+        .zip(x.par_chunks(MIN_TASK_ELEMS))
+        .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, x)| *a += x));
 }
 
 // ---------------------------------------------------------------- linear
@@ -76,7 +107,14 @@ pub fn linear(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
 }
 
 /// Gradients of `linear`: `dx [+]= dy W^T`, `dW += x^T dy`, `db += colsum(dy)`.
-pub fn linear_backward(x: &[f32], w: &[f32], dy: &[f32], dx: Option<(&mut [f32], bool)>, dw: &mut [f32], db: &mut [f32]) {
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<(&mut [f32], bool)>,
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
     let n_out = db.len();
     let n_in = w.len() / n_out;
     let n = x.len() / n_in;
@@ -129,7 +167,17 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
 }
 
 /// `dx [+]= d LN / dx . dy`; `dw += sum dy * xhat`, `db += sum dy` (moments recomputed).
-pub fn layer_norm_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut [f32], accumulate: bool, dw: &mut [f32], db: &mut [f32]) {
+#[allow(clippy::too_many_arguments)] // the inputs and outputs of the math, as slices
+pub fn layer_norm_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    accumulate: bool,
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
     let c = w.len();
     let rows = rows_per_task(c) * c;
     let partials: Vec<Vec<f32>> = dx
@@ -152,7 +200,11 @@ pub fn layer_norm_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut 
                 for j in 0..c {
                     let xhat = (xr[j] - mean) * rstd;
                     let d = rstd * (gr[j] * w[j] - mg - xhat * mgx);
-                    if accumulate { o[j] += d } else { o[j] = d }
+                    if accumulate {
+                        o[j] += d
+                    } else {
+                        o[j] = d
+                    }
                 }
             }
             acc

@@ -1,0 +1,286 @@
+//! The lab session behind the TUI: starts runs (from the picker or `--preset`), feeds their
+//! events through the file sinks to the dashboard, tails a watched run's `metrics.jsonl`,
+//! sends controls (to a run of this process, or as files to a watched one), and forwards a
+//! sweep's or an LR range test's events. The terminal itself is `tui`'s.
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use crossbeam_channel::Sender;
+
+use super::{headless, resolve_run, BadInput};
+use crate::app::dashboard::Status;
+use crate::app::overlay::{Kind, Overlay};
+use crate::app::{App, Command, Dashboard, Mode, Msg, Picker};
+use crate::config::{PresetLibrary, RunArgs, RunConfig};
+use crate::events::{ControlMsg, ControlOrigin, Event, Level};
+use crate::sinks::{self, metrics::METRICS_FILE};
+use crate::sweep::compare::Run;
+use crate::sweep::lr_find::{Curve, LrFindEvent, Suggestions};
+use crate::sweep::SweepHandle;
+use crate::train::remote::{self, Inbox};
+use crate::train::{self, StopSignal, TrainError};
+use crate::tui::{self, Input, Session, UiOptions};
+
+/// A run this process trains: its controls, inbox, and the thread that feeds its events
+/// through the file sinks to the UI (it returns what the sinks could not write).
+struct OwnedRun {
+    controls: Sender<ControlMsg>,
+    _inbox: Inbox,
+    output_dir: PathBuf,
+    forwarder: JoinHandle<Vec<String>>,
+}
+
+/// Where the dashboard's events come from and its controls go.
+enum Backend {
+    None,
+    Owned(OwnedRun),
+    Watching(PathBuf),
+    Sweep(StopSignal),
+}
+
+struct Lab {
+    backend: Backend,
+    stop: StopSignal,
+}
+
+impl Session for Lab {
+    fn perform(&mut self, command: Command, inputs: &Sender<Input>) -> Vec<Msg> {
+        match command {
+            Command::StopSweep => {
+                if let Backend::Sweep(stop) = &self.backend {
+                    stop.request();
+                }
+                vec![]
+            }
+            Command::Control(control) => match &self.backend {
+                Backend::Owned(run) => {
+                    let _ = run.controls.send(ControlMsg { control, origin: ControlOrigin::Ui });
+                    vec![]
+                }
+                Backend::Watching(dir) => {
+                    let msg = ControlMsg { control, origin: ControlOrigin::Watch };
+                    let action = control.action();
+                    let note = match remote::send(dir, &msg) {
+                        Ok(_) if remote::is_live(dir) => {
+                            format!("sent {action}: the trainer applies it at its next step")
+                        }
+                        Ok(_) => format!("queued {action}: no trainer is attached to this run now"),
+                        Err(e) => format!("cannot send {action} (is the run directory writable?): {e}"),
+                    };
+                    vec![Msg::ControlSent(note)]
+                }
+                Backend::None | Backend::Sweep(_) => vec![],
+            },
+            Command::Start(args) => match start_run(&args, inputs, &self.stop) {
+                Ok((run, title)) => {
+                    self.backend = Backend::Owned(run);
+                    vec![Msg::RunStarted { title }]
+                }
+                Err(e) => vec![Msg::StartFailed(format!("{e:#}"))],
+            },
+            Command::Exit | Command::SetMouse(_) => vec![],
+        }
+    }
+}
+
+/// Starts the run `args` names, with its file sinks and control inbox.
+fn start_run(args: &RunArgs, tx: &Sender<Input>, stop: &StopSignal) -> anyhow::Result<(OwnedRun, String)> {
+    let resolved = resolve_run(args)?;
+    let out = PathBuf::from(&resolved.config.output_dir);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating output_dir {}", out.display()))?;
+    let mut sinks = sinks::file_sinks(&out, &resolved.config)
+        .with_context(|| format!("opening the outputs in {}", out.display()))?;
+    let handle = train::spawn_with(headless::spec(&resolved), stop.clone());
+    let inbox = Inbox::start(&out, handle.controls.clone())?;
+    let controls = handle.controls.clone();
+    let tx = tx.clone();
+    let forwarder = std::thread::Builder::new()
+        .name("difflab-forward".into())
+        .spawn(move || {
+            for e in handle.events.iter() {
+                sinks.handle(&e);
+                for w in sinks.errors.drain(..) {
+                    let _ = tx.send(Input::app(Msg::Warning(w)));
+                }
+                if tx.send(Input::app(Msg::Event(e))).is_err() {
+                    return vec![];
+                }
+            }
+            sinks.finish();
+            let result = handle.join().map(|_| ()).map_err(|e| e.to_string());
+            let _ = tx.send(Input::app(Msg::TrainerDone(result)));
+            sinks.errors
+        })
+        .context("starting the event thread")?;
+    let title = resolved.preset.clone().unwrap_or_else(|| "run".into());
+    Ok((OwnedRun { controls, _inbox: inbox, output_dir: out, forwarder }, title))
+}
+
+/// Tails a run's metrics.jsonl: its history first, then each new complete line.
+fn spawn_tail(path: PathBuf, tx: Sender<Input>) {
+    let _ = std::thread::Builder::new().name("difflab-tail".into()).spawn(move || {
+        let mut offset = 0u64;
+        let mut pending = String::new();
+        loop {
+            if let Ok(mut f) = std::fs::File::open(&path) {
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                if len < offset {
+                    offset = 0; // replaced or truncated: read it again
+                    pending.clear();
+                }
+                if f.seek(SeekFrom::Start(offset)).is_ok() {
+                    let mut reader = BufReader::new(f);
+                    let mut line = String::new();
+                    while let Ok(n) = reader.read_line(&mut line) {
+                        if n == 0 {
+                            break;
+                        }
+                        offset += n as u64;
+                        pending.push_str(&line);
+                        line.clear();
+                        if pending.ends_with('\n') {
+                            if let Ok(e) = serde_json::from_str::<Event>(pending.trim_end()) {
+                                if tx.send(Input::app(Msg::Event(e))).is_err() {
+                                    return;
+                                }
+                            }
+                            pending.clear();
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+}
+
+/// `difflab [--preset P]`: the picker, or the dashboard of that run at once.
+pub fn lab(run: RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = tui::channel();
+    let mut lab = Lab { backend: Backend::None, stop: StopSignal::default() };
+    let app = if run.preset.is_some() {
+        let (owned, title) = start_run(&run, &tx, &lab.stop)?;
+        lab.backend = Backend::Owned(owned);
+        App::dashboard(Dashboard::new(&title), Mode::Owned, !ui.no_mouse, ui.ascii)
+    } else {
+        let library = PresetLibrary::load();
+        let presets = library
+            .names()
+            .iter()
+            .map(|n| library.chain(n).map(|c| (c.clone(), c.last().cloned().unwrap_or_else(|| c[0].clone()))))
+            .collect();
+        App::picker(Picker::new(presets, run.flags.clone()), !ui.no_mouse, ui.ascii)
+    };
+    let (app, code) = tui::run(app, &mut lab, tx, rx)?;
+    // after the alternate screen is gone: one line on what happened
+    if let (Some(d), Backend::Owned(run)) = (app.dash(), lab.backend) {
+        if d.finished() {
+            for e in run.forwarder.join().unwrap_or_default() {
+                eprintln!("[warning] {e}");
+            }
+        }
+        let status = match &d.status {
+            Status::Finished { status } => status.to_string(),
+            Status::Failed(e) => format!("failed ({e})"),
+            _ => "left while running".into(),
+        };
+        eprintln!(
+            "difflab: {status} at step {} after {} of training -> {}",
+            d.step,
+            crate::ui::dashboard::duration(d.elapsed),
+            run.output_dir.display()
+        );
+    }
+    Ok(code)
+}
+
+/// `difflab watch RUN_DIR`: a run started elsewhere, from its metrics.jsonl, with controls as files.
+pub fn watch(dir: &Path, ui: UiOptions) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let metrics = dir.join(METRICS_FILE);
+    if !metrics.is_file() {
+        return Err(
+            BadInput(format!("{} has no {METRICS_FILE}: give the output_dir of a difflab run", dir.display())).into()
+        );
+    }
+    if !std::io::stdout().is_terminal() {
+        return Err(BadInput(format!(
+            "watch draws the run in a terminal, and stdout is not one; read {} instead, or run watch in a terminal",
+            metrics.display()
+        ))
+        .into());
+    }
+    let (tx, rx) = tui::channel();
+    spawn_tail(metrics, tx.clone());
+    let title = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    let mut dash = Dashboard::new(&title);
+    if !remote::is_live(dir) {
+        dash.log_warning(format!(
+            "no trainer is attached to {} now: showing its history; controls will wait for the next session",
+            dir.display()
+        ));
+    }
+    let app = App::dashboard(dash, Mode::Watching, !ui.no_mouse, ui.ascii);
+    let mut lab = Lab { backend: Backend::Watching(dir.to_path_buf()), stop: StopSignal::default() };
+    Ok(tui::run(app, &mut lab, tx, rx)?.1)
+}
+
+/// A sweep's trials, live, overlaid.
+pub fn sweep(handle: SweepHandle, base: &RunConfig, ui: UiOptions) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = tui::channel();
+    let stop = handle.stop.clone();
+    let forward_tx = tx.clone();
+    let _ = std::thread::Builder::new().name("difflab-sweep-forward".into()).spawn(move || {
+        for e in handle.events.iter() {
+            if forward_tx.send(Input::app(Msg::Sweep(e))).is_err() {
+                return;
+            }
+        }
+        handle.join();
+    });
+    let app = App::overlay(Overlay::new(Kind::Sweep, &format!("sweep -> {}", base.output_dir)), !ui.no_mouse, ui.ascii);
+    let mut lab = Lab { backend: Backend::Sweep(stop), stop: StopSignal::default() };
+    Ok(tui::run(app, &mut lab, tx, rx)?.1)
+}
+
+/// The LR range test, live.
+pub fn lr_find(
+    events: crossbeam_channel::Receiver<LrFindEvent>,
+    worker: JoinHandle<Result<(Curve, Suggestions), TrainError>>,
+    cfg: &RunConfig,
+    ui: UiOptions,
+) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = tui::channel();
+    let forward_tx = tx.clone();
+    let _ = std::thread::Builder::new().name("difflab-lr-forward".into()).spawn(move || {
+        for e in events.iter() {
+            if forward_tx.send(Input::app(Msg::LrFind(e))).is_err() {
+                return;
+            }
+        }
+        if let Ok(Err(e)) = worker.join() {
+            let _ =
+                forward_tx.send(Input::app(Msg::Event(Event::Message { level: Level::Error, text: e.to_string() })));
+        }
+    });
+    let app = App::overlay(
+        Overlay::new(Kind::LrFind, &format!("LR range test -> {}/lr_find", cfg.output_dir)),
+        !ui.no_mouse,
+        ui.ascii,
+    );
+    let mut lab = Lab { backend: Backend::None, stop: StopSignal::default() };
+    Ok(tui::run(app, &mut lab, tx, rx)?.1)
+}
+
+/// Finished runs, overlaid.
+pub fn compare(runs: Vec<Run>, ui: UiOptions) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = tui::channel();
+    let app = App::overlay(Overlay::from_runs(&runs), !ui.no_mouse, ui.ascii);
+    let mut lab = Lab { backend: Backend::None, stop: StopSignal::default() };
+    Ok(tui::run(app, &mut lab, tx, rx)?.1)
+}
