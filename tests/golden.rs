@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
 use difflab::model::diagnostics::norm_stats;
 use difflab::model::gpt::next_token_loss;
@@ -173,12 +173,11 @@ fn golden_check_passes_in_f32_and_bf16() {
     }
 }
 
-/// ... and fails when the model is wrong: a copy of one variant whose start weights are nudged.
-#[test]
-fn golden_check_fails_on_perturbed_weights() {
+/// A writable copy of one golden variant, alone in a temporary golden directory.
+fn golden_copy(variant: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
-    let src = golden_dir("rope1_diff1");
-    let dst = tmp.path().join("rope1_diff1");
+    let src = golden_dir(variant);
+    let dst = tmp.path().join(variant);
     for sub in ["", "model", "model_after_train"] {
         std::fs::create_dir_all(dst.join(sub)).unwrap();
         for entry in std::fs::read_dir(src.join(sub)).unwrap().flatten() {
@@ -187,13 +186,107 @@ fn golden_check_fails_on_perturbed_weights() {
             }
         }
     }
+    (tmp, dst)
+}
+
+fn check_f32(golden: &std::path::Path) -> difflab::commands::golden::VariantReport {
+    let (reports, _) = difflab::commands::golden::check(golden, &Device::Cpu, candle_core::DType::F32).unwrap();
+    assert_eq!(reports.len(), 1);
+    reports.into_iter().next().unwrap()
+}
+
+/// ... and fails when the model is wrong: a copy of one variant whose start weights are nudged.
+#[test]
+fn golden_check_fails_on_perturbed_weights() {
+    let (tmp, dst) = golden_copy("rope1_diff1");
     let weights_path = dst.join("model").join("model.safetensors");
     let mut weights = candle_core::safetensors::load(&weights_path, &Device::Cpu).unwrap();
     let wte = weights["transformer.wte.weight"].affine(1.0, 0.01).unwrap();
     weights.insert("transformer.wte.weight".into(), wte);
     candle_core::safetensors::save(&weights, &weights_path).unwrap();
-    let (reports, _) = difflab::commands::golden::check(tmp.path(), &Device::Cpu, candle_core::DType::F32).unwrap();
-    assert_eq!(reports.len(), 1);
-    assert!(!reports[0].pass, "{:?}", reports[0]);
-    assert!(reports[0].logits_max_abs > 1e-4);
+    let report = check_f32(tmp.path());
+    assert!(!report.pass, "{report:?}");
+    assert!(report.logits_max_abs > 1e-4);
+}
+
+/// A NaN cannot pass: one NaN in one reference gradient fails the check (a `max` that drops
+/// NaN, or a `>` that is false for it, would let it through).
+#[test]
+fn golden_check_fails_on_a_nan_gradient() {
+    let (tmp, dst) = golden_copy("rope0_diff1");
+    let path = dst.join("grads_step0.safetensors");
+    let mut grads = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let g = &grads["transformer.ln_f.bias"];
+    let mut v: Vec<f32> = g.to_vec1().unwrap();
+    v[3] = f32::NAN;
+    grads.insert("transformer.ln_f.bias".into(), Tensor::new(v, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&grads, &path).unwrap();
+    let report = check_f32(tmp.path());
+    assert!(!report.pass, "{report:?}");
+    assert!(report.grad_rel_worst.is_nan() && report.grad_worst_tensor == "transformer.ln_f.bias", "{report:?}");
+}
+
+/// ... and fails when our gradient set differs from the reference's (a gradient missing).
+#[test]
+fn golden_check_fails_when_the_gradient_names_differ() {
+    let (tmp, dst) = golden_copy("rope0_diff0");
+    let path = dst.join("grads_step0.safetensors");
+    let mut grads = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    grads.insert("transformer.h.9.extra.weight".into(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&grads, &path).unwrap();
+    let report = check_f32(tmp.path());
+    assert!(!report.pass && report.problems.iter().any(|p| p.contains("gradient names differ")), "{report:?}");
+}
+
+/// ... and fails when the logged gradient norm before clipping is not ours.
+#[test]
+fn golden_check_compares_the_logged_gradient_norm() {
+    let (tmp, dst) = golden_copy("rope1_diff0");
+    let path = dst.join("train_log.json");
+    let mut log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let norm = log["steps"][1]["grad_norm_before_clip"].as_f64().unwrap();
+    log["steps"][1]["grad_norm_before_clip"] = (norm * 1.01).into();
+    std::fs::write(&path, log.to_string()).unwrap();
+    let report = check_f32(tmp.path());
+    assert!(!report.pass && report.grad_norm_rel_worst > 5e-3, "{report:?}");
+}
+
+/// The number of optimizer steps comes from the reference's log: a golden set extended to five
+/// steps (two more batches, the weights after five AdamW steps, five log entries) passes, and
+/// fails if its log is cut back to three steps (the weights after no longer match).
+#[test]
+fn golden_check_runs_as_many_steps_as_the_log_lists() {
+    use difflab::commands::golden::VariantReport;
+    let (tmp, dst) = golden_copy("rope1_diff1");
+    let batches_path = dst.join("train_batches.safetensors");
+    let mut batches = candle_core::safetensors::load(&batches_path, &Device::Cpu).unwrap();
+    let three = batches["batches"].clone();
+    let five = Tensor::cat(&[&three, &three.narrow(0, 0, 2).unwrap()], 0).unwrap();
+    batches.insert("batches".into(), five.clone());
+    candle_core::safetensors::save(&batches, &batches_path).unwrap();
+    // five steps of the recipe, with the trainer's step (itself held to the 3-step reference above)
+    let log_path = dst.join("train_log.json");
+    let mut log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&log_path).unwrap()).unwrap();
+    let (cfg, weights) = load_pretrained(&dst.join("model"), &Device::Cpu).unwrap();
+    let model = Trainable::new(&cfg, weights).unwrap();
+    let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2).unwrap();
+    let mut entries = vec![];
+    for s in 0..5 {
+        let batch = five.i(s).unwrap();
+        let t = batch.dim(1).unwrap() - 1;
+        let (x, y) = (batch.narrow(1, 0, t).unwrap(), batch.narrow(1, 1, t).unwrap());
+        let (loss, grads) = step_loss_and_grads(&model, &x, &y);
+        let update = difflab::optim::step(&mut opt, &grads, 1e-3, 1.0).unwrap();
+        entries.push(serde_json::json!({"step": s, "loss": loss, "grad_norm_before_clip": update.grad_norm}));
+    }
+    difflab::model::hf::save_pretrained(&dst.join("model_after_train"), &cfg, &model.weights(), None).unwrap();
+    log["steps"] = entries.clone().into();
+    std::fs::write(&log_path, log.to_string()).unwrap();
+    let report: VariantReport = check_f32(tmp.path());
+    assert!(report.pass && report.steps == 5, "{report:?}");
+    log["steps"] = entries[..3].to_vec().into();
+    std::fs::write(&log_path, log.to_string()).unwrap();
+    let report = check_f32(tmp.path());
+    assert!(!report.pass && report.steps == 3, "three steps cannot reach the weights after five: {report:?}");
 }

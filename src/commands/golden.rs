@@ -45,9 +45,25 @@ pub struct VariantReport {
     pub loss_abs: f64,
     pub grad_rel_worst: f64,
     pub grad_worst_tensor: String,
+    /// Optimizer steps taken: as many as the reference's log lists.
+    pub steps: usize,
     pub train_loss_abs_worst: f64,
+    /// `|norm - norm_ref| / norm_ref` of the gradient norm before clipping, worst over the steps.
+    pub grad_norm_rel_worst: f64,
     pub weights_after_max_abs: f64,
+    /// Why the variant failed, when it did.
+    pub problems: Vec<String>,
     pub pass: bool,
+}
+
+/// The larger of two errors, where NaN (a comparison that cannot be made) wins: `f64::max`
+/// would drop it and let a NaN pass.
+fn worse(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 fn host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -55,7 +71,7 @@ fn host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
-    Ok(host(a)?.iter().zip(host(b)?).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max))
+    Ok(host(a)?.iter().zip(host(b)?).map(|(x, y)| (x - y).abs() as f64).fold(0.0, worse))
 }
 
 fn rel(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
@@ -63,6 +79,13 @@ fn rel(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     let diff: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
     let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
     Ok(diff / norm.max(1e-12))
+}
+
+/// Fails unless `value` is finite and within `tolerance`.
+fn within(problems: &mut Vec<String>, what: &str, value: f64, tolerance: f64) {
+    if !(value.is_finite() && value <= tolerance) {
+        problems.push(format!("{what}: {value:e} (tolerance {tolerance:e})"));
+    }
 }
 
 pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<VariantReport> {
@@ -76,17 +99,15 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
     let model = Trainable::new(&cfg, weights)?.with_dtype(dtype)?.with_engine(engine);
     let out = model.detached()?.forward(&r["input_ids"], None)?;
     let logits_max_abs = max_abs(&out.logits, &r["logits"])?;
-    let loss = next_token_loss(&out.logits, &r["input_ids"])?
-        .to_dtype(DType::F64)?
-        .to_device(&Device::Cpu)?
-        .to_scalar::<f64>()?;
-    let loss_abs = (loss - r["loss"].to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_scalar::<f64>()?).abs();
+    let scalar = |t: &Tensor| -> anyhow::Result<f64> {
+        Ok(t.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_scalar::<f64>()?)
+    };
+    let loss_abs = (scalar(&next_token_loss(&out.logits, &r["input_ids"])?)? - scalar(&r["loss"])?).abs();
 
-    // gradients of training step 0, and three AdamW steps
+    // the reference's training steps, as many as its log lists, with the recipe it states
     let batches = load("train_batches.safetensors")?;
     let want_grads = load("grads_step0.safetensors")?;
     let log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("train_log.json"))?)?;
-    // the recipe the reference trained with, as its log states it
     let num = |v: &serde_json::Value, what: &str| {
         v.as_f64().ok_or_else(|| anyhow::anyhow!("{}: train_log.json has no number `{what}`", dir.display()))
     };
@@ -97,9 +118,19 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
         eps: num(&log["eps"], "eps")?,
         weight_decay: num(&log["weight_decay"], "weight_decay")?,
     };
+    let steps = log["steps"].as_array().map_or(0, Vec::len);
+    if steps == 0 || steps > batches["batches"].dim(0)? {
+        anyhow::bail!(
+            "{}: train_log.json lists {steps} steps for {} batches",
+            dir.display(),
+            batches["batches"].dim(0)?
+        );
+    }
     let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2)?;
-    let (mut grad_rel_worst, mut grad_worst_tensor, mut train_loss_abs_worst) = (0.0f64, String::new(), 0.0f64);
-    for s in 0..3 {
+    let mut problems = vec![];
+    let (mut grad_rel_worst, mut grad_worst_tensor) = (0.0f64, String::new());
+    let (mut train_loss_abs_worst, mut grad_norm_rel_worst) = (0.0f64, 0.0f64);
+    for s in 0..steps {
         let batch = batches["batches"].i(s)?;
         let t = batch.dim(1)? - 1;
         let (x, y) = (batch.narrow(1, 0, t)?, batch.narrow(1, 1, t)?);
@@ -108,37 +139,64 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
             forward_backward(engine, &model, &MicroBatch { ids: &x, targets: Some(&y) }, 1.0, None, false, &mut acc)?;
         let grads: BTreeMap<String, Tensor> = acc.into_grads(&cfg)?;
         if s == 0 {
+            let ours: Vec<&String> = grads.keys().collect();
+            let mut theirs: Vec<&String> = want_grads.keys().collect();
+            theirs.sort();
+            if ours != theirs {
+                problems.push(format!("gradient names differ: ours {ours:?}, the reference's {theirs:?}"));
+            }
             for (name, g) in &grads {
-                let e = rel(g, &want_grads[name])?;
-                if e > grad_rel_worst {
-                    grad_rel_worst = e;
+                let Some(want) = want_grads.get(name) else { continue };
+                let e = rel(g, want)?;
+                if e.is_nan() || e > grad_rel_worst || grad_worst_tensor.is_empty() {
                     grad_worst_tensor = name.clone();
                 }
+                grad_rel_worst = worse(grad_rel_worst, e);
             }
         }
-        let want_loss = log["steps"][s]["loss"].as_f64().unwrap_or(f64::NAN);
-        train_loss_abs_worst = train_loss_abs_worst.max((step.loss - want_loss).abs());
-        optim::step(&mut opt, &grads, lr, max_norm)?;
+        let entry = &log["steps"][s];
+        train_loss_abs_worst = worse(train_loss_abs_worst, (step.loss - num(&entry["loss"], "steps[].loss")?).abs());
+        let update = optim::step(&mut opt, &grads, lr, max_norm)?;
+        let want_norm = num(&entry["grad_norm_before_clip"], "steps[].grad_norm_before_clip")?;
+        grad_norm_rel_worst =
+            worse(grad_norm_rel_worst, (update.grad_norm - want_norm).abs() / want_norm.abs().max(1e-12));
+        if !update.applied {
+            problems.push(format!("step {s}: the gradient norm is {}: no update", update.grad_norm));
+        }
     }
     let (_, after) = load_pretrained(&dir.join("model_after_train"), device)?;
     let mut weights_after_max_abs = 0.0f64;
     for (name, w) in model.weights() {
-        weights_after_max_abs = weights_after_max_abs.max(max_abs(&w, &after[&name])?);
+        let Some(want) = after.get(&name) else {
+            problems.push(format!("model_after_train has no {name}"));
+            continue;
+        };
+        weights_after_max_abs = worse(weights_after_max_abs, max_abs(&w, want)?);
     }
-    let pass = logits_max_abs <= tol.logits
-        && loss_abs <= tol.loss
-        && grad_rel_worst <= tol.grad_rel
-        && train_loss_abs_worst <= tol.loss.max(1e-5)
-        && weights_after_max_abs <= tol.weights_after;
+    within(&mut problems, "logits max |diff|", logits_max_abs, tol.logits);
+    within(&mut problems, "loss |diff|", loss_abs, tol.loss);
+    within(&mut problems, &format!("gradient rel. error ({grad_worst_tensor})"), grad_rel_worst, tol.grad_rel);
+    within(&mut problems, "training loss |diff|", train_loss_abs_worst, tol.loss.max(1e-5));
+    // the norm is a sum over every gradient: held to the gradients' own tolerance
+    within(&mut problems, "gradient norm before clipping, rel. error", grad_norm_rel_worst, tol.grad_rel);
+    within(
+        &mut problems,
+        &format!("weights after {steps} steps, max |diff|"),
+        weights_after_max_abs,
+        tol.weights_after,
+    );
     Ok(VariantReport {
         variant: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         logits_max_abs,
         loss_abs,
         grad_rel_worst,
         grad_worst_tensor,
+        steps,
         train_loss_abs_worst,
+        grad_norm_rel_worst,
         weights_after_max_abs,
-        pass,
+        pass: problems.is_empty(),
+        problems,
     })
 }
 
