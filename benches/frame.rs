@@ -64,6 +64,8 @@ fn app_with(steps: u64, ascii: bool) -> App {
                 perplexity: loss.exp(),
                 eval_tokens: 1 << 20,
                 eval_tokens_per_second: 1e5,
+                eval_blocks: 40,
+                validation_blocks: 40,
             })));
         }
         if step % 25_000 == 0 {

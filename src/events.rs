@@ -127,6 +127,23 @@ pub struct EvalRecord {
     pub perplexity: f64,
     pub eval_tokens: u64,
     pub eval_tokens_per_second: f64,
+    /// Validation blocks this evaluation scored, of `validation_blocks` (fewer with
+    /// `eval_max_blocks`: a partial evaluation). 0 in logs of older versions.
+    #[serde(default)]
+    pub eval_blocks: u64,
+    #[serde(default)]
+    pub validation_blocks: u64,
+}
+
+impl EvalRecord {
+    /// " (partial: K of N validation blocks)" when not every block was scored.
+    pub fn partial_note(&self) -> String {
+        if self.eval_blocks < self.validation_blocks {
+            format!(" (partial: {} of {} validation blocks)", self.eval_blocks, self.validation_blocks)
+        } else {
+            String::new()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

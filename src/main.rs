@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     match difflab::commands::run(invocation) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", difflab::commands::describe_error(&e));
             ExitCode::from(difflab::commands::exit_code(&e))
         }
     }

@@ -106,7 +106,7 @@ fn set_mouse(on: bool) {
 }
 
 /// Takes the terminal, runs the loop until the app exits, and gives the terminal back (also on
-/// an error; ratatui's panic hook restores it on a panic). Returns the app as it ended.
+/// an error; on a panic the hook set here turns mouse capture off and ratatui's restores the rest). Returns the app as it ended.
 pub fn run(
     mut app: App,
     session: &mut dyn Session,
@@ -115,6 +115,13 @@ pub fn run(
 ) -> anyhow::Result<(App, ExitCode)> {
     let interrupts = Interrupts::install().context("installing signal handlers")?;
     let mut terminal = ratatui::init(); // raw mode, alternate screen, and a panic hook that restores both
+                                        // ratatui's hook does not know about mouse capture: turn it off first, or the shell is left
+                                        // receiving mouse reports after a panic
+    let restore_screen = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        set_mouse(false);
+        restore_screen(info);
+    }));
     set_mouse(app.mouse);
     spawn_input(tx.clone());
     let result = event_loop(&mut app, session, &mut terminal, &tx, &rx, &interrupts);

@@ -74,6 +74,8 @@ fn dashboard(research: bool) -> App {
                 perplexity: (loss + 0.1).exp(),
                 eval_tokens: 7680,
                 eval_tokens_per_second: 20000.0,
+                eval_blocks: 40,
+                validation_blocks: 40,
             }));
         }
         if step % 100 == 0 {

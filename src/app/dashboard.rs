@@ -67,6 +67,8 @@ pub struct Dashboard {
     /// Training seconds (pauses excluded) at the last progress marker.
     pub elapsed: f64,
     pub eval_loss: Option<f64>,
+    /// The last evaluation scored only part of the validation split (`eval_max_blocks`).
+    pub eval_partial: bool,
     pub perplexity: Option<f64>,
     pub diff: Option<DiffStats>,
     pub lr_scale: f64,
@@ -105,6 +107,7 @@ impl Dashboard {
             tokens_per_second: None,
             elapsed: 0.0,
             eval_loss: None,
+            eval_partial: false,
             perplexity: None,
             diff: None,
             lr_scale: 1.0,
@@ -207,10 +210,17 @@ impl Dashboard {
             Event::Evaluate(e) => {
                 self.eval.push(e.step as f64, e.eval_loss);
                 self.eval_loss = Some(e.eval_loss);
+                self.eval_partial = e.eval_blocks < e.validation_blocks;
                 self.perplexity = Some(e.perplexity);
                 self.log(
                     Level::Info,
-                    format!("step {}: eval loss {:.4}, perplexity {:.2}", e.step, e.eval_loss, e.perplexity),
+                    format!(
+                        "step {}: eval loss {:.4}, perplexity {:.2}{}",
+                        e.step,
+                        e.eval_loss,
+                        e.perplexity,
+                        e.partial_note()
+                    ),
                 );
             }
             Event::Checkpoint(c) => {

@@ -78,7 +78,8 @@ fn run_args(cmd: Command) -> Command {
                 .help(format!("{} [default: {}]", key.help, default_text(&defaults, key.name)))
                 .action(ArgAction::Set)
                 .num_args(1)
-                .allow_hyphen_values(matches!(key.kind, Kind::Float)),
+                // negative numbers reach the key's own check (which names the key) instead of clap
+                .allow_hyphen_values(matches!(key.kind, Kind::Float | Kind::Int | Kind::OptInt)),
         );
     }
     for (alias, real) in KEY_ALIASES {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::BadInput;
-use crate::config::Resolved;
+use crate::config::{Resolved, RunConfig, Source};
 use crate::data::prepare::default_cache_dir;
 use crate::data::{prepare_validation, tokenizer, Progress, Tokenizer, TokenizerSpec};
 use crate::events::{EvalRecord, Event};
@@ -16,7 +16,7 @@ use crate::model::hf::load_pretrained;
 use crate::model::Trainable;
 use crate::sinks::human::{describe, StderrLog};
 use crate::sinks::Sink;
-use crate::train::checkpoint::{TrainerState, TOKENIZER, TRAINER_STATE};
+use crate::train::checkpoint::{TrainerState, RUN_CONFIG, TOKENIZER, TRAINER_STATE};
 use crate::train::run::data_config;
 use crate::train::{device, step::evaluate};
 
@@ -43,12 +43,49 @@ fn report(p: &Progress) {
     }));
 }
 
+/// The settings that say what a model is scored on: taken from the run's saved
+/// `difflab_config.json` unless a flag (or preset) sets them.
+const DATA_KEYS: [&str; 5] = ["dataset", "dataset_config", "subset_ratio", "tokenizer", "block_size"];
+
+/// The configuration an evaluation uses: the run's own data, tokenizer and block size (when the
+/// directory is difflab's), with explicit flags winning. Returns it and where it came from.
+fn eval_config(resolved: &Resolved, dir: &Path) -> anyhow::Result<(RunConfig, String)> {
+    let saved_path = dir.join(RUN_CONFIG);
+    let Ok(text) = std::fs::read_to_string(&saved_path) else {
+        return Ok((resolved.config.clone(), "the flags (no difflab_config.json in the directory)".into()));
+    };
+    let saved: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        BadInput(format!(
+            "{} is not valid JSON ({e}); pass --dataset, --tokenizer and --block_size",
+            saved_path.display()
+        ))
+    })?;
+    let mut config = serde_json::to_value(&resolved.config)?;
+    let mut from_flags = vec![];
+    for key in DATA_KEYS {
+        let explicit = resolved.origins.get(key).is_some_and(|o| *o != Source::Default);
+        if explicit {
+            from_flags.push(key);
+        } else if !saved[key].is_null() {
+            config[key] = saved[key].clone();
+        }
+    }
+    let config: RunConfig = serde_json::from_value(config)?;
+    let origin = if from_flags.is_empty() {
+        "the run's own settings".to_string()
+    } else {
+        format!("the run's own settings, {} from the flags", from_flags.join(", "))
+    };
+    Ok((config, origin))
+}
+
 pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
-    let cfg = &resolved.config;
-    let dir = PathBuf::from(cfg.checkpoint.clone().unwrap_or_else(|| cfg.output_dir.clone()));
+    let dir = PathBuf::from(resolved.config.checkpoint.clone().unwrap_or_else(|| resolved.config.output_dir.clone()));
     if !dir.join("config.json").is_file() {
         return Err(BadInput(format!("{} holds no config.json: give --checkpoint a checkpoint-N directory, a finished output_dir or an HF GPT-2 directory", dir.display())).into());
     }
+    let (cfg, origin) = eval_config(resolved, &dir)?;
+    let cfg = &cfg;
     let device = device::select(cfg.device)?;
     let (model_cfg, weights) = load_pretrained(&dir, &device)?;
     let cache = default_cache_dir();
@@ -73,9 +110,21 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
             cfg.block_size
         );
     }
+    // the step the model is at: its trainer_state.json (checkpoints and finished runs have one)
+    let state: Option<TrainerState> =
+        std::fs::read_to_string(dir.join(TRAINER_STATE)).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let validation_blocks = stream.num_blocks(block_size);
+    let max = cfg.eval_max_blocks.map(|n| n as usize);
+    let blocks = max.map_or(validation_blocks, |m| m.min(validation_blocks));
+    let data = if cfg.dataset == "wikitext" { format!("wikitext {}", cfg.dataset_config) } else { cfg.dataset.clone() };
+    eprintln!(
+        "[eval] {} at step {}: {data}, validation split, {blocks} of {validation_blocks} blocks of {block_size} tokens, tokenizer {} ({origin})",
+        dir.display(),
+        state.as_ref().map_or("unknown (no trainer_state.json)".to_string(), |s| s.global_step.to_string()),
+        cfg.tokenizer_spec(),
+    );
     let gpt = Trainable::new(&model_cfg, weights)?.detached()?;
     let started = Instant::now();
-    let max = cfg.eval_max_blocks.map(|n| n as usize);
     let (loss, predictions) = evaluate(&gpt, &stream, block_size, cfg.micro_batch_size, max, &device)
         .with_context(|| format!("evaluating {}", dir.display()))?;
     if predictions == 0 {
@@ -83,8 +132,6 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
             BadInput(format!("the validation split has fewer than {block_size} tokens: lower --block_size")).into()
         );
     }
-    let state: Option<TrainerState> =
-        std::fs::read_to_string(dir.join(TRAINER_STATE)).ok().and_then(|t| serde_json::from_str(&t).ok());
     let secs = started.elapsed().as_secs_f64();
     let tokens = predictions + predictions / (block_size as u64 - 1);
     let event = Event::Evaluate(EvalRecord {
@@ -94,6 +141,8 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
         perplexity: loss.exp(),
         eval_tokens: tokens,
         eval_tokens_per_second: tokens as f64 / secs.max(1e-9),
+        eval_blocks: blocks as u64,
+        validation_blocks: validation_blocks as u64,
     });
     println!("{}", event.to_json_line());
     if let Some(line) = describe(&event) {

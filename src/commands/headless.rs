@@ -11,7 +11,7 @@ use crate::data::prepare::default_cache_dir;
 use crate::signals::Interrupts;
 use crate::sinks::{self, human::StderrLog, Sinks, StdoutMarkers};
 use crate::train::remote::Inbox;
-use crate::train::{self, parse_injections, RunSpec, StopSignal};
+use crate::train::{self, checkpoint, output_dir, parse_injections, RunSpec, StopSignal};
 
 pub fn spec(resolved: &Resolved) -> RunSpec {
     RunSpec {
@@ -39,8 +39,12 @@ pub fn all_sinks(output_dir: &std::path::Path, config: &crate::config::RunConfig
 }
 
 pub fn train(resolved: &Resolved) -> anyhow::Result<ExitCode> {
+    let mut resolved = resolved.clone();
+    checkpoint::reconcile_resume(&mut resolved)?;
+    let resolved = &resolved;
     let out = PathBuf::from(&resolved.config.output_dir);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating output_dir {}", out.display()))?;
+    // held until the run ends: no other process trains into this folder meanwhile
+    let _claim = output_dir::claim(&resolved.config)?;
     let mut sinks = all_sinks(&out, &resolved.config)?;
     let stop = StopSignal::default();
     install_signal_handlers(&stop).context("installing signal handlers")?;

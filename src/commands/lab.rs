@@ -23,12 +23,13 @@ use crate::sweep::compare::Run;
 use crate::sweep::lr_find::{Curve, LrFindEvent, Suggestions};
 use crate::sweep::SweepHandle;
 use crate::train::remote::{self, Inbox};
-use crate::train::{self, StopSignal, TrainError};
+use crate::train::{self, output_dir, StopSignal, TrainError};
 use crate::tui::{self, Input, Session, UiOptions};
 
 /// A run this process trains: its controls, inbox, and the thread that feeds its events
 /// through the file sinks to the UI (it returns what the sinks could not write).
 struct OwnedRun {
+    _claim: output_dir::Claim,
     controls: Sender<ControlMsg>,
     _inbox: Inbox,
     output_dir: PathBuf,
@@ -90,9 +91,10 @@ impl Session for Lab {
 
 /// Starts the run `args` names, with its file sinks and control inbox.
 fn start_run(args: &RunArgs, tx: &Sender<Input>, stop: &StopSignal) -> anyhow::Result<(OwnedRun, String)> {
-    let resolved = resolve_run(args)?;
+    let mut resolved = resolve_run(args)?;
+    train::checkpoint::reconcile_resume(&mut resolved)?;
     let out = PathBuf::from(&resolved.config.output_dir);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating output_dir {}", out.display()))?;
+    let claim = output_dir::claim(&resolved.config)?;
     let mut sinks = sinks::file_sinks(&out, &resolved.config)
         .with_context(|| format!("opening the outputs in {}", out.display()))?;
     let handle = train::spawn_with(headless::spec(&resolved), stop.clone());
@@ -118,7 +120,7 @@ fn start_run(args: &RunArgs, tx: &Sender<Input>, stop: &StopSignal) -> anyhow::R
         })
         .context("starting the event thread")?;
     let title = resolved.preset.clone().unwrap_or_else(|| "run".into());
-    Ok((OwnedRun { controls, _inbox: inbox, output_dir: out, forwarder }, title))
+    Ok((OwnedRun { _claim: claim, controls, _inbox: inbox, output_dir: out, forwarder }, title))
 }
 
 /// Tails a run's metrics.jsonl: its history first, then each new complete line.

@@ -49,6 +49,22 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     1
 }
 
+/// The error and its causes in one line, each cause once: many errors quote their source in
+/// their own text (`cannot write X: No space left on device`), so `{:#}` would repeat it.
+pub fn describe_error(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
 /// A bad-input error raised at the edge (a missing run directory, say).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -87,7 +87,12 @@ pub const KEYS: &[Key] = &[
     key("adam_beta1", Float, "AdamW beta1"),
     key("adam_epsilon", Float, "AdamW epsilon"),
     key("rope_theta", Float, "RoPE base"),
-    key("eval_max_blocks", OptInt, "evaluate on at most N validation blocks (default: all)"),
+    key(
+        "eval_max_blocks",
+        OptInt,
+        "evaluate on at most N validation blocks (default: all); such evals are marked partial",
+    ),
+    key("overwrite_output_dir", Bool, "clear an output_dir that holds an earlier run instead of refusing it"),
 ];
 
 /// Keys a preset file may hold besides the run settings.

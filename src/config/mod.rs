@@ -46,8 +46,9 @@ impl RunArgs {
 }
 
 /// Everything a run needs, resolved: no key is missing. Field names are the keys of `KEYS`.
+/// Missing keys take their defaults when a saved config is read (files of older versions).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     pub dataset: String,
     pub dataset_config: String,
@@ -89,6 +90,7 @@ pub struct RunConfig {
     pub adam_epsilon: f64,
     pub rope_theta: f64,
     pub eval_max_blocks: Option<u64>,
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for RunConfig {
@@ -138,6 +140,7 @@ impl Default for RunConfig {
             adam_epsilon: 1e-8,
             rope_theta: 10_000.0,
             eval_max_blocks: None,
+            overwrite_output_dir: false,
         }
     }
 }
@@ -184,6 +187,12 @@ pub enum ConfigError {
     Read { path: String, reason: String },
     #[error("{path}: not valid YAML ({reason}); a preset is a flat `key: value` mapping")]
     Yaml { path: String, reason: String },
+    #[error(
+        "{path}: sets no run settings and extends no preset; a preset needs at least one key (e.g. `extends: demo`)"
+    )]
+    EmptyPreset { path: String },
+    #[error("{path}: `extends: {name}` names no preset; available: {available} (or a path to a .yaml file)")]
+    ExtendsMissing { path: String, name: String, available: String },
     #[error("{path}: `extends` forms a cycle: {chain}")]
     ExtendsCycle { path: String, chain: String },
     #[error(

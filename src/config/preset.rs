@@ -36,9 +36,42 @@ pub struct Preset {
     pub warnings: Vec<String>,
 }
 
+/// A key written twice at the top level (the YAML parser keeps one silently), by line.
+fn duplicate_key(text: &str) -> Option<String> {
+    let mut seen: Vec<(String, usize)> = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with([' ', '\t', '#', '-']) || !line.contains(':') {
+            continue;
+        }
+        let key = line.split(':').next().unwrap_or("").trim().trim_matches(['"', '\'']).to_string();
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+            return Some(format!("key `{key}` is set twice, on lines {first} and {}; keep one", i + 1));
+        }
+        seen.push((key, i + 1));
+    }
+    None
+}
+
 pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError> {
-    let doc: Value =
-        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Yaml { path: origin.into(), reason: e.to_string() })?;
+    let yaml_error = |reason: String| ConfigError::Yaml { path: origin.into(), reason };
+    if let Some(reason) = duplicate_key(text) {
+        return Err(yaml_error(reason));
+    }
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(e.to_string()))?;
+    // JSON has no NaN or infinity: `.nan` would arrive as null; refuse it by name instead
+    if let serde_yaml_ng::Value::Mapping(m) = &yaml {
+        for (k, v) in m {
+            if v.as_f64().is_some_and(|x| !x.is_finite()) {
+                return Err(ConfigError::WrongType {
+                    origin: origin.into(),
+                    key: k.as_str().unwrap_or("?").into(),
+                    expected: "a finite number".into(),
+                    got: format!("{:?}", v.as_f64().unwrap_or(f64::NAN)),
+                });
+            }
+        }
+    }
+    let doc: Value = serde_json::to_value(yaml).map_err(|e| yaml_error(e.to_string()))?;
     let map = match doc {
         Value::Object(m) => m,
         Value::Null => Map::new(),
@@ -58,6 +91,9 @@ pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError
         sweep: None,
         warnings: vec![],
     };
+    if !map.keys().any(|k| k != "description") {
+        return Err(ConfigError::EmptyPreset { path: origin.into() });
+    }
     for (key, value) in map {
         match key.as_str() {
             "description" | "extends" => {
@@ -179,7 +215,13 @@ impl PresetLibrary {
                 names.push(parent);
                 return Err(ConfigError::ExtendsCycle { path: chain[0].origin.clone(), chain: names.join(" -> ") });
             }
-            chain.push(self.get(&parent)?);
+            let holder = chain.last().map(|p| p.origin.clone()).unwrap_or_default();
+            chain.push(self.get(&parent).map_err(|e| match e {
+                ConfigError::UnknownPreset { name, available } => {
+                    ConfigError::ExtendsMissing { path: holder, name, available }
+                }
+                other => other,
+            })?);
         }
         chain.reverse();
         Ok(chain)

@@ -206,6 +206,24 @@ pub fn validate(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(),
             "set weight_decay to 0 or more",
         ));
     }
+    if c.eval_max_blocks == Some(0) {
+        return Err(invalid(
+            origin_of("eval_max_blocks"),
+            "eval_max_blocks",
+            0,
+            "an evaluation of no blocks has no loss",
+            "drop eval_max_blocks to score every validation block, or set it to 1 or more",
+        ));
+    }
+    if c.output_dir.trim().is_empty() {
+        return Err(invalid(
+            origin_of("output_dir"),
+            "output_dir",
+            "\"\"",
+            "is empty",
+            "give a folder, e.g. outputs/my-run",
+        ));
+    }
     if c.max_steps == Some(0) {
         return Err(invalid(
             origin_of("max_steps"),

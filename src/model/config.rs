@@ -64,6 +64,20 @@ impl GptConfig {
         self.vocab_size * c + wpe + self.n_layer * per_block + 2 * c
     }
 
+    /// Bytes a training step needs, estimated before anything is allocated: f32 weights,
+    /// gradients and two AdamW moments (16 bytes a parameter), the activations one micro-batch
+    /// of `b` blocks of `t` tokens keeps for its backward (per layer and token: 16 widths of
+    /// f32 plus a row of attention probabilities per head; only each block's input with
+    /// gradient checkpointing, plus one block's worth), and the head's logits for the batch.
+    pub fn training_bytes(&self, b: usize, t: usize, checkpointing: bool) -> u64 {
+        let (c, h, l) = (self.n_embd as u64, self.n_head as u64, self.n_layer as u64);
+        let tokens = (b * t) as u64;
+        let per_layer = tokens * (16 * c + h * t as u64) * 4;
+        let activations = if checkpointing { l * tokens * c * 4 + per_layer } else { l * per_layer };
+        let logits = tokens * self.vocab_size as u64 * 4;
+        16 * self.num_parameters() as u64 + activations + logits
+    }
+
     /// Model FLOPs per trained token, forward and backward: nanoGPT's `estimate_mfu` (PaLM
     /// appendix B) count, `6 N + 12 L C T`, with the causal half of attention not subtracted.
     pub fn flops_per_token(&self, block_size: usize) -> f64 {

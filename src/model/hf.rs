@@ -5,6 +5,13 @@
 //! without the `transformer.` prefix (the hub's own `gpt2` files have none), ignores the old
 //! `attn.bias` / `attn.masked_bias` mask buffers and a stored `lm_head.weight`, and refuses a
 //! file that disagrees with its `config.json`, naming the tensor.
+//!
+//! difflab's own directories also hold `checksums.json`, the CRC-32C of every file, written
+//! last and checked before anything is read: a flipped bit in a model or optimizer file is
+//! refused by name instead of training on or scoring garbage. CRC-32C, not SHA-256: the threat
+//! is corruption (disks, copies, a crash), not tampering; it catches every burst up to 32 bits
+//! and all but 2^-32 of random damage, runs at memory speed (SSE4.2), and `crc32c` is already
+//! here for TensorBoard. A directory without the file (an HF download) loads as before.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -19,6 +26,7 @@ use crate::atomic_file;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const MANIFEST_FILE: &str = "checksums.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -28,6 +36,8 @@ pub enum CheckpointError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid config.json: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error("{path} is not a valid {what} ({reason}); the checkpoint is damaged: use the previous checkpoint-N")]
+    Damaged { path: PathBuf, what: &'static str, reason: String },
     #[error(
         "{path} is not a readable safetensors file ({reason}); it is truncated or corrupt: save or download it again"
     )]
@@ -42,8 +52,58 @@ pub enum CheckpointError {
     Unexpected { path: PathBuf, name: String, rope: bool, differential: bool },
     #[error("{path}: tensor `{name}` holds NaN or infinite values; refusing to save it")]
     NonFinite { path: PathBuf, name: String },
+    #[error("{path} does not match its checksum in {MANIFEST_FILE} (CRC-32C {found}, recorded {recorded}): the file is corrupt. Use the previous checkpoint instead (--resume_from_checkpoint <output_dir>/checkpoint-N, or eval --checkpoint on it), or save the model again")]
+    Checksum { path: PathBuf, recorded: String, found: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+fn crc_of(path: &Path) -> Result<String, CheckpointError> {
+    let bytes = fs::read(path).map_err(|source| CheckpointError::Read { path: path.to_path_buf(), source })?;
+    Ok(format!("{:08x}", crc32c::crc32c(&bytes)))
+}
+
+/// Records the CRC-32C of `files` (names in `dir`) in `checksums.json`, atomically: the last
+/// write of a save.
+pub fn write_manifest(dir: &Path, files: &[&str]) -> Result<(), CheckpointError> {
+    let mut sums = serde_json::Map::new();
+    for f in files {
+        sums.insert(f.to_string(), crc_of(&dir.join(f))?.into());
+    }
+    let path = dir.join(MANIFEST_FILE);
+    let text =
+        serde_json::to_string_pretty(&serde_json::json!({ "algorithm": "crc32c", "files": sums })).unwrap_or_default();
+    atomic_file::write(&path, text.as_bytes()).map_err(|source| CheckpointError::Write { path, source })
+}
+
+/// Drops `checksums.json` before files of `dir` are rewritten in place, so that a crash half
+/// way leaves a directory without a manifest (loaded unchecked) rather than a wrong one.
+pub fn remove_manifest(dir: &Path) -> Result<(), CheckpointError> {
+    let path = dir.join(MANIFEST_FILE);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CheckpointError::Write { path, source: e }),
+        _ => Ok(()),
+    }
+}
+
+/// Checks every file `checksums.json` lists; a directory without one passes.
+pub fn verify_manifest(dir: &Path) -> Result<(), CheckpointError> {
+    let path = dir.join(MANIFEST_FILE);
+    let Ok(text) = fs::read_to_string(&path) else { return Ok(()) };
+    let manifest: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+    let files = manifest["files"]
+        .as_object()
+        .ok_or_else(|| CheckpointError::Corrupt { path: path.clone(), reason: "no `files` map".into() })?;
+    for (name, recorded) in files {
+        let file = dir.join(name);
+        let found = crc_of(&file)?;
+        let recorded = recorded.as_str().unwrap_or_default();
+        if found != recorded {
+            return Err(CheckpointError::Checksum { path: file, recorded: recorded.into(), found });
+        }
+    }
+    Ok(())
 }
 
 /// Reads `config.json` from a model directory.
@@ -59,6 +119,7 @@ pub fn read_config(dir: &Path) -> Result<(GptConfig, HfConfig), CheckpointError>
 /// Loads a model directory: its config and its weights (f32, on `device`), keyed by the
 /// canonical `transformer.`-prefixed names.
 pub fn load_pretrained(dir: &Path, device: &Device) -> Result<(GptConfig, BTreeMap<String, Tensor>), CheckpointError> {
+    verify_manifest(dir)?;
     let (cfg, _) = read_config(dir)?;
     let path = dir.join(WEIGHTS_FILE);
     let mut tensors: HashMap<String, Tensor> = read_tensors(&path, device)?

@@ -78,7 +78,14 @@ pub fn describe(event: &Event) -> Option<String> {
                 p.epoch
             )
         }
-        Event::Evaluate(e) => format!("[eval  {:>6}] loss {:.4} | perplexity {:.2} | {} tok/s", e.step, e.eval_loss, e.perplexity, si(e.eval_tokens_per_second)),
+        Event::Evaluate(e) => format!(
+            "[eval  {:>6}] loss {:.4} | perplexity {:.2} | {} tok/s{}",
+            e.step,
+            e.eval_loss,
+            e.perplexity,
+            si(e.eval_tokens_per_second),
+            e.partial_note()
+        ),
         Event::Checkpoint(c) => {
             let deleted = if c.deleted.is_empty() { String::new() } else { format!(" (removed {})", c.deleted.join(", ")) };
             format!("[save  {:>6}] {} ({}){deleted}", c.step, c.path, c.reason)

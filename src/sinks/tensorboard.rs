@@ -227,8 +227,15 @@ impl Sink for TensorBoard {
                 self.writer.values(p.step, v)
             }
             Event::Evaluate(e) => {
-                self.writer
-                    .values(e.step, vec![scalar("eval/loss", e.eval_loss), scalar("eval/perplexity", e.perplexity)])?;
+                self.writer.values(
+                    e.step,
+                    vec![
+                        scalar("eval/loss", e.eval_loss),
+                        scalar("eval/perplexity", e.perplexity),
+                        // what the loss was computed on: fewer than all blocks is a partial eval
+                        scalar("eval/blocks", e.eval_blocks as f64),
+                    ],
+                )?;
                 self.write_figures(e.step)
             }
             _ => Ok(()),

@@ -214,7 +214,15 @@ fn trial(
     result: &mut TrialResult,
 ) {
     let dir = PathBuf::from(&cfg.output_dir);
-    let _ = std::fs::create_dir_all(&dir);
+    // the trial's folder is its own, as any run's (one run per output_dir)
+    let _claim = match train::output_dir::claim(&cfg) {
+        Ok(claim) => claim,
+        Err(e) => {
+            result.status = "failed".into();
+            result.note = Some(e.to_string());
+            return;
+        }
+    };
     let mut sinks = sinks::file_sinks(&dir, &cfg).unwrap_or_default();
     let spec = RunSpec { config: cfg, preset, cache_dir: cache_dir.to_path_buf(), inject_nonfinite: vec![] };
     // the sweep's stop flag is this trial's too: stopping the sweep stops the running trial

@@ -14,9 +14,10 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic_file;
-use crate::config::RunConfig;
-use crate::model::hf::{self as model_ckpt, CheckpointError};
+use crate::config::{Resolved, RunConfig, Source};
+use crate::model::hf::{self as model_ckpt, CheckpointError, CONFIG_FILE, WEIGHTS_FILE};
 use crate::model::GptConfig;
+use crate::train::TrainError;
 
 pub const TRAINER_STATE: &str = "trainer_state.json";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
@@ -91,26 +92,46 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Write { path: path.to_path_buf(), source }
 }
 
-/// The fault-injection hook of the crash tests: `DIFFLAB_FAULT=abort_during_save:N` kills the
-/// process half-way through writing its N-th checkpoint.
-fn fault_point() {
+/// The fault-injection hook of the crash tests, half-way through writing the N-th checkpoint:
+/// `DIFFLAB_FAULT=abort_during_save:N` kills the process, `enospc_during_save:N` fails the
+/// write as a full disk would.
+fn fault_point(dir: &Path) -> Result<(), CheckpointError> {
     static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-    let target =
-        std::env::var("DIFFLAB_FAULT").ok().and_then(|v| v.strip_prefix("abort_during_save:")?.parse::<u64>().ok());
-    if target == Some(n) {
+    let fault = std::env::var("DIFFLAB_FAULT").unwrap_or_default();
+    let at = |kind: &str| fault.strip_prefix(kind).and_then(|v| v.parse::<u64>().ok()) == Some(n);
+    if at("abort_during_save:") {
         std::process::abort();
     }
+    if at("enospc_during_save:") {
+        let source = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        return Err(CheckpointError::Write { path: dir.join(OPTIMIZER), source });
+    }
+    Ok(())
 }
 
-/// Writes the model (HF layout) plus the tokenizer into `dir`: the final `output_dir` model.
-pub fn save_model_dir(dir: &Path, p: &Parts) -> Result<(), CheckpointError> {
+/// The files of a model directory besides the checkpoint's optimizer state.
+const MODEL_FILES: [&str; 5] = [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER, RUN_CONFIG, TRAINER_STATE];
+
+/// The model (HF layout), the tokenizer, the run config and the trainer state.
+fn write_model_files(dir: &Path, p: &Parts) -> Result<(), CheckpointError> {
     model_ckpt::save_pretrained(dir, p.model, p.weights, p.eos_token_id)?;
     let tok = dir.join(TOKENIZER);
     atomic_file::write(&tok, p.tokenizer_json.as_bytes()).map_err(io_err(&tok))?;
     let run = dir.join(RUN_CONFIG);
     let text = serde_json::to_string_pretty(p.run_config).unwrap_or_default();
-    atomic_file::write(&run, text.as_bytes()).map_err(io_err(&run))
+    atomic_file::write(&run, text.as_bytes()).map_err(io_err(&run))?;
+    let state = dir.join(TRAINER_STATE);
+    let text = serde_json::to_string_pretty(p.state).unwrap_or_default();
+    atomic_file::write(&state, text.as_bytes()).map_err(io_err(&state))
+}
+
+/// Writes the final model into `output_dir` itself (as HF Trainer's `save_model` and
+/// `save_state`), its checksums last.
+pub fn save_model_dir(dir: &Path, p: &Parts) -> Result<(), CheckpointError> {
+    model_ckpt::remove_manifest(dir)?;
+    write_model_files(dir, p)?;
+    model_ckpt::write_manifest(dir, &MODEL_FILES)
 }
 
 /// Writes `checkpoint-<step>` atomically and returns its path.
@@ -123,12 +144,12 @@ pub fn save(output_dir: &Path, p: &Parts) -> Result<PathBuf, CheckpointError> {
     }
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
     let written = (|| {
-        save_model_dir(&tmp, p)?;
-        fault_point();
+        write_model_files(&tmp, p)?;
+        fault_point(&tmp)?;
         model_ckpt::write_tensors(&tmp.join(OPTIMIZER), p.optimizer)?;
-        let state = tmp.join(TRAINER_STATE);
-        let text = serde_json::to_string_pretty(p.state).unwrap_or_default();
-        atomic_file::write(&state, text.as_bytes()).map_err(io_err(&state))?;
+        let mut files = MODEL_FILES.to_vec();
+        files.push(OPTIMIZER);
+        model_ckpt::write_manifest(&tmp, &files)?;
         atomic_file::sync_dir(&tmp).map_err(io_err(&tmp))
     })();
     if let Err(e) = written {
@@ -187,15 +208,79 @@ pub fn to_delete(steps: &[u64], limit: Option<u64>, keep: Option<u64>) -> Vec<u6
     out
 }
 
-/// Applies `save_total_limit`; returns the deleted directories.
+/// Applies `save_total_limit`; returns the deleted directories. Each is first renamed to a
+/// hidden name, then deleted: a kill half way leaves a hidden leftover (removed at the next
+/// start), never a half-deleted `checkpoint-N` that looks like a checkpoint.
 pub fn rotate(output_dir: &Path, limit: Option<u64>, keep: Option<u64>) -> Vec<PathBuf> {
     let all = list(output_dir);
     let steps: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
     let doomed = to_delete(&steps, limit, keep);
     all.into_iter()
         .filter(|(s, _)| doomed.contains(s))
-        .filter_map(|(_, p)| fs::remove_dir_all(&p).ok().map(|_| p))
+        .filter_map(|(step, p)| {
+            let aside = output_dir.join(format!(".{PREFIX}{step}.deleting-{}", std::process::id()));
+            fs::rename(&p, &aside).ok()?;
+            let _ = fs::remove_dir_all(&aside);
+            Some(p)
+        })
         .collect()
+}
+
+/// Settings a resumed run must share with its checkpoint: the model's shape and variant, the
+/// data and its tokenizer, the blocks and batches, the seed (the data order and dropout masks
+/// are functions of it).
+pub const RESUME_KEYS: [&str; 13] = [
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "rope",
+    "rope_theta",
+    "research",
+    "tokenizer",
+    "dataset",
+    "dataset_config",
+    "subset_ratio",
+    "block_size",
+    "batch_size",
+    "seed",
+];
+
+/// For a run that resumes: each of `RESUME_KEYS` set by a flag or a preset must equal the
+/// checkpoint's (a contradiction is refused, naming every key); the ones left at their
+/// defaults take the checkpoint's, so `train_begin` records what is really trained.
+pub fn reconcile_resume(resolved: &mut Resolved) -> Result<(), TrainError> {
+    let Some(spec) = resolved.config.resume_from_checkpoint.clone() else { return Ok(()) };
+    let dir = resolve(&spec, Path::new(&resolved.config.output_dir))?;
+    let path = dir.join(RUN_CONFIG);
+    let Ok(text) = fs::read_to_string(&path) else { return Ok(()) }; // not a difflab checkpoint
+    let saved: serde_json::Value = serde_json::from_str(&text).map_err(|e| CheckpointError::Damaged {
+        path: path.clone(),
+        what: RUN_CONFIG,
+        reason: e.to_string(),
+    })?;
+    let mut config = serde_json::to_value(&resolved.config).unwrap_or_default();
+    let mut contradictions = vec![];
+    for key in RESUME_KEYS {
+        let (ours, theirs) = (&config[key], &saved[key]);
+        if theirs.is_null() || ours == theirs {
+            continue;
+        }
+        match resolved.origins.get(key) {
+            Some(origin) if *origin != Source::Default => {
+                contradictions.push(format!("{key} = {ours} ({origin}) but the checkpoint has {theirs}"))
+            }
+            _ => config[key] = theirs.clone(),
+        }
+    }
+    if !contradictions.is_empty() {
+        return Err(TrainError::ResumeContradicts { dir, contradictions: contradictions.join("; ") });
+    }
+    resolved.config = serde_json::from_value(config).map_err(|e| CheckpointError::Damaged {
+        path,
+        what: RUN_CONFIG,
+        reason: e.to_string(),
+    })?;
+    Ok(())
 }
 
 /// What a resumed run starts from.
@@ -223,7 +308,11 @@ pub fn load(dir: &Path, device: &Device) -> Result<Resume, CheckpointError> {
     let optimizer = model_ckpt::read_tensors(&dir.join(OPTIMIZER), device)?.into_iter().collect();
     let path = dir.join(TRAINER_STATE);
     let text = fs::read_to_string(&path).map_err(|source| CheckpointError::Read { path: path.clone(), source })?;
-    let state = serde_json::from_str(&text).map_err(|e| CheckpointError::Config { path, reason: e.to_string() })?;
+    let state = serde_json::from_str(&text).map_err(|e| CheckpointError::Damaged {
+        path,
+        what: TRAINER_STATE,
+        reason: e.to_string(),
+    })?;
     Ok(Resume { dir: dir.to_path_buf(), model, weights, optimizer, state })
 }
 

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod controls;
 pub mod device;
+pub mod output_dir;
 pub mod remote;
 pub mod run;
 pub mod step;
@@ -62,6 +63,8 @@ pub enum TrainError {
     Checkpoint(#[from] crate::model::hf::CheckpointError),
     #[error(transparent)]
     Device(#[from] device::DeviceError),
+    #[error(transparent)]
+    OutputDir(#[from] output_dir::OutputDirError),
     #[error("{0}")]
     Unsupported(String),
     #[error("the training split has {blocks} blocks of {block_size} tokens, fewer than one batch of {batch_size}; lower batch_size or block_size, or raise subset_ratio")]
@@ -70,6 +73,10 @@ pub enum TrainError {
     LrRange { start: f64, end: f64, steps: usize },
     #[error("{dir}: its optimizer state does not fit this model ({reason}); resume from a checkpoint of the same run")]
     OptimizerState { dir: PathBuf, reason: String },
+    #[error("resuming from {dir}: {contradictions}. Drop those settings (the checkpoint's are used), or start a new run in another output_dir")]
+    ResumeContradicts { dir: PathBuf, contradictions: String },
+    #[error("training this model needs about {needed_gib:.1} GiB ({detail}), and this machine has {available_gib:.1} GiB available; lower n_embd, n_layer, micro_batch_size or block_size, or set gradient_checkpointing true")]
+    TooBig { needed_gib: f64, available_gib: f64, detail: String },
     #[error("the trainer panicked: {0}")]
     Panicked(String),
     #[error("the loss or gradient was not finite for {steps} steps in a row (last at step {step}); stopping. Lower the learning rate (the tutor: tenfold), or check the data")]
@@ -92,9 +99,12 @@ impl TrainError {
             | TrainError::Unsupported(_)
             | TrainError::TooFewBlocks { .. }
             | TrainError::LrRange { .. }
-            | TrainError::OptimizerState { .. } => true,
+            | TrainError::OptimizerState { .. }
+            | TrainError::ResumeContradicts { .. }
+            | TrainError::TooBig { .. } => true,
             TrainError::Checkpoint(C::Write { .. } | C::NonFinite { .. } | C::Candle(_)) => false,
             TrainError::Checkpoint(_) => true,
+            TrainError::OutputDir(e) => e.is_user_error(),
             _ => false,
         }
     }

@@ -14,7 +14,7 @@ use super::controls::{Clock, Controller, StopSignal};
 use super::step::{evaluate, forward_backward, Accumulated, MicroBatch};
 use super::{device, emit, Injection, RunSpec, TrainError};
 use crate::config::{Precision, RunConfig};
-use crate::data::{self, Batcher, DataConfig, EpochOrder, PreparedData};
+use crate::data::{self, Batcher, DataConfig, EpochOrder, PreparedData, TokenizerSpec};
 use crate::engine::Engine;
 use crate::events::*;
 use crate::model::diagnostics::{norm_stats, HISTOGRAM_BINS};
@@ -88,6 +88,43 @@ pub fn starting_model(cfg: &RunConfig, vocab_size: usize, device: &Device) -> Re
     }
 }
 
+/// The most ids the run's tokenizer can have, when known before it loads.
+fn vocab_bound(cfg: &RunConfig) -> Option<usize> {
+    match cfg.tokenizer_spec() {
+        TokenizerSpec::Bpe(n) => Some(n),
+        spec => spec.known_vocab_size(),
+    }
+}
+
+/// Memory the kernel says can be had without swapping (`MemAvailable`), in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Refuses a model whose training would not fit in this machine's memory (on the CPU; a GPU's
+/// memory is not queried), naming the estimate, instead of dying in an allocation.
+pub fn fits_in_memory(model: &GptConfig, cfg: &RunConfig, device: &Device) -> Result<(), TrainError> {
+    let (Some(available), true) = (available_memory(), device.is_cpu()) else { return Ok(()) };
+    let needed = model.training_bytes(cfg.micro_batch_size, cfg.block_size, cfg.gradient_checkpointing);
+    if needed <= available {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let params = model.num_parameters() as u64;
+    Err(TrainError::TooBig {
+        needed_gib: gib(needed),
+        available_gib: gib(available),
+        detail: format!(
+            "{params} parameters: {:.1} GiB for weights, gradients and AdamW moments; the rest activations at micro_batch_size {}, block_size {}",
+            gib(16 * params),
+            cfg.micro_batch_size,
+            cfg.block_size
+        ),
+    })
+}
+
 pub fn adamw_config(cfg: &RunConfig) -> AdamWConfig {
     AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay }
 }
@@ -130,6 +167,10 @@ fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Run<'a>, TrainErr
     let cfg = &spec.config;
     let out_dir = PathBuf::from(&cfg.output_dir);
     let (device, dtype, engine) = placement(cfg)?;
+    // before the data is prepared (minutes, for a large corpus): the vocabulary's bound
+    if let Some(vocab) = vocab_bound(cfg) {
+        fits_in_memory(&cfg.model_config(vocab), cfg, &device)?;
+    }
     std::fs::create_dir_all(&out_dir).map_err(|source| TrainError::Io { path: out_dir.clone(), source })?;
 
     let data = prepare_data(cfg, &spec.cache_dir, tx)?;
@@ -144,6 +185,7 @@ fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Run<'a>, TrainErr
         return Err(TrainError::TooFewBlocks { blocks: train_blocks, block_size, batch_size: cfg.batch_size });
     }
 
+    fits_in_memory(&cfg.model_config(data.tokenizer.vocab_size()), cfg, &device)?;
     let Start { model: model_cfg, weights, resume } = starting_model(cfg, data.tokenizer.vocab_size(), &device)?;
     check_vocab(&data, model_cfg.vocab_size)?;
     // bf16 compute over f32 master weights and optimizer state (CUDA only: checked above)
@@ -244,7 +286,7 @@ fn train_loop(
     ctl: &mut Controller,
     s: &mut Session,
     emit_ev: &mut dyn FnMut(Event),
-) -> Result<(), LoopEnd> {
+) -> Result<(), TrainError> {
     let cfg = &run.spec.config;
     let total_steps = run.schedule.total_steps;
     let accumulation = cfg.accumulation_steps();
@@ -315,7 +357,25 @@ fn train_loop(
         state.data_epoch = done / run.steps_per_epoch;
         state.data_offset = (done % run.steps_per_epoch) * cfg.batch_size as u64;
 
-        if !update.applied {
+        if update.applied {
+            consecutive_skips = 0;
+            state.optimizer_steps = run.opt.steps_taken();
+            s.loss_sum += step_loss;
+            s.loss_count += 1;
+            s.window.add(step_loss, elapsed_step, run.tokens_per_step);
+            if done.is_multiple_of(cfg.logging_steps) || done == total_steps {
+                let elapsed = s.clock.elapsed().as_secs_f64();
+                emit_ev(Event::Progress(s.window.record(
+                    done,
+                    state.epoch,
+                    lr,
+                    update.grad_norm,
+                    diff_norms.as_deref(),
+                    elapsed,
+                )));
+                s.window = Window::default();
+            }
+        } else {
             consecutive_skips += 1;
             state.skipped_steps += 1;
             let reason = if step_loss.is_finite() {
@@ -325,27 +385,10 @@ fn train_loop(
             };
             emit_ev(Event::Skipped(SkippedRecord { step: done, reason, consecutive: consecutive_skips }));
             if consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
-                return Err(LoopEnd::Failed(TrainError::Diverged { steps: consecutive_skips, step: done }));
+                return Err(TrainError::Diverged { steps: consecutive_skips, step: done });
             }
-            continue;
         }
-        consecutive_skips = 0;
-        state.optimizer_steps = run.opt.steps_taken();
-        s.loss_sum += step_loss;
-        s.loss_count += 1;
-        s.window.add(step_loss, elapsed_step, run.tokens_per_step);
-
-        if done.is_multiple_of(cfg.logging_steps) || done == total_steps {
-            emit_ev(Event::Progress(s.window.record(
-                done,
-                state.epoch,
-                lr,
-                update.grad_norm,
-                diff_norms.as_deref(),
-                s.clock.elapsed().as_secs_f64(),
-            )));
-            s.window = Window::default();
-        }
+        // evaluations and saves fall on their steps whether or not this step's update was made
         if done.is_multiple_of(cfg.eval_steps) && done < total_steps {
             evaluate_now(run, s, done, emit_ev)?;
         }
@@ -363,7 +406,7 @@ fn apply_controls(
     s: &mut Session,
     step: u64,
     emit_ev: &mut dyn FnMut(Event),
-) -> Result<(), LoopEnd> {
+) -> Result<(), TrainError> {
     ctl.poll(step, emit_ev);
     loop {
         if ctl.checkpoint_requested {
@@ -377,17 +420,29 @@ fn apply_controls(
     }
 }
 
-/// Why the loop ended early: the run failed (reported in `train_end`), or an error of the
-/// machinery (returned as it is).
-enum LoopEnd {
-    Failed(TrainError),
-    Error(TrainError),
-}
-
-impl<E: Into<TrainError>> From<E> for LoopEnd {
-    fn from(e: E) -> Self {
-        LoopEnd::Error(e.into())
+/// The final evaluation, unless this session trained nothing or it is already done, and the
+/// final save unless the run was stopped without saving.
+fn final_eval_and_save(
+    run: &mut Run,
+    ctl: &Controller,
+    s: &mut Session,
+    session_start: u64,
+    stopped: bool,
+    emit_ev: &mut dyn FnMut(Event),
+) -> Result<(), TrainError> {
+    let done = run.state.global_step;
+    if s.last_eval.as_ref().is_none_or(|e| e.step != done) && done > session_start {
+        evaluate_now(run, s, done, emit_ev)?;
     }
+    if ctl.stop != Some(false) && done > 0 {
+        let reason = if stopped { CheckpointReason::Stop } else { CheckpointReason::Final };
+        if s.last_saved_step != Some(done) {
+            save_checkpoint(run, ctl.lr_scale, reason, emit_ev, &mut s.last_saved_step)?;
+        }
+        let weights = run.model.weights();
+        checkpoint::save_model_dir(&run.out_dir, &parts(run, &weights)?.as_parts())?;
+    }
+    Ok(())
 }
 
 /// The final evaluation and save (unless stopped without saving, or failed), then `train_end`.
@@ -396,27 +451,17 @@ fn wrap_up(
     ctl: &Controller,
     mut s: Session,
     session_start: u64,
-    end: Option<LoopEnd>,
+    failure: Option<TrainError>,
     emit_ev: &mut dyn FnMut(Event),
 ) -> Result<TrainEnd, TrainError> {
-    let failure = match end {
-        Some(LoopEnd::Error(e)) => return Err(e),
-        Some(LoopEnd::Failed(e)) => Some(e),
-        None => None,
-    };
+    let mut failure = failure;
     let stopped = ctl.stop.is_some() || failure.is_some();
-    let save_at_end = failure.is_none() && ctl.stop != Some(false);
     let done = run.state.global_step;
-    if failure.is_none() && s.last_eval.as_ref().is_none_or(|e| e.step != done) && done > session_start {
-        evaluate_now(run, &mut s, done, emit_ev)?;
-    }
-    if save_at_end && done > 0 {
-        let reason = if stopped { CheckpointReason::Stop } else { CheckpointReason::Final };
-        if s.last_saved_step != Some(done) {
-            save_checkpoint(run, ctl.lr_scale, reason, emit_ev, &mut s.last_saved_step)?;
+    if failure.is_none() {
+        // a failure here (a full disk, say) is reported in train_end like any other
+        if let Err(e) = final_eval_and_save(run, ctl, &mut s, session_start, stopped, emit_ev) {
+            failure = Some(e);
         }
-        let weights = run.model.weights();
-        checkpoint::save_model_dir(&run.out_dir, &parts(run, &weights)?.as_parts())?;
     }
     let runtime = s.clock.elapsed().as_secs_f64();
     let trained = done - session_start;
@@ -484,6 +529,7 @@ fn evaluate_now(run: &mut Run, s: &mut Session, step: u64, emit_ev: &mut dyn FnM
         evaluate(&gpt, &run.data.validation, cfg.block_size, cfg.micro_batch_size, max, &run.device)?;
     let secs = started.elapsed().as_secs_f64();
     let tokens = predictions + predictions / (cfg.block_size as u64 - 1);
+    let validation_blocks = run.data.validation.num_blocks(cfg.block_size) as u64;
     let rec = EvalRecord {
         step,
         epoch: run.state.epoch,
@@ -491,6 +537,8 @@ fn evaluate_now(run: &mut Run, s: &mut Session, step: u64, emit_ev: &mut dyn FnM
         perplexity: loss.exp(),
         eval_tokens: tokens,
         eval_tokens_per_second: tokens as f64 / secs.max(1e-9),
+        eval_blocks: predictions / (cfg.block_size as u64 - 1),
+        validation_blocks,
     };
     note_eval(&mut run.state, &rec);
     emit_ev(Event::Evaluate(rec.clone()));

@@ -192,7 +192,7 @@ fn render_loss(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     }
     layers.push(Layer { points: d.eval.envelope(n), color: EVAL, kind: Kind::Points, faint: false });
     let last = match (d.last_loss, d.eval_loss) {
-        (Some(l), Some(e)) => format!(" train {l:.4}  eval {e:.4} "),
+        (Some(l), Some(e)) => format!(" train {l:.4}  eval {e:.4}{} ", if d.eval_partial { " (partial)" } else { "" }),
         (Some(l), None) => format!(" train {l:.4} "),
         _ => String::new(),
     };
