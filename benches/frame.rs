@@ -20,6 +20,8 @@ fn app_with(steps: u64, ascii: bool) -> App {
         num_parameters: 124_000_000,
         device: "cpu".into(),
         engine: "cpu-step".into(),
+        world_size: 1,
+        backend: "single".into(),
         variant: "differential + rope".into(),
         vocab_size: 50257,
         train_blocks: steps as usize * 64,

@@ -12,3 +12,10 @@ cargo test --release -- --include-ignored "$@"
 # The dashboard frame-time benchmark: kept compiling, and its table in the log (it asserts that
 # each timed frame draws the charts; the 5 ms target is read from the table, not asserted).
 cargo bench --bench frame
+# The data-parallel build and its `mpirun -n 2` tests (two ranks equal one process; a rank that
+# dies ends the job), where Open MPI and libclang are installed (.ci/run installs them).
+if command -v mpirun >/dev/null 2>&1 && dpkg -s libopenmpi-dev libclang-dev >/dev/null 2>&1; then
+    cargo test --release --features mpi --test dist -- "$@"
+else
+    echo "MPI tests skipped: no Open MPI here (apt-get install libopenmpi-dev openmpi-bin libclang-dev)"
+fi

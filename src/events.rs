@@ -6,6 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+fn one() -> usize {
+    1
+}
+
 /// Seconds since the Unix epoch: the wall time events and event files carry.
 pub fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -69,6 +73,12 @@ pub struct TrainBegin {
     /// `cpu-autograd`, `autograd`); shown, never matched on.
     #[serde(default)]
     pub engine: String,
+    /// Processes training together (1 unless launched by mpirun) and their collective backend
+    /// (`single`, `mpi`, `nccl`); tokens per second count all of them.
+    #[serde(default = "one")]
+    pub world_size: usize,
+    #[serde(default)]
+    pub backend: String,
     pub variant: String,
     pub vocab_size: usize,
     pub train_blocks: usize,

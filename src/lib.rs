@@ -2,14 +2,15 @@
 //! input embeddings against standard baselines. See README.md for the map of modules.
 //!
 //! Modules import only modules below them in this list (`tests/architecture.rs` checks it):
-//! commands, tui, ui, app, sweep, sinks, train, config, data, optim, model, engine, and at the
-//! bottom events, series, atomic_file, fingerprint, signals.
+//! commands, tui, ui, app, sweep, sinks, train, config, data, optim, model, engine, dist, and at
+//! the bottom events, series, atomic_file, fingerprint, signals.
 
 pub mod app;
 pub mod atomic_file;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod events;
 pub mod fingerprint;

@@ -23,6 +23,7 @@ const LAYERS: &[&[&str]] = &[
     &["optim"],
     &["model"],
     &["engine"],
+    &["dist"],
     &["events", "series", "atomic_file", "fingerprint", "signals"],
 ];
 

@@ -26,7 +26,13 @@ fn spec_from(flags: &[String], cache: &Path) -> RunSpec {
     let args: Vec<String> = ["difflab".to_string(), "train".into()].into_iter().chain(flags.iter().cloned()).collect();
     let Invocation::Train(run) = parse(args).unwrap() else { panic!("train") };
     let resolved = resolve_run(&run).unwrap();
-    RunSpec { config: resolved.config, preset: None, cache_dir: cache.to_path_buf(), inject_nonfinite: vec![] }
+    RunSpec {
+        config: resolved.config,
+        preset: None,
+        cache_dir: cache.to_path_buf(),
+        inject_nonfinite: vec![],
+        world: Default::default(),
+    }
 }
 
 fn flags_with(base: &[String], extra: &[&str]) -> Vec<String> {

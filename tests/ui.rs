@@ -15,6 +15,8 @@ fn begin(research: bool) -> Event {
         num_parameters: 6_850_000,
         device: "cpu (2 threads)".into(),
         engine: "cpu-step".into(),
+        world_size: 1,
+        backend: "single".into(),
         variant: if research { "differential + rope" } else { "baseline (rope)" }.into(),
         vocab_size: 50257,
         train_blocks: 900,

@@ -372,6 +372,8 @@ mod tests {
             num_parameters: 1000,
             device: "cpu".into(),
             engine: "cpu-step".into(),
+            world_size: 1,
+            backend: "single".into(),
             variant: "differential + rope".into(),
             vocab_size: 100,
             train_blocks: 100,

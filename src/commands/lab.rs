@@ -97,7 +97,7 @@ fn start_run(args: &RunArgs, tx: &Sender<Input>, stop: &StopSignal) -> anyhow::R
     let claim = output_dir::claim(&resolved.config)?;
     let mut sinks = sinks::file_sinks(&out, &resolved.config)
         .with_context(|| format!("opening the outputs in {}", out.display()))?;
-    let handle = train::spawn_with(headless::spec(&resolved), stop.clone());
+    let handle = train::spawn_with(headless::spec(&resolved, crate::dist::World::single()), stop.clone());
     let inbox = Inbox::start(&out, handle.controls.clone())?;
     let controls = handle.controls.clone();
     let tx = tx.clone();

@@ -101,6 +101,15 @@ pub struct Outcome {
 pub struct HostGrads(Grads);
 
 impl HostGrads {
+    /// Every gradient buffer, in a fixed order (the same on every process).
+    pub fn buffers_mut(&mut self) -> impl Iterator<Item = &mut [f32]> {
+        let g = &mut self.0;
+        std::iter::once(g.wte.as_mut_slice())
+            .chain(g.wpe.iter_mut().map(|v| v.as_mut_slice()))
+            .chain(g.h.iter_mut().flat_map(|b| b.0.iter_mut().map(|v| v.as_mut_slice())))
+            .chain([g.ln_f_w.as_mut_slice(), g.ln_f_b.as_mut_slice()])
+    }
+
     /// The sums as tensors named and shaped as `param_specs` says.
     pub fn into_tensors(self, cfg: &GptConfig) -> Result<BTreeMap<String, Tensor>> {
         let g = self.0;

@@ -55,11 +55,12 @@ pub fn describe(event: &Event) -> Option<String> {
             Level::Error => format!("[error] {text}"),
         },
         Event::TrainBegin(b) => format!(
-            "[train] {} | {} parameters | {} | engine {} | {} steps ({} per epoch), {} tokens per step, from step {} -> {}",
+            "[train] {} | {} parameters | {} | engine {} | {} | {} steps ({} per epoch), {} tokens per step, from step {} -> {}",
             b.variant,
             si(b.num_parameters as f64),
             b.device,
             b.engine,
+            if b.world_size > 1 { format!("{} processes ({})", b.world_size, b.backend) } else { "1 process".into() },
             b.total_steps,
             b.steps_per_epoch,
             b.tokens_per_step,

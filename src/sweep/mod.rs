@@ -224,7 +224,13 @@ fn trial(
         }
     };
     let mut sinks = sinks::file_sinks(&dir, &cfg).unwrap_or_default();
-    let spec = RunSpec { config: cfg, preset, cache_dir: cache_dir.to_path_buf(), inject_nonfinite: vec![] };
+    let spec = RunSpec {
+        config: cfg,
+        preset,
+        cache_dir: cache_dir.to_path_buf(),
+        inject_nonfinite: vec![],
+        world: Default::default(),
+    };
     // the sweep's stop flag is this trial's too: stopping the sweep stops the running trial
     let handle = train::spawn_with(spec, stop.clone());
     let mut monitor: Option<Monitor> = None;

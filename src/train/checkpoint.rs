@@ -49,6 +49,9 @@ pub struct TrainerState {
     pub data_epoch: u64,
     pub data_offset: u64,
     pub difflab_version: String,
+    /// The processes that trained it (0 in checkpoints of older versions).
+    #[serde(default)]
+    pub world_size: usize,
 }
 
 impl TrainerState {
@@ -70,6 +73,7 @@ impl TrainerState {
             data_epoch: 0,
             data_offset: 0,
             difflab_version: env!("CARGO_PKG_VERSION").into(),
+            world_size: 1,
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct RunSpec {
     /// non-finite, or where the trainer panics (`panic@N`). Read from
     /// `DIFFLAB_INJECT_NONFINITE` by the CLI.
     pub inject_nonfinite: Vec<(u64, Injection)>,
+    /// The processes this run is one of (a world of one unless launched by mpirun).
+    pub world: crate::dist::World,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +67,8 @@ pub enum TrainError {
     Device(#[from] device::DeviceError),
     #[error(transparent)]
     OutputDir(#[from] output_dir::OutputDirError),
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error("{0}")]
     Unsupported(String),
     #[error("the training split has {blocks} blocks of {block_size} tokens, fewer than one batch of {batch_size}; lower batch_size or block_size, or raise subset_ratio")]

@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::checkpoint::{self, Parts, TrainerState};
 use super::controls::{Clock, Controller, StopSignal};
-use super::step::{evaluate, forward_backward, Accumulated, MicroBatch};
+use super::step::{evaluate_part, forward_backward, Accumulated, EvalPart, MicroBatch};
 use super::{device, emit, Injection, RunSpec, TrainError};
 use crate::config::{Precision, RunConfig};
 use crate::data::{self, Batcher, DataConfig, EpochOrder, PreparedData, TokenizerSpec};
@@ -173,7 +173,24 @@ fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Run<'a>, TrainErr
     }
     std::fs::create_dir_all(&out_dir).map_err(|source| TrainError::Io { path: out_dir.clone(), source })?;
 
+    let world = &spec.world;
+    if !cfg.accumulation_steps().is_multiple_of(world.world_size()) {
+        return Err(TrainError::Unsupported(format!(
+            "batch_size {} is {} micro-batches of {}, which do not split evenly over {} processes; make batch_size / micro_batch_size a multiple of the number of processes",
+            cfg.batch_size,
+            cfg.accumulation_steps(),
+            cfg.micro_batch_size,
+            world.world_size()
+        )));
+    }
+    // rank 0 prepares the data (downloads, tokenizer, token cache); the others then read the cache
+    if !world.is_root() {
+        world.barrier()?;
+    }
     let data = prepare_data(cfg, &spec.cache_dir, tx)?;
+    if world.is_root() {
+        world.barrier()?;
+    }
     let block_size = cfg.block_size;
     let train_blocks = data.train.num_blocks(block_size);
     let validation_blocks = data.validation.num_blocks(block_size);
@@ -202,9 +219,20 @@ fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Run<'a>, TrainErr
                     text: format!("resuming from {} at step {}", r.dir.display(), r.state.global_step),
                 },
             );
-            r.state.clone()
+            if r.state.world_size != 0 && r.state.world_size != world.world_size() {
+                // the global batch is fixed, so the update is the same: only float sums reorder
+                let text = format!(
+                    "the checkpoint was trained by {} processes and this run has {}: the updates are the same, losses may differ in the last digits (float sums in another order)",
+                    r.state.world_size,
+                    world.world_size()
+                );
+                emit(tx, Event::Message { level: Level::Warning, text });
+            }
+            let mut state = r.state.clone();
+            state.world_size = world.world_size();
+            state
         }
-        None => TrainerState::fresh(cfg),
+        None => TrainerState { world_size: world.world_size(), ..TrainerState::fresh(cfg) },
     };
 
     let total_steps = cfg.max_steps.unwrap_or_else(|| (cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64);
@@ -226,6 +254,8 @@ fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Run<'a>, TrainErr
             num_parameters: model_cfg.num_parameters(),
             device: device::describe(&device),
             engine: engine.as_str().into(),
+            world_size: world.world_size(),
+            backend: world.backend().into(),
             variant: model_cfg.variant_name(),
             vocab_size: model_cfg.vocab_size,
             train_blocks,
@@ -264,6 +294,8 @@ struct Session {
     window: Window,
     last_eval: Option<EvalRecord>,
     last_saved_step: Option<u64>,
+    /// Seconds spent in the gradient and loss all-reduce (several processes only).
+    reduce_seconds: f64,
 }
 
 impl Session {
@@ -275,6 +307,7 @@ impl Session {
             window: Window::default(),
             last_eval: None,
             last_saved_step: None,
+            reduce_seconds: 0.0,
         }
     }
 }
@@ -313,17 +346,28 @@ fn train_loop(
 
         // forward/backward over the micro-batches, gradients accumulated
         let started = Instant::now();
-        let mut dropout = Dropout::new(cfg.dropout as f32, cfg.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut acc = Accumulated::default();
         let mut step_loss = 0.0;
         let mut diff_norms = None;
         let batcher = Batcher { stream: &run.data.train, block_size: cfg.block_size };
-        for micro in blocks.chunks(cfg.micro_batch_size) {
-            ctl.poll(step, emit_ev);
-            while ctl.paused {
-                ctl.wait(step, &mut s.clock, emit_ev);
+        let world = &run.spec.world;
+        // this rank's share of the step's micro-batches: every world_size-th, from its rank
+        let mine =
+            blocks.chunks(cfg.micro_batch_size).enumerate().filter(|(i, _)| i % world.world_size() == world.rank());
+        for (i, micro) in mine {
+            if world.is_root() {
+                ctl.poll(step, emit_ev);
+                while ctl.paused {
+                    ctl.wait(step, &mut s.clock, emit_ev);
+                }
             }
             let ids = batcher.batch(micro, &run.device)?;
+            // a mask stream per micro-batch, so that a share of them on each of several
+            // processes draws the masks one process would
+            let mut dropout = Dropout::new(
+                cfg.dropout as f32,
+                cfg.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
+            );
             let d = if dropout.is_active() { Some(&mut dropout) } else { None };
             let batch = MicroBatch { ids: &ids, targets: None };
             let out = forward_backward(
@@ -337,6 +381,16 @@ fn train_loop(
             )?;
             step_loss += out.loss / accumulation as f64;
             diff_norms = out.diff_norms.or(diff_norms);
+        }
+        // the sums over all ranks: each rank's gradients and loss are its share of the whole
+        // batch's (scaled by 1 / all micro-batches), so the sum is the one-process step
+        if world.world_size() > 1 {
+            let reduce_started = Instant::now();
+            acc.all_reduce(&**world)?;
+            let mut loss = [step_loss];
+            world.all_reduce_sum_f64(&mut loss)?;
+            step_loss = loss[0];
+            s.reduce_seconds += reduce_started.elapsed().as_secs_f64();
         }
         let mut grads = acc.into_grads(&run.model_cfg)?;
         inject(run.spec, step, &mut step_loss, &mut grads)?;
@@ -407,17 +461,39 @@ fn apply_controls(
     step: u64,
     emit_ev: &mut dyn FnMut(Event),
 ) -> Result<(), TrainError> {
-    ctl.poll(step, emit_ev);
-    loop {
-        if ctl.checkpoint_requested {
-            save_checkpoint(run, ctl.lr_scale, CheckpointReason::Control, emit_ev, &mut s.last_saved_step)?;
-            ctl.checkpoint_requested = false;
+    let world = run.spec.world.clone();
+    // rank 0 takes the controls (TUI, watch, signals); the others follow its decisions
+    if world.is_root() {
+        ctl.poll(step, emit_ev);
+        loop {
+            if ctl.checkpoint_requested {
+                save_checkpoint(run, ctl.lr_scale, CheckpointReason::Control, emit_ev, &mut s.last_saved_step)?;
+                ctl.checkpoint_requested = false;
+            }
+            if !ctl.paused {
+                break;
+            }
+            ctl.wait(step, &mut s.clock, emit_ev);
         }
-        if !ctl.paused {
-            return Ok(());
-        }
-        ctl.wait(step, &mut s.clock, emit_ev);
     }
+    if world.world_size() > 1 {
+        // the LR multiplier and a stop, the same on every rank at this step boundary (the
+        // others wait here while rank 0 is paused)
+        let stop = match ctl.stop {
+            None => 0.0,
+            Some(false) => 1.0,
+            Some(true) => 2.0,
+        };
+        let mut shared = [ctl.lr_scale, stop];
+        world.broadcast_f64(&mut shared)?;
+        ctl.lr_scale = shared[0];
+        ctl.stop = match shared[1] as u8 {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        };
+    }
+    Ok(())
 }
 
 /// The final evaluation, unless this session trained nothing or it is already done, and the
@@ -439,8 +515,10 @@ fn final_eval_and_save(
         if s.last_saved_step != Some(done) {
             save_checkpoint(run, ctl.lr_scale, reason, emit_ev, &mut s.last_saved_step)?;
         }
-        let weights = run.model.weights();
-        checkpoint::save_model_dir(&run.out_dir, &parts(run, &weights)?.as_parts())?;
+        if run.spec.world.is_root() {
+            let weights = run.model.weights();
+            checkpoint::save_model_dir(&run.out_dir, &parts(run, &weights)?.as_parts())?;
+        }
     }
     Ok(())
 }
@@ -465,6 +543,18 @@ fn wrap_up(
     }
     let runtime = s.clock.elapsed().as_secs_f64();
     let trained = done - session_start;
+    let world = &run.spec.world;
+    if world.world_size() > 1 {
+        let share = 100.0 * s.reduce_seconds / runtime.max(1e-9);
+        let text = format!(
+            "{} processes ({}): the gradient and loss all-reduce took {:.2} s of {:.2} s of training on rank 0 ({share:.1}%)",
+            world.world_size(),
+            world.backend(),
+            s.reduce_seconds,
+            runtime
+        );
+        emit_ev(Event::Message { level: Level::Info, text });
+    }
     let end = TrainEnd {
         step: done,
         epoch: run.state.epoch,
@@ -525,8 +615,15 @@ fn evaluate_now(run: &mut Run, s: &mut Session, step: u64, emit_ev: &mut dyn FnM
     let started = Instant::now();
     let gpt = run.model.detached()?;
     let max = cfg.eval_max_blocks.map(|n| n as usize);
-    let (loss, predictions) =
-        evaluate(&gpt, &run.data.validation, cfg.block_size, cfg.micro_batch_size, max, &run.device)?;
+    // sharded over the processes by batch, and summed
+    let world = &run.spec.world;
+    let shard = (world.rank(), world.world_size());
+    let part =
+        evaluate_part(&gpt, &run.data.validation, cfg.block_size, cfg.micro_batch_size, max, &run.device, shard)?;
+    let mut sums = [part.loss_sum, part.blocks as f64];
+    world.all_reduce_sum_f64(&mut sums)?;
+    let part = EvalPart { loss_sum: sums[0], blocks: sums[1] as u64 };
+    let (loss, predictions) = (part.mean(), part.blocks * (cfg.block_size as u64 - 1));
     let secs = started.elapsed().as_secs_f64();
     let tokens = predictions + predictions / (cfg.block_size as u64 - 1);
     let validation_blocks = run.data.validation.num_blocks(cfg.block_size) as u64;
@@ -588,6 +685,11 @@ fn save_checkpoint(
     emit_ev: &mut dyn FnMut(Event),
     last_saved: &mut Option<u64>,
 ) -> Result<(), TrainError> {
+    // only rank 0 writes; the others hold the same weights
+    if !run.spec.world.is_root() {
+        *last_saved = Some(run.state.global_step);
+        return Ok(());
+    }
     let state = &mut run.state;
     state.lr_scale = lr_scale;
     let step = state.global_step;

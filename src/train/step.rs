@@ -4,6 +4,7 @@
 use candle_core::{Device, Result, Tensor, Var};
 
 use crate::data::{Batcher, TokenStream};
+use crate::dist::Collective;
 use crate::engine::Engine;
 use crate::model::dropout::Dropout;
 use crate::model::{cpu_step, Gpt, Trainable};
@@ -28,6 +29,25 @@ pub enum Accumulated {
 }
 
 impl Accumulated {
+    /// Sums the gradients over the processes of `world`, in place.
+    pub fn all_reduce(&mut self, world: &dyn Collective) -> Result<()> {
+        let fail = |e: crate::dist::DistError| candle_core::Error::Msg(e.to_string());
+        match self {
+            Accumulated::Empty => candle_core::bail!("no gradients to sum: this process had no micro-batch"),
+            Accumulated::Host(h) => {
+                for buf in h.buffers_mut() {
+                    world.all_reduce_sum(buf).map_err(fail)?;
+                }
+            }
+            Accumulated::Tensors(grads) => {
+                for g in grads.values_mut() {
+                    *g = world.all_reduce_tensor(g).map_err(fail)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn into_grads(self, cfg: &crate::model::GptConfig) -> Result<Grads> {
         match self {
             Accumulated::Empty => Ok(Grads::new()),
@@ -174,18 +194,52 @@ pub fn evaluate(
     max_blocks: Option<usize>,
     device: &Device,
 ) -> Result<(f64, u64)> {
+    let part = evaluate_part(gpt, stream, block_size, batch, max_blocks, device, (0, 1))?;
+    Ok((part.mean(), part.blocks * (block_size as u64 - 1)))
+}
+
+/// One process's share of an evaluation: the sum of its blocks' mean losses, and their count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalPart {
+    pub loss_sum: f64,
+    pub blocks: u64,
+}
+
+impl EvalPart {
+    /// The token mean: every block has `block_size - 1` predictions, so the mean of block
+    /// means is the mean over tokens.
+    pub fn mean(&self) -> f64 {
+        if self.blocks > 0 {
+            self.loss_sum / self.blocks as f64
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// The batches of an evaluation that fall to `rank` of `world` (every world-th batch), summed.
+pub fn evaluate_part(
+    gpt: &Gpt,
+    stream: &TokenStream,
+    block_size: usize,
+    batch: usize,
+    max_blocks: Option<usize>,
+    device: &Device,
+    (rank, world): (usize, usize),
+) -> Result<EvalPart> {
     let blocks = max_blocks.map_or(stream.num_blocks(block_size), |m| m.min(stream.num_blocks(block_size)));
     let batcher = Batcher { stream, block_size };
-    let mut total = 0.0;
-    let mut start = 0;
-    while start < blocks {
+    let mut part = EvalPart { loss_sum: 0.0, blocks: 0 };
+    for (index, start) in (0..blocks).step_by(batch.max(1)).enumerate() {
+        if index % world != rank {
+            continue;
+        }
         let n = batch.min(blocks - start);
         let ids = batcher.sequential(start, n, device)?;
         let (hidden, _) = gpt.forward_hidden(&ids, None)?;
-        // every block has block_size - 1 predictions: the mean of block means is the token mean
-        total += gpt.next_token_loss(&hidden, &ids)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
-        start += n;
+        let loss = gpt.next_token_loss(&hidden, &ids)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        part.loss_sum += loss * n as f64;
+        part.blocks += n as u64;
     }
-    let predictions = (blocks * (block_size - 1)) as u64;
-    Ok((if blocks > 0 { total / blocks as f64 } else { f64::NAN }, predictions))
+    Ok(part)
 }

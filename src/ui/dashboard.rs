@@ -161,7 +161,8 @@ fn render_header(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         spans.push(Span::styled(" (watching)", Style::default().fg(Color::Yellow)));
     }
     if let Some(b) = &d.begin {
-        let device = if area.width >= 100 { format!(" | {} | {}", b.device, b.engine) } else { String::new() };
+        let world = if b.world_size > 1 { format!(" x{} {}", b.world_size, b.backend) } else { String::new() };
+        let device = if area.width >= 100 { format!(" | {} | {}{world}", b.device, b.engine) } else { String::new() };
         spans.push(Span::raw(format!(" | {} | {} params{device}", b.variant, si(b.num_parameters as f64))));
     }
     Paragraph::new(Line::from(spans)).render(area, buf);

@@ -1,0 +1,165 @@
+//! Data parallelism over MPI (built with `--features mpi`; `.ci/run` installs Open MPI and runs
+//! these): two ranks train as one process with the same global batch, and a rank that dies ends
+//! the run without harming the last checkpoint.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use common::*;
+
+/// `mpirun -n N difflab ...`, isolated like `common::difflab` (mpirun hands its environment to
+/// the ranks it starts on this machine).
+fn mpirun(home: &Path, n: usize) -> Command {
+    let template = difflab(home);
+    let mut cmd = Command::new("mpirun");
+    // root in CI containers, and more ranks than cores on a 2-core machine
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-n", &n.to_string(), env!("CARGO_BIN_EXE_difflab")]);
+    for (k, v) in template.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd.env("RAYON_NUM_THREADS", "1");
+    cmd
+}
+
+fn progress_losses(dir: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    json_lines(&text)
+        .into_iter()
+        .filter(|m| m["event"] == "progress" || m["event"] == "evaluate")
+        .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().or(m["eval_loss"].as_f64()).unwrap()))
+        .collect()
+}
+
+#[test]
+fn two_ranks_train_as_one_process_with_the_same_global_batch() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let run = |out: &Path| -> Vec<String> {
+        let mut f = tiny_flags(&corpus, out);
+        f.extend(["--max_steps", "8", "--eval_steps", "4", "--save_steps", "0", "--dropout", "0.1"].map(String::from));
+        f
+    };
+    let (one, two) = (home.path().join("one"), home.path().join("two"));
+    let o = difflab(home.path()).arg("train").args(run(&one)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = mpirun(home.path(), 2).arg("train").args(run(&two)).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&o.stderr));
+    let begin = json_lines(&stdout).into_iter().find(|m| m["event"] == "train_begin").unwrap();
+    assert_eq!((begin["world_size"].as_u64(), begin["backend"].as_str()), (Some(2), Some("mpi")));
+    // only rank 0 wrote: one train_begin on stdout, one metrics log
+    assert_eq!(json_lines(&stdout).iter().filter(|m| m["event"] == "train_begin").count(), 1);
+
+    let (a, b) = (progress_losses(&one), progress_losses(&two));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() >= 10, "8 steps and 2 evals: {a:?}");
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!((la - lb).abs() <= 1e-5 * la.abs(), "step {sa}: {la} vs {lb}");
+    }
+    let wa = candle_core::safetensors::load(one.join("model.safetensors"), &Device::Cpu).unwrap();
+    let wb: HashMap<_, _> = candle_core::safetensors::load(two.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(wa.len(), wb.len());
+    for (name, ta) in &wa {
+        let (x, y): (Vec<f32>, Vec<f32>) =
+            (ta.flatten_all().unwrap().to_vec1().unwrap(), wb[name].flatten_all().unwrap().to_vec1().unwrap());
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let worst = x.iter().zip(&y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(worst <= 1e-5 * scale, "{name}: max |diff| {worst} of {scale}");
+    }
+}
+
+#[test]
+fn a_rank_that_dies_ends_the_run_and_the_last_checkpoint_stays_loadable() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let out = home.path().join("run");
+    let mut flags = tiny_flags(&corpus, &out);
+    // no rotation: the checkpoint seen below stays while the run goes on
+    flags.extend(
+        ["--max_steps", "100000", "--save_steps", "50", "--save_total_limit", "null", "--eval_steps", "100000"]
+            .map(String::from),
+    );
+    let mut job =
+        mpirun(home.path(), 2).arg("train").args(&flags).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let started = Instant::now();
+    while !out.join("checkpoint-50").join("checksums.json").exists() {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before its first checkpoint");
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint-50");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // the ranks are mpirun's children; kill the last one as a crash would
+    let children = Command::new("pgrep").args(["-P", &job.id().to_string()]).output().unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&children.stdout).split_whitespace().map(String::from).collect();
+    assert_eq!(pids.len(), 2, "two ranks: {pids:?}");
+    Command::new("kill").args(["-9", pids.last().unwrap()]).status().unwrap();
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(status) = job.try_wait().unwrap() {
+            break status;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            let _ = job.kill();
+            panic!("the job did not end within 60 s of a rank's death");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{status:?}");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(said.contains("rank 1"), "mpirun names the rank that died: {said}");
+    let ckpt = out.join("checkpoint-50");
+    let o = difflab(home.path()).args(["eval", "--checkpoint", &ckpt.display().to_string()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_control_sent_to_rank_0_reaches_every_rank_at_the_same_step() {
+    use difflab::events::{Control, ControlMsg, ControlOrigin};
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let out = home.path().join("run");
+    let mut flags = tiny_flags(&corpus, &out);
+    flags.extend(["--max_steps", "100000", "--save_steps", "0", "--eval_steps", "100000"].map(String::from));
+    let mut job =
+        mpirun(home.path(), 2).arg("train").args(&flags).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    let metrics = out.join("metrics.jsonl");
+    while !std::fs::read_to_string(&metrics).unwrap_or_default().contains("\"progress\"") {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // as `difflab watch` sends them: files in the run directory, read by rank 0's inbox
+    let send =
+        |control| difflab::train::remote::send(&out, &ControlMsg { control, origin: ControlOrigin::Watch }).unwrap();
+    send(Control::ScaleLr { factor: 0.1 });
+    send(Control::Stop { save: true });
+    // a rank that missed the stop would wait forever in the next all-reduce
+    let status = loop {
+        if let Some(status) = job.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = job.kill();
+            panic!("the ranks did not stop together");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    let events = json_lines(&std::fs::read_to_string(&metrics).unwrap());
+    let end = events.iter().rfind(|m| m["event"] == "train_end").unwrap();
+    assert_eq!(end["status"], "stopped");
+    assert!(events.iter().any(|m| m["event"] == "control" && m["action"] == "scale_lr"));
+    let step = end["step"].as_u64().unwrap();
+    assert!(out.join(format!("checkpoint-{step}")).is_dir(), "stop and save wrote checkpoint-{step}");
+}
