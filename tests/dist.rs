@@ -89,33 +89,34 @@ fn a_rank_that_dies_ends_the_run_and_the_last_checkpoint_stays_loadable() {
         ["--max_steps", "100000", "--save_steps", "50", "--save_total_limit", "null", "--eval_steps", "100000"]
             .map(String::from),
     );
-    let mut job =
-        mpirun(home.path(), 2).arg("train").args(&flags).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut job = Reaped(
+        mpirun(home.path(), 2).arg("train").args(&flags).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap(),
+    );
     let started = Instant::now();
     while !out.join("checkpoint-50").join("checksums.json").exists() {
-        assert!(job.try_wait().unwrap().is_none(), "the job ended before its first checkpoint");
+        assert!(job.0.try_wait().unwrap().is_none(), "the job ended before its first checkpoint");
         assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint-50");
         std::thread::sleep(Duration::from_millis(100));
     }
     // the ranks are mpirun's children; kill the last one as a crash would
-    let children = Command::new("pgrep").args(["-P", &job.id().to_string()]).output().unwrap();
+    let children = Command::new("pgrep").args(["-P", &job.0.id().to_string()]).output().unwrap();
     let pids: Vec<String> = String::from_utf8_lossy(&children.stdout).split_whitespace().map(String::from).collect();
     assert_eq!(pids.len(), 2, "two ranks: {pids:?}");
     Command::new("kill").args(["-9", pids.last().unwrap()]).status().unwrap();
     let killed = Instant::now();
     let status = loop {
-        if let Some(status) = job.try_wait().unwrap() {
+        if let Some(status) = job.0.try_wait().unwrap() {
             break status;
         }
         if killed.elapsed() > Duration::from_secs(60) {
-            let _ = job.kill();
+            let _ = job.0.kill();
             panic!("the job did not end within 60 s of a rank's death");
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(!status.success(), "{status:?}");
     let mut said = String::new();
-    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut said).unwrap();
+    std::io::Read::read_to_string(&mut job.0.stderr.take().unwrap(), &mut said).unwrap();
     assert!(said.contains("rank 1"), "mpirun names the rank that died: {said}");
     let ckpt = out.join("checkpoint-50");
     let o = difflab(home.path()).args(["eval", "--checkpoint", &ckpt.display().to_string()]).output().unwrap();
@@ -130,12 +131,13 @@ fn a_control_sent_to_rank_0_reaches_every_rank_at_the_same_step() {
     let out = home.path().join("run");
     let mut flags = tiny_flags(&corpus, &out);
     flags.extend(["--max_steps", "100000", "--save_steps", "0", "--eval_steps", "100000"].map(String::from));
-    let mut job =
-        mpirun(home.path(), 2).arg("train").args(&flags).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut job = Reaped(
+        mpirun(home.path(), 2).arg("train").args(&flags).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
+    );
     let started = Instant::now();
     let metrics = out.join("metrics.jsonl");
     while !std::fs::read_to_string(&metrics).unwrap_or_default().contains("\"progress\"") {
-        assert!(job.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(job.0.try_wait().unwrap().is_none(), "the job ended early");
         assert!(started.elapsed() < Duration::from_secs(120), "no progress");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -146,11 +148,11 @@ fn a_control_sent_to_rank_0_reaches_every_rank_at_the_same_step() {
     send(Control::Stop { save: true });
     // a rank that missed the stop would wait forever in the next all-reduce
     let status = loop {
-        if let Some(status) = job.try_wait().unwrap() {
+        if let Some(status) = job.0.try_wait().unwrap() {
             break status;
         }
         if started.elapsed() > Duration::from_secs(120) {
-            let _ = job.kill();
+            let _ = job.0.kill();
             panic!("the ranks did not stop together");
         }
         std::thread::sleep(Duration::from_millis(100));

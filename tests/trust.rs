@@ -106,13 +106,15 @@ fn a_second_process_training_into_the_same_folder_exits_2_naming_the_first() {
     let out = home.path().join("run");
     let flags =
         with(&tiny_flags(&corpus, &out), &["--max_steps", "100000", "--save_steps", "0", "--eval_steps", "100000"]);
-    let mut first = difflab(home.path())
-        .arg("train")
-        .args(&flags)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = Reaped(
+        difflab(home.path())
+            .arg("train")
+            .args(&flags)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let started = Instant::now();
     while !out.join("metrics.jsonl").exists() {
         assert!(started.elapsed() < Duration::from_secs(60), "the first run did not start");
@@ -120,10 +122,11 @@ fn a_second_process_training_into_the_same_folder_exits_2_naming_the_first() {
     }
     let o = train(home.path(), &flags);
     let (_, stderr) = text(&o);
-    let _ = first.kill();
-    let _ = first.wait();
+    let pid = first.0.id().to_string();
+    let _ = first.0.kill();
+    let _ = first.0.wait();
     assert_eq!(o.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("in use") && stderr.contains(&first.id().to_string()), "names the holder's PID: {stderr}");
+    assert!(stderr.contains("in use") && stderr.contains(&pid), "names the holder's PID: {stderr}");
 }
 
 #[test]

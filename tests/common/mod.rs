@@ -156,3 +156,25 @@ pub fn tiny_flags(corpus: &std::path::Path, out: &std::path::Path) -> Vec<String
 pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
 }
+
+/// A child process that is ended when this goes out of scope, also when a test panics while it
+/// runs: SIGTERM first (mpirun passes it on to its ranks), then SIGKILL after ten seconds.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // Safety: kill(2) on the PID of a child this test started and has not reaped.
+            unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+            let asked = std::time::Instant::now();
+            while let Ok(None) = self.0.try_wait() {
+                if asked.elapsed() > std::time::Duration::from_secs(10) {
+                    let _ = self.0.kill();
+                    let _ = self.0.wait();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+}
