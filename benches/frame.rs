@@ -68,6 +68,7 @@ fn app_with(steps: u64, ascii: bool) -> App {
                 eval_tokens_per_second: 1e5,
                 eval_blocks: 40,
                 validation_blocks: 40,
+                ..Default::default()
             })));
         }
         if step % 25_000 == 0 {

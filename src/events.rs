@@ -33,7 +33,19 @@ pub enum Event {
     Control(ControlRecord),
     /// A step whose loss or gradient was not finite: no update was made.
     Skipped(SkippedRecord),
+    /// What the model writes after `sample_prompt`, at an evaluation.
+    Sample(SampleRecord),
     TrainEnd(TrainEnd),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    pub step: u64,
+    pub prompt: String,
+    /// The continuation only (the prompt not repeated).
+    pub text: String,
+    /// How it was drawn: "temperature 0.8, top-k 40, seed 42".
+    pub sampling: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,15 +155,40 @@ pub struct EvalRecord {
     pub eval_blocks: u64,
     #[serde(default)]
     pub validation_blocks: u64,
+    /// The split scored: "validation", or "test" with `eval_split: test`.
+    #[serde(default = "validation_split")]
+    pub split: String,
+}
+
+fn validation_split() -> String {
+    "validation".into()
 }
 
 impl EvalRecord {
-    /// " (partial: K of N validation blocks)" when not every block was scored.
+    /// " (partial: K of N validation blocks)" when not every block was scored; " on the test
+    /// split" when that is what was scored.
     pub fn partial_note(&self) -> String {
+        let split = if self.split == "validation" { String::new() } else { format!(" on the {} split", self.split) };
         if self.eval_blocks < self.validation_blocks {
-            format!(" (partial: {} of {} validation blocks)", self.eval_blocks, self.validation_blocks)
+            format!("{split} (partial: {} of {} {} blocks)", self.eval_blocks, self.validation_blocks, self.split)
         } else {
-            String::new()
+            split
+        }
+    }
+}
+
+impl Default for EvalRecord {
+    fn default() -> Self {
+        Self {
+            step: 0,
+            epoch: 0.0,
+            eval_loss: f64::NAN,
+            perplexity: f64::NAN,
+            eval_tokens: 0,
+            eval_tokens_per_second: 0.0,
+            eval_blocks: 0,
+            validation_blocks: 0,
+            split: validation_split(),
         }
     }
 }
@@ -293,9 +330,11 @@ impl Event {
         matches!(self, Event::TrainBegin(_) | Event::Progress(_) | Event::Evaluate(_) | Event::TrainEnd(_))
     }
 
-    /// What `metrics.jsonl` records: the markers plus controls, checkpoints and skipped steps.
+    /// What `metrics.jsonl` records: the markers plus controls, checkpoints, skipped steps and
+    /// samples.
     pub fn is_logged(&self) -> bool {
-        self.is_marker() || matches!(self, Event::Checkpoint(_) | Event::Control(_) | Event::Skipped(_))
+        self.is_marker()
+            || matches!(self, Event::Checkpoint(_) | Event::Control(_) | Event::Skipped(_) | Event::Sample(_))
     }
 
     pub fn to_json_line(&self) -> String {

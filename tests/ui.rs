@@ -78,6 +78,7 @@ fn dashboard(research: bool) -> App {
                 eval_tokens_per_second: 20000.0,
                 eval_blocks: 40,
                 validation_blocks: 40,
+                ..Default::default()
             }));
         }
         if step % 100 == 0 {

@@ -260,6 +260,10 @@ impl Dashboard {
                     format!("step {}: skipped, {} ({} in a row)", s.step, s.reason, s.consecutive),
                 );
             }
+            Event::Sample(s) => {
+                let text = s.text.replace('\n', " / ");
+                self.log(Level::Info, format!("step {} sample: {}{text}", s.step, s.prompt));
+            }
             Event::TrainEnd(e) => {
                 self.paused = false;
                 self.step = e.step;

@@ -39,6 +39,7 @@ pub enum Invocation {
         ui: UiOptions,
     },
     Bench(Vec<(String, String)>),
+    Generate(super::generate::GenerateArgs),
     Logits {
         checkpoint: PathBuf,
         ids: Option<String>,
@@ -132,6 +133,14 @@ pub fn command() -> Command {
         .subcommand(headless_arg(ui_args(Command::new("compare").about("Overlay runs: curves, final eval loss and perplexity, config differences")))
             .arg(Arg::new("run_dirs").required(true).num_args(1..).value_name("RUN_DIR")))
         .subcommand(super::bench::args(Command::new("bench").about("Time training steps on random tokens (same flags as shared/bench/bench_train.py)")))
+        .subcommand(Command::new("generate").about("Continue a prompt with a saved model (KV cache), with the tokenizer saved beside it")
+            .arg(Arg::new("checkpoint").long("checkpoint").required(true).value_name("DIR").help("a checkpoint-N directory or a finished output_dir"))
+            .arg(Arg::new("prompt").long("prompt").default_value("").value_name("TEXT").help("text to continue (empty: start from <|endoftext|>)"))
+            .arg(Arg::new("max_new_tokens").long("max_new_tokens").default_value("100").value_name("N"))
+            .arg(Arg::new("temperature").long("temperature").default_value("0.8").value_name("X").help("0: greedy (deterministic)"))
+            .arg(Arg::new("top_k").long("top_k").default_value("40").value_name("K").help("keep the K likeliest tokens (0: all)"))
+            .arg(Arg::new("top_p").long("top_p").default_value("1.0").value_name("P").help("nucleus sampling: the smallest set with probability P"))
+            .arg(Arg::new("seed").long("seed").default_value("0").value_name("N")))
         .subcommand(Command::new("logits").about("Print a saved model's logits for token ids or text, as JSON (for comparing with other tools)")
             .arg(Arg::new("checkpoint").long("checkpoint").required(true).value_name("DIR"))
             .arg(Arg::new("ids").long("ids").value_name("1,2,3").conflicts_with("text"))
@@ -171,6 +180,13 @@ fn float(m: &ArgMatches, name: &str) -> Result<f64, clap::Error> {
     })
 }
 
+fn whole(m: &ArgMatches, name: &str) -> Result<u64, clap::Error> {
+    let raw = m.get_one::<String>(name).cloned().unwrap_or_default();
+    raw.parse().map_err(|_| {
+        clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("--{name}: {raw:?} is not a whole number\n"))
+    })
+}
+
 pub fn parse<I, T>(args: I) -> Result<Invocation, clap::Error>
 where
     I: IntoIterator<Item = T>,
@@ -197,6 +213,17 @@ where
             ui: ui_from(s),
         },
         Some(("bench", s)) => Invocation::Bench(super::bench::flags_from(s)),
+        Some(("generate", s)) => Invocation::Generate(super::generate::GenerateArgs {
+            checkpoint: s.get_one::<String>("checkpoint").map(PathBuf::from).unwrap_or_default(),
+            prompt: s.get_one::<String>("prompt").cloned().unwrap_or_default(),
+            max_new_tokens: whole(s, "max_new_tokens")? as usize,
+            sampling: crate::model::generate::Sampling {
+                temperature: float(s, "temperature")?,
+                top_k: whole(s, "top_k")? as usize,
+                top_p: float(s, "top_p")?,
+                seed: whole(s, "seed")?,
+            },
+        }),
         Some(("logits", s)) => Invocation::Logits {
             checkpoint: s.get_one::<String>("checkpoint").map(PathBuf::from).unwrap_or_default(),
             ids: s.get_one::<String>("ids").cloned(),

@@ -45,7 +45,7 @@ fn report(p: &Progress) {
 
 /// The settings that say what a model is scored on: taken from the run's saved
 /// `difflab_config.json` unless a flag (or preset) sets them.
-const DATA_KEYS: [&str; 5] = ["dataset", "dataset_config", "subset_ratio", "tokenizer", "block_size"];
+const DATA_KEYS: [&str; 6] = ["dataset", "dataset_config", "subset_ratio", "tokenizer", "block_size", "eval_split"];
 
 /// The configuration an evaluation uses: the run's own data, tokenizer and block size (when the
 /// directory is difflab's), with explicit flags winning. Returns it and where it came from.
@@ -118,9 +118,10 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
     let blocks = max.map_or(validation_blocks, |m| m.min(validation_blocks));
     let data = if cfg.dataset == "wikitext" { format!("wikitext {}", cfg.dataset_config) } else { cfg.dataset.clone() };
     eprintln!(
-        "[eval] {} at step {}: {data}, validation split, {blocks} of {validation_blocks} blocks of {block_size} tokens, tokenizer {} ({origin})",
+        "[eval] {} at step {}: {data}, {} split, {blocks} of {validation_blocks} blocks of {block_size} tokens, tokenizer {} ({origin})",
         dir.display(),
         state.as_ref().map_or("unknown (no trainer_state.json)".to_string(), |s| s.global_step.to_string()),
+        cfg.eval_split.name(),
         cfg.tokenizer_spec(),
     );
     let gpt = Trainable::new(&model_cfg, weights)?.detached()?;
@@ -128,9 +129,11 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
     let (loss, predictions) = evaluate(&gpt, &stream, block_size, cfg.micro_batch_size, max, &device)
         .with_context(|| format!("evaluating {}", dir.display()))?;
     if predictions == 0 {
-        return Err(
-            BadInput(format!("the validation split has fewer than {block_size} tokens: lower --block_size")).into()
-        );
+        return Err(BadInput(format!(
+            "the {} split has fewer than {block_size} tokens: lower --block_size",
+            cfg.eval_split.name()
+        ))
+        .into());
     }
     let secs = started.elapsed().as_secs_f64();
     let tokens = predictions + predictions / (block_size as u64 - 1);
@@ -143,6 +146,7 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
         eval_tokens_per_second: tokens as f64 / secs.max(1e-9),
         eval_blocks: blocks as u64,
         validation_blocks: validation_blocks as u64,
+        split: cfg.eval_split.name().into(),
     });
     println!("{}", event.to_json_line());
     if let Some(line) = describe(&event) {

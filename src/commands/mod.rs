@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cli;
 pub mod eval;
+pub mod generate;
 pub mod golden;
 pub mod headless;
 pub mod lab;
@@ -105,6 +106,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             println!("{result}");
             Ok(ExitCode::SUCCESS)
         }
+        Invocation::Generate(args) => generate::run(&args),
         Invocation::Logits { checkpoint, ids, text } => logits::run(&checkpoint, ids.as_deref(), text.as_deref()),
         Invocation::GoldenCheck { golden, device, dtype } => {
             let device = crate::train::device::select(

@@ -93,6 +93,17 @@ pub const KEYS: &[Key] = &[
         "evaluate on at most N validation blocks (default: all); such evals are marked partial",
     ),
     key("overwrite_output_dir", Bool, "clear an output_dir that holds an earlier run instead of refusing it"),
+    key(
+        "eval_split",
+        Str,
+        "the split evaluations run on: validation, or test (WikiText, or a folder with a test file)",
+    ),
+    key("eval_on_start", Bool, "evaluate the untrained model at step 0 too (HF Trainer's eval_on_start)"),
+    key(
+        "sample_prompt",
+        OptStr,
+        "at each evaluation, continue this text (48 tokens, temperature 0.8, top-k 40, the run's seed) into the log",
+    ),
 ];
 
 /// Keys a preset file may hold besides the run settings.

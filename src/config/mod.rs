@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::TokenizerSpec;
+use crate::data::{Split, TokenizerSpec};
 use crate::model::GptConfig;
 use crate::optim::ScheduleKind;
 
@@ -91,6 +91,9 @@ pub struct RunConfig {
     pub rope_theta: f64,
     pub eval_max_blocks: Option<u64>,
     pub overwrite_output_dir: bool,
+    pub eval_split: Split,
+    pub eval_on_start: bool,
+    pub sample_prompt: Option<String>,
 }
 
 impl Default for RunConfig {
@@ -141,6 +144,9 @@ impl Default for RunConfig {
             rope_theta: 10_000.0,
             eval_max_blocks: None,
             overwrite_output_dir: false,
+            eval_split: Split::Validation,
+            eval_on_start: false,
+            sample_prompt: None,
         }
     }
 }

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use super::keys::{canonical_key, check_value};
 use super::preset::Preset;
 use super::{ConfigError, DeviceSpec, Precision, RunConfig};
-use crate::data::TokenizerSpec;
+use crate::data::{Split, TokenizerSpec};
 use crate::optim::ScheduleKind;
 
 /// Where a value came from, for error messages.
@@ -98,6 +98,7 @@ const TYPED_KEYS: &[(&str, &str)] = &[
     ("device", "use auto, cpu, cuda or cuda:N"),
     ("dtype", "use f32, or bf16 on CUDA"),
     ("tokenizer", "use gpt2, byte, bpe:N (e.g. bpe:8192) or a tokenizer.json path"),
+    ("eval_split", "use validation, or test"),
 ];
 
 fn parse_typed(key: &str, v: &str) -> Result<(), String> {
@@ -105,6 +106,11 @@ fn parse_typed(key: &str, v: &str) -> Result<(), String> {
         "lr_scheduler_type" => v.parse::<ScheduleKind>().map(drop),
         "device" => v.parse::<DeviceSpec>().map(drop),
         "dtype" => v.parse::<Precision>().map(drop),
+        // training text is not an evaluation split: its loss is the train loss
+        "eval_split" => match v.parse::<Split>()? {
+            Split::Train => Err("evaluations run on held-out text".into()),
+            _ => Ok(()),
+        },
         _ => v.parse::<TokenizerSpec>().map(drop),
     }
 }

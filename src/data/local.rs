@@ -1,6 +1,9 @@
 //! Local datasets: a `.txt` (a row per line), `.parquet` (column `text`) or `.jsonl` (field
-//! `text`) file, or a folder holding train and validation files. A single file holds out its
-//! last rows for validation.
+//! `text`) file, or a folder holding train and validation files (and optionally test). A
+//! single file holds out its last rows for validation.
+//!
+//! A folder may be laid out as the WikiText zips unpack: `wiki.train.raw`, `wiki.valid.raw`,
+//! `wiki.test.raw` (or `.tokens`), read as text, one row per line.
 
 use std::path::{Path, PathBuf};
 
@@ -12,10 +15,28 @@ pub const VALIDATION_FRACTION: f64 = 0.05;
 #[derive(Debug, Clone, PartialEq)]
 pub enum LocalDataset {
     File(PathBuf),
-    Folder { train: PathBuf, validation: PathBuf },
+    Folder { train: PathBuf, validation: PathBuf, test: Option<PathBuf> },
 }
 
-const EXTENSIONS: [&str; 3] = ["txt", "parquet", "jsonl"];
+/// `.raw` and `.tokens` are the WikiText zips' own text files.
+const EXTENSIONS: [&str; 5] = ["txt", "parquet", "jsonl", "raw", "tokens"];
+
+/// Which split a file in a dataset folder holds, from the words of its name:
+/// `train.txt`, `validation-00000.parquet`, `wiki.valid.raw`, `my_test.jsonl`.
+fn split_of(file: &Path) -> Option<Split> {
+    let stem = file.file_stem()?.to_str()?.to_ascii_lowercase();
+    let words: Vec<&str> = stem.split(['.', '-', '_']).collect();
+    let has = |names: &[&str]| words.iter().any(|w| names.contains(w));
+    if has(&["train"]) {
+        Some(Split::Train)
+    } else if has(&["validation", "valid", "val"]) {
+        Some(Split::Validation)
+    } else if has(&["test"]) {
+        Some(Split::Test)
+    } else {
+        None
+    }
+}
 
 fn supported(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e))
@@ -24,28 +45,21 @@ fn supported(path: &Path) -> bool {
 impl LocalDataset {
     pub fn resolve(path: &Path) -> Result<Self, DataError> {
         if path.is_dir() {
-            let find = |prefixes: &[&str]| -> Option<PathBuf> {
-                let mut files: Vec<PathBuf> =
-                    std::fs::read_dir(path).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
-                files.sort();
-                files.into_iter().find(|f| {
-                    let stem = f.file_stem().and_then(|s| s.to_str()).unwrap_or("");
-                    supported(f)
-                        && prefixes.iter().any(|p| {
-                            stem == *p
-                                || stem.starts_with(&format!("{p}."))
-                                || stem.starts_with(&format!("{p}-"))
-                                || stem.starts_with(&format!("{p}_"))
-                        })
-                })
-            };
-            let train = find(&["train"]);
-            let validation = find(&["validation", "valid", "val"]);
-            return match (train, validation) {
-                (Some(train), Some(validation)) => Ok(LocalDataset::Folder { train, validation }),
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| DataError::unreadable(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| supported(f))
+                .collect();
+            // `.raw` before `.tokens`, `train.jsonl` before `train.txt`: the same pick every time
+            files.sort();
+            let find = |split: Split| files.iter().find(|f| split_of(f) == Some(split)).cloned();
+            return match (find(Split::Train), find(Split::Validation)) {
+                (Some(train), Some(validation)) => {
+                    Ok(LocalDataset::Folder { train, validation, test: find(Split::Test) })
+                }
                 _ => Err(DataError::Format {
                     path: path.into(),
-                    reason: "a dataset folder needs a train file and a validation file (train.txt and validation.txt, or .parquet/.jsonl)".into(),
+                    reason: "a dataset folder needs a train file and a validation file (train.txt and validation.txt, .parquet/.jsonl, or the WikiText zip's wiki.train.raw and wiki.valid.raw)".into(),
                 }),
             };
         }
@@ -75,15 +89,32 @@ impl LocalDataset {
         };
         match self {
             LocalDataset::File(p) => format!("file/{}", stamp(p)),
-            LocalDataset::Folder { train, validation } => format!("folder/{}/{}", stamp(train), stamp(validation)),
+            LocalDataset::Folder { train, validation, test } => format!(
+                "folder/{}/{}{}",
+                stamp(train),
+                stamp(validation),
+                test.as_deref().map(|t| format!("/{}", stamp(t))).unwrap_or_default()
+            ),
         }
     }
 
     pub fn rows(&self, split: Split) -> Result<Vec<String>, DataError> {
         match self {
-            LocalDataset::Folder { train, validation } => {
-                read_rows(if split == Split::Train { train } else { validation })
-            }
+            LocalDataset::Folder { train, validation, test } => match split {
+                Split::Train => read_rows(train),
+                Split::Validation => read_rows(validation),
+                Split::Test => read_rows(test.as_ref().ok_or_else(|| DataError::NoSplit {
+                    dataset: validation.parent().unwrap_or(validation).display().to_string(),
+                    split: "test",
+                    fix: "add a test file (test.txt, or the WikiText zip's wiki.test.raw) or use --eval_split validation"
+                        .into(),
+                })?),
+            },
+            LocalDataset::File(path) if split == Split::Test => Err(DataError::NoSplit {
+                dataset: path.display().to_string(),
+                split: "test",
+                fix: "a single file splits into train and validation only; give a folder with a test file or use --eval_split validation".into(),
+            }),
             LocalDataset::File(path) => {
                 let mut rows = read_rows(path)?;
                 if rows.len() < 2 {

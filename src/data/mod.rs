@@ -22,10 +22,14 @@ pub use spec::TokenizerSpec;
 pub use token_cache::TokenStream;
 pub use tokenizer::Tokenizer;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A dataset split. Evaluation runs on `validation` unless a run asks for `test`
+/// (`--eval_split test`, to report the held-out test split once the model is chosen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Split {
     Train,
     Validation,
+    Test,
 }
 
 impl Split {
@@ -33,7 +37,33 @@ impl Split {
         match self {
             Split::Train => "train",
             Split::Validation => "validation",
+            Split::Test => "test",
         }
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "train" => Ok(Split::Train),
+            "validation" => Ok(Split::Validation),
+            "test" => Ok(Split::Test),
+            _ => Err(format!("unknown split {s:?} (train, validation or test)")),
+        }
+    }
+}
+
+impl TryFrom<String> for Split {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Split> for String {
+    fn from(s: Split) -> String {
+        s.name().into()
     }
 }
 
@@ -78,6 +108,8 @@ pub enum DataError {
     Format { path: PathBuf, reason: String },
     #[error("tokenizer {spec:?}: {reason}")]
     Tokenizer { spec: String, reason: String },
+    #[error("{dataset} has no {split} split; {fix}")]
+    NoSplit { dataset: String, split: &'static str, fix: String },
     #[error("the {split} split has {tokens} tokens, fewer than one block of {block_size}; fix: lower block_size or use more data (subset_ratio)")]
     TooSmall { split: &'static str, tokens: usize, block_size: usize },
     #[error("token {id} in the {split} split is outside the model's vocabulary of {vocab}; the data was tokenized with another tokenizer")]
@@ -154,10 +186,15 @@ impl Source {
                 progress(Progress::task("generating the built-in corpus", false));
                 let corpus = builtin::generate(BUILTIN_SEED);
                 progress(Progress::task("generating the built-in corpus", true));
-                Ok(match split {
-                    Split::Train => corpus.train,
-                    Split::Validation => corpus.validation,
-                })
+                match split {
+                    Split::Train => Ok(corpus.train),
+                    Split::Validation => Ok(corpus.validation),
+                    Split::Test => Err(DataError::NoSplit {
+                        dataset: "builtin".into(),
+                        split: "test",
+                        fix: "the built-in corpus has train and validation only; use --eval_split validation".into(),
+                    }),
+                }
             }
             Source::Local(l) => l.rows(split),
         }

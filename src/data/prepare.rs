@@ -15,6 +15,8 @@ pub struct DataConfig {
     pub subset_ratio: f64,
     /// Resolved tokenizer spec (no `auto`).
     pub tokenizer: TokenizerSpec,
+    /// The split evaluations run on: validation, or test when a run reports it.
+    pub eval_split: Split,
     /// difflab's cache: token files and trained tokenizers.
     pub cache_dir: PathBuf,
 }
@@ -34,6 +36,7 @@ pub fn default_cache_dir() -> PathBuf {
 pub struct PreparedData {
     pub tokenizer: Tokenizer,
     pub train: TokenStream,
+    /// The evaluation split (`DataConfig::eval_split`: validation unless test was asked for).
     pub validation: TokenStream,
     /// What happened, for the log: cache hits, rebuilds, throughput.
     pub notes: Vec<String>,
@@ -88,8 +91,9 @@ fn tokenized_validation(
     notes: &mut Vec<String>,
     progress: &ProgressFn,
 ) -> Result<TokenStream, DataError> {
-    let id = format!("{}|validation", source.identity());
-    tokenized(cfg, tokenizer, Split::Validation, &id, &mut || source.rows(Split::Validation, progress), notes, progress)
+    let split = cfg.eval_split;
+    let id = format!("{}|{}", source.identity(), split.name());
+    tokenized(cfg, tokenizer, split, &id, &mut || source.rows(split, progress), notes, progress)
 }
 
 /// A split's tokens from the cache, or tokenized (and cached) from its rows.

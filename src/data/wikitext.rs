@@ -21,6 +21,7 @@ pub fn files(config: &str, split: Split) -> Vec<HubFile> {
         }
         Split::Train => vec![format!("{config}/train-00000-of-00001.parquet")],
         Split::Validation => vec![format!("{config}/validation-00000-of-00001.parquet")],
+        Split::Test => vec![format!("{config}/test-00000-of-00001.parquet")],
     };
     names
         .into_iter()

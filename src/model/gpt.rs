@@ -56,9 +56,9 @@ impl LayerNorm {
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    c_attn: Conv1D,
-    c_proj: Conv1D,
-    n_head: usize,
+    pub(super) c_attn: Conv1D,
+    pub(super) c_proj: Conv1D,
+    pub(super) n_head: usize,
 }
 
 impl Attention {
@@ -115,8 +115,8 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    c_fc: Conv1D,
-    c_proj: Conv1D,
+    pub(super) c_fc: Conv1D,
+    pub(super) c_proj: Conv1D,
 }
 
 impl Mlp {
@@ -132,10 +132,10 @@ impl Mlp {
 
 #[derive(Debug, Clone)]
 pub struct Block {
-    ln_1: LayerNorm,
-    attn: Attention,
-    ln_2: LayerNorm,
-    mlp: Mlp,
+    pub(super) ln_1: LayerNorm,
+    pub(super) attn: Attention,
+    pub(super) ln_2: LayerNorm,
+    pub(super) mlp: Mlp,
 }
 
 impl Block {
@@ -182,10 +182,10 @@ pub struct Embedded {
 
 #[derive(Debug, Clone)]
 pub struct Gpt {
-    wte: Tensor,
-    wpe: Option<Tensor>,
-    h: Vec<Block>,
-    ln_f: LayerNorm,
+    pub(super) wte: Tensor,
+    pub(super) wpe: Option<Tensor>,
+    pub(super) h: Vec<Block>,
+    pub(super) ln_f: LayerNorm,
     cfg: GptConfig,
     /// Activation dtype: f32 on CPU; bf16 on CUDA with `dtype: bf16` (weights stay f32).
     dtype: DType,

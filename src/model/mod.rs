@@ -5,6 +5,7 @@ pub mod config;
 pub mod cpu_step;
 pub mod diagnostics;
 pub mod dropout;
+pub mod generate;
 pub mod gpt;
 pub mod hf;
 pub mod ops;

@@ -45,10 +45,16 @@ impl RotaryTables {
 
     /// Rotates `xs (B, H, T, hd)` by position.
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+        self.apply_from(xs, 0)
+    }
+
+    /// Rotates `xs (B, H, T, hd)` whose first row sits at position `start` (generation with a
+    /// KV cache: the new tokens come after `start` cached ones).
+    pub fn apply_from(&self, xs: &Tensor, start: usize) -> Result<Tensor> {
         let (_b, _h, seq_len, hd) = xs.dims4()?;
         let dtype = xs.dtype();
-        let cos = self.cos.narrow(0, 0, seq_len)?.to_dtype(dtype)?;
-        let sin = self.sin.narrow(0, 0, seq_len)?.to_dtype(dtype)?;
+        let cos = self.cos.narrow(0, start, seq_len)?.to_dtype(dtype)?;
+        let sin = self.sin.narrow(0, start, seq_len)?.to_dtype(dtype)?;
         let x1 = xs.narrow(D::Minus1, 0, hd / 2)?;
         let x2 = xs.narrow(D::Minus1, hd / 2, hd / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;

@@ -93,6 +93,9 @@ pub fn describe(event: &Event) -> Option<String> {
         }
         Event::Control(c) => format!("[control {:>4}] {} from {} (lr x{})", c.step, c.action, c.origin, c.lr_scale),
         Event::Skipped(s) => format!("[skip  {:>6}] {}: no update ({} in a row)", s.step, s.reason, s.consecutive),
+        Event::Sample(s) => {
+            format!("[sample {:>5}] {:?} -> {:?} ({})", s.step, s.prompt, s.text, s.sampling)
+        }
         Event::TrainEnd(e) => format!(
             "[end] {} at step {} | train loss {} | eval loss {} | perplexity {} | {:.1}s | {} tok/s",
             e.status,

@@ -14,13 +14,14 @@ use super::controls::{Clock, Controller, StopSignal};
 use super::step::{evaluate_part, forward_backward, Accumulated, EvalPart, MicroBatch};
 use super::{device, emit, Injection, RunSpec, TrainError};
 use crate::config::{Precision, RunConfig};
-use crate::data::{self, Batcher, DataConfig, EpochOrder, PreparedData, TokenizerSpec};
+use crate::data::{self, Batcher, DataConfig, EpochOrder, PreparedData, Tokenizer, TokenizerSpec};
 use crate::engine::Engine;
 use crate::events::*;
 use crate::model::diagnostics::{norm_stats, HISTOGRAM_BINS};
 use crate::model::dropout::Dropout;
+use crate::model::generate::{generate, Sampling};
 use crate::model::params::init_weights;
-use crate::model::{GptConfig, Trainable};
+use crate::model::{Gpt, GptConfig, Trainable};
 use crate::optim::grads::Grads;
 use crate::optim::{self, AdamW, AdamWConfig, LrSchedule};
 
@@ -33,6 +34,7 @@ pub fn data_config(cfg: &RunConfig, cache_dir: &Path) -> DataConfig {
         dataset_config: cfg.dataset_config.clone(),
         subset_ratio: cfg.subset_ratio,
         tokenizer: cfg.tokenizer_spec(),
+        eval_split: cfg.eval_split,
         cache_dir: cache_dir.to_path_buf(),
     }
 }
@@ -326,6 +328,10 @@ fn train_loop(
     let mut order: Option<EpochOrder> = None;
     let mut consecutive_skips = 0u64;
 
+    // the untrained model's score (HF Trainer's eval_on_start): where every curve starts
+    if cfg.eval_on_start && run.state.global_step == 0 {
+        evaluate_now(run, s, 0, emit_ev)?;
+    }
     while run.state.global_step < total_steps {
         let step = run.state.global_step;
         apply_controls(run, ctl, s, step, emit_ev)?;
@@ -636,11 +642,38 @@ fn evaluate_now(run: &mut Run, s: &mut Session, step: u64, emit_ev: &mut dyn FnM
         eval_tokens_per_second: tokens as f64 / secs.max(1e-9),
         eval_blocks: predictions / (cfg.block_size as u64 - 1),
         validation_blocks,
+        split: cfg.eval_split.name().into(),
     };
     note_eval(&mut run.state, &rec);
     emit_ev(Event::Evaluate(rec.clone()));
     s.last_eval = Some(rec);
+    if let (Some(prompt), true) = (&cfg.sample_prompt, world.is_root()) {
+        emit_ev(Event::Sample(sample(&gpt, &run.data.tokenizer, prompt, step, cfg.seed)?));
+    }
     Ok(())
+}
+
+/// The `sample_prompt` continuation: 48 tokens, temperature 0.8, top-k 40, the run's seed (the
+/// same draw at every evaluation, so what changes is the model).
+fn sample(gpt: &Gpt, tokenizer: &Tokenizer, prompt: &str, step: u64, seed: u64) -> Result<SampleRecord, TrainError> {
+    let sampling = Sampling { temperature: 0.8, top_k: 40, top_p: 1.0, seed };
+    let mut ids = tokenizer.encode(prompt)?;
+    if ids.is_empty() {
+        ids.extend(tokenizer.end_of_text_id());
+    }
+    let text = match ids.is_empty() {
+        true => String::new(),
+        false => {
+            let out = generate(gpt, &ids, 48, &sampling, tokenizer.end_of_text_id(), &mut |_| {})?;
+            tokenizer.decode(&out)?
+        }
+    };
+    Ok(SampleRecord {
+        step,
+        prompt: prompt.into(),
+        text,
+        sampling: format!("temperature {}, top-k {}, seed {seed}", sampling.temperature, sampling.top_k),
+    })
 }
 
 fn note_eval(state: &mut TrainerState, rec: &EvalRecord) {

@@ -1,0 +1,103 @@
+//! The research answer's pieces from the command line: a step-0 evaluation, samples in the
+//! log, `generate` from a trained checkpoint, and the WikiText zip's folder with its test split.
+
+mod common;
+
+use common::{difflab, json_lines, tiny_corpus, tiny_flags};
+
+fn events<'a>(lines: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    lines.iter().filter(|e| e["event"] == kind).collect()
+}
+
+#[test]
+fn eval_on_start_scores_the_untrained_model_and_samples_are_logged_and_generation_is_deterministic() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let out = home.path().join("run");
+    let mut flags = tiny_flags(&corpus, &out);
+    // long enough for the tiny model to learn the corpus's words (a second on 2 cores)
+    flags.extend(["--eval_on_start", "true", "--sample_prompt", "the cat", "--max_steps", "300"].map(String::from));
+    flags.extend(["--eval_steps", "100", "--save_steps", "100"].map(String::from));
+    let run = difflab(home.path()).arg("train").args(&flags).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+
+    let metrics = json_lines(&std::fs::read_to_string(out.join("metrics.jsonl")).unwrap());
+    let evals = events(&metrics, "evaluate");
+    let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 100, 200, 300], "an evaluation at step 0, then every eval_steps");
+    // the untrained byte model sits near ln(vocab); training takes it well below
+    let (first, last) = (evals[0]["eval_loss"].as_f64().unwrap(), evals[3]["eval_loss"].as_f64().unwrap());
+    assert!(first > 4.0 && last < first - 1.0, "eval loss {first} -> {last}");
+    let samples = events(&metrics, "sample");
+    assert_eq!(samples.len(), 4, "a sample at each evaluation");
+    assert!(samples.iter().all(|s| s["prompt"] == "the cat" && !s["text"].as_str().unwrap().is_empty()));
+
+    let generate = |extra: &[&str]| {
+        let out = difflab(home.path())
+            .args(["generate", "--checkpoint", &out.display().to_string(), "--prompt", "the cat"])
+            .args(["--max_new_tokens", "40"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (greedy, stderr) = generate(&["--temperature", "0"]);
+    assert!(greedy.starts_with("the cat") && greedy.len() > "the cat".len() + 20, "{greedy:?}");
+    assert_eq!(generate(&["--temperature", "0"]).0, greedy, "greedy decoding is deterministic");
+    assert!(stderr.contains("tokens/s") && stderr.contains("differential + RoPE"), "{stderr}");
+    // a trained model continues the corpus's words: most of what it writes is from them
+    let words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it", "."];
+    let written: Vec<&str> = greedy["the cat".len()..].split_whitespace().collect();
+    let known = written.iter().filter(|w| words.contains(w)).count();
+    assert!(known * 10 >= written.len() * 8, "{known} of {} words from the corpus: {greedy:?}", written.len());
+    // sampling follows its seed
+    let (a, b) = (generate(&["--seed", "3"]).0, generate(&["--seed", "3"]).0);
+    assert_eq!(a, b);
+
+    let bad =
+        difflab(home.path()).args(["generate", "--checkpoint", &home.path().display().to_string()]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no config.json"));
+}
+
+#[test]
+fn the_wikitext_zip_layout_trains_and_reports_its_test_split() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = std::fs::read_to_string(tiny_corpus(home.path())).unwrap();
+    let lines: Vec<&str> = corpus.lines().collect();
+    let folder = home.path().join("wikitext-2-raw");
+    std::fs::create_dir(&folder).unwrap();
+    // as the zip unpacks: wiki.train.raw, wiki.valid.raw, wiki.test.raw; the test text differs
+    std::fs::write(folder.join("wiki.train.raw"), lines[..2400].join("\n")).unwrap();
+    std::fs::write(folder.join("wiki.valid.raw"), lines[2400..2700].join("\n")).unwrap();
+    let test: String = lines[2700..].iter().map(|l| format!("{}\n", l.to_uppercase())).collect();
+    std::fs::write(folder.join("wiki.test.raw"), test).unwrap();
+    let run = |split: &str, out: &str| {
+        let mut flags = tiny_flags(&folder, &home.path().join(out));
+        flags.extend(["--eval_split", split, "--max_steps", "10"].map(String::from));
+        let o = difflab(home.path()).arg("train").args(&flags).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let lines = json_lines(&String::from_utf8(o.stdout).unwrap());
+        let last = events(&lines, "evaluate").last().copied().cloned().unwrap();
+        (last, String::from_utf8(o.stderr).unwrap())
+    };
+    let (valid, _) = run("validation", "v");
+    let (test, stderr) = run("test", "t");
+    assert_eq!(valid["split"], "validation");
+    assert_eq!(test["split"], "test");
+    assert!(stderr.contains("on the test split"), "the human line names the split: {stderr}");
+    // upper-case bytes were never trained on: the test split scores far worse
+    assert!(test["eval_loss"].as_f64().unwrap() > valid["eval_loss"].as_f64().unwrap() + 0.5);
+
+    // a single file has no test split: refused, naming the fix
+    let mut flags = tiny_flags(&folder.join("wiki.train.raw"), &home.path().join("f"));
+    flags.extend(["--eval_split", "test"].map(String::from));
+    let o = difflab(home.path()).arg("train").args(&flags).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no test split") && err.contains("--eval_split validation"), "{err}");
+    let o = difflab(home.path()).args(["train", "--eval_split", "train"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("eval_split"));
+}
