@@ -44,8 +44,11 @@ fn a_learning_rate_sweep_marks_divergence_and_stalls_and_suggests_a_range() {
     let steps: Vec<u64> = summary["trials"].as_array().unwrap().iter().map(|t| t["steps"].as_u64().unwrap()).collect();
     assert!(steps[0] < 40 && steps[2] < 40 && steps[1] == 40, "bad trials end early: {steps:?}");
     assert_eq!(summary["highest_stable"].as_f64(), Some(3e-3));
-    assert_eq!(summary["recommended"].as_f64(), Some(1.5e-3));
-    assert!(stdout.contains("stable up to learning_rate 3e-3"), "{stdout}");
+    // the only stable trial is the best evaluated one; the tutor's notch is half of it
+    assert_eq!(summary["recommended"].as_f64(), Some(3e-3));
+    assert_eq!(summary["one_notch_lower"].as_f64(), Some(1.5e-3), "no lower stable value: half");
+    assert!(stdout.contains("recommended learning_rate 3e-3: lowest eval loss"), "{stdout}");
+    assert!(stdout.contains("stable up to 3e-3"), "{stdout}");
     for label in ["learning_rate-10.0", "learning_rate-0.003", "learning_rate-1e-7"] {
         assert!(out.join(label).join("metrics.jsonl").is_file(), "{label} has its own logs");
     }
@@ -85,6 +88,9 @@ fn the_lr_range_test_suggests_lrs_and_leaves_the_run_alone() {
     let result: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
     let (steep, valley) = (result["steepest"].as_f64().unwrap(), result["valley"].as_f64().unwrap());
     assert!((1e-5..1.0).contains(&steep) && (1e-5..1.0).contains(&valley), "{result}");
+    // the human summary on stderr, each suggestion labelled
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("[lr-find] lowest loss") && stderr.contains("valley (fastai's default pick)"), "{stderr}");
     assert!(out.join("lr_find/lr_find.png").is_file() && out.join("lr_find/lr_find.json").is_file());
     let entries: Vec<String> =
         std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();

@@ -249,6 +249,8 @@ fn sweep_view_80x24() {
         trials,
         highest_stable: Some(1e-2),
         recommended: Some(1e-3),
+        recommended_by: Some("lowest eval loss 2.7000 among 2 stable trials".into()),
+        one_notch_lower: Some(1e-4),
     })));
     let t = draw(&app, 80, 24);
     assert!(t.backend().to_string().contains("recommended"));

@@ -146,13 +146,8 @@ impl Overlay {
                 self.finished = true;
                 self.status = "done - q to exit".into();
                 self.marks = [suggestions.steepest, suggestions.valley].into_iter().flatten().map(f64::log10).collect();
-                let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.2e}"));
-                self.table = vec![
-                    format!("steepest descent: {}", f(suggestions.steepest)),
-                    format!("valley:           {}", f(suggestions.valley)),
-                    curve.stopped.clone().unwrap_or_else(|| format!("ran all {} steps", curve.lrs.len())),
-                    format!("plot: {}", dir.join("lr_find.png").display()),
-                ];
+                self.table = crate::sweep::lr_find::summary(curve, suggestions);
+                self.table.extend([format!("plot: {}", dir.join("lr_find.png").display())]);
             }
         }
     }

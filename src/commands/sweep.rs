@@ -103,12 +103,12 @@ pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<Ex
                 eprintln!("[lr-find] lr {lr:.2e} loss {loss:.4} smoothed {smoothed:.4}")
             }
             LrFindEvent::Done { curve, suggestions, dir } => {
-                if let Some(why) = &curve.stopped {
-                    eprintln!("[lr-find] stopped: {why}");
+                for line in lr_find::summary(&curve, &suggestions) {
+                    eprintln!("[lr-find] {line}");
                 }
                 println!(
                     "{}",
-                    serde_json::json!({ "steepest": suggestions.steepest, "valley": suggestions.valley, "points": curve.lrs.len(), "plot": dir.join("lr_find.png") })
+                    serde_json::json!({ "valley": suggestions.valley, "steepest": suggestions.steepest, "minimum": suggestions.minimum, "points": curve.lrs.len(), "stopped": curve.stopped, "plot": dir.join("lr_find.png") })
                 );
             }
         }

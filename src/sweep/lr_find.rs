@@ -1,7 +1,16 @@
 //! The learning-rate range test (Smith 2015; fastai's `lr_find`): train from the start for
 //! `num_steps` with the LR growing exponentially from `start_lr` to `end_lr`, record the
-//! debiased smoothed loss (beta 0.98), stop once it passes 4x the best, and suggest LRs: the
-//! steepest descent of the smoothed curve against log LR, and fastai's "valley".
+//! debiased exponentially smoothed loss, stop once it passes 4x its best (fastai's rule), and
+//! suggest LRs: fastai's "valley", the steepest descent, and the minimum's LR / 10.
+//!
+//! Where this differs from fastai, and why: fastai smooths with beta 0.98, a memory of ~50
+//! points, which assumes hundreds of noisy batches. Over the default 100 points the loss falls
+//! and blows up within ~20 of them, and 0.98 lags so far that the smoothed minimum sat at 6.31
+//! while the raw loss reached 3.15, and the stop fired at LR 5.7 with raw loss 383. So the
+//! smoothing's memory is 4% of the run (beta = 1 - 25/steps: 0.75 at 100 steps, fastai's own 0.98
+//! from 1250), the stop rule is fastai's on that curve, and the suggestions read a zero-lag
+//! curve (the same smoothing run forwards, then backwards) so the steepest fall is found where
+//! it is, not a few points late.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,34 +19,55 @@ pub fn lr_at(i: usize, n: usize, start: f64, end: f64) -> f64 {
     start * (end / start).powf(i as f64 / (n.max(2) - 1) as f64)
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// fastai's beta, kept once a run is long enough for it.
+pub const FASTAI_BETA: f64 = 0.98;
+pub const STOP_RATIO: f64 = 4.0;
+
+/// The smoothing for a test of `steps` points: a memory (1 / (1 - beta)) of 4% of them,
+/// between 2 points and fastai's 50.
+pub fn beta_for(steps: usize) -> f64 {
+    (1.0 - 25.0 / steps.max(1) as f64).clamp(0.5, FASTAI_BETA)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Curve {
+    pub beta: f64,
     pub lrs: Vec<f64>,
     pub losses: Vec<f64>,
-    /// Debiased EMA (beta 0.98) of `losses`.
+    /// Debiased EMA of `losses` (fastai's `AvgSmoothLoss`), causal: what the stop rule reads.
     pub smoothed: Vec<f64>,
     /// Why it stopped early, if it did.
     pub stopped: Option<String>,
+    /// The lowest smoothed loss so far, and its index.
+    #[serde(skip)]
+    best: Option<(f64, usize)>,
+    #[serde(skip)]
+    average: f64,
 }
 
-pub const BETA: f64 = 0.98;
-pub const STOP_RATIO: f64 = 4.0;
-
 impl Curve {
-    /// Records a step; returns false once the test should stop.
+    pub fn new(beta: f64) -> Self {
+        Self { beta, lrs: vec![], losses: vec![], smoothed: vec![], stopped: None, best: None, average: 0.0 }
+    }
+
+    /// Records a step; returns false once the test should stop: a non-finite loss, or the
+    /// smoothed loss above `STOP_RATIO` x its lowest (fastai's `stop_div`).
     pub fn push(&mut self, lr: f64, loss: f64) -> bool {
         if !loss.is_finite() {
             self.stopped = Some(format!("non-finite loss at LR {lr:.2e}"));
             return false;
         }
         let n = self.losses.len() as i32 + 1;
-        let prev = self.smoothed.last().map_or(0.0, |s| s * (1.0 - BETA.powi(n - 1)));
-        let avg = BETA * prev + (1.0 - BETA) * loss;
-        let smooth = avg / (1.0 - BETA.powi(n));
+        // fastai: val = lerp(loss, val, beta); value = val / (1 - beta^count)
+        self.average = self.beta * self.average + (1.0 - self.beta) * loss;
+        let smooth = self.average / (1.0 - self.beta.powi(n));
         self.lrs.push(lr);
         self.losses.push(loss);
         self.smoothed.push(smooth);
-        let best = self.smoothed.iter().copied().fold(f64::INFINITY, f64::min);
+        if self.best.is_none_or(|(b, _)| smooth < b) {
+            self.best = Some((smooth, self.smoothed.len() - 1));
+        }
+        let best = self.best.map_or(smooth, |(b, _)| b);
         if n > 1 && smooth > STOP_RATIO * best {
             self.stopped =
                 Some(format!("smoothed loss {smooth:.3} passed {STOP_RATIO} x the best {best:.3} at LR {lr:.2e}"));
@@ -45,33 +75,66 @@ impl Curve {
         }
         true
     }
+
+    /// The smoothing without lag: the debiased EMA forwards, then the same backwards over the
+    /// result, so a fall or a minimum stays where the raw loss has it.
+    pub fn centred(&self) -> Vec<f64> {
+        let pass = |xs: &mut dyn Iterator<Item = f64>| -> Vec<f64> {
+            let (mut avg, mut out) = (0.0, vec![]);
+            for (i, x) in xs.enumerate() {
+                avg = self.beta * avg + (1.0 - self.beta) * x;
+                out.push(avg / (1.0 - self.beta.powi(i as i32 + 1)));
+            }
+            out
+        };
+        let forward = pass(&mut self.losses.iter().copied());
+        let mut back = pass(&mut forward.iter().rev().copied());
+        back.reverse();
+        back
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Suggestions {
-    /// Where the smoothed loss falls fastest against log LR.
-    pub steepest: Option<f64>,
     /// fastai's default: a point two thirds down the longest valley of the curve.
     pub valley: Option<f64>,
+    /// Where the loss falls fastest against log LR.
+    pub steepest: Option<f64>,
+    /// A tenth of the LR at the lowest loss (fastai's `minimum`).
+    pub minimum: Option<f64>,
+    /// The lowest smoothed loss (the causal curve fastai plots) and the raw loss's lowest.
+    pub lowest_smoothed: Option<f64>,
+    pub lowest_raw: Option<f64>,
 }
 
 /// The points suggestions look at: fastai drops the first tenth and the last five.
-fn trimmed(c: &Curve) -> (&[f64], &[f64]) {
-    let n = c.smoothed.len();
+fn trimmed(losses: &[f64]) -> (usize, usize) {
+    let n = losses.len();
     let start = n / 10;
-    let end = n.saturating_sub(5).max(start);
-    (&c.lrs[start..end], &c.smoothed[start..end])
+    (start, n.saturating_sub(5).max(start))
 }
 
 pub fn suggest(c: &Curve) -> Suggestions {
-    let (lrs, losses) = trimmed(c);
-    if lrs.len() < 3 {
-        return Suggestions { steepest: None, valley: None };
+    let centred = c.centred();
+    let (a, b) = trimmed(&centred);
+    let (lrs, losses) = (&c.lrs[a..b], &centred[a..b]);
+    let lowest = |xs: &[f64]| xs.iter().copied().filter(|x| x.is_finite()).min_by(f64::total_cmp);
+    let mut s = Suggestions {
+        valley: None,
+        steepest: None,
+        minimum: None,
+        lowest_smoothed: lowest(&c.smoothed),
+        lowest_raw: lowest(&c.losses),
+    };
+    if lrs.len() >= 3 {
+        s.valley = valley(lrs, losses);
+        s.steepest = steepest(lrs, losses);
+        s.minimum = losses.iter().enumerate().min_by(|x, y| x.1.total_cmp(y.1)).map(|(i, _)| lrs[i] / 10.0);
     }
-    Suggestions { steepest: steepest(lrs, losses), valley: valley(lrs, losses) }
+    s
 }
 
-/// The LR where `d loss / d log(lr)` is most negative.
+/// The LR where `d loss / d log(lr)` is most negative (the lower LR of the steepest pair).
 pub fn steepest(lrs: &[f64], losses: &[f64]) -> Option<f64> {
     (1..lrs.len().min(losses.len()))
         .map(|i| (i, (losses[i] - losses[i - 1]) / (lrs[i].ln() - lrs[i - 1].ln())))
@@ -106,24 +169,54 @@ pub fn valley(lrs: &[f64], losses: &[f64]) -> Option<f64> {
     lrs.get(idx).copied()
 }
 
+/// The test in words: what ran, why it stopped, the lowest loss, and each suggestion labelled.
+pub fn summary(c: &Curve, s: &Suggestions) -> Vec<String> {
+    let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2e}"));
+    let span = match (c.lrs.first(), c.lrs.last()) {
+        (Some(a), Some(b)) => format!("LR {a:.1e} to {b:.1e}"),
+        _ => "no points".into(),
+    };
+    vec![
+        format!(
+            "{} points, {span}, smoothing beta {:.2}; {}",
+            c.lrs.len(),
+            c.beta,
+            c.stopped.clone().unwrap_or_else(|| "ran every step".into())
+        ),
+        format!(
+            "lowest loss {} (raw {})",
+            s.lowest_smoothed.map_or("-".into(), |v| format!("{v:.3}")),
+            s.lowest_raw.map_or("-".into(), |v| format!("{v:.3}"))
+        ),
+        format!("valley (fastai's default pick): {}", f(s.valley)),
+        format!("steepest descent:               {}", f(s.steepest)),
+        format!("minimum / 10:                   {}", f(s.minimum)),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A classic range-test curve: flat, a steep fall centred on 1e-3, a floor, then a blow-up.
-    fn synthetic() -> Curve {
-        let mut c = Curve::default();
+    fn run(beta: f64, losses: impl Fn(f64) -> f64) -> Curve {
+        let mut c = Curve::new(beta);
         for i in 0..100 {
             let lr = lr_at(i, 100, 1e-7, 10.0);
-            let x = lr.log10();
-            // a logistic drop of 4 nats centred at log10 lr = -3, then exponential growth past 1e-1
-            let loss =
-                2.0 + 4.0 / (1.0 + ((x + 3.0) * 3.0).exp()) + if x > -1.0 { (x + 1.0).powi(2) * 30.0 } else { 0.0 };
-            if !c.push(lr, loss) {
+            if !c.push(lr, losses(lr.log10())) {
                 break;
             }
         }
         c
+    }
+
+    /// The reported shape: flat at ln(50257) = 10.8 until LR 1e-4, a fall to 3.15 centred on
+    /// 3e-3, then a blow-up that reaches hundreds by LR 1 (a GPT-2-vocabulary model), with a
+    /// little batch-to-batch noise. With beta 0.98 it gives what was reported: the smoothed
+    /// minimum ~2.5x the raw one, and a stop at raw loss ~380.
+    fn reported(x: f64) -> f64 {
+        let fall = 3.15 + 7.65 / (1.0 + ((x + 2.5) * 4.0).exp());
+        let noise = 0.03 * (x * 37.0).sin();
+        fall + noise + if x > -1.5 { 10f64.powf((x + 1.5) * 2.0) - 1.0 } else { 0.0 }
     }
 
     #[test]
@@ -131,19 +224,43 @@ mod tests {
         assert!((lr_at(0, 100, 1e-7, 10.0) - 1e-7).abs() < 1e-20);
         assert!((lr_at(99, 100, 1e-7, 10.0) - 10.0).abs() < 1e-9);
         assert!((lr_at(50, 101, 1e-6, 1.0) - 1e-3).abs() < 1e-12);
+        assert_eq!((beta_for(100), beta_for(2000), beta_for(10)), (0.75, 0.98, 0.5));
     }
 
     #[test]
-    fn it_stops_past_four_times_the_best_and_suggests_in_the_steep_part() {
-        let c = synthetic();
-        assert!(c.stopped.as_ref().is_some_and(|s| s.contains("passed 4")), "{:?}", c.stopped);
-        assert!(c.lrs.len() < 100);
-        let s = suggest(&c);
-        let steep = s.steepest.unwrap();
-        // smoothing lags the curve: the steepest smoothed descent sits just right of 1e-3
-        assert!((1e-3..1e-1).contains(&steep), "steepest {steep:e}");
-        let valley = s.valley.unwrap();
-        assert!((1e-4..1e-1).contains(&valley), "valley {valley:e}");
+    fn the_reported_curve_is_read_where_the_loss_is() {
+        // where the true curve falls fastest against log LR: its logistic's centre, 10^-2.5
+        let old = run(FASTAI_BETA, reported);
+        let old_s = suggest(&old);
+        let new = run(beta_for(100), reported);
+        let s = suggest(&new);
+        let raw_min = new.losses.iter().copied().fold(f64::INFINITY, f64::min);
+        // beta 0.98 (before): the smoothed curve never got near the raw minimum, and the stop
+        // fired long after the raw loss had blown past 4x it
+        assert!(old_s.lowest_smoothed.unwrap() > 1.5 * raw_min, "before: {:?}", old_s.lowest_smoothed);
+        let old_stop = *old.losses.last().unwrap();
+        assert!(old_stop > 20.0 * raw_min, "before: stopped at raw loss {old_stop}");
+        // now: the lowest smoothed loss within 15% of the raw minimum (a V two points wide
+        // cannot be smoothed without some loss of depth)
+        assert!(s.lowest_smoothed.unwrap() < 1.15 * raw_min, "{:?} vs raw {raw_min}", s.lowest_smoothed);
+        // the stop fires within 4 points of the raw loss passing 4x its minimum (before: 10),
+        // before the raw loss reaches 12x it (before: over 100x)
+        let first_over = new.losses.iter().position(|l| *l > STOP_RATIO * raw_min).unwrap();
+        assert!(new.losses.len() <= first_over + 4, "stopped {} points after", new.losses.len() - first_over);
+        assert!(*new.losses.last().unwrap() < 12.0 * raw_min, "stopped at raw {}", new.losses.last().unwrap());
+        assert!(new.stopped.as_ref().is_some_and(|w| w.contains("passed 4")), "{:?}", new.stopped);
+        // the steepest descent within a factor 3 of 10^-2.5, on the fall, not at the blow-up
+        let steep = s.steepest.unwrap().log10();
+        assert!((steep + 2.5).abs() < 0.5, "steepest at 1e{steep:.2}");
+        // fastai's valley: half way along the longest decreasing run, which starts on the
+        // slowly falling plateau here; below the bottom, never in the blow-up
+        let valley = s.valley.unwrap().log10();
+        assert!((-5.0..-2.0).contains(&valley), "valley at 1e{valley:.2}");
+        // before, the steepest descent of the lagging curve sat far from the fall's centre
+        let old_steep = old_s.steepest.unwrap().log10();
+        assert!((old_steep + 2.5).abs() > 1.0, "before: steepest at 1e{old_steep:.2}");
+        let words = summary(&new, &s).join("\n");
+        assert!(words.contains("valley (fastai's default pick)") && words.contains("lowest loss 3.7"), "{words}");
     }
 
     #[test]
@@ -155,6 +272,23 @@ mod tests {
         assert_eq!(valley(&lrs, &losses), Some(1e4));
         // the steepest fall is from index 1 to 2: reported at the lower LR of the pair
         assert_eq!(steepest(&lrs, &[3.0, 2.0, 0.5, 0.4]), Some(10.0));
+    }
+
+    #[test]
+    fn fastais_smoothing_is_debiased_and_the_centred_curve_has_no_lag() {
+        let mut c = Curve::new(0.98);
+        c.push(1e-3, 5.0);
+        // debiased: the first smoothed value is the first loss, not 2% of it
+        assert!((c.smoothed[0] - 5.0).abs() < 1e-12);
+        // a step from 5 to 1: the causal EMA is still above 1 at the end; the centred curve
+        // puts the fall where it is (its midpoint between the two levels at the step)
+        let mut c = Curve::new(0.75);
+        for i in 0..40 {
+            c.push(1e-3, if i < 20 { 5.0 } else { 1.0 });
+        }
+        let centred = c.centred();
+        assert!(c.smoothed[22] > 2.5 && centred[22] < 2.0, "causal {} centred {}", c.smoothed[22], centred[22]);
+        assert!(centred[14] > 4.5 && centred[26] < 1.5, "{} {}", centred[14], centred[26]);
     }
 }
 
@@ -225,7 +359,7 @@ pub fn run(
     }
     let batcher = Batcher { stream: &data.train, block_size: cfg.block_size };
     let per_epoch = blocks / cfg.batch_size;
-    let mut curve = Curve::default();
+    let mut curve = Curve::new(beta_for(range.steps));
     let accumulation = cfg.accumulation_steps();
     for i in 0..range.steps {
         let lr = lr_at(i, range.steps, range.start, range.end);
@@ -282,17 +416,18 @@ fn write(dir: &Path, curve: &Curve, s: &Suggestions) -> std::io::Result<()> {
     };
     let mut lines = vec![
         Line { label: "loss", points: pts(&curve.losses), color: figures::PALETTE[7], markers: false },
-        Line { label: "smoothed loss (EMA 0.98)", points: pts(&curve.smoothed), color: figures::BLUE, markers: false },
+        Line { label: "smoothed loss (zero lag)", points: pts(&curve.centred()), color: figures::BLUE, markers: false },
     ];
+    let centred = curve.centred();
     let mark = |lr: f64| {
         let i = curve.lrs.iter().position(|l| *l >= lr).unwrap_or(0);
-        vec![(lr.log10(), curve.smoothed.get(i).copied().unwrap_or(0.0))]
+        vec![(lr.log10(), centred.get(i).copied().unwrap_or(0.0))]
     };
     if let Some(lr) = s.steepest {
         lines.push(Line { label: "steepest descent", points: mark(lr), color: figures::RED, markers: true });
     }
     if let Some(lr) = s.valley {
-        lines.push(Line { label: "valley", points: mark(lr), color: figures::GREEN, markers: true });
+        lines.push(Line { label: "valley (fastai's pick)", points: mark(lr), color: figures::GREEN, markers: true });
     }
     let png = figures::chart("LR range test", XAxis::Log10Lr, "loss (nats per token)", lines, None)?;
     crate::atomic_file::write(&dir.join("lr_find.png"), &png.bytes)

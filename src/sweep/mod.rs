@@ -43,9 +43,14 @@ pub struct Summary {
     pub trials: Vec<TrialResult>,
     /// The highest learning rate that neither diverged, stalled nor lagged.
     pub highest_stable: Option<f64>,
-    /// One notch below it: the next lower stable value swept, else half of it (the tutor's
-    /// "one notch", 1e-4 -> 5e-5).
+    /// The evidence: the stable trial with the lowest final eval loss (the lowest best train
+    /// loss when no trial was evaluated; `recommended_by` says which).
     pub recommended: Option<f64>,
+    /// Why `recommended` was chosen: "lowest eval loss 1.7400 among 3 stable trials".
+    pub recommended_by: Option<String>,
+    /// The tutor's rule of thumb, kept apart from the evidence: the differential variant one
+    /// notch below the recommended LR (the next lower stable value swept, else half of it).
+    pub one_notch_lower: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -97,18 +102,44 @@ pub fn mark_lagging(key: &str, trials: &mut [TrialResult]) {
     }
 }
 
-/// The stable-range suggestion (learning-rate sweeps only): the highest completed value, and
-/// one notch below it.
-pub fn suggest(key: &str, trials: &[TrialResult]) -> (Option<f64>, Option<f64>) {
+/// What a learning-rate sweep suggests, from its trials.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Suggestion {
+    pub highest_stable: f64,
+    pub recommended: f64,
+    pub recommended_by: String,
+    pub one_notch_lower: f64,
+}
+
+/// The suggestion of a learning-rate sweep: among the stable trials ("completed": neither
+/// diverged, stalled nor lagging), the one with the lowest final eval loss (else the lowest
+/// best train loss, said so); the highest stable value beside it; and the tutor's "one notch
+/// lower" below the recommended one, labelled as a hint.
+pub fn suggest(key: &str, trials: &[TrialResult]) -> Option<Suggestion> {
     if key != "learning_rate" {
-        return (None, None);
+        return None;
     }
-    let mut stable: Vec<f64> =
-        trials.iter().filter(|t| t.status == "completed").filter_map(|t| t.value.as_f64()).collect();
-    stable.sort_by(f64::total_cmp);
-    let Some(&highest) = stable.last() else { return (None, None) };
-    let below = stable.iter().rev().nth(1).copied();
-    (Some(highest), Some(below.unwrap_or(highest / 2.0)))
+    let stable: Vec<&TrialResult> =
+        trials.iter().filter(|t| t.status == "completed" && t.value.as_f64().is_some()).collect();
+    let lr = |t: &TrialResult| t.value.as_f64().unwrap_or(f64::NAN);
+    let highest_stable = stable.iter().map(|t| lr(t)).max_by(f64::total_cmp)?;
+    let finite = |x: Option<f64>| x.filter(|v| v.is_finite());
+    let by_eval = stable.iter().filter_map(|t| Some((finite(t.eval_loss)?, lr(t)))).min_by(|a, b| a.0.total_cmp(&b.0));
+    let (recommended, recommended_by) = match by_eval {
+        Some((loss, lr)) => (lr, format!("lowest eval loss {loss:.4} among {} stable trials", stable.len())),
+        None => {
+            let (loss, lr) =
+                stable.iter().filter_map(|t| Some((finite(t.best_loss)?, lr(t)))).min_by(|a, b| a.0.total_cmp(&b.0))?;
+            (lr, format!("lowest train loss {loss:.4} among {} stable trials (no trial was evaluated)", stable.len()))
+        }
+    };
+    let below = stable.iter().map(|t| lr(t)).filter(|v| *v < recommended).max_by(f64::total_cmp);
+    Some(Suggestion {
+        highest_stable,
+        recommended,
+        recommended_by,
+        one_notch_lower: below.unwrap_or(recommended / 2.0),
+    })
 }
 
 pub struct SweepHandle {
@@ -193,8 +224,15 @@ fn run(
         trials.push(result);
     }
     mark_lagging(&key, &mut trials);
-    let (highest_stable, recommended) = suggest(&key, &trials);
-    let summary = Summary { key, trials, highest_stable, recommended };
+    let suggestion = suggest(&key, &trials);
+    let summary = Summary {
+        key,
+        trials,
+        highest_stable: suggestion.as_ref().map(|s| s.highest_stable),
+        recommended: suggestion.as_ref().map(|s| s.recommended),
+        recommended_by: suggestion.as_ref().map(|s| s.recommended_by.clone()),
+        one_notch_lower: suggestion.as_ref().map(|s| s.one_notch_lower),
+    };
     let _ = std::fs::create_dir_all(&root);
     let _ = crate::atomic_file::write(
         &root.join("summary.json"),
@@ -290,7 +328,7 @@ pub fn table(s: &Summary) -> String {
     // the value and its status first: what a narrow terminal still shows
     let mut out = format!(
         "{:<14} {:<10} {:>10} {:>10} {:>10} {:>9} {:>6}\n",
-        s.key, "status", "final", "best", "eval loss", "eval ppl", "steps"
+        s.key, "status", "train last", "train best", "eval loss", "eval ppl", "steps"
     );
     let f = |x: Option<f64>, p: usize| x.map_or("-".into(), |v| format!("{v:.p$}"));
     for t in &s.trials {
@@ -307,7 +345,15 @@ pub fn table(s: &Summary) -> String {
     }
     match (s.highest_stable, s.recommended) {
         (Some(h), Some(r)) => {
-            out.push_str(&format!("stable up to learning_rate {h:e}; recommended {r:e} (one notch below)\n"))
+            out.push_str(&format!(
+                "recommended learning_rate {r:e}: {}; stable up to {h:e}\n",
+                s.recommended_by.as_deref().unwrap_or("")
+            ));
+            if let Some(lower) = s.one_notch_lower {
+                out.push_str(&format!(
+                    "tutor's hint for the differential variant: one notch lower, {lower:e} (a rule of thumb, not measured here)\n"
+                ));
+            }
         }
         _ if s.key == "learning_rate" => {
             out.push_str("no learning rate trained stably: lower the range tenfold and sweep again\n")
@@ -345,15 +391,61 @@ mod tests {
         }
     }
 
+    fn evaluated(v: f64, status: &str, eval: f64) -> TrialResult {
+        TrialResult { eval_loss: Some(eval), best_loss: Some(eval - 0.1), ..t(v, status) }
+    }
+
+    fn pick(trials: &[TrialResult]) -> Option<(f64, f64, f64)> {
+        suggest("learning_rate", trials).map(|s| (s.highest_stable, s.recommended, s.one_notch_lower))
+    }
+
     #[test]
-    fn the_highest_stable_lr_and_one_notch_below() {
-        let trials = [t(1e-1, "diverged"), t(1e-2, "completed"), t(1e-3, "completed"), t(1e-5, "stalled")];
-        assert_eq!(suggest("learning_rate", &trials), (Some(1e-2), Some(1e-3)));
-        // only one stable value: half of it
-        assert_eq!(suggest("learning_rate", &[t(1e-1, "diverged"), t(1e-4, "completed")]), (Some(1e-4), Some(5e-5)));
-        assert_eq!(suggest("learning_rate", &[t(1.0, "diverged")]), (None, None));
-        assert_eq!(suggest("warmup_steps", &trials), (None, None));
+    fn the_recommendation_is_the_stable_trial_with_the_lowest_eval_loss() {
+        // the shape the old rule got wrong: "one notch below the highest stable" picked 1e-3
+        // with eval loss 3.73 over 1e-2 with 1.74
+        let trials = [
+            evaluated(1e-1, "diverged", f64::NAN),
+            evaluated(1e-2, "completed", 1.74),
+            evaluated(1e-3, "completed", 3.73),
+            evaluated(1e-5, "stalled", 6.0),
+        ];
+        assert_eq!(pick(&trials), Some((1e-2, 1e-2, 1e-3)));
+        let s = suggest("learning_rate", &trials).unwrap();
+        assert!(s.recommended_by.contains("lowest eval loss 1.7400 among 2 stable"), "{}", s.recommended_by);
+        // the best eval below the highest stable value: recommended there, highest still reported
+        let trials =
+            [evaluated(3e-2, "completed", 2.9), evaluated(1e-2, "completed", 2.1), evaluated(3e-3, "completed", 2.4)];
+        assert_eq!(pick(&trials), Some((3e-2, 1e-2, 3e-3)));
+        // a diverged trial's low loss never counts, however low
+        assert_eq!(
+            pick(&[evaluated(1e-1, "lagging", 0.5), evaluated(1e-4, "completed", 3.0)]),
+            Some((1e-4, 1e-4, 5e-5))
+        );
+        // no evaluation: the best train loss, said so
+        let s = suggest("learning_rate", &[with_loss(1e-3, 2.0), with_loss(1e-2, 1.5)]).unwrap();
+        assert_eq!((s.recommended, s.one_notch_lower), (1e-2, 1e-3));
+        assert!(s.recommended_by.contains("no trial was evaluated"));
+        assert_eq!(pick(&[t(1.0, "diverged")]), None);
+        assert_eq!(suggest("warmup_steps", &trials), None);
         assert_eq!(trial_label("learning_rate", &serde_json::json!(0.001)), "learning_rate-0.001");
+    }
+
+    #[test]
+    fn the_table_labels_train_and_eval_columns_and_keeps_the_hint_apart() {
+        let trials = vec![evaluated(1e-2, "completed", 1.74), evaluated(1e-3, "completed", 3.73)];
+        let sg = suggest("learning_rate", &trials).unwrap();
+        let summary = Summary {
+            key: "learning_rate".into(),
+            trials,
+            highest_stable: Some(sg.highest_stable),
+            recommended: Some(sg.recommended),
+            recommended_by: Some(sg.recommended_by),
+            one_notch_lower: Some(sg.one_notch_lower),
+        };
+        let text = table(&summary);
+        assert!(text.lines().next().is_some_and(|h| h.contains("train last") && h.contains("eval loss")), "{text}");
+        assert!(text.contains("recommended learning_rate 1e-2: lowest eval loss 1.7400"), "{text}");
+        assert!(text.contains("tutor's hint for the differential variant: one notch lower, 1e-3"), "{text}");
     }
 
     fn with_loss(v: f64, best: f64) -> TrialResult {
@@ -369,7 +461,9 @@ mod tests {
         // 1e-3 is as far behind, but below the best value: slow, not unstable
         assert_eq!(status, ["lagging", "completed", "completed", "completed"]);
         assert!(trials[0].note.as_deref().is_some_and(|n| n.contains("2.3x")), "{:?}", trials[0].note);
-        assert_eq!(suggest("learning_rate", &trials), (Some(3e-2), Some(1e-2)));
+        // 1e-1 is no longer stable: the highest stable is 3e-2; the best (train) loss is 1e-2's
+        let s = suggest("learning_rate", &trials).unwrap();
+        assert_eq!((s.highest_stable, s.recommended), (3e-2, 1e-2));
         // other keys are left as they are
         let mut other = [with_loss(1.0, 9.0), with_loss(0.0, 1.0)];
         mark_lagging("warmup_steps", &mut other);
