@@ -256,3 +256,57 @@ fn sweep_view_80x24() {
     assert!(t.backend().to_string().contains("recommended"));
     insta::assert_snapshot!(t.backend());
 }
+
+/// The study view from synthetic events: two arms x two seeds, eval points coloured by arm
+/// with each arm's band, the run in progress named by arm, seed and step.
+#[test]
+fn study_view_shows_progress_and_bands() {
+    use difflab::app::overlay::{Kind, Overlay};
+    use difflab::sweep::study::{Plan, SeedResult, StudyEvent};
+    let mut overlay = Overlay::new(Kind::Study, "study -> outputs/study");
+    overlay.arms = vec!["research=false".into(), "research=true".into()];
+    let mut app = App::overlay(overlay, true, false);
+    let runs = [(0usize, 42u64), (1, 42), (0, 43), (1, 43)];
+    for (index, &(arm, seed)) in runs.iter().enumerate() {
+        app.update(Msg::Study(StudyEvent::RunStart { index, of: 4, arm, seed, plan: Plan::Fresh { clear: false } }));
+        for step in (0..=40).step_by(10) {
+            let loss = 2.0 + arm as f64 * 0.3 + seed as f64 * 0.01 + 4.0 * (-(step as f64) / 15.0).exp();
+            app.update(Msg::Study(StudyEvent::Train {
+                index,
+                event: Event::Evaluate(EvalRecord {
+                    step,
+                    eval_loss: loss,
+                    perplexity: loss.exp(),
+                    ..Default::default()
+                }),
+            }));
+        }
+        if index == 3 {
+            break; // the last run is still going
+        }
+        let result = SeedResult {
+            arm: ["research=false", "research=true"][arm].into(),
+            seed,
+            output_dir: String::new(),
+            status: "completed".into(),
+            final_eval_loss: Some(2.0),
+            best_eval_loss: Some(2.0),
+            steps: 40,
+            tokens_seen: Some(100),
+            eval_curve: vec![],
+            note: None,
+        };
+        app.update(Msg::Study(StudyEvent::RunEnd { index, result }));
+    }
+    let difflab::app::Screen::Overlay(o) = &app.screen else { panic!("the overlay view") };
+    // arm 0 has two seeds' eval curves: a band of 5 steps; arm 1's second seed is at step 40 too
+    let bands = o.bands();
+    assert_eq!(bands.len(), 2, "a band per arm with two seeds");
+    assert_eq!(bands[0].1.len(), 5);
+    assert!(bands[0].1.iter().zip(&bands[0].2).all(|(lo, hi)| lo.1 < hi.1), "low edge under high edge");
+    let t = draw(&app, 100, 30);
+    let screen = t.backend().to_string();
+    assert!(screen.contains("run 4/4: research=true s43"), "{screen}");
+    assert!(screen.contains("band: eval min-max over seeds"), "{screen}");
+    assert!(screen.contains("research=false s42") && screen.contains("completed"), "{screen}");
+}

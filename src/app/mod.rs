@@ -55,6 +55,7 @@ pub enum Msg {
     Warning(String),
     Sweep(crate::sweep::SweepEvent),
     LrFind(crate::sweep::lr_find::LrFindEvent),
+    Study(crate::sweep::study::StudyEvent),
     /// The run the picker asked for started; the dashboard shows it under this title.
     RunStarted {
         title: String,
@@ -195,6 +196,16 @@ impl App {
                 }
                 vec![]
             }
+            Msg::Study(e) => {
+                if let Screen::Overlay(o) = &mut self.screen {
+                    o.apply_study(&e);
+                }
+                if self.exiting && matches!(e, crate::sweep::study::StudyEvent::Done(_)) {
+                    vec![Command::Exit]
+                } else {
+                    vec![]
+                }
+            }
             Msg::RunStarted { title } => {
                 self.screen = Screen::Dashboard(Box::new(Dashboard::new(&title)));
                 self.mode = Mode::Owned;
@@ -230,12 +241,18 @@ impl App {
                 o.log_y = !o.log_y;
                 vec![]
             }
-            Key::Char('q') | Key::Esc if o.finished || o.kind != overlay::Kind::Sweep || self.exiting => {
+            Key::Char('q') | Key::Esc
+                if o.finished || !matches!(o.kind, overlay::Kind::Sweep | overlay::Kind::Study) || self.exiting =>
+            {
                 vec![Command::Exit]
             }
             Key::Char('q') | Key::Esc => {
                 self.exiting = true;
-                o.status = "stopping the sweep after this trial's checkpoint".into();
+                o.status = if o.kind == overlay::Kind::Study {
+                    "stopping the study after this run's checkpoint (resume it by running it again)".into()
+                } else {
+                    "stopping the sweep after this trial's checkpoint".into()
+                };
                 vec![Command::StopSweep]
             }
             _ => vec![],

@@ -8,6 +8,7 @@ use crate::series::Series;
 use crate::sinks::human::describe;
 use crate::sweep::compare::{self, Run};
 use crate::sweep::lr_find::LrFindEvent;
+use crate::sweep::study::{self, StudyEvent};
 use crate::sweep::{self as sweeps, SweepEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub enum Kind {
     Sweep,
     LrFind,
     Compare,
+    /// A study: one curve per (arm, seed), coloured by arm, with each arm's band over seeds.
+    Study,
 }
 
 #[derive(Debug, Clone)]
@@ -23,6 +26,8 @@ pub struct Curve {
     pub loss: Series,
     pub eval: Series,
     pub status: String,
+    /// The colour group: the curve's own index, or its arm in a study.
+    pub group: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +43,8 @@ pub struct Overlay {
     pub log_y: bool,
     /// LR range test: suggestion marks at log10(lr).
     pub marks: Vec<f64>,
+    /// A study's arm labels, in order.
+    pub arms: Vec<String>,
 }
 
 impl Overlay {
@@ -52,6 +59,7 @@ impl Overlay {
             finished: false,
             log_y: false,
             marks: vec![],
+            arms: vec![],
         }
     }
 
@@ -71,6 +79,7 @@ impl Overlay {
                     loss: Series::default(),
                     eval: Series::with_capacity(256),
                     status: "running".into(),
+                    group: *index,
                 });
                 self.table = self.trial_rows();
             }
@@ -97,6 +106,7 @@ impl Overlay {
                         loss: Series::default(),
                         eval: Series::default(),
                         status: t.status.clone(),
+                        group: self.curves.len(),
                     });
                 }
                 self.note(format!("{}: {} after {} steps", t.label, t.status, t.steps));
@@ -108,6 +118,95 @@ impl Overlay {
                 self.table = sweeps::table(s).lines().map(str::to_string).collect();
             }
         }
+    }
+
+    pub fn apply_study(&mut self, e: &StudyEvent) {
+        match e {
+            StudyEvent::RunStart { index, of, arm, seed, plan } => {
+                let label = format!("{} s{seed}", self.arms.get(*arm).cloned().unwrap_or_default());
+                self.status = format!("run {}/{of}: {label} ({plan})", index + 1);
+                self.curves.push(Curve {
+                    label,
+                    loss: Series::default(),
+                    eval: Series::with_capacity(256),
+                    status: "running".into(),
+                    group: *arm,
+                });
+                self.table = self.trial_rows();
+            }
+            StudyEvent::Train { event, .. } => {
+                if let Some(c) = self.curves.last_mut() {
+                    match event {
+                        crate::events::Event::Progress(p) => c.loss.push(p.step as f64, p.loss),
+                        crate::events::Event::Evaluate(v) => c.eval.push(v.step as f64, v.eval_loss),
+                        _ => {}
+                    }
+                    if let crate::events::Event::Progress(p) = event {
+                        c.status = format!("step {}", p.step);
+                    }
+                }
+                if matches!(event, crate::events::Event::Evaluate(_) | crate::events::Event::TrainEnd(_)) {
+                    if let Some(line) = describe(event) {
+                        self.note(line);
+                    }
+                }
+            }
+            StudyEvent::RunEnd { result, .. } => {
+                let label = format!("{} s{}", result.arm, result.seed);
+                match self.curves.iter_mut().rev().find(|c| c.label == label) {
+                    Some(c) => {
+                        c.status = result.status.clone();
+                        // a reused run shows the curve it left
+                        if c.eval.is_empty() {
+                            result.eval_curve.iter().for_each(|&(x, y)| c.eval.push(x, y));
+                        }
+                    }
+                    None => {
+                        let group = self.arms.iter().position(|a| *a == result.arm).unwrap_or(0);
+                        let mut eval = Series::default();
+                        result.eval_curve.iter().for_each(|&(x, y)| eval.push(x, y));
+                        self.curves.push(Curve {
+                            label: label.clone(),
+                            loss: Series::default(),
+                            eval,
+                            status: result.status.clone(),
+                            group,
+                        });
+                    }
+                }
+                let loss = result.final_eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
+                self.note(format!("{label}: {} (final eval loss {loss})", result.status));
+                self.table = self.trial_rows();
+            }
+            StudyEvent::Done(s) => {
+                self.finished = true;
+                self.status = "done - q to exit".into();
+                self.table = study::table(s).lines().map(str::to_string).collect();
+            }
+        }
+    }
+
+    /// Per colour group with two or more curves: the band of their eval points, `(group, low,
+    /// high)` at the steps every curve of the group has reached.
+    pub fn bands(&self) -> Vec<(usize, Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+        let mut groups: Vec<usize> = self.curves.iter().map(|c| c.group).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups
+            .into_iter()
+            .filter_map(|g| {
+                let evals: Vec<Vec<(f64, f64)>> = self
+                    .curves
+                    .iter()
+                    .filter(|c| c.group == g && !c.eval.is_empty())
+                    .map(|c| c.eval.buckets().iter().map(|b| (b.x_last, b.last)).collect())
+                    .collect();
+                (evals.len() >= 2).then(|| {
+                    let band = study::band_of(&evals.iter().collect::<Vec<_>>());
+                    (g, band.iter().map(|p| (p.0, p.2)).collect(), band.iter().map(|p| (p.0, p.3)).collect())
+                })
+            })
+            .collect()
     }
 
     fn trial_rows(&self) -> Vec<String> {
@@ -130,12 +229,14 @@ impl Overlay {
                         loss: Series::default(),
                         eval: Series::default(),
                         status: String::new(),
+                        group: 0,
                     });
                     self.curves.push(Curve {
                         label: "smoothed".into(),
                         loss: Series::default(),
                         eval: Series::default(),
                         status: String::new(),
+                        group: 1,
                     });
                 }
                 self.curves[0].loss.push(lr.log10(), *loss);
@@ -159,7 +260,14 @@ impl Overlay {
             r.loss.iter().for_each(|&(x, y)| loss.push(x, y));
             let mut eval = Series::default();
             r.eval.iter().for_each(|&(x, y)| eval.push(x, y));
-            o.curves.push(Curve { label: r.name.clone(), loss, eval, status: r.status.clone().unwrap_or_default() });
+            let group = o.curves.len();
+            o.curves.push(Curve {
+                label: r.name.clone(),
+                loss,
+                eval,
+                status: r.status.clone().unwrap_or_default(),
+                group,
+            });
         }
         o.table =
             compare::table(runs).lines().chain(compare::differences_text(runs).lines()).map(str::to_string).collect();

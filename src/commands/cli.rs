@@ -27,6 +27,7 @@ pub enum Invocation {
         run: RunArgs,
         ui: UiOptions,
     },
+    Study(super::study::StudyArgs),
     LrFind {
         run: RunArgs,
         start_lr: f64,
@@ -125,6 +126,11 @@ pub fn command() -> Command {
             .arg(Arg::new("run_dir").required(true).value_name("RUN_DIR")))
         .subcommand(headless_arg(ui_args(run_args(Command::new("sweep").about("Run one trial per value of a swept key (e.g. --learning_rate 1e-3,3e-4,1e-4, or the preset's sweep:)")))))
         .subcommand(
+            headless_arg(ui_args(run_args(Command::new("study").about("Arms x seeds, each a full run: mean ± sd per arm, paired differences with 95% intervals, figures (study.json)"))))
+                .arg(Arg::new("arm").long("arm").action(ArgAction::Append).required(true).value_name("K=V,K=V|preset=NAME").help("one arm: overrides of the study's settings, e.g. --arm research=false --arm research=true,learning_rate=5e-4 (the first is the reference)"))
+                .arg(Arg::new("seeds").long("seeds").default_value("3").value_name("N|S,S,..").help("N seeds from --seed up, or a list")),
+        )
+        .subcommand(
             headless_arg(ui_args(run_args(Command::new("lr-find").about("The exponential LR range test on a copy of the model"))))
                 .arg(Arg::new("start_lr").long("start_lr").value_name("X").default_value("1e-7").help("first learning rate"))
                 .arg(Arg::new("end_lr").long("end_lr").value_name("X").default_value("10").help("last learning rate"))
@@ -201,6 +207,12 @@ where
             ui: ui_from(s),
         },
         Some(("sweep", s)) => Invocation::Sweep { run: run_from(s), ui: ui_from(s) },
+        Some(("study", s)) => Invocation::Study(super::study::StudyArgs {
+            run: run_from(s),
+            arms: s.get_many::<String>("arm").into_iter().flatten().cloned().collect(),
+            seeds: s.get_one::<String>("seeds").cloned().unwrap_or_default(),
+            ui: ui_from(s),
+        }),
         Some(("lr-find", s)) => Invocation::LrFind {
             run: run_from(s),
             start_lr: float(s, "start_lr")?,

@@ -21,6 +21,7 @@ use crate::events::{ControlMsg, ControlOrigin, Event, Level};
 use crate::sinks::{self, metrics::METRICS_FILE};
 use crate::sweep::compare::Run;
 use crate::sweep::lr_find::{Curve, LrFindEvent, Suggestions};
+use crate::sweep::study::StudyHandle;
 use crate::sweep::SweepHandle;
 use crate::train::remote::{self, Inbox};
 use crate::train::{self, output_dir, StopSignal, TrainError};
@@ -229,6 +230,26 @@ pub fn watch(dir: &Path, ui: UiOptions) -> anyhow::Result<ExitCode> {
     }
     let app = App::dashboard(dash, Mode::Watching, !ui.no_mouse, ui.ascii);
     let mut lab = Lab { backend: Backend::Watching(dir.to_path_buf()), stop: StopSignal::default() };
+    Ok(tui::run(app, &mut lab, tx, rx)?.1)
+}
+
+/// A study's runs, live: curves coloured by arm with their bands, then the table.
+pub fn study(handle: StudyHandle, root: &Path, arms: Vec<String>, ui: UiOptions) -> anyhow::Result<ExitCode> {
+    let (tx, rx) = tui::channel();
+    let stop = handle.stop.clone();
+    let forward_tx = tx.clone();
+    let _ = std::thread::Builder::new().name("difflab-study-forward".into()).spawn(move || {
+        for e in handle.events.iter() {
+            if forward_tx.send(Input::app(Msg::Study(e))).is_err() {
+                return;
+            }
+        }
+        handle.join();
+    });
+    let mut overlay = Overlay::new(Kind::Study, &format!("study -> {}", root.display()));
+    overlay.arms = arms;
+    let app = App::overlay(overlay, !ui.no_mouse, ui.ascii);
+    let mut lab = Lab { backend: Backend::Sweep(stop), stop: StopSignal::default() };
     Ok(tui::run(app, &mut lab, tx, rx)?.1)
 }
 

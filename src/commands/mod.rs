@@ -9,6 +9,7 @@ pub mod golden;
 pub mod headless;
 pub mod lab;
 pub mod logits;
+pub mod study;
 pub mod sweep;
 
 use std::process::ExitCode;
@@ -136,6 +137,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
         }
         Invocation::Watch { dir, ui } => lab::watch(&dir, ui),
         Invocation::Sweep { run, ui } => sweep::sweep(&run, ui),
+        Invocation::Study(args) => study::run(&args),
         Invocation::LrFind { run, start_lr, end_lr, num_steps, ui } => sweep::lr_find(
             &run,
             crate::sweep::lr_find::Range { start: start_lr, end: end_lr, steps: num_steps as usize },

@@ -125,11 +125,31 @@ pub struct Line<'a> {
     pub markers: bool,
 }
 
-/// The x axis: optimizer steps, or log10 of a learning rate.
+/// The x axis: optimizer steps, log10 of a learning rate, or named columns at 0, 1, ..
+/// (`Extras::categories`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XAxis {
     Steps,
     Log10Lr,
+    Categories,
+}
+
+/// A shaded region between two curves, `(x, low, high)`: the spread over seeds.
+pub struct Band {
+    pub points: Vec<(f64, f64, f64)>,
+    pub color: RGBColor,
+}
+
+/// What a chart may carry besides its lines.
+#[derive(Default)]
+pub struct Extras<'a> {
+    pub bands: Vec<Band>,
+    /// A dashed horizontal line and its legend label (the clipping threshold).
+    pub threshold: Option<(f64, &'a str)>,
+    /// Vertical markers at x, labelled (LR changes, pauses).
+    pub marks: Vec<(f64, String)>,
+    /// The names of the columns for `XAxis::Categories`.
+    pub categories: Vec<String>,
 }
 
 pub const BLUE: RGBColor = RGBColor(52, 101, 164);
@@ -159,11 +179,23 @@ pub fn chart(
     lines: Vec<Line>,
     threshold: Option<(f64, &str)>,
 ) -> std::io::Result<Png> {
+    chart_with(title, x_axis, y_label, lines, Extras { threshold, ..Default::default() })
+}
+
+pub fn chart_with(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, extras: Extras) -> std::io::Result<Png> {
+    let threshold = extras.threshold;
     let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));
     let (x_lo, x_hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
-    let ys = lines.iter().flat_map(|l| l.points.iter().map(|p| p.1)).chain(threshold.map(|t| t.0));
+    let band_ys = extras.bands.iter().flat_map(|b| b.points.iter().flat_map(|p| [p.1, p.2]));
+    let ys = lines.iter().flat_map(|l| l.points.iter().map(|p| p.1)).chain(threshold.map(|t| t.0)).chain(band_ys);
     let (y_lo, y_hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| (a.min(y), b.max(y)));
-    let (x_lo, x_hi) = if x_lo.is_finite() { (x_lo.min(x_hi - 1.0), x_hi) } else { (0.0, 1.0) };
+    let (x_lo, x_hi) = match x_axis {
+        // a column's points sit at its index: half a column of room each side
+        XAxis::Categories => (-0.5, extras.categories.len().max(1) as f64 - 0.5),
+        _ if x_lo.is_finite() => (x_lo.min(x_hi - 1.0), x_hi),
+        _ => (0.0, 1.0),
+    };
+    let categories = extras.categories.clone();
     let (y_lo, y_hi) = if y_lo.is_finite() { padded(y_lo, y_hi) } else { (0.0, 1.0) };
     // one number format per axis: scientific when the values are small (learning rates)
     let sci = y_hi.abs().max(y_lo.abs()) < 1e-2;
@@ -180,18 +212,47 @@ pub fn chart(
             .x_desc(match x_axis {
                 XAxis::Steps => "optimizer step",
                 XAxis::Log10Lr => "learning rate (log scale)",
+                XAxis::Categories => "arm",
             })
             .y_desc(y_label)
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 15))
             .y_label_formatter(&|v| tick(*v, sci))
+            .x_labels(if x_axis == XAxis::Categories { categories.len().max(1) } else { 10 })
             .x_label_formatter(&|v| match x_axis {
                 XAxis::Steps => format!("{v:.0}"),
                 XAxis::Log10Lr => format!("{:.0e}", 10f64.powf(*v)),
+                XAxis::Categories => {
+                    let i = v.round();
+                    if (v - i).abs() < 0.05 && i >= 0.0 {
+                        categories.get(i as usize).cloned().unwrap_or_default()
+                    } else {
+                        String::new()
+                    }
+                }
             })
             .max_light_lines(1)
             .draw()
             .map_err(|e| e.to_string())?;
+        // bands first, under the lines: a polygon from the low edge out and the high edge back
+        for band in &extras.bands {
+            let outline: Vec<(f64, f64)> =
+                band.points.iter().map(|p| (p.0, p.1)).chain(band.points.iter().rev().map(|p| (p.0, p.2))).collect();
+            if outline.len() >= 3 {
+                chart
+                    .draw_series(std::iter::once(Polygon::new(outline, band.color.mix(0.2).filled())))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        for (x, label) in &extras.marks {
+            let grey = RGBColor(136, 138, 133);
+            chart
+                .draw_series(std::iter::once(PathElement::new(vec![(*x, y_lo), (*x, y_hi)], grey.stroke_width(1))))
+                .map_err(|e| e.to_string())?;
+            chart
+                .draw_series(std::iter::once(Text::new(label.clone(), (*x, y_hi), (FONT, 12).into_font().color(&grey))))
+                .map_err(|e| e.to_string())?;
+        }
         for line in &lines {
             let color = line.color;
             if line.markers {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::events::Event;
+use crate::events::{ControlAction, Event};
 use crate::sinks::metrics::{self, METRICS_FILE};
 
 #[derive(Debug, Clone, Serialize)]
@@ -21,6 +21,12 @@ pub struct Run {
     pub final_perplexity: Option<f64>,
     pub status: Option<String>,
     pub config: serde_json::Map<String, serde_json::Value>,
+    /// Training tokens the run has seen: its last step x tokens per step.
+    pub tokens_seen: Option<u64>,
+    /// The last step reached.
+    pub steps: u64,
+    /// Learning-rate changes by hand (`scale_lr` controls), `(step, "lr x0.5")`, and pauses.
+    pub marks: Vec<(f64, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,16 +50,32 @@ pub fn load(dir: &Path) -> Result<Run, CompareError> {
     }
     let events = metrics::read(&path).map_err(|source| CompareError::Read { path: path.clone(), source })?;
     let (mut loss, mut eval, mut config, mut status) = (vec![], vec![], serde_json::Map::new(), None);
+    let (mut tokens_per_step, mut steps, mut marks) = (None, 0u64, vec![]);
     for e in events {
         match e {
             Event::TrainBegin(b) => {
                 if let serde_json::Value::Object(m) = b.config {
                     config = m;
                 }
+                tokens_per_step = Some(b.tokens_per_step);
+                status = None;
             }
-            Event::Progress(p) => loss.push((p.step, p.loss)),
+            Event::Progress(p) => {
+                steps = steps.max(p.step);
+                loss.push((p.step, p.loss))
+            }
             Event::Evaluate(v) => eval.push((v.step, v.eval_loss)),
-            Event::TrainEnd(end) => status = Some(end.status.to_string()),
+            Event::Control(c) if matches!(c.action, ControlAction::ScaleLr | ControlAction::Pause) => {
+                let what = match c.action {
+                    ControlAction::Pause => "pause".to_string(),
+                    _ => format!("lr x{}", c.lr_scale),
+                };
+                marks.push((c.step as f64, what));
+            }
+            Event::TrainEnd(end) => {
+                steps = steps.max(end.step);
+                status = Some(end.status.to_string())
+            }
             _ => {}
         }
     }
@@ -68,6 +90,9 @@ pub fn load(dir: &Path) -> Result<Run, CompareError> {
         final_perplexity: final_eval_loss.map(f64::exp),
         status,
         config,
+        tokens_seen: tokens_per_step.map(|t| t * steps),
+        steps,
+        marks,
     })
 }
 
@@ -138,6 +163,9 @@ mod tests {
             final_perplexity: Some(eval.exp()),
             status: Some("completed".into()),
             config: cfg.as_object().unwrap().clone(),
+            tokens_seen: Some(1000),
+            steps: 10,
+            marks: vec![],
         }
     }
 

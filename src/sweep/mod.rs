@@ -8,6 +8,7 @@
 pub mod compare;
 pub mod divergence;
 pub mod lr_find;
+pub mod study;
 
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;

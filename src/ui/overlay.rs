@@ -39,13 +39,19 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
 
     let n = (rows[1].width as usize).saturating_sub(10) * 2;
     let mut layers = vec![];
+    // a study's arm bands under its curves: the lowest and highest eval loss over seeds
+    for (group, low, high) in o.bands() {
+        let color = COLORS[group % COLORS.len()];
+        layers.push(Layer { points: low, color, kind: Kind::Line, faint: true });
+        layers.push(Layer { points: high, color, kind: Kind::Line, faint: true });
+    }
     for (i, c) in o.curves.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+        let color = COLORS[c.group % COLORS.len()];
         layers.push(Layer {
             points: c.loss.envelope(n),
             color,
             kind: Kind::Line,
-            faint: o.kind == View::LrFind && i == 0,
+            faint: (o.kind == View::LrFind && i == 0) || o.kind == View::Study,
         });
         if !c.eval.is_empty() {
             layers.push(Layer { points: c.eval.envelope(n), color, kind: Kind::Points, faint: false });
@@ -54,6 +60,11 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
     let legend: Vec<String> = o.curves.iter().enumerate().map(|(i, c)| format!("{}:{}", i + 1, c.label)).collect();
     let title = match o.kind {
         View::LrFind => " loss vs log10(learning rate) ".to_string(),
+        View::Study => format!(
+            " loss (train faint, eval points, band: eval min-max over seeds){}  {} ",
+            if o.log_y { " (log)" } else { "" },
+            o.arms.iter().enumerate().map(|(i, a)| format!("{}:{a}", i + 1)).collect::<Vec<_>>().join("  ")
+        ),
         _ => format!(" loss{}  {} ", if o.log_y { " (log)" } else { "" }, legend.join("  ")),
     };
     let plot = Plot {
@@ -85,7 +96,19 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
     table.render(bottom[0], buf);
     for (i, line) in o.table.iter().enumerate().take(inner.height as usize) {
         // rows after the header follow the curves' order: colour them alike
-        let color = if (1..=o.curves.len()).contains(&i) { COLORS[(i - 1) % COLORS.len()] } else { Color::Gray };
+        // a finished study's table has a line of provenance and a header before its arms
+        let color = if o.kind == View::Study && o.finished {
+            if (2..o.arms.len() + 2).contains(&i) {
+                COLORS[(i - 2) % COLORS.len()]
+            } else {
+                Color::Gray
+            }
+        } else {
+            match o.curves.get(i.wrapping_sub(1)) {
+                Some(c) if i >= 1 => COLORS[c.group % COLORS.len()],
+                _ => Color::Gray,
+            }
+        };
         put(buf, inner.x, inner.y + i as u16, line, inner.width as usize, Style::default().fg(color));
     }
     let log = block(" events ", Color::Gray, app.ascii);
@@ -99,6 +122,8 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
         "[q] quit  [y] log-y"
     } else if o.kind == View::Sweep {
         "[q] stop the sweep  [y] log-y"
+    } else if o.kind == View::Study {
+        "[q] stop the study (runs so far are kept; run it again to resume)  [y] log-y"
     } else {
         "[q] quit  [y] log-y"
     };
