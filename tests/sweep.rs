@@ -67,7 +67,7 @@ fn a_learning_rate_sweep_marks_divergence_and_stalls_and_suggests_a_range() {
     // compare: the table, the differences
     let runs: Vec<String> =
         ["learning_rate-0.003", "learning_rate-1e-7"].iter().map(|l| out.join(l).display().to_string()).collect();
-    let o = difflab(home.path()).arg("compare").args(&runs).output().unwrap();
+    let o = difflab(home.path()).current_dir(home.path()).arg("compare").args(&runs).output().unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0));
     assert!(text.contains("learning_rate-0.003") && text.contains("learning_rate-1e-7"), "{text}");
@@ -75,7 +75,18 @@ fn a_learning_rate_sweep_marks_divergence_and_stalls_and_suggests_a_range() {
         text.contains("configuration differences") && text.contains("learning_rate") && text.contains("1e-7"),
         "{text}"
     );
-    let o = difflab(home.path()).args(["compare", &home.path().display().to_string()]).output().unwrap();
+    // two run folders: the figure lands in the working directory
+    assert!(text.contains("figure: compare.png") && home.path().join("compare.png").is_file(), "{text}");
+    // the sweep's folder stands for all its trials, and the figure goes into it
+    let o = difflab(home.path()).args(["compare", &out.display().to_string()]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(text.lines().filter(|l| l.starts_with("learning_rate-")).count(), 3, "{text}");
+    let png = std::fs::read(out.join("figures/compare.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    // trials that stopped early saw fewer tokens: said to be not comparable
+    assert!(text.contains("not comparable: they saw different numbers of training tokens"), "{text}");
+    let o = difflab(home.path()).args(["compare", &home.path().join("cache").display().to_string()]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "not a run directory");
 }
 

@@ -37,6 +37,7 @@ pub enum Invocation {
     },
     Compare {
         dirs: Vec<PathBuf>,
+        png: Option<PathBuf>,
         ui: UiOptions,
     },
     Bench(Vec<(String, String)>),
@@ -137,7 +138,8 @@ pub fn command() -> Command {
                 .arg(Arg::new("num_steps").long("num_steps").value_name("N").default_value("100").help("steps from start_lr to end_lr")),
         )
         .subcommand(headless_arg(ui_args(Command::new("compare").about("Overlay runs: curves, final eval loss and perplexity, config differences")))
-            .arg(Arg::new("run_dirs").required(true).num_args(1..).value_name("RUN_DIR")))
+            .arg(Arg::new("run_dirs").required(true).num_args(1..).value_name("RUN_DIR").help("run folders, or a sweep's or study's folder (all its runs)"))
+            .arg(Arg::new("png").long("png").value_name("FILE").help("where the overlay PNG goes [default: <folder>/figures/compare.png for one sweep or study folder, else ./compare.png]")))
         .subcommand(super::bench::args(Command::new("bench").about("Time training steps on random tokens (same flags as shared/bench/bench_train.py)")))
         .subcommand(Command::new("generate").about("Continue a prompt with a saved model (KV cache), with the tokenizer saved beside it")
             .arg(Arg::new("checkpoint").long("checkpoint").required(true).value_name("DIR").help("a checkpoint-N directory or a finished output_dir"))
@@ -222,6 +224,7 @@ where
         },
         Some(("compare", s)) => Invocation::Compare {
             dirs: s.get_many::<String>("run_dirs").into_iter().flatten().map(PathBuf::from).collect(),
+            png: s.get_one::<String>("png").map(PathBuf::from),
             ui: ui_from(s),
         },
         Some(("bench", s)) => Invocation::Bench(super::bench::flags_from(s)),

@@ -143,6 +143,6 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             crate::sweep::lr_find::Range { start: start_lr, end: end_lr, steps: num_steps as usize },
             ui,
         ),
-        Invocation::Compare { dirs, ui } => sweep::compare(&dirs, ui),
+        Invocation::Compare { dirs, png, ui } => sweep::compare(&dirs, png, ui),
     }
 }

@@ -117,13 +117,31 @@ pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn compare(dirs: &[PathBuf], ui: UiOptions) -> anyhow::Result<ExitCode> {
-    let runs =
-        dirs.iter().map(|d| compare::load(d)).collect::<Result<Vec<_>, _>>().map_err(|e| BadInput(e.to_string()))?;
+/// Where the comparison's PNG goes: `--png`, else `<folder>/figures/compare.png` for one
+/// sweep or study folder, else `compare.png` here.
+fn png_path(dirs: &[PathBuf], png: Option<PathBuf>) -> PathBuf {
+    png.unwrap_or_else(|| match dirs {
+        [one] if !one.join(crate::sinks::metrics::METRICS_FILE).is_file() => one.join("figures").join("compare.png"),
+        _ => PathBuf::from("compare.png"),
+    })
+}
+
+pub fn compare(dirs: &[PathBuf], png: Option<PathBuf>, ui: UiOptions) -> anyhow::Result<ExitCode> {
+    let mut runs = vec![];
+    for d in dirs {
+        runs.extend(compare::load_all(d).map_err(|e| BadInput(e.to_string()))?);
+    }
+    let path = png_path(dirs, png);
+    let figure = compare::figure(&runs).with_context(|| format!("drawing {}", path.display()))?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    crate::atomic_file::write(&path, &figure.bytes).with_context(|| format!("writing {}", path.display()))?;
     if ui.draws() {
         return super::lab::compare(runs, ui);
     }
     print!("{}", compare::table(&runs));
     print!("{}", compare::differences_text(&runs));
+    println!("figure: {}", path.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::events::{ControlAction, Event};
+use crate::series::Series;
+use crate::sinks::figures::{self, Extras, Line, XAxis};
 use crate::sinks::metrics::{self, METRICS_FILE};
 
 #[derive(Debug, Clone, Serialize)]
@@ -31,7 +33,7 @@ pub struct Run {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompareError {
-    #[error("{0} has no {METRICS_FILE}: give output_dir paths of difflab runs")]
+    #[error("{0} has no {METRICS_FILE} and holds no runs: give output_dir paths of difflab runs, or a sweep or study folder")]
     NotARun(PathBuf),
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
@@ -41,6 +43,41 @@ pub enum CompareError {
 fn last_per_step(points: Vec<(u64, f64)>) -> Vec<(f64, f64)> {
     let map: BTreeMap<u64, f64> = points.into_iter().collect();
     map.into_iter().map(|(s, v)| (s as f64, v)).collect()
+}
+
+/// The runs a path names: the run itself, or every run inside a sweep's or study's folder
+/// (`<sweep>/<trial>`, `<study>/<arm>/seed-<s>`), in path order.
+pub fn load_all(dir: &Path) -> Result<Vec<Run>, CompareError> {
+    if dir.join(METRICS_FILE).is_file() {
+        return Ok(vec![load(dir)?]);
+    }
+    let mut found = vec![];
+    let children = |d: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(d)
+            .map(|r| r.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    for child in children(dir) {
+        if child.join(METRICS_FILE).is_file() {
+            found.push(child);
+        } else {
+            found.extend(children(&child).into_iter().filter(|g| g.join(METRICS_FILE).is_file()));
+        }
+    }
+    if found.is_empty() {
+        return Err(CompareError::NotARun(dir.to_path_buf()));
+    }
+    found
+        .iter()
+        .map(|d| {
+            let mut run = load(d)?;
+            // a study's runs are named by arm and seed: `research=true/seed-42`
+            run.name = d.strip_prefix(dir).map(|p| p.display().to_string()).unwrap_or(run.name);
+            Ok(run)
+        })
+        .collect()
 }
 
 pub fn load(dir: &Path) -> Result<Run, CompareError> {
@@ -111,7 +148,8 @@ pub fn differing_keys(runs: &[Run]) -> BTreeMap<String, Vec<serde_json::Value>> 
 
 /// The comparison table as text: one row per run, differences against the first.
 pub fn table(runs: &[Run]) -> String {
-    let mut out = format!("{:<28} {:>12} {:>10} {:>12} {:>10}  status\n", "run", "eval loss", "ppl", "d loss", "d ppl");
+    let w = runs.iter().map(|r| r.name.chars().count()).max().unwrap_or(3).max(12);
+    let mut out = format!("{:<w$} {:>12} {:>10} {:>12} {:>10}  status\n", "run", "eval loss", "ppl", "d loss", "d ppl");
     let base = runs.first().and_then(|r| r.final_eval_loss);
     for r in runs {
         let fmt = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
@@ -124,7 +162,7 @@ pub fn table(runs: &[Run]) -> String {
             _ => None,
         };
         out.push_str(&format!(
-            "{:<28} {:>12} {:>10} {:>12} {:>10}  {}\n",
+            "{:<w$} {:>12} {:>10} {:>12} {:>10}  {}\n",
             r.name,
             fmt(r.final_eval_loss, 4),
             fmt(r.final_perplexity, 2),
@@ -136,17 +174,71 @@ pub fn table(runs: &[Run]) -> String {
     out
 }
 
+/// Settings that decide what a loss is measured on: runs differing in them are not comparable.
+const DATA_KEYS: [&str; 7] =
+    ["dataset", "dataset_config", "subset_ratio", "tokenizer", "block_size", "eval_split", "eval_max_blocks"];
+
+/// Why the runs' losses cannot be set side by side, if they cannot: other data, tokenizer or
+/// eval split, or different numbers of training tokens.
+pub fn not_comparable(runs: &[Run]) -> Vec<String> {
+    let diff = differing_keys(runs);
+    let mut why: Vec<String> =
+        DATA_KEYS.iter().filter_map(|k| diff.get(*k).map(|vs| format!("{k} differs ({})", join(vs)))).collect();
+    let tokens: Vec<Option<u64>> = runs.iter().map(|r| r.tokens_seen).collect();
+    if tokens.windows(2).any(|w| w[0] != w[1]) {
+        let seen: Vec<String> = tokens.iter().map(|t| t.map_or("?".into(), |t| t.to_string())).collect();
+        why.push(format!("they saw different numbers of training tokens ({})", seen.join(" | ")));
+    }
+    why
+}
+
+fn join(values: &[serde_json::Value]) -> String {
+    values.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" | ")
+}
+
 pub fn differences_text(runs: &[Run]) -> String {
     let diff = differing_keys(runs);
-    if diff.is_empty() {
-        return "the runs' configurations are the same\n".into();
+    let mut out = String::new();
+    for why in not_comparable(runs) {
+        out.push_str(&format!("not comparable: {why}\n"));
     }
-    let mut out = String::from("configuration differences:\n");
+    if diff.is_empty() {
+        out.push_str("the runs' configurations are the same\n");
+        return out;
+    }
+    out.push_str("configuration differences:\n");
     for (k, values) in diff {
         let vals: Vec<String> = values.iter().map(|v| v.to_string()).collect();
         out.push_str(&format!("  {k:<22} {}\n", vals.join("  |  ")));
     }
     out
+}
+
+/// The overlay as a PNG: each run's train loss as a line and its evaluations as points, in
+/// one colour per run, with LR changes and pauses marked.
+pub fn figure(runs: &[Run]) -> std::io::Result<figures::Png> {
+    let labels: Vec<(String, String)> =
+        runs.iter().map(|r| (format!("{} train", r.name), format!("{} eval", r.name))).collect();
+    let mut lines = vec![];
+    for (i, (r, (train, eval))) in runs.iter().zip(&labels).enumerate() {
+        let color = figures::PALETTE[i % figures::PALETTE.len()];
+        let mut series = Series::default();
+        r.loss.iter().for_each(|&(x, y)| series.push(x, y));
+        lines.push(Line { label: train, points: series.envelope(1600), color, markers: false });
+        if !r.eval.is_empty() {
+            lines.push(Line { label: eval, points: r.eval.clone(), color, markers: true });
+        }
+    }
+    let marks = runs
+        .iter()
+        .flat_map(|r| {
+            r.marks
+                .iter()
+                .map(move |(x, what)| (*x, if runs.len() > 1 { format!("{}: {what}", r.name) } else { what.clone() }))
+        })
+        .collect();
+    let title = format!("{} runs: train loss (lines), eval loss (points)", runs.len());
+    figures::chart_with(&title, XAxis::Steps, "loss (nats per token)", lines, Extras { marks, ..Default::default() })
 }
 
 #[cfg(test)]
