@@ -161,6 +161,7 @@ fn second_preparation_reads_the_cache_and_corrupt_files_are_rebuilt() {
         dataset_config: String::new(),
         subset_ratio: 1.0,
         tokenizer: difflab::data::TokenizerSpec::Bpe(300),
+        eval_split: difflab::data::Split::Validation,
         cache_dir: dir.path().join("cache"),
     };
     let events = Mutex::new(vec![]);

@@ -23,6 +23,7 @@ fn wikitext_loads_from_a_real_layout_cache_with_no_network() {
         dataset_config: "wikitext-2-raw-v1".into(),
         subset_ratio: 1.0,
         tokenizer: difflab::data::TokenizerSpec::Gpt2,
+        eval_split: difflab::data::Split::Validation,
         cache_dir: home.path().join("difflab"),
     };
     let err = prepare(&cfg, &|_| {}).err().expect("empty cache offline fails");
@@ -80,4 +81,8 @@ fn wikitext_loads_from_a_real_layout_cache_with_no_network() {
     let small = prepare(&DataConfig { subset_ratio: 0.1, ..cfg.clone() }, &|_| {}).unwrap();
     let want: Vec<u32> = train[..90].iter().flat_map(|r| small.tokenizer.encode(r).unwrap()).collect();
     assert!(small.train.to_vec() == want, "subset tokens");
+    // the test split is its own file: asked for and missing offline, it is named
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let err = prepare(&DataConfig { eval_split: Split::Test, ..cfg.clone() }, &|_| {}).err().expect("no test file");
+    assert!(err.to_string().contains("wikitext-2-raw-v1/test-00000-of-00001.parquet"), "{err}");
 }

@@ -188,3 +188,33 @@ fn watch_attaches_to_a_headless_run_steers_it_and_detaches() {
     assert!(text.contains("\"status\":\"stopped\""), "train_end stopped");
     assert!(text.contains("\"reason\":\"stop\""), "a final checkpoint");
 }
+
+#[test]
+fn a_sweep_preset_starts_from_the_picker_in_the_sweep_view() {
+    let home = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_difflab");
+    let h = home.path().display();
+    // the picker with flags for every preset: short trials of the byte-level demo
+    let command = format!(
+        "cd {h} && env HOME={h} DIFFLAB_CACHE={h}/cache HF_HUB_OFFLINE=1 RAYON_NUM_THREADS=2 {bin} --max_steps 30 --tokenizer byte --log_tensorboard false; echo EXITED $?; sleep 60"
+    );
+    let tmux = Tmux { socket: format!("difflab-sweep-test-{}", std::process::id()) };
+    tmux.cmd(&["new-session", "-d", "-s", "t", "-x", "120", "-y", "36", &command]);
+    tmux.wait_for("the picker", 60, |s| s.contains("choose a preset") && s.contains("demo-lr-sweep"));
+    // demo is selected first; demo-lr-sweep is seven rows below it
+    for _ in 0..7 {
+        tmux.keys("Down");
+    }
+    tmux.wait_for("the sweep's line in the details", 30, |s| s.contains("= 4 trials x 30 steps"));
+    tmux.keys("Enter");
+    let s = tmux
+        .wait_for("the sweep view", 120, |s| s.contains("sweep -> outputs/demo-lr-sweep") && s.contains("trial 1/4"));
+    assert!(s.contains("learning_rate-0.01"), "{s}");
+    tmux.wait_for("the second trial", 180, |s| s.contains("trial 2/4"));
+    // q stops the sweep after this trial; the rest are skipped and the table is written
+    tmux.keys("q");
+    let s = tmux.wait_for("exit", 180, |s| s.contains("EXITED"));
+    assert!(s.contains("EXITED 0"), "{s}");
+    let summary = std::fs::read_to_string(home.path().join("outputs/demo-lr-sweep/summary.json")).unwrap();
+    assert!(summary.contains("the sweep was stopped"), "{summary}");
+}

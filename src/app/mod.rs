@@ -56,6 +56,12 @@ pub enum Msg {
     Sweep(crate::sweep::SweepEvent),
     LrFind(crate::sweep::lr_find::LrFindEvent),
     Study(crate::sweep::study::StudyEvent),
+    /// A preset that is a sweep or a study started: its view, with the study's arm labels.
+    ProcedureStarted {
+        kind: overlay::Kind,
+        title: String,
+        arms: Vec<String>,
+    },
     /// The run the picker asked for started; the dashboard shows it under this title.
     RunStarted {
         title: String,
@@ -205,6 +211,12 @@ impl App {
                 } else {
                     vec![]
                 }
+            }
+            Msg::ProcedureStarted { kind, title, arms } => {
+                let mut o = Overlay::new(kind, &title);
+                o.arms = arms;
+                self.screen = Screen::Overlay(Box::new(o));
+                vec![]
             }
             Msg::RunStarted { title } => {
                 self.screen = Screen::Dashboard(Box::new(Dashboard::new(&title)));

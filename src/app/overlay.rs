@@ -30,6 +30,9 @@ pub struct Curve {
     pub group: usize,
 }
 
+/// A colour group's band: `(group, low edge, high edge)`, each `(step, loss)`.
+pub type GroupBand = (usize, Vec<(f64, f64)>, Vec<(f64, f64)>);
+
 #[derive(Debug, Clone)]
 pub struct Overlay {
     pub kind: Kind,
@@ -188,7 +191,7 @@ impl Overlay {
 
     /// Per colour group with two or more curves: the band of their eval points, `(group, low,
     /// high)` at the steps every curve of the group has reached.
-    pub fn bands(&self) -> Vec<(usize, Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+    pub fn bands(&self) -> Vec<GroupBand> {
         let mut groups: Vec<usize> = self.curves.iter().map(|c| c.group).collect();
         groups.sort_unstable();
         groups.dedup();

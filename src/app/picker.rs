@@ -1,8 +1,9 @@
 //! The preset picker: every preset with its description and key values; the learning rate and
 //! the step limit can be edited before Enter starts the run.
 
+use crate::config::keys::parse_flag_value;
 use crate::config::RunArgs;
-use crate::config::{resolve, ConfigError, Preset, RunConfig};
+use crate::config::{describe, resolve, ConfigError, Overrides, Preset, RunConfig};
 
 use super::Key;
 
@@ -13,6 +14,8 @@ pub struct Entry {
     pub description: String,
     /// The resolved settings, or why the preset is broken.
     pub config: Result<RunConfig, String>,
+    /// For a sweep or study preset, what it runs: "sweep learning_rate in [..] = 4 trials x 150 steps".
+    pub procedure: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,20 +46,33 @@ pub enum Outcome {
 impl Picker {
     /// From the presets of the library (each resolved with `base_flags`).
     pub fn new(presets: Vec<Result<(Vec<Preset>, Preset), ConfigError>>, base_flags: Vec<(String, String)>) -> Self {
+        // what Enter will run: each preset under the command line's flags
+        let typed: Result<Overrides, String> = base_flags
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), parse_flag_value(k, v).map_err(|e| e.to_string())?)))
+            .collect();
         let entries: Vec<Entry> = presets
             .into_iter()
             .map(|p| match p {
-                Ok((chain, preset)) => Entry {
-                    name: preset.name.clone(),
-                    origin: preset.origin.clone(),
-                    description: preset.description.clone(),
-                    config: resolve(&chain, &vec![]).map(|r| r.config).map_err(|e| e.to_string()),
-                },
+                Ok((chain, preset)) => {
+                    let resolved = typed.clone().and_then(|flags| resolve(&chain, &flags).map_err(|e| e.to_string()));
+                    let procedure = resolved.as_ref().ok().and_then(|r| {
+                        describe(r).into_iter().find(|l| l.starts_with("sweep") || l.starts_with("study"))
+                    });
+                    Entry {
+                        name: preset.name.clone(),
+                        origin: preset.origin.clone(),
+                        description: preset.description.clone(),
+                        config: resolved.map(|r| r.config),
+                        procedure: procedure.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")),
+                    }
+                }
                 Err(e) => Entry {
                     name: "(broken)".into(),
                     origin: String::new(),
                     description: String::new(),
                     config: Err(e.to_string()),
+                    procedure: None,
                 },
             })
             .collect();

@@ -27,7 +27,7 @@ pub enum Invocation {
         run: RunArgs,
         ui: UiOptions,
     },
-    Study(super::study::StudyArgs),
+    Study(super::procedure::StudyArgs),
     LrFind {
         run: RunArgs,
         start_lr: f64,
@@ -52,7 +52,8 @@ pub enum Invocation {
         device: String,
         dtype: String,
     },
-    Presets,
+    /// All presets, or one resolved and expanded.
+    Presets(Option<String>),
 }
 
 fn default_text(defaults: &serde_json::Value, key: &str) -> String {
@@ -128,8 +129,8 @@ pub fn command() -> Command {
         .subcommand(headless_arg(ui_args(run_args(Command::new("sweep").about("Run one trial per value of a swept key (e.g. --learning_rate 1e-3,3e-4,1e-4, or the preset's sweep:)")))))
         .subcommand(
             headless_arg(ui_args(run_args(Command::new("study").about("Arms x seeds, each a full run: mean ± sd per arm, paired differences with 95% intervals, figures (study.json)"))))
-                .arg(Arg::new("arm").long("arm").action(ArgAction::Append).required(true).value_name("K=V,K=V|preset=NAME").help("one arm: overrides of the study's settings, e.g. --arm research=false --arm research=true,learning_rate=5e-4 (the first is the reference)"))
-                .arg(Arg::new("seeds").long("seeds").default_value("3").value_name("N|S,S,..").help("N seeds from --seed up, or a list")),
+                .arg(Arg::new("arm").long("arm").action(ArgAction::Append).value_name("K=V,K=V|preset=NAME").help("one arm: overrides of the study's settings, e.g. --arm research=false --arm research=true,learning_rate=5e-4 (the first is the reference) [default: the preset's study: arms]"))
+                .arg(Arg::new("seeds").long("seeds").value_name("N|S,S,..").help("N seeds from --seed up, or a list [default: the preset's study: seeds, else 3]")),
         )
         .subcommand(
             headless_arg(ui_args(run_args(Command::new("lr-find").about("The exponential LR range test on a copy of the model"))))
@@ -157,7 +158,8 @@ pub fn command() -> Command {
             .arg(Arg::new("golden").long("golden").default_value("../shared/golden").value_name("DIR"))
             .arg(Arg::new("device").long("device").default_value("cpu").value_name("cpu|cuda|cuda:N"))
             .arg(Arg::new("dtype").long("dtype").default_value("f32").value_name("f32|bf16")))
-        .subcommand(Command::new("presets").about("List the presets"))
+        .subcommand(Command::new("presets").about("List the presets, or show one resolved (model, data, LR, schedule, steps; a sweep's trials, a study's arms)")
+            .arg(Arg::new("name").value_name("NAME|FILE")))
 }
 
 fn run_from(m: &ArgMatches) -> RunArgs {
@@ -209,10 +211,10 @@ where
             ui: ui_from(s),
         },
         Some(("sweep", s)) => Invocation::Sweep { run: run_from(s), ui: ui_from(s) },
-        Some(("study", s)) => Invocation::Study(super::study::StudyArgs {
+        Some(("study", s)) => Invocation::Study(super::procedure::StudyArgs {
             run: run_from(s),
             arms: s.get_many::<String>("arm").into_iter().flatten().cloned().collect(),
-            seeds: s.get_one::<String>("seeds").cloned().unwrap_or_default(),
+            seeds: s.get_one::<String>("seeds").cloned(),
             ui: ui_from(s),
         }),
         Some(("lr-find", s)) => Invocation::LrFind {
@@ -249,7 +251,7 @@ where
             device: s.get_one::<String>("device").cloned().unwrap_or_default(),
             dtype: s.get_one::<String>("dtype").cloned().unwrap_or_default(),
         },
-        Some(("presets", _)) => Invocation::Presets,
+        Some(("presets", s)) => Invocation::Presets(s.get_one::<String>("name").cloned()),
         _ => Invocation::Lab { run: run_from(&m), ui: ui_from(&m) },
     })
 }

@@ -17,6 +17,7 @@ use crate::app::dashboard::Status;
 use crate::app::overlay::{Kind, Overlay};
 use crate::app::{App, Command, Dashboard, Mode, Msg, Picker};
 use crate::config::{PresetLibrary, RunArgs, RunConfig};
+use crate::data::prepare::default_cache_dir;
 use crate::events::{ControlMsg, ControlOrigin, Event, Level};
 use crate::sinks::{self, metrics::METRICS_FILE};
 use crate::sweep::compare::Run;
@@ -78,16 +79,62 @@ impl Session for Lab {
                 }
                 Backend::None | Backend::Sweep(_) => vec![],
             },
-            Command::Start(args) => match start_run(&args, inputs, &self.stop) {
-                Ok((run, title)) => {
-                    self.backend = Backend::Owned(run);
-                    vec![Msg::RunStarted { title }]
+            Command::Start(args) => match start_procedure(&args, inputs) {
+                Ok(Some((stop, started))) => {
+                    self.backend = Backend::Sweep(stop);
+                    vec![started]
                 }
+                Ok(None) => match start_run(&args, inputs, &self.stop) {
+                    Ok((run, title)) => {
+                        self.backend = Backend::Owned(run);
+                        vec![Msg::RunStarted { title }]
+                    }
+                    Err(e) => vec![Msg::StartFailed(format!("{e:#}"))],
+                },
                 Err(e) => vec![Msg::StartFailed(format!("{e:#}"))],
             },
             Command::Exit | Command::SetMouse(_) => vec![],
         }
     }
+}
+
+/// A preset that is a procedure (`sweep:` or `study:`) starts it; its events go to `tx`.
+/// Returns its stop signal and the message that shows its view, or `None` for a plain run.
+fn start_procedure(args: &RunArgs, tx: &Sender<Input>) -> anyhow::Result<Option<(StopSignal, Msg)>> {
+    if args.preset.is_none() {
+        return Ok(None);
+    }
+    let resolved = resolve_run(args)?;
+    if resolved.sweep.is_some() {
+        let (base, preset, plan) = super::procedure::plan(args)?;
+        let handle = crate::sweep::spawn(base.clone(), preset, plan, default_cache_dir());
+        let stop = handle.stop.clone();
+        forward(handle.events.clone(), tx.clone(), Msg::Sweep);
+        let title = format!("sweep -> {}", base.output_dir);
+        return Ok(Some((stop, Msg::ProcedureStarted { kind: Kind::Sweep, title, arms: vec![] })));
+    }
+    if resolved.study.is_some() {
+        let study_args =
+            super::procedure::StudyArgs { run: args.clone(), arms: vec![], seeds: None, ui: UiOptions::default() };
+        let prepared = super::procedure::prepare(&study_args)?;
+        let (title, arms) = (format!("study -> {}", prepared.root.display()), prepared.labels());
+        let handle = prepared.spawn();
+        let stop = handle.stop.clone();
+        forward(handle.events.clone(), tx.clone(), Msg::Study);
+        return Ok(Some((stop, Msg::ProcedureStarted { kind: Kind::Study, title, arms })));
+    }
+    Ok(None)
+}
+
+/// Passes a procedure's events to the UI until it ends or the UI is gone.
+fn forward<E: Send + 'static>(events: crossbeam_channel::Receiver<E>, tx: Sender<Input>, wrap: fn(E) -> Msg) {
+    let _ = std::thread::Builder::new().name("difflab-procedure-forward".into()).spawn(move || {
+        for e in events.iter() {
+            if tx.send(Input::app(wrap(e))).is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// Starts the run `args` names, with its file sinks and control inbox.
@@ -166,7 +213,13 @@ fn spawn_tail(path: PathBuf, tx: Sender<Input>) {
 pub fn lab(run: RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tui::channel();
     let mut lab = Lab { backend: Backend::None, stop: StopSignal::default() };
-    let app = if run.preset.is_some() {
+    let procedure = start_procedure(&run, &tx)?;
+    let app = if let Some((stop, started)) = procedure {
+        lab.backend = Backend::Sweep(stop);
+        let mut app = App::overlay(Overlay::new(Kind::Sweep, "starting"), !ui.no_mouse, ui.ascii);
+        app.update(started);
+        app
+    } else if run.preset.is_some() {
         let (owned, title) = start_run(&run, &tx, &lab.stop)?;
         lab.backend = Backend::Owned(owned);
         App::dashboard(Dashboard::new(&title), Mode::Owned, !ui.no_mouse, ui.ascii)

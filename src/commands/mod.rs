@@ -9,6 +9,7 @@ pub mod golden;
 pub mod headless;
 pub mod lab;
 pub mod logits;
+pub mod procedure;
 pub mod study;
 pub mod sweep;
 
@@ -81,12 +82,28 @@ pub fn resolve_run(args: &RunArgs) -> Result<Resolved, ConfigError> {
     Ok(resolved)
 }
 
+/// "sweep" or "study" when the resolved preset is one of those procedures.
+fn procedure(resolved: &Resolved) -> Option<&'static str> {
+    match (&resolved.sweep, &resolved.study) {
+        (Some(_), _) => Some("sweep"),
+        (None, Some(_)) => Some("study"),
+        _ => None,
+    }
+}
+
 pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
     match invocation {
         Invocation::Train(args) => {
             let resolved = resolve_run(&args)?;
             if resolved.config.eval_only {
                 return eval::run(&resolved);
+            }
+            if let Some(kind) = procedure(&resolved) {
+                let name = resolved.preset.clone().unwrap_or_default();
+                return Err(BadInput(format!(
+                    "preset `{name}` is a {kind}, not one run: run it with `difflab {kind} --preset {name}` (or `difflab --preset {name}` in the TUI)"
+                ))
+                .into());
             }
             headless::train(&resolved)
         }
@@ -98,7 +115,12 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             }
             if !ui.draws() {
                 let resolved = resolve_run(&run)?;
-                return if resolved.config.eval_only { eval::run(&resolved) } else { headless::train(&resolved) };
+                return match procedure(&resolved) {
+                    Some("sweep") => sweep::sweep(&run, ui),
+                    Some(_) => study::run(&procedure::StudyArgs { run, arms: vec![], seeds: None, ui }),
+                    None if resolved.config.eval_only => eval::run(&resolved),
+                    None => headless::train(&resolved),
+                };
             }
             lab::lab(run, ui)
         }
@@ -126,7 +148,20 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             );
             Ok(if pass { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Invocation::Presets => {
+        Invocation::Presets(Some(name)) => {
+            let resolved = resolve_run(&RunArgs { preset: Some(name.clone()), flags: vec![] })?;
+            let library = PresetLibrary::load();
+            let preset = library.get(&name)?;
+            println!("{} ({})", preset.name, preset.origin);
+            if !preset.description.is_empty() {
+                println!("{}", preset.description);
+            }
+            for line in crate::config::describe(&resolved) {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Invocation::Presets(None) => {
             for preset in PresetLibrary::load().all() {
                 match preset {
                     Ok(p) => println!("{:<16} {}", p.name, p.description),

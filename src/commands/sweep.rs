@@ -5,56 +5,18 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+use super::procedure::plan;
 use super::{resolve_run, BadInput};
-use crate::config::keys::parse_flag_value;
 use crate::config::RunArgs;
-use crate::config::RunConfig;
 use crate::data::prepare::default_cache_dir;
 use crate::sinks::human::describe;
 use crate::sweep::lr_find::{self, LrFindEvent, Range};
 use crate::sweep::{self, compare, SweepEvent};
 use crate::tui::UiOptions;
 
-/// The swept key and its values: a flag given a comma list, else the preset's `sweep:`.
-/// Each value is checked by resolving the run with it.
-pub fn plan(args: &RunArgs) -> anyhow::Result<(RunConfig, Option<String>, String, Vec<serde_json::Value>)> {
-    let lists: Vec<&(String, String)> = args.flags.iter().filter(|(_, v)| v.contains(',')).collect();
-    if lists.len() > 1 {
-        return Err(BadInput(format!(
-            "sweep one key at a time; got lists for {}",
-            lists.iter().map(|(k, _)| format!("--{k}")).collect::<Vec<_>>().join(" and ")
-        ))
-        .into());
-    }
-    let fixed = RunArgs {
-        preset: args.preset.clone(),
-        flags: args.flags.iter().filter(|(_, v)| !v.contains(',')).cloned().collect(),
-    };
-    let resolved = resolve_run(&fixed)?;
-    let (key, values) = match lists.first() {
-        Some((key, list)) => {
-            let values = list.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| parse_flag_value(key, v)).collect::<Result<Vec<_>, _>>()?;
-            (key.clone(), values)
-        }
-        None => resolved.sweep.clone().ok_or_else(|| {
-            BadInput("nothing to sweep: give one flag a list (e.g. --learning_rate 1e-3,3e-4,1e-4) or use a preset with `sweep:`".into())
-        })?,
-    };
-    if values.len() < 2 {
-        return Err(BadInput(format!("--{key}: a sweep needs at least two values")).into());
-    }
-    for v in &values {
-        let mut flags = fixed.flags.clone();
-        flags.push((key.clone(), v.to_string().trim_matches('"').to_string()));
-        resolve_run(&RunArgs { preset: fixed.preset.clone(), flags })
-            .with_context(|| format!("the trial with {key} = {v}"))?;
-    }
-    Ok((resolved.config, resolved.preset, key, values))
-}
-
 pub fn sweep(args: &RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
-    let (base, preset, key, values) = plan(args)?;
-    let handle = sweep::spawn(base.clone(), preset, key, values, default_cache_dir());
+    let (base, preset, plan) = plan(args)?;
+    let handle = sweep::spawn(base.clone(), preset, plan, default_cache_dir());
     if ui.draws() {
         return super::lab::sweep(handle, &base, ui);
     }

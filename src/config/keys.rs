@@ -107,7 +107,7 @@ pub const KEYS: &[Key] = &[
 ];
 
 /// Keys a preset file may hold besides the run settings.
-pub const PRESET_ONLY_KEYS: &[&str] = &["description", "extends", "sweep"];
+pub const PRESET_ONLY_KEYS: &[&str] = &["description", "extends", "sweep", "study"];
 
 /// The tutor's misspellings, accepted with a warning: `(alias, key)`.
 pub const KEY_ALIASES: &[(&str, &str)] = &[("n_later", "n_layer")];

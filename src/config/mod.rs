@@ -18,7 +18,7 @@ use crate::data::{Split, TokenizerSpec};
 use crate::model::GptConfig;
 use crate::optim::ScheduleKind;
 
-pub use preset::{Preset, PresetLibrary};
+pub use preset::{Preset, PresetLibrary, Seeds, StudySpec, SweepSpec};
 pub use resolve::{resolve, Overrides, Resolved, Source};
 
 /// A run as asked for: the preset and the flags as given, `(key, raw value)` pairs.
@@ -174,6 +174,21 @@ impl RunConfig {
         }
     }
 
+    /// Optimizer steps of the run: `max_steps`, else an estimate from the training tokens where
+    /// they are known before the data is (WikiText with the GPT-2 tokenizer). `(steps, exact)`.
+    pub fn estimated_steps(&self) -> Option<(u64, bool)> {
+        if let Some(n) = self.max_steps {
+            return Some((n, true));
+        }
+        let tokens = match (self.dataset.as_str(), self.tokenizer_spec()) {
+            ("wikitext", TokenizerSpec::Gpt2) => crate::data::wikitext::gpt2_train_tokens(&self.dataset_config)?,
+            _ => return None,
+        };
+        let blocks = (tokens as f64 * self.subset_ratio / self.block_size as f64).floor();
+        let per_epoch = (blocks / self.batch_size as f64).floor();
+        Some(((per_epoch * self.num_train_epochs).ceil() as u64, false))
+    }
+
     pub fn accumulation_steps(&self) -> usize {
         self.batch_size / self.micro_batch_size
     }
@@ -202,9 +217,11 @@ pub enum ConfigError {
     #[error("{path}: `extends` forms a cycle: {chain}")]
     ExtendsCycle { path: String, chain: String },
     #[error(
-        "{origin}: `sweep` must map exactly one key to a list of values, e.g. `sweep: {{learning_rate: [1e-3, 3e-4]}}`"
+        "{origin}: `sweep` must map one key (or two, for a grid) to a list of values, e.g. `sweep: {{learning_rate: [1e-3, 3e-4]}}`"
     )]
     BadSweep { origin: String },
+    #[error("{origin}: `study`: {problem}; e.g. `study: {{seeds: 3, arms: [{{name: baseline, research: false}}, {{name: differential, research: true}}]}}`")]
+    BadStudy { origin: String, problem: String },
 }
 
 /// Where a run computes: `auto | cpu | cuda | cuda:N`, the same string on the wire.
@@ -290,3 +307,95 @@ macro_rules! serde_as_string {
     )*};
 }
 serde_as_string!(DeviceSpec, Precision);
+
+/// Evaluations of a run of `steps` steps: every `eval_steps` before the end, one at the end,
+/// and one at step 0 with `eval_on_start`.
+pub fn evaluations(c: &RunConfig, steps: u64) -> u64 {
+    steps.saturating_sub(1) / c.eval_steps.max(1) + 1 + u64::from(c.eval_on_start)
+}
+
+/// A resolved preset in words: the run it makes, and for a procedure the trials or arms it
+/// expands to. `difflab presets NAME` prints it; the picker shows its procedure line.
+pub fn describe(r: &Resolved) -> Vec<String> {
+    let c = &r.config;
+    let steps = |c: &RunConfig| match c.estimated_steps() {
+        Some((n, true)) => format!("{n} steps"),
+        Some((n, false)) => format!("~{n} steps ({} epochs)", c.num_train_epochs),
+        None => format!("{} epochs (steps known once the data is)", c.num_train_epochs),
+    };
+    let evals = |c: &RunConfig| match c.estimated_steps() {
+        Some((n, _)) => {
+            let saves = if c.save_steps == 0 {
+                "a checkpoint at the end".to_string()
+            } else {
+                format!("a checkpoint every {} steps", c.save_steps)
+            };
+            format!(", {} evaluations, {saves}", evaluations(c, n))
+        }
+        None => String::new(),
+    };
+    let data = if c.dataset == "wikitext" {
+        format!("wikitext {} (subset {}), eval on {}", c.dataset_config, c.subset_ratio, c.eval_split.name())
+    } else {
+        format!("{} (subset {}), eval on {}", c.dataset, c.subset_ratio, c.eval_split.name())
+    };
+    let mut out = vec![
+        format!(
+            "model      {} layers x {} wide, {} heads, {}",
+            c.n_layer,
+            c.n_embd,
+            c.n_head,
+            c.model_config(0).variant_name()
+        ),
+        format!("data       {data}, tokenizer {}", c.tokenizer_spec()),
+        format!(
+            "batch      {} x block {} ({} x {} micro)",
+            c.batch_size,
+            c.block_size,
+            c.accumulation_steps(),
+            c.micro_batch_size
+        ),
+        format!(
+            "optimizer  AdamW lr {:e}, {} schedule, warmup {} steps / ratio {}, weight decay {}, clip {}",
+            c.learning_rate, c.lr_scheduler_type, c.warmup_steps, c.warmup_ratio, c.weight_decay, c.max_grad_norm
+        ),
+        format!("length     {}{}", steps(c), evals(c)),
+        format!("output     {}", c.output_dir),
+    ];
+    if let Some(sweep) = &r.sweep {
+        let trials = sweep.trials();
+        let axes: Vec<String> = sweep
+            .axes
+            .iter()
+            .map(|(k, vs)| format!("{k} in [{}]", vs.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")))
+            .collect();
+        out.push(format!("sweep      {} = {} trials x {}", axes.join(" x "), trials.len(), steps(c)));
+        for t in trials {
+            out.push(format!(
+                "  trial    {}",
+                t.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    if let Some(study) = &r.study {
+        let seeds = match &study.seeds {
+            Seeds::Count(n) => format!("{n} seeds ({}..={})", c.seed, c.seed + n - 1),
+            Seeds::List(l) => format!("seeds {l:?}"),
+        };
+        let n = match &study.seeds {
+            Seeds::Count(n) => *n as usize,
+            Seeds::List(l) => l.len(),
+        };
+        out.push(format!(
+            "study      {} arms x {seeds} = {} runs x {}",
+            study.arms.len(),
+            study.arms.len() * n,
+            steps(c)
+        ));
+        for (label, values) in &study.arms {
+            let v: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push(format!("  arm      {label}: {}", v.join(", ")));
+        }
+    }
+    out
+}

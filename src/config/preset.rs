@@ -21,6 +21,13 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("mid-diff", include_str!("../../presets/mid-diff.yaml")),
     ("full-baseline", include_str!("../../presets/full-baseline.yaml")),
     ("full-diff", include_str!("../../presets/full-diff.yaml")),
+    // procedures: sweeps and studies (README, "The tutor's procedure")
+    ("demo-lr-sweep", include_str!("../../presets/demo-lr-sweep.yaml")),
+    ("demo-study", include_str!("../../presets/demo-study.yaml")),
+    ("sanity-lr-sweep", include_str!("../../presets/sanity-lr-sweep.yaml")),
+    ("sanity-diff-lr-sweep", include_str!("../../presets/sanity-diff-lr-sweep.yaml")),
+    ("sanity-study", include_str!("../../presets/sanity-study.yaml")),
+    ("mid-study", include_str!("../../presets/mid-study.yaml")),
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -32,8 +39,60 @@ pub struct Preset {
     pub extends: Option<String>,
     /// Type-checked settings, keys canonical.
     pub values: Map<String, Value>,
-    pub sweep: Option<(String, Vec<Value>)>,
+    pub sweep: Option<SweepSpec>,
+    pub study: Option<StudySpec>,
     pub warnings: Vec<String>,
+}
+
+/// A preset's `sweep:`: one key and its values, or two keys whose values make a grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepSpec {
+    /// `(key, values)`, one or two of them, in the file's order.
+    pub axes: Vec<(String, Vec<Value>)>,
+}
+
+impl SweepSpec {
+    /// Every trial's settings: the values of one key, or the grid of two (first key outer).
+    pub fn trials(&self) -> Vec<Vec<(String, Value)>> {
+        let mut trials: Vec<Vec<(String, Value)>> = vec![vec![]];
+        for (key, values) in &self.axes {
+            trials = trials
+                .into_iter()
+                .flat_map(|t| {
+                    values.iter().map(move |v| {
+                        let mut t = t.clone();
+                        t.push((key.clone(), v.clone()));
+                        t
+                    })
+                })
+                .collect();
+        }
+        trials
+    }
+}
+
+/// A preset's `study:`: arms (settings over the preset's) and seeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StudySpec {
+    /// `(label, settings)`: `name:` in the file, else `key=value,...`.
+    pub arms: Vec<(String, Map<String, Value>)>,
+    /// A count (from the run's seed up) or a list.
+    pub seeds: Seeds,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seeds {
+    Count(u64),
+    List(Vec<u64>),
+}
+
+impl std::fmt::Display for Seeds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Seeds::Count(n) => write!(f, "{n}"),
+            Seeds::List(l) => write!(f, "{}", l.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
+        }
+    }
 }
 
 /// A key written twice at the top level (the YAML parser keeps one silently), by line.
@@ -89,6 +148,7 @@ pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError
         extends: None,
         values: Map::new(),
         sweep: None,
+        study: None,
         warnings: vec![],
     };
     if !map.keys().any(|k| k != "description") {
@@ -112,6 +172,7 @@ pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError
                 }
             }
             "sweep" => preset.sweep = Some(parse_sweep(origin, value, &mut preset.warnings)?),
+            "study" => preset.study = Some(parse_study(origin, value, &mut preset.warnings)?),
             _ => {
                 let key = canonical_key(&key, origin, &mut preset.warnings);
                 let value = check_value(origin, &key, &value)?;
@@ -122,23 +183,90 @@ pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError
     Ok(preset)
 }
 
-fn parse_sweep(origin: &str, value: Value, warnings: &mut Vec<String>) -> Result<(String, Vec<Value>), ConfigError> {
+fn parse_sweep(origin: &str, value: Value, warnings: &mut Vec<String>) -> Result<SweepSpec, ConfigError> {
     let bad = || ConfigError::BadSweep { origin: origin.into() };
     let Value::Object(m) = value else { return Err(bad()) };
-    if m.len() != 1 {
+    if m.is_empty() || m.len() > 2 {
         return Err(bad());
     }
-    let (key, values) = m.into_iter().next().ok_or_else(bad)?;
-    let key = canonical_key(&key, origin, warnings);
-    let Value::Array(values) = values else { return Err(bad()) };
-    if values.is_empty() {
-        return Err(bad());
+    let mut axes = vec![];
+    for (key, values) in m {
+        let key = canonical_key(&key, origin, warnings);
+        let Value::Array(values) = values else { return Err(bad()) };
+        if values.is_empty() {
+            return Err(bad());
+        }
+        // a bad value names the file, the key and its place in the list
+        let values = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| check_value(&format!("{origin}: sweep.{key}[{i}]"), &key, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        axes.push((key, values));
     }
-    let values = values.iter().map(|v| check_value(origin, &key, v)).collect::<Result<Vec<_>, _>>()?;
-    Ok((key, values))
+    Ok(SweepSpec { axes })
 }
 
-/// Built-in presets plus the user's folder.
+/// Keys an arm may not set: they are the study's.
+const STUDY_KEYS: [&str; 2] = ["output_dir", "seed"];
+
+fn parse_study(origin: &str, value: Value, warnings: &mut Vec<String>) -> Result<StudySpec, ConfigError> {
+    let bad = |what: String| ConfigError::BadStudy { origin: origin.into(), problem: what };
+    let Value::Object(mut m) = value else { return Err(bad("`study` must be a mapping".into())) };
+    let seeds = match m.remove("seeds") {
+        None => Seeds::Count(3),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n > 0) => Seeds::Count(n.as_u64().unwrap_or(3)),
+        Some(Value::Array(list)) if !list.is_empty() => Seeds::List(
+            list.iter()
+                .enumerate()
+                .map(|(i, v)| v.as_u64().ok_or_else(|| bad(format!("seeds[{i}] is {v}, not a whole number"))))
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(other) => return Err(bad(format!("seeds is {other}: give a count (3) or a list ([1, 2, 3])"))),
+    };
+    let Some(Value::Array(list)) = m.remove("arms") else {
+        return Err(bad("`study` needs `arms:`, a list of two or more mappings of settings".into()));
+    };
+    if let Some(extra) = m.keys().next() {
+        return Err(bad(format!("unknown key `{extra}` (a study has `arms` and `seeds`)")));
+    }
+    if list.len() < 2 {
+        return Err(bad(format!("{} arm(s); a study needs two or more", list.len())));
+    }
+    let mut arms = vec![];
+    for (i, arm) in list.into_iter().enumerate() {
+        let Value::Object(arm) = arm else { return Err(bad(format!("arms[{i}] is {arm}, not a mapping"))) };
+        let at = format!("{origin}: study.arms[{i}]");
+        let (mut name, mut values) = (None, Map::new());
+        for (key, value) in arm {
+            if key == "name" {
+                name = Some(
+                    value
+                        .as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad(format!("arms[{i}].name is {value}, not a string")))?,
+                );
+                continue;
+            }
+            let key = canonical_key(&key, &at, warnings);
+            if STUDY_KEYS.contains(&key.as_str()) {
+                return Err(bad(format!("arms[{i}] sets `{key}`, which is the study's (its output_dir, its seeds)")));
+            }
+            let value = check_value(&at, &key, &value)?;
+            values.insert(key, value);
+        }
+        let label = name.unwrap_or_else(|| {
+            values
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().map_or(v.to_string(), str::to_string)))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        arms.push((label, values));
+    }
+    Ok(StudySpec { arms, seeds })
+}
+
 #[derive(Debug, Clone)]
 pub struct PresetLibrary {
     /// `(name, origin, text)`; later entries shadow earlier ones of the same name.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use super::keys::{canonical_key, check_value};
-use super::preset::Preset;
+use super::preset::{Preset, StudySpec, SweepSpec};
 use super::{ConfigError, DeviceSpec, Precision, RunConfig};
 use crate::data::{Split, TokenizerSpec};
 use crate::optim::ScheduleKind;
@@ -40,8 +40,10 @@ pub struct Resolved {
     pub warnings: Vec<String>,
     /// The preset's name, if one was used.
     pub preset: Option<String>,
-    /// The preset's `sweep:` (one key, its values), if any.
-    pub sweep: Option<(String, Vec<Value>)>,
+    /// The preset's `sweep:` (one key and its values, or a grid of two), if any.
+    pub sweep: Option<SweepSpec>,
+    /// The preset's `study:` (arms and seeds), if any.
+    pub study: Option<StudySpec>,
 }
 
 /// Maps an accepted misspelling to its key, with a warning.
@@ -89,7 +91,8 @@ pub fn resolve(chain: &[Preset], flags: &Overrides) -> Result<Resolved, ConfigEr
     })?;
     validate(&config, &origin_of)?;
     let sweep = chain.iter().rev().find_map(|p| p.sweep.clone());
-    Ok(Resolved { config, origins, warnings, preset: chain.last().map(|p| p.name.clone()), sweep })
+    let study = chain.iter().rev().find_map(|p| p.study.clone());
+    Ok(Resolved { config, origins, warnings, preset: chain.last().map(|p| p.name.clone()), sweep, study })
 }
 
 /// Keys whose strings parse into types, with the fix to offer for a bad one.

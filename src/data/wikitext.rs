@@ -13,6 +13,17 @@ pub const REPO: &str = "Salesforce/wikitext";
 pub const REVISION: &str = "b08601e04326c79dfdd32d625aee71d232d685c3";
 pub const CONFIGS: [&str; 4] = ["wikitext-103-v1", "wikitext-103-raw-v1", "wikitext-2-v1", "wikitext-2-raw-v1"];
 
+/// GPT-2 BPE tokens in each config's train split, for step estimates before any download
+/// (wikitext-103-raw-v1: 117,920,140, data-formats.md §2.3; the non-raw variant is within a
+/// few percent). WikiText-2 is ~2% of it.
+pub fn gpt2_train_tokens(config: &str) -> Option<u64> {
+    match config {
+        "wikitext-103-v1" | "wikitext-103-raw-v1" => Some(117_920_140),
+        "wikitext-2-v1" | "wikitext-2-raw-v1" => Some(2_391_884),
+        _ => None,
+    }
+}
+
 /// The Parquet files of one split.
 pub fn files(config: &str, split: Split) -> Vec<HubFile> {
     let names: Vec<String> = match split {

@@ -71,6 +71,33 @@ pub fn trial_label(key: &str, value: &serde_json::Value) -> String {
     format!("{key}-{}", v.replace('/', "_"))
 }
 
+/// What a sweep runs: the swept keys (one, or two for a grid) and each trial's values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepPlan {
+    pub keys: Vec<String>,
+    pub trials: Vec<Vec<(String, serde_json::Value)>>,
+}
+
+impl SweepPlan {
+    /// The `key` of the summary: the swept key, or `a x b` for a grid.
+    pub fn key(&self) -> String {
+        self.keys.join(" x ")
+    }
+
+    /// A trial's directory name: `learning_rate-0.001`, or `learning_rate-0.001+warmup_steps-10`.
+    pub fn label(trial: &[(String, serde_json::Value)]) -> String {
+        trial.iter().map(|(k, v)| trial_label(k, v)).collect::<Vec<_>>().join("+")
+    }
+
+    /// A trial's value in the table and JSON: the value, or an object for a grid.
+    pub fn value(trial: &[(String, serde_json::Value)]) -> serde_json::Value {
+        match trial {
+            [(_, v)] => v.clone(),
+            _ => serde_json::Value::Object(trial.iter().cloned().collect()),
+        }
+    }
+}
+
 /// A learning rate above the sweep's best whose best loss is this many times the best trial's
 /// trained, but too unstably to use: its loss plateaus far above the others (a demo sweep at
 /// 1e-1 ends at 3.5 nats where 1e-2 reaches 1.5), which the tutor's "does not fall" misses
@@ -156,44 +183,110 @@ impl SweepHandle {
 }
 
 /// Runs the trials one after another, each a complete run in `<output_dir>/<key>-<value>`.
-pub fn spawn(
-    base: RunConfig,
-    preset: Option<String>,
-    key: String,
-    values: Vec<serde_json::Value>,
-    cache_dir: PathBuf,
-) -> SweepHandle {
+/// A trial that ended in an earlier session of the same sweep (its verdict in `summary.json`,
+/// its settings unchanged) is reused; one interrupted after a checkpoint resumes from it.
+pub fn spawn(base: RunConfig, preset: Option<String>, plan: SweepPlan, cache_dir: PathBuf) -> SweepHandle {
     let (tx, events) = unbounded();
     let stop = StopSignal::default();
     let stop_for_thread = stop.clone();
     let thread = std::thread::Builder::new()
         .name("difflab-sweep".into())
-        .spawn(move || run(base, preset, key, values, cache_dir, tx, stop_for_thread))
+        .spawn(move || run(base, preset, plan, cache_dir, tx, stop_for_thread))
         .unwrap_or_else(|e| panic!("cannot start the sweep thread: {e}"));
     SweepHandle { events, stop, thread }
 }
 
-fn with_value(base: &RunConfig, key: &str, value: &serde_json::Value, dir: &Path) -> Result<RunConfig, String> {
+/// The base settings with a trial's values, in its own folder.
+pub fn with_values(base: &RunConfig, trial: &[(String, serde_json::Value)], dir: &Path) -> Result<RunConfig, String> {
     let mut v = serde_json::to_value(base).map_err(|e| e.to_string())?;
-    v[key] = value.clone();
+    for (key, value) in trial {
+        v[key] = value.clone();
+    }
     v["output_dir"] = serde_json::Value::String(dir.display().to_string());
-    serde_json::from_value(v).map_err(|e| format!("{key} = {value}: {e}"))
+    serde_json::from_value(v).map_err(|e| format!("{}: {e}", SweepPlan::label(trial)))
+}
+
+/// Verdicts a finished trial keeps when the sweep runs again.
+const ENDED: [&str; 4] = ["completed", "lagging", "diverged", "stalled"];
+
+/// The trials an earlier session of this sweep ended, from its `summary.json`.
+fn earlier_trials(root: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(root.join("summary.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|s| s["trials"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn reused(
+    earlier: &[serde_json::Value],
+    label: &str,
+    value: &serde_json::Value,
+    cfg: &RunConfig,
+) -> Option<TrialResult> {
+    // the trial's own log, with the same settings as now (else it is another trial's result)
+    let dir = Path::new(&cfg.output_dir);
+    if !dir.join(sinks::metrics::METRICS_FILE).is_file() {
+        return None;
+    }
+    let plan = study::plan(cfg).ok()?;
+    let from_summary =
+        earlier.iter().find(|t| t["label"] == label && ENDED.contains(&t["status"].as_str().unwrap_or("")));
+    if let (Some(t), study::Plan::Reuse | study::Plan::Fresh { .. }) = (from_summary, &plan) {
+        let f = |k: &str| t[k].as_f64();
+        let status = t["status"].as_str().unwrap_or("completed");
+        return Some(TrialResult {
+            label: label.into(),
+            value: value.clone(),
+            output_dir: cfg.output_dir.clone(),
+            final_loss: f("final_loss"),
+            best_loss: f("best_loss"),
+            eval_loss: f("eval_loss"),
+            perplexity: f("perplexity"),
+            steps: t["steps"].as_u64().unwrap_or(0),
+            // lagging is judged against the other trials again
+            status: if status == "lagging" { "completed".into() } else { status.into() },
+            note: Some(match t["note"].as_str().filter(|_| status != "lagging") {
+                Some(n) => format!("{n} (reused from an earlier session)"),
+                None => "reused from an earlier session".into(),
+            }),
+        });
+    }
+    // finished, but the sweep ended before its summary: the numbers from the trial's log
+    if plan != study::Plan::Reuse {
+        return None;
+    }
+    let run = compare::load(dir).ok()?;
+    Some(TrialResult {
+        label: label.into(),
+        value: value.clone(),
+        output_dir: cfg.output_dir.clone(),
+        final_loss: run.loss.last().map(|p| p.1),
+        best_loss: run.loss.iter().map(|p| p.1).min_by(f64::total_cmp),
+        eval_loss: run.final_eval_loss,
+        perplexity: run.final_perplexity,
+        steps: run.steps,
+        status: "completed".into(),
+        note: Some("reused from its finished log".into()),
+    })
 }
 
 fn run(
     base: RunConfig,
     preset: Option<String>,
-    key: String,
-    values: Vec<serde_json::Value>,
+    plan: SweepPlan,
     cache_dir: PathBuf,
     tx: Sender<SweepEvent>,
     stop: StopSignal,
 ) -> Summary {
     let root = PathBuf::from(&base.output_dir);
+    let earlier = earlier_trials(&root);
+    let key = plan.key();
     let mut trials = vec![];
-    let n = values.len();
-    for (index, value) in values.iter().enumerate() {
-        let label = trial_label(&key, value);
+    let n = plan.trials.len();
+    for (index, trial_values) in plan.trials.iter().enumerate() {
+        let label = SweepPlan::label(trial_values);
+        let value = SweepPlan::value(trial_values);
         let dir = root.join(&label);
         let mut result = TrialResult {
             label: label.clone(),
@@ -214,8 +307,11 @@ fn run(
             continue;
         }
         let _ = tx.send(SweepEvent::TrialStart { index, of: n, label: label.clone() });
-        match with_value(&base, &key, value, &dir) {
-            Ok(cfg) => trial(cfg, preset.clone(), &cache_dir, index, &tx, &stop, &mut result),
+        match with_values(&base, trial_values, &dir) {
+            Ok(cfg) => match reused(&earlier, &label, &value, &cfg) {
+                Some(earlier) => result = earlier,
+                None => trial(cfg, preset.clone(), &cache_dir, index, &tx, &stop, &mut result),
+            },
             Err(e) => {
                 result.status = "failed".into();
                 result.note = Some(e);
@@ -244,7 +340,7 @@ fn run(
 }
 
 fn trial(
-    cfg: RunConfig,
+    mut cfg: RunConfig,
     preset: Option<String>,
     cache_dir: &Path,
     index: usize,
@@ -253,6 +349,18 @@ fn trial(
     result: &mut TrialResult,
 ) {
     let dir = PathBuf::from(&cfg.output_dir);
+    // interrupted after a checkpoint: on from it; left without one: cleared; another run's: refused
+    match study::plan(&cfg) {
+        Ok(study::Plan::Resume) => cfg.resume_from_checkpoint = Some("latest".into()),
+        Ok(study::Plan::Fresh { clear }) => cfg.overwrite_output_dir = clear,
+        // finished with these settings but not reusable (no verdict): run it again
+        Ok(study::Plan::Reuse) => cfg.overwrite_output_dir = true,
+        Err(e) => {
+            result.status = "failed".into();
+            result.note = Some(e.to_string());
+            return;
+        }
+    }
     // the trial's folder is its own, as any run's (one run per output_dir)
     let _claim = match train::output_dir::claim(&cfg) {
         Ok(claim) => claim,

@@ -600,8 +600,11 @@ pub fn write(root: &Path, s: &Summary) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Per arm, at each eval step every finished seed reached: `(step, mean, min, max)`.
-pub fn bands(s: &Summary) -> Vec<(String, Vec<(f64, f64, f64, f64)>)> {
+/// `(step, mean, min, max)` of eval loss over seeds, at each step every seed reached.
+pub type SeedBand = Vec<(f64, f64, f64, f64)>;
+
+/// Per arm, its band over its finished seeds.
+pub fn bands(s: &Summary) -> Vec<(String, SeedBand)> {
     s.arms
         .iter()
         .map(|a| {
@@ -613,7 +616,7 @@ pub fn bands(s: &Summary) -> Vec<(String, Vec<(f64, f64, f64, f64)>)> {
 }
 
 /// `(step, mean, min, max)` over the curves, at the steps all of them have.
-pub fn band_of(curves: &[&Vec<(f64, f64)>]) -> Vec<(f64, f64, f64, f64)> {
+pub fn band_of(curves: &[&Vec<(f64, f64)>]) -> SeedBand {
     let Some(first) = curves.first() else { return vec![] };
     first
         .iter()
@@ -630,7 +633,19 @@ pub fn band_of(curves: &[&Vec<(f64, f64)>]) -> Vec<(f64, f64, f64, f64)> {
 }
 
 fn render(s: &Summary) -> std::io::Result<Vec<(&'static str, figures::Png)>> {
-    let bands = bands(s);
+    let mut bands = bands(s);
+    // the untrained model's loss (ln V) would flatten every later difference: it is left out
+    // of the chart and quoted in its title
+    let start: Vec<f64> = bands.iter().filter_map(|(_, b)| b.first().filter(|p| p.0 == 0.0).map(|p| p.1)).collect();
+    if bands.iter().all(|(_, b)| b.len() > 2) {
+        bands.iter_mut().for_each(|(_, b)| b.retain(|p| p.0 > 0.0));
+    }
+    let start_note = match start.first() {
+        Some(first) if bands.iter().all(|(_, b)| b.first().is_some_and(|p| p.0 > 0.0)) => {
+            format!(" (step 0, left out: {first:.2})")
+        }
+        _ => String::new(),
+    };
     let labels: Vec<String> = bands.iter().map(|(l, _)| format!("{l} (mean, band: min-max over seeds)")).collect();
     let lines: Vec<Line> = bands
         .iter()
@@ -654,7 +669,7 @@ fn render(s: &Summary) -> std::io::Result<Vec<(&'static str, figures::Png)>> {
             .collect(),
         ..Default::default()
     };
-    let title = format!("eval loss over {} seeds", s.seeds.len());
+    let title = format!("eval loss over {} seeds{start_note}", s.seeds.len());
     let curves = figures::chart_with(&title, XAxis::Steps, "eval loss (nats per token)", lines, extras)?;
     // the final loss of every seed, one column per arm
     let arms: Vec<String> = s.arms.iter().map(|a| a.label.clone()).collect();
@@ -671,7 +686,7 @@ fn render(s: &Summary) -> std::io::Result<Vec<(&'static str, figures::Png)>> {
                 .iter()
                 .enumerate()
                 .filter_map(|(a, arm)| {
-                    let r = s.runs.iter().find(|r| &r.arm == &arm.label && r.seed == *seed && r.finished())?;
+                    let r = s.runs.iter().find(|r| r.arm == arm.label && r.seed == *seed && r.finished())?;
                     Some((a as f64, r.final_eval_loss?))
                 })
                 .collect(),

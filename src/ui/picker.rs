@@ -127,6 +127,18 @@ fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
                 ),
                 ("output", vec![Span::raw(c.output_dir.clone())]),
             ];
+            let mut rows = rows;
+            if let Some(procedure) = &e.procedure {
+                // "sweep learning_rate in [..] = 4 trials x 150 steps": what enter will run
+                let (kind, rest) = procedure.split_once(' ').unwrap_or((procedure.as_str(), ""));
+                rows.insert(
+                    0,
+                    (
+                        if kind == "sweep" { "sweep" } else { "study" },
+                        vec![Span::styled(rest.to_string(), Style::default().fg(Color::Cyan))],
+                    ),
+                );
+            }
             for (k, mut v) in rows {
                 let mut spans = vec![key(k)];
                 spans.append(&mut v);

@@ -1,0 +1,215 @@
+//! What a sweep or a study will run, resolved and checked before anything starts: shared by
+//! the `sweep` and `study` commands and by the lab, which starts a procedure preset from the
+//! picker.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::{resolve_run, BadInput};
+use crate::config::keys::parse_flag_value;
+use crate::config::{RunArgs, RunConfig, Source, SweepSpec};
+use crate::data::prepare::default_cache_dir;
+use crate::sweep::study::{self, Arm, Plan};
+use crate::sweep::SweepPlan;
+use crate::tui::UiOptions;
+
+/// The swept key and its values: a flag given a comma list, else the preset's `sweep:` (one
+/// key, or a grid of two). Each trial is checked by resolving the run with its values.
+pub fn plan(args: &RunArgs) -> anyhow::Result<(RunConfig, Option<String>, SweepPlan)> {
+    let lists: Vec<&(String, String)> = args.flags.iter().filter(|(_, v)| v.contains(',')).collect();
+    if lists.len() > 1 {
+        return Err(BadInput(format!(
+            "sweep one key at a time from the command line (a grid of two goes in a preset's `sweep:`); got lists for {}",
+            lists.iter().map(|(k, _)| format!("--{k}")).collect::<Vec<_>>().join(" and ")
+        ))
+        .into());
+    }
+    let fixed = RunArgs {
+        preset: args.preset.clone(),
+        flags: args.flags.iter().filter(|(_, v)| !v.contains(',')).cloned().collect(),
+    };
+    let resolved = resolve_run(&fixed)?;
+    let spec = match lists.first() {
+        Some((key, list)) => {
+            let values = list.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| parse_flag_value(key, v)).collect::<Result<Vec<_>, _>>()?;
+            SweepSpec { axes: vec![(key.clone(), values)] }
+        }
+        None => resolved.sweep.clone().ok_or_else(|| {
+            BadInput("nothing to sweep: give one flag a list (e.g. --learning_rate 1e-3,3e-4,1e-4) or use a preset with `sweep:`".into())
+        })?,
+    };
+    // a flag given one value for a swept key wins over the preset's list
+    let axes: Vec<(String, Vec<serde_json::Value>)> = spec
+        .axes
+        .into_iter()
+        .filter(|(k, _)| lists.first().is_some_and(|(l, _)| l == k) || !fixed.flags.iter().any(|(f, _)| f == k))
+        .collect();
+    let spec = SweepSpec { axes };
+    let trials = spec.trials();
+    if trials.len() < 2 {
+        return Err(BadInput(format!(
+            "{}: a sweep needs at least two values",
+            spec.axes.iter().map(|a| format!("--{}", a.0)).collect::<Vec<_>>().join(", ")
+        ))
+        .into());
+    }
+    for trial in &trials {
+        let mut flags = fixed.flags.clone();
+        flags.extend(trial.iter().map(|(k, v)| (k.clone(), v.as_str().map_or(v.to_string(), str::to_string))));
+        resolve_run(&RunArgs { preset: fixed.preset.clone(), flags })
+            .with_context(|| format!("the trial {}", SweepPlan::label(trial)))?;
+    }
+    let keys = spec.axes.iter().map(|a| a.0.clone()).collect();
+    Ok((resolved.config, resolved.preset, SweepPlan { keys, trials }))
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StudyArgs {
+    pub run: RunArgs,
+    /// Each arm as given: `research=true,learning_rate=5e-4`, or `preset=sanity-diff`.
+    pub arms: Vec<String>,
+    /// `3` (three seeds from the run's seed up) or `1,2,3`; `None`: the preset's, else 3.
+    pub seeds: Option<String>,
+    pub ui: UiOptions,
+}
+
+/// The seeds: a count N (the run's seed and the N-1 after it) or a list.
+pub fn seeds(spec: &str, first: u64) -> Result<Vec<u64>, BadInput> {
+    let bad = || BadInput(format!("--seeds {spec:?}: give a count (--seeds 3) or a list (--seeds 1,2,3)"));
+    if spec.contains(',') {
+        let list: Vec<u64> = spec.split(',').map(|s| s.trim().parse().map_err(|_| bad())).collect::<Result<_, _>>()?;
+        let mut unique = list.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        if unique.len() != list.len() {
+            return Err(BadInput(format!("--seeds {spec:?}: a seed is listed twice")));
+        }
+        return Ok(list);
+    }
+    let n: u64 = spec.trim().parse().map_err(|_| bad())?;
+    if n == 0 {
+        return Err(bad());
+    }
+    Ok((first..first + n).collect())
+}
+
+/// An arm's flags: its `key=value` overrides after the study's own flags, its preset if it
+/// names one (`preset=NAME`).
+fn arm_args(base: &RunArgs, spec: &str) -> Result<RunArgs, BadInput> {
+    let mut args = base.clone();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((key, value)) = part.split_once('=') else {
+            return Err(BadInput(format!(
+                "--arm {spec:?}: {part:?} is not key=value (e.g. --arm research=true,learning_rate=5e-4)"
+            )));
+        };
+        let (key, value) = (key.trim().trim_start_matches("--"), value.trim());
+        if key == "preset" {
+            args.preset = Some(value.into());
+        } else if ["output_dir", "seed"].contains(&key) {
+            return Err(BadInput(format!(
+                "--arm {spec:?}: {key} is the study's, not an arm's (--output_dir for the study, --seeds for the seeds)"
+            )));
+        } else {
+            args.flags.push((key.into(), value.into()));
+        }
+    }
+    Ok(args)
+}
+
+/// A study ready to start: its folder, arms, seeds and what happens to each run.
+pub struct Prepared {
+    pub root: PathBuf,
+    pub arms: Vec<Arm>,
+    pub seeds: Vec<u64>,
+    pub plans: Vec<Plan>,
+}
+
+impl Prepared {
+    pub fn labels(&self) -> Vec<String> {
+        self.arms.iter().map(|a| a.label.clone()).collect()
+    }
+
+    pub fn spawn(self) -> study::StudyHandle {
+        study::spawn(self.root, self.arms, self.seeds, self.plans, default_cache_dir())
+    }
+}
+
+/// Resolves the arms and seeds and checks every run's folder, before anything runs.
+pub fn prepare(args: &StudyArgs) -> anyhow::Result<Prepared> {
+    let base = resolve_run(&args.run)?;
+    // a study's default folder is its own, and it scores the untrained model too (the curves'
+    // common start) unless told otherwise
+    let explicit = |key: &str| base.origins.get(key).is_some_and(|o| *o != Source::Default);
+    let root =
+        PathBuf::from(if explicit("output_dir") { base.config.output_dir.clone() } else { "outputs/study".into() });
+    // the arms: from --arm, else the preset's `study:` (its settings under the flags)
+    let specs: Vec<(String, RunArgs)> = if !args.arms.is_empty() {
+        args.arms
+            .iter()
+            .map(|spec| Ok((spec.trim().to_string(), arm_args(&args.run, spec)?)))
+            .collect::<Result<_, BadInput>>()?
+    } else if let Some(study) = &base.study {
+        study
+            .arms
+            .iter()
+            .map(|(label, values)| {
+                let mut flags: Vec<(String, String)> =
+                    values.iter().map(|(k, v)| (k.clone(), v.as_str().map_or(v.to_string(), str::to_string))).collect();
+                flags.extend(args.run.flags.iter().cloned());
+                (label.clone(), RunArgs { preset: args.run.preset.clone(), flags })
+            })
+            .collect()
+    } else {
+        return Err(BadInput(
+            "a study needs arms: --arm research=false --arm research=true (two or more), or a preset with `study:` (e.g. --preset demo-study)".into(),
+        )
+        .into());
+    };
+    let mut arms = vec![];
+    for (label, arm_args) in specs {
+        let resolved = resolve_run(&arm_args).with_context(|| format!("the arm {label:?}"))?;
+        let mut config = resolved.config;
+        if !resolved.origins.get("eval_on_start").is_some_and(|o| *o != Source::Default) {
+            config.eval_on_start = true;
+        }
+        arms.push(Arm { label, config, preset: resolved.preset });
+    }
+    let seed_spec = match (&args.seeds, &base.study) {
+        (Some(s), _) => s.clone(),
+        (None, Some(study)) => study.seeds.to_string(),
+        (None, None) => "3".into(),
+    };
+    let seeds = seeds(&seed_spec, base.config.seed)?;
+    study::check_arms(&arms, &seeds).map_err(|e| BadInput(e.to_string()))?;
+    let order = study::order(arms.len(), &seeds);
+    let plans = order
+        .iter()
+        .map(|&(a, s)| study::plan(&study::run_config(&root, &arms[a], s)))
+        .collect::<Result<Vec<Plan>, _>>()
+        .map_err(|e| BadInput(e.to_string()))?;
+    Ok(Prepared { root, arms, seeds, plans })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_are_a_count_from_the_runs_seed_or_a_list() {
+        assert_eq!(seeds("3", 42).unwrap(), vec![42, 43, 44]);
+        assert_eq!(seeds("7, 1", 42).unwrap(), vec![7, 1]);
+        assert!(seeds("0", 42).is_err() && seeds("x", 1).is_err() && seeds("1,1", 1).is_err());
+    }
+
+    #[test]
+    fn an_arm_is_overrides_after_the_studys_flags() {
+        let base = RunArgs { preset: Some("demo".into()), flags: vec![("max_steps".into(), "10".into())] };
+        let a = arm_args(&base, "research=true, learning_rate=5e-4").unwrap();
+        assert_eq!(a.flags.last().unwrap(), &("learning_rate".to_string(), "5e-4".to_string()));
+        assert_eq!(arm_args(&base, "preset=sanity-diff").unwrap().preset.as_deref(), Some("sanity-diff"));
+        assert!(arm_args(&base, "research").is_err());
+        assert!(arm_args(&base, "seed=3").unwrap_err().0.contains("--seeds"));
+    }
+}
