@@ -3,7 +3,10 @@
 
 use crate::config::keys::parse_flag_value;
 use crate::config::RunArgs;
-use crate::config::{describe, resolve, ConfigError, Overrides, Preset, RunConfig};
+use std::collections::BTreeMap;
+
+use crate::config::{describe, resolve, runs_of, ConfigError, Overrides, Preset, RunConfig};
+use crate::train::throughput::{self, Measured};
 
 use super::Key;
 
@@ -16,6 +19,33 @@ pub struct Entry {
     pub config: Result<RunConfig, String>,
     /// For a sweep or study preset, what it runs: "sweep learning_rate in [..] = 4 trials x 150 steps".
     pub procedure: Option<String>,
+    /// Full runs it makes (trials, arms x seeds, or 1).
+    pub runs: usize,
+    /// How long it would take here, from what runs of its shape measured on this machine.
+    pub estimate: Option<String>,
+}
+
+impl Entry {
+    /// How long it would take here at the measured speed `m` of its shape, if there is one.
+    fn with_estimate(mut self, m: Option<&Measured>) -> Self {
+        self.estimate = match (&self.config, self.config.as_ref().ok().and_then(RunConfig::estimated_steps)) {
+            (Ok(c), Some((steps, exact))) => Some(match m {
+                Some(m) => {
+                    let tokens = (self.runs as u64 * steps * (c.batch_size * c.block_size) as u64) as f64;
+                    format!(
+                        "{}{} here ({} runs x {steps} steps at {:.1}k tokens/s, measured by an earlier run of this shape)",
+                        throughput::rough_duration(tokens / m.tokens_per_second.max(1e-9)),
+                        if exact { "" } else { " (steps estimated)" },
+                        self.runs,
+                        m.tokens_per_second / 1e3
+                    )
+                }
+                None => "unknown here until a run of this shape has finished on this machine".into(),
+            }),
+            _ => None,
+        };
+        self
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +86,7 @@ impl Picker {
             .map(|p| match p {
                 Ok((chain, preset)) => {
                     let resolved = typed.clone().and_then(|flags| resolve(&chain, &flags).map_err(|e| e.to_string()));
+                    let runs = resolved.as_ref().map_or(1, runs_of);
                     let procedure = resolved.as_ref().ok().and_then(|r| {
                         describe(r).into_iter().find(|l| l.starts_with("sweep") || l.starts_with("study"))
                     });
@@ -65,7 +96,10 @@ impl Picker {
                         description: preset.description.clone(),
                         config: resolved.map(|r| r.config),
                         procedure: procedure.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")),
+                        runs,
+                        estimate: None,
                     }
+                    .with_estimate(None)
                 }
                 Err(e) => Entry {
                     name: "(broken)".into(),
@@ -73,12 +107,28 @@ impl Picker {
                     description: String::new(),
                     config: Err(e.to_string()),
                     procedure: None,
+                    runs: 1,
+                    estimate: None,
                 },
             })
             .collect();
         let selected = entries.iter().position(|e| e.name == "demo").unwrap_or(0);
         let overrides = vec![(None, None); entries.len()];
         Self { entries, selected, editing: None, overrides, base_flags, error: None }
+    }
+
+    /// Time estimates from the speeds runs of the same shape measured on this machine
+    /// (`train::throughput`), for the presets whose steps are known.
+    pub fn with_measured(mut self, measured: &BTreeMap<String, Measured>) -> Self {
+        self.entries = self
+            .entries
+            .into_iter()
+            .map(|e| {
+                let m = e.config.as_ref().ok().and_then(|c| measured.get(&throughput::key(c, 1)));
+                e.with_estimate(m)
+            })
+            .collect();
+        self
     }
 
     pub fn current(&self) -> Option<&Entry> {
@@ -196,6 +246,25 @@ mod tests {
         let presets =
             lib.names().iter().map(|n| lib.chain(n).map(|c| (c.clone(), c.last().cloned().unwrap()))).collect();
         Picker::new(presets, vec![])
+    }
+
+    #[test]
+    fn a_procedure_is_estimated_from_a_measured_speed_of_its_shape() {
+        let p = picker();
+        let study = p.entries.iter().find(|e| e.name == "demo-study").unwrap();
+        assert_eq!(study.runs, 6, "2 arms x 3 seeds");
+        let c = study.config.clone().unwrap();
+        let measured: BTreeMap<String, Measured> =
+            [(throughput::key(&c, 1), Measured { tokens_per_second: 16_000.0, when: 0.0, steps: 400 })].into();
+        let p = p.with_measured(&measured);
+        let study = p.entries.iter().find(|e| e.name == "demo-study").unwrap();
+        // 6 runs x 200 steps x 2048 tokens / 16k tokens/s = 154 s
+        let estimate = study.estimate.as_deref().unwrap();
+        assert!(estimate.starts_with("~3 min here (6 runs x 200 steps at 16.0k tokens/s"), "{estimate}");
+        // another shape has no measurement
+        let sanity = p.entries.iter().find(|e| e.name == "sanity-baseline").unwrap();
+        assert!(sanity.estimate.as_deref().unwrap().starts_with("unknown here"), "{:?}", sanity.estimate);
+        assert!(study.procedure.as_deref().unwrap().contains("= 6 runs x 200 steps"));
     }
 
     #[test]

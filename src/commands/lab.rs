@@ -230,7 +230,8 @@ pub fn lab(run: RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|n| library.chain(n).map(|c| (c.clone(), c.last().cloned().unwrap_or_else(|| c[0].clone()))))
             .collect();
-        App::picker(Picker::new(presets, run.flags.clone()), !ui.no_mouse, ui.ascii)
+        let measured = crate::train::throughput::load(&default_cache_dir());
+        App::picker(Picker::new(presets, run.flags.clone()).with_measured(&measured), !ui.no_mouse, ui.ascii)
     };
     let (app, code) = tui::run(app, &mut lab, tx, rx)?;
     // after the alternate screen is gone: one line on what happened

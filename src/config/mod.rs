@@ -308,6 +308,23 @@ macro_rules! serde_as_string {
 }
 serde_as_string!(DeviceSpec, Precision);
 
+/// Full runs a resolved preset makes: a sweep's trials, a study's arms x seeds, or one.
+pub fn runs_of(r: &Resolved) -> usize {
+    if let Some(sweep) = &r.sweep {
+        return sweep.trials().len();
+    }
+    match &r.study {
+        Some(study) => {
+            study.arms.len()
+                * match &study.seeds {
+                    Seeds::Count(n) => *n as usize,
+                    Seeds::List(l) => l.len(),
+                }
+        }
+        None => 1,
+    }
+}
+
 /// Evaluations of a run of `steps` steps: every `eval_steps` before the end, one at the end,
 /// and one at step 0 with `eval_on_start`.
 pub fn evaluations(c: &RunConfig, steps: u64) -> u64 {

@@ -8,6 +8,7 @@ pub mod output_dir;
 pub mod remote;
 pub mod run;
 pub mod step;
+pub mod throughput;
 
 use std::path::PathBuf;
 use std::thread::JoinHandle;

@@ -580,6 +580,14 @@ fn wrap_up(
         error: failure.as_ref().map(|e| e.to_string()),
         output_dir: run.out_dir.display().to_string(),
     };
+    if failure.is_none() && world.is_root() {
+        // for the picker's estimates: what this shape runs at here (best effort: a cache that
+        // cannot be written costs the estimate, not the run)
+        let measured =
+            super::throughput::Measured { tokens_per_second: end.tokens_per_second, when: now(), steps: trained };
+        let key = super::throughput::key(&run.spec.config, world.world_size());
+        let _ = super::throughput::record(&run.spec.cache_dir, key, measured);
+    }
     emit_ev(Event::TrainEnd(end.clone()));
     match failure {
         Some(e) => Err(e),

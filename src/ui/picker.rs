@@ -126,6 +126,7 @@ fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
                     ],
                 ),
                 ("output", vec![Span::raw(c.output_dir.clone())]),
+                ("time", vec![Span::raw(e.estimate.clone().unwrap_or_else(|| "steps known once the data is".into()))]),
             ];
             let mut rows = rows;
             if let Some(procedure) = &e.procedure {
