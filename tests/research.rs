@@ -28,6 +28,13 @@ fn eval_on_start_scores_the_untrained_model_and_samples_are_logged_and_generatio
     // the untrained byte model sits near ln(vocab); training takes it well below
     let (first, last) = (evals[0]["eval_loss"].as_f64().unwrap(), evals[3]["eval_loss"].as_f64().unwrap());
     assert!(first > 4.0 && last < first - 1.0, "eval loss {first} -> {last}");
+    // the diff-norm statistics cover every token of the step's batch: 4 sequences of 32 in two
+    // micro-batches of 2, not the last micro-batch's 64 tokens
+    let progress = events(&metrics, "progress");
+    for p in &progress {
+        let counted: u64 = p["diff_norm_hist"]["counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum();
+        assert_eq!(counted, 4 * 32, "step {}", p["step"]);
+    }
     let samples = events(&metrics, "sample");
     assert_eq!(samples.len(), 4, "a sample at each evaluation");
     assert!(samples.iter().all(|s| s["prompt"] == "the cat" && !s["text"].as_str().unwrap().is_empty()));

@@ -191,6 +191,18 @@ fn tiny_and_odd_sizes_do_not_panic() {
     }
 }
 
+#[test]
+fn below_80x24_the_screen_says_so_instead_of_cut_panels() {
+    for (w, h) in [(79, 24), (80, 23), (60, 20)] {
+        let screen = draw(&dashboard(true), w, h).backend().to_string();
+        assert!(screen.contains("terminal too small (need 80x24"), "{w}x{h}: {screen}");
+        assert!(!screen.contains('│'), "{w}x{h}: no half-drawn panels");
+    }
+    // at 80x24 the dashboard itself, not the message
+    let screen = draw(&dashboard(true), 80, 24).backend().to_string();
+    assert!(!screen.contains("too small") && screen.contains("loss"));
+}
+
 /// The sweep view from synthetic trial events: three curves, the table, the suggestion.
 #[test]
 fn sweep_view_80x24() {

@@ -48,10 +48,62 @@ impl Entry {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Field {
     LearningRate,
     MaxSteps,
+    OutputDir,
+    Seed,
+}
+
+impl Field {
+    /// The run setting the field edits.
+    pub fn key(self) -> &'static str {
+        match self {
+            Field::LearningRate => "learning_rate",
+            Field::MaxSteps => "max_steps",
+            Field::OutputDir => "output_dir",
+            Field::Seed => "seed",
+        }
+    }
+
+    /// The key that starts editing it.
+    pub fn hotkey(self) -> char {
+        match self {
+            Field::LearningRate => 'l',
+            Field::MaxSteps => 's',
+            Field::OutputDir => 'o',
+            Field::Seed => 'r',
+        }
+    }
+
+    const ALL: [Field; 4] = [Field::LearningRate, Field::MaxSteps, Field::OutputDir, Field::Seed];
+
+    /// Why `text` is not a value for the field, quoting it; `None` when it is.
+    fn refuse(self, text: &str) -> Option<String> {
+        let ok = match self {
+            Field::LearningRate => text.parse::<f64>().is_ok_and(|x| x > 0.0 && x.is_finite()),
+            Field::MaxSteps => text.parse::<u64>().is_ok_and(|x| x > 0),
+            Field::OutputDir => !text.trim().is_empty(),
+            Field::Seed => text.parse::<u64>().is_ok(),
+        };
+        let example = match self {
+            Field::LearningRate => "a learning rate above 0 (e.g. 3e-4)",
+            Field::MaxSteps => "a step count of 1 or more (e.g. 500)",
+            Field::OutputDir => "a folder (e.g. outputs/try-2)",
+            Field::Seed => "a whole number (e.g. 7)",
+        };
+        (!ok).then(|| format!("{}: {text:?} is not {example}; kept the old value", self.key()))
+    }
+
+    /// Characters the field accepts while typing.
+    fn accepts(self, c: char) -> bool {
+        match self {
+            Field::LearningRate => c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'),
+            Field::MaxSteps | Field::Seed => c.is_ascii_digit(),
+            Field::OutputDir => !c.is_control(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -60,8 +112,8 @@ pub struct Picker {
     pub selected: usize,
     /// The field being typed into, and its text so far.
     pub editing: Option<(Field, String)>,
-    /// Edited values per entry: `(learning_rate, max_steps)` as typed.
-    pub overrides: Vec<(Option<String>, Option<String>)>,
+    /// Edited values per entry, as typed.
+    pub overrides: Vec<BTreeMap<Field, String>>,
     /// The flags given on the command line, applied to every preset.
     pub base_flags: Vec<(String, String)>,
     pub error: Option<String>,
@@ -113,7 +165,7 @@ impl Picker {
             })
             .collect();
         let selected = entries.iter().position(|e| e.name == "demo").unwrap_or(0);
-        let overrides = vec![(None, None); entries.len()];
+        let overrides = vec![BTreeMap::new(); entries.len()];
         Self { entries, selected, editing: None, overrides, base_flags, error: None }
     }
 
@@ -135,27 +187,24 @@ impl Picker {
         self.entries.get(self.selected)
     }
 
-    /// The learning rate and step limit shown (edited, or the preset's).
+    /// A field's value as shown: edited, or the preset's.
     pub fn shown(&self, field: Field) -> String {
-        let (lr, steps) = self.overrides.get(self.selected).cloned().unwrap_or((None, None));
-        let cfg = self.current().and_then(|e| e.config.as_ref().ok());
+        if let Some(text) = self.overrides.get(self.selected).and_then(|o| o.get(&field)) {
+            return text.clone();
+        }
+        let Some(c) = self.current().and_then(|e| e.config.as_ref().ok()) else { return "-".into() };
         match field {
-            Field::LearningRate => lr.unwrap_or_else(|| cfg.map_or("-".into(), |c| format!("{:e}", c.learning_rate))),
-            Field::MaxSteps => {
-                steps.unwrap_or_else(|| cfg.and_then(|c| c.max_steps).map_or("epochs".into(), |s| s.to_string()))
-            }
+            Field::LearningRate => format!("{:e}", c.learning_rate),
+            Field::MaxSteps => c.max_steps.map_or("epochs".into(), |s| s.to_string()),
+            Field::OutputDir => c.output_dir.clone(),
+            Field::Seed => c.seed.to_string(),
         }
     }
 
     pub fn run_args(&self) -> RunArgs {
         let mut flags = self.base_flags.clone();
-        if let Some((lr, steps)) = self.overrides.get(self.selected) {
-            if let Some(lr) = lr {
-                flags.push(("learning_rate".into(), lr.clone()));
-            }
-            if let Some(steps) = steps {
-                flags.push(("max_steps".into(), steps.clone()));
-            }
+        if let Some(edits) = self.overrides.get(self.selected) {
+            flags.extend(edits.iter().map(|(f, v)| (f.key().to_string(), v.clone())));
         }
         RunArgs {
             preset: self
@@ -170,35 +219,19 @@ impl Picker {
     pub fn on_key(&mut self, key: Key) -> Outcome {
         if let Some((field, mut text)) = self.editing.take() {
             match key {
-                Key::Enter | Key::Tab => {
-                    let valid = match field {
-                        Field::LearningRate => text.parse::<f64>().is_ok_and(|x| x > 0.0 && x.is_finite()),
-                        Field::MaxSteps => text.parse::<u64>().is_ok_and(|x| x > 0),
-                    };
-                    if valid {
-                        let slot = &mut self.overrides[self.selected];
-                        match field {
-                            Field::LearningRate => slot.0 = Some(text),
-                            Field::MaxSteps => slot.1 = Some(text),
-                        }
+                Key::Enter | Key::Tab => match field.refuse(&text) {
+                    None => {
+                        self.overrides[self.selected].insert(field, text.trim().to_string());
                         self.error = None;
-                    } else {
-                        self.error = Some(format!(
-                            "{text:?} is not a valid {}",
-                            if field == Field::LearningRate {
-                                "learning rate (e.g. 3e-4)"
-                            } else {
-                                "step count (e.g. 500)"
-                            }
-                        ));
                     }
-                }
+                    Some(why) => self.error = Some(why),
+                },
                 Key::Esc => self.error = None,
                 Key::Backspace => {
                     text.pop();
                     self.editing = Some((field, text));
                 }
-                Key::Char(c) if c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+') => {
+                Key::Char(c) if field.accepts(c) => {
                     text.push(c);
                     self.editing = Some((field, text));
                 }
@@ -209,8 +242,10 @@ impl Picker {
         match key {
             Key::Up | Key::Char('k') => self.selected = self.selected.saturating_sub(1),
             Key::Down | Key::Char('j') => self.selected = (self.selected + 1).min(self.entries.len().saturating_sub(1)),
-            Key::Char('l') => self.editing = Some((Field::LearningRate, String::new())),
-            Key::Char('s') => self.editing = Some((Field::MaxSteps, String::new())),
+            Key::Char(c) if Field::ALL.iter().any(|f| f.hotkey() == c) => {
+                let field = Field::ALL.into_iter().find(|f| f.hotkey() == c).unwrap_or(Field::LearningRate);
+                self.editing = Some((field, String::new()));
+            }
             Key::Enter => {
                 return match self.current().map(|e| &e.config) {
                     Some(Ok(_)) => Outcome::Start(self.run_args()),
@@ -294,10 +329,37 @@ mod tests {
             args.flags,
             vec![("learning_rate".to_string(), "3e-4".to_string()), ("max_steps".to_string(), "25".to_string())]
         );
-        // a bad value is refused with a message
+        // a bad value is refused, quoting what was typed, and the old value is kept
         for k in [Key::Char('l'), Key::Char('-'), Key::Enter] {
             p.on_key(k);
         }
-        assert!(p.error.as_ref().unwrap().contains("not a valid learning rate"));
+        let error = p.error.clone().unwrap();
+        assert!(error.contains("learning_rate: \"-\" is not a learning rate above 0"), "{error}");
+        assert_eq!(p.shown(Field::LearningRate), "3e-4");
+    }
+
+    #[test]
+    fn the_output_folder_and_seed_can_be_set_before_starting() {
+        let mut p = picker();
+        p.on_key(Key::Char('o'));
+        for c in "outputs/try 2".chars() {
+            p.on_key(Key::Char(c));
+        }
+        p.on_key(Key::Enter);
+        // letters are not digits: a seed of "x7" is typed as "7"
+        for k in [Key::Char('r'), Key::Char('x'), Key::Char('7'), Key::Enter] {
+            p.on_key(k);
+        }
+        assert_eq!((p.shown(Field::OutputDir), p.shown(Field::Seed)), ("outputs/try 2".into(), "7".into()));
+        let Outcome::Start(args) = p.on_key(Key::Enter) else { panic!("start") };
+        assert_eq!(
+            args.flags,
+            vec![("output_dir".to_string(), "outputs/try 2".to_string()), ("seed".to_string(), "7".to_string())]
+        );
+        // an empty folder name is refused
+        for k in [Key::Char('o'), Key::Char(' '), Key::Enter] {
+            p.on_key(k);
+        }
+        assert!(p.error.as_deref().is_some_and(|e| e.contains("output_dir: \" \" is not a folder")), "{:?}", p.error);
     }
 }

@@ -31,7 +31,11 @@ const FLAGS: &[(&str, &str, &str)] = &[
     ("batch_size", "16", "sequences per optimizer step"),
     ("steps", "13", "optimizer steps, untimed warm-up included"),
     ("warmup_steps", "3", "first steps excluded from timing"),
-    ("rope", "false", "rotary positions"),
+    (
+        "rope",
+        "true",
+        "rotary positions (train's default; bench_train.py defaults to false, so comparisons pass --rope)",
+    ),
     ("research", "false", "differential variant"),
     ("lr", "6e-4", "peak learning rate"),
     ("min_lr", "6e-5", "cosine floor"),

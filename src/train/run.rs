@@ -354,7 +354,8 @@ fn train_loop(
         let started = Instant::now();
         let mut acc = Accumulated::default();
         let mut step_loss = 0.0;
-        let mut diff_norms = None;
+        // every token of the step's batch (this process's share of it), not the last micro-batch's
+        let mut diff_norms: Option<Vec<f32>> = None;
         let batcher = Batcher { stream: &run.data.train, block_size: cfg.block_size };
         let world = &run.spec.world;
         // this rank's share of the step's micro-batches: every world_size-th, from its rank
@@ -386,7 +387,9 @@ fn train_loop(
                 &mut acc,
             )?;
             step_loss += out.loss / accumulation as f64;
-            diff_norms = out.diff_norms.or(diff_norms);
+            if let Some(norms) = out.diff_norms {
+                diff_norms.get_or_insert_with(Vec::new).extend(norms);
+            }
         }
         // the sums over all ranks: each rank's gradients and loss are its share of the whole
         // batch's (scaled by 1 / all micro-batches), so the sum is the one-process step

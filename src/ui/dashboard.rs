@@ -214,7 +214,12 @@ fn render_loss(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
 }
 
 fn render_lr(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
-    let scale = if d.lr_scale != 1.0 { format!(" (x{} by control)", d.lr_scale) } else { String::new() };
+    // the title fits its border: the long form where there is room
+    let scale = match (d.lr_scale != 1.0, area.width >= 46) {
+        (true, true) => format!(" (x{} by control)", d.lr_scale),
+        (true, false) => format!(" (x{})", d.lr_scale),
+        _ => String::new(),
+    };
     let plot = Plot {
         title: format!(" learning rate {}{scale} ", d.last_lr.map_or(String::new(), |l| format!("{l:.2e}"))),
         layers: vec![Layer {
@@ -282,8 +287,10 @@ fn render_hist(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     };
     let stats = if inner.width >= 50 {
         format!("step {} mean {:.3} std {:.3} min {:.3} max {:.3}", s.step, s.mean, s.std, s.min, s.max)
-    } else {
+    } else if inner.width >= 31 {
         format!("mean {:.3} sd {:.3} [{:.2},{:.2}]", s.mean, s.std, s.min, s.max)
+    } else {
+        format!("{:.3}±{:.3} [{:.2},{:.2}]", s.mean, s.std, s.min, s.max)
     };
     put(buf, inner.x, inner.y, &stats, inner.width as usize, Style::default().fg(Color::Gray));
     let Some(h) = &s.hist else { return };
@@ -367,12 +374,15 @@ fn render_progress(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         (Status::Training, Some(e)) => duration(e),
         _ => "-".into(),
     };
-    let line2 = format!(
+    let mut line2 = format!(
         "epoch {:.2} | {} tok/s | ETA {eta} | {} in",
         d.epoch,
         d.tokens_per_second.map_or("-".into(), si),
         duration(d.elapsed)
     );
+    if line2.chars().count() > inner.width as usize {
+        line2 = format!("ep {:.2} | {} tok/s | ETA {eta}", d.epoch, d.tokens_per_second.map_or("-".into(), si));
+    }
     let line3 = format!(
         "eval ppl {} | LR x{} | skipped {}",
         d.perplexity.map_or("-".into(), |p| format!("{p:.2}")),
@@ -417,7 +427,10 @@ fn render_dialog(app: &App, area: Rect, buf: &mut Buffer) {
         _ => (" quit ", "Stop the run?"),
     };
     block(title, Color::Yellow, app.ascii).render(r, buf);
-    put(buf, r.x + 2, r.y + 2, question, r.width as usize - 4, Style::default().add_modifier(Modifier::BOLD));
+    put(buf, r.x + 2, r.y + 1, question, r.width as usize - 4, Style::default().add_modifier(Modifier::BOLD));
+    // the dialog does not pause anything: say so, so nobody waits on it thinking it does
+    let note = "training goes on while this is open";
+    put(buf, r.x + 2, r.y + 2, note, r.width as usize - 4, Style::default().fg(Color::Gray));
     for (rect, _, label) in dialog_buttons(app, area) {
         put(buf, rect.x, rect.y, &label, rect.width as usize, Style::default().fg(Color::Black).bg(Color::Yellow));
     }

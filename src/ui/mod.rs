@@ -15,8 +15,26 @@ use ratatui::Frame;
 
 use crate::app::{App, Button, Screen};
 
+/// The smallest terminal every screen is laid out for.
+pub const MIN_WIDTH: u16 = 80;
+pub const MIN_HEIGHT: u16 = 24;
+
 pub fn render(app: &App, frame: &mut Frame) {
     let area = frame.area();
+    if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
+        // half-drawn panels would mislead: say what is needed instead (the run goes on)
+        let lines = [
+            format!("terminal too small (need {MIN_WIDTH}x{MIN_HEIGHT}, have {}x{})", area.width, area.height),
+            "enlarge it, or press q to leave; a run goes on meanwhile".to_string(),
+        ];
+        let buf = frame.buffer_mut();
+        for (i, line) in lines.iter().enumerate() {
+            let x = area.x + area.width.saturating_sub(line.chars().count() as u16) / 2;
+            let y = area.y + (area.height / 2).saturating_sub(1) + i as u16;
+            put(buf, x, y, line, area.width as usize, Style::default().fg(Color::Yellow));
+        }
+        return;
+    }
     match &app.screen {
         Screen::Picker(p) => picker::render(p, app, area, frame.buffer_mut()),
         Screen::Dashboard(d) => dashboard::render(d, app, area, frame.buffer_mut()),
@@ -26,6 +44,9 @@ pub fn render(app: &App, frame: &mut Frame) {
 
 /// The button under a mouse click at `(col, row)` in a frame of `area`.
 pub fn hit(app: &App, area: Rect, col: u16, row: u16) -> Option<Button> {
+    if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
+        return None;
+    }
     let buttons = match &app.screen {
         Screen::Picker(_) => picker::buttons(area),
         Screen::Dashboard(_) => dashboard::buttons(app, area),

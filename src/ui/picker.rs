@@ -41,7 +41,7 @@ fn hints(area: Rect, buf: &mut Buffer) {
         buf,
         bar.x + used + 1,
         bar.y,
-        "up/down select | l edit LR | s edit steps",
+        "up/down select | l LR | s steps | o output | r seed",
         bar.width.saturating_sub(used + 1) as usize,
         Style::default().fg(Color::DarkGray),
     );
@@ -125,7 +125,20 @@ fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
                         Span::styled("   [s] edit", Style::default().fg(Color::DarkGray)),
                     ],
                 ),
-                ("output", vec![Span::raw(c.output_dir.clone())]),
+                (
+                    "output",
+                    vec![
+                        edit(Field::OutputDir, p.shown(Field::OutputDir)),
+                        Span::styled("   [o] edit", Style::default().fg(Color::DarkGray)),
+                    ],
+                ),
+                (
+                    "seed",
+                    vec![
+                        edit(Field::Seed, p.shown(Field::Seed)),
+                        Span::styled("   [r] edit", Style::default().fg(Color::DarkGray)),
+                    ],
+                ),
                 ("time", vec![Span::raw(e.estimate.clone().unwrap_or_else(|| "steps known once the data is".into()))]),
             ];
             let mut rows = rows;
