@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use difflab::data::{prepare, wikitext, DataConfig, DataError, Progress, Split};
+use difflab::data::tokenizer::GPT2_REVISION;
 
 #[test]
 fn wikitext_loads_from_a_real_layout_cache_with_no_network() {
@@ -28,17 +29,23 @@ fn wikitext_loads_from_a_real_layout_cache_with_no_network() {
     };
     let err = prepare(&cfg, &|_| {}).err().expect("empty cache offline fails");
     let msg = err.to_string();
-    assert!(matches!(err, DataError::HubMissing { .. }), "{msg}");
+    // every missing file at once: the tokenizer, the train and the validation split, with one
+    // `hf download` per repository (and the older CLI's spelling)
+    assert!(matches!(err, DataError::HubMissingMany { count: 3, .. }), "{msg}");
     assert!(
-        msg.contains("openai-community/gpt2")
-            && msg.contains("tokenizer.json")
+        msg.contains("openai-community/gpt2: `tokenizer.json`")
+            && msg.contains("wikitext-2-raw-v1/train-00000-of-00001.parquet")
+            && msg.contains("wikitext-2-raw-v1/validation-00000-of-00001.parquet")
+            && msg.contains(&format!("`hf download openai-community/gpt2 tokenizer.json --revision {GPT2_REVISION}`"))
+            && msg.contains("`hf download Salesforce/wikitext --repo-type dataset wikitext-2-raw-v1/train-00000-of-00001.parquet wikitext-2-raw-v1/validation-00000-of-00001.parquet")
             && msg.contains("huggingface-cli download"),
         "{msg}"
     );
 
     // the GPT-2 tokenizer, then WikiText rows with a heading and blank rows
     let tokenizer_json = std::fs::read(shared_dir().join("data/gpt2-tokenizer/tokenizer.json")).unwrap();
-    fake_hub_repo(&hub, "models--openai-community--gpt2", &"6".repeat(40), &[("tokenizer.json", tokenizer_json)]);
+    // at the pinned commit, as `hf download --revision` (or a download of `main` today) leaves it
+    fake_hub_repo(&hub, "models--openai-community--gpt2", GPT2_REVISION, &[("tokenizer.json", tokenizer_json)]);
     let err = prepare(&cfg, &|_| {}).err().expect("dataset still missing");
     assert!(
         err.to_string().contains("Salesforce/wikitext")

@@ -38,14 +38,28 @@ impl HubFile {
 
     /// How a user fetches it by hand (with Python's CLI, into the same cache).
     pub fn fetch_hint(&self) -> String {
-        format!(
-            "run once with network access, or: huggingface-cli download {}{} {} --revision {}",
-            self.repo_id,
-            self.type_flag(),
-            self.filename,
-            self.revision
-        )
+        download_hint(std::slice::from_ref(self))
     }
+}
+
+/// The commands that fetch `files` into the cache: `hf download` (huggingface_hub's CLI since
+/// 0.34), one per repository and revision, with `huggingface-cli download` as the older spelling.
+pub fn download_hint(files: &[HubFile]) -> String {
+    let mut groups: Vec<(&HubFile, Vec<&str>)> = vec![];
+    for f in files {
+        match groups.iter_mut().find(|(g, _)| g.repo_id == f.repo_id && g.revision == f.revision) {
+            Some((_, names)) => names.push(&f.filename),
+            None => groups.push((f, vec![&f.filename])),
+        }
+    }
+    let commands: Vec<String> = groups
+        .iter()
+        .map(|(g, names)| format!("{}{} {} --revision {}", g.repo_id, g.type_flag(), names.join(" "), g.revision))
+        .collect();
+    format!(
+        "run once with network access, or: {} (older huggingface_hub: `huggingface-cli download` with the same arguments)",
+        commands.iter().map(|c| format!("`hf download {c}`")).collect::<Vec<_>>().join(" and ")
+    )
 }
 
 /// The Hugging Face hub cache directory, resolved as `huggingface_hub` does.

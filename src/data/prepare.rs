@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::spec::TokenizerSpec;
 use super::token_cache::{self, Invalid};
 use super::tokenizer::{self, Tokenizer};
-use super::{DataError, Progress, ProgressFn, Source, Split, TokenStream};
+use super::{hub, wikitext, DataError, Progress, ProgressFn, Source, Split, TokenStream};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataConfig {
@@ -52,6 +52,37 @@ pub fn subset(mut rows: Vec<String>, ratio: f64) -> Vec<String> {
 }
 
 pub fn prepare(cfg: &DataConfig, progress: &ProgressFn) -> Result<PreparedData, DataError> {
+    prepare_all(cfg, progress).map_err(|e| every_missing_file(cfg, e))
+}
+
+/// Offline, one missing hub file is seldom alone: the error names every file the run may need
+/// (the tokenizer, the training and evaluation splits) that is not in the cache.
+fn every_missing_file(cfg: &DataConfig, e: DataError) -> DataError {
+    if !matches!(e, DataError::HubMissing { .. }) || !hub::offline() {
+        return e;
+    }
+    let mut needed = vec![];
+    if cfg.tokenizer == TokenizerSpec::Gpt2 {
+        needed.push(tokenizer::gpt2_file());
+    }
+    if cfg.dataset == "wikitext" {
+        needed.extend(wikitext::files(&cfg.dataset_config, Split::Train));
+        needed.extend(wikitext::files(&cfg.dataset_config, cfg.eval_split));
+    }
+    let cache = hub::cache_dir();
+    let missing: Vec<hub::HubFile> = needed.into_iter().filter(|f| hub::cached(&cache, f).is_none()).collect();
+    if missing.len() < 2 {
+        return e;
+    }
+    DataError::HubMissingMany {
+        count: missing.len(),
+        files: missing.iter().map(|f| format!("{}: `{}`", f.repo_id, f.filename)).collect::<Vec<_>>().join(", "),
+        cache,
+        hint: hub::download_hint(&missing),
+    }
+}
+
+fn prepare_all(cfg: &DataConfig, progress: &ProgressFn) -> Result<PreparedData, DataError> {
     let source = Source::resolve(&cfg.dataset, &cfg.dataset_config)?;
     let train_id = format!("{}|train|subset={}", source.identity(), cfg.subset_ratio);
     // The training rows are read at most once, whether the BPE or the token cache needs them.

@@ -105,12 +105,16 @@ impl Tokenizer {
     }
 }
 
+/// `openai-community/gpt2` at the commit `main` names (pinned as the dataset is, so a
+/// change on the hub never changes a run's tokens silently).
+pub const GPT2_REVISION: &str = "607a30d783dfa663caf39e06633721c8d4cfcd7e";
+
 /// The GPT-2 tokenizer file on the hub.
 pub fn gpt2_file() -> HubFile {
     HubFile {
         repo_id: "openai-community/gpt2".into(),
         repo_type: RepoType::Model,
-        revision: "main".into(),
+        revision: GPT2_REVISION.into(),
         filename: "tokenizer.json".into(),
     }
 }
