@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use difflab::data::{prepare, wikitext, DataConfig, DataError, Progress, Split};
 use difflab::data::tokenizer::GPT2_REVISION;
+use difflab::data::{prepare, wikitext, DataConfig, DataError, Progress, Split};
 
 #[test]
 fn wikitext_loads_from_a_real_layout_cache_with_no_network() {

@@ -54,7 +54,8 @@ fn invalid_presets_fail_with_file_key_and_fix_and_exit_code_2() {
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/invalid_presets");
     let cases = [
         ("unknown-key.yaml", "learning_rte", "did you mean `learning_rate`"),
-        ("wrong-type.yaml", "n_layer", "must be a whole number"),
+        ("wrong-type.yaml", "line 2: key `n_layer`", "must be a whole number"),
+        ("bad-yaml.yaml", "line 3 column 9", "not valid YAML"),
         ("batch-not-divisible.yaml", "batch_size", "fix: use a multiple of micro_batch_size"),
         ("embd-not-divisible.yaml", "n_embd", "fix: choose n_embd a multiple of n_head"),
         ("rope-odd-head.yaml", "n_embd", "fix: change n_embd or n_head so the head size is even"),

@@ -267,7 +267,10 @@ fn input_gaps_are_refused_with_exit_2() {
         (with(&base, &["--output_dir", &file.display().to_string()]), "is a file"),
         (with(&base, &["--n_layer", "-1"]), "n_layer"),
         (with(&base, &["--eval_max_blocks", "0"]), "eval_max_blocks"),
-        (vec!["--preset".into(), preset("dup", "n_layer: 2\nn_embd: 64\nn_layer: 3\n")], "lines 1 and 3"),
+        (
+            vec!["--preset".into(), preset("dup", "n_layer: 2\nn_embd: 64\nn_layer: 3\n")],
+            "line 3 column 1: duplicate mapping key: n_layer; keep one",
+        ),
         (vec!["--preset".into(), preset("empty", "")], "sets no run settings"),
         (vec!["--preset".into(), preset("nan", "learning_rate: .nan\n")], "finite"),
         (vec!["--preset".into(), preset("orphan", "extends: no-such-preset\n")], "orphan.yaml"),

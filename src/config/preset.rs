@@ -47,12 +47,13 @@ pub struct Preset {
 /// A preset's `sweep:`: one key and its values, or two keys whose values make a grid.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SweepSpec {
-    /// `(key, values)`, one or two of them, in the file's order.
+    /// `(key, values)`, one or two of them, in alphabetical order (the preset's mapping is
+    /// read into a sorted map).
     pub axes: Vec<(String, Vec<Value>)>,
 }
 
 impl SweepSpec {
-    /// Every trial's settings: the values of one key, or the grid of two (first key outer).
+    /// Every trial's settings: the values of one key, or the grid of two (the first key outer).
     pub fn trials(&self) -> Vec<Vec<(String, Value)>> {
         let mut trials: Vec<Vec<(String, Value)>> = vec![vec![]];
         for (key, values) in &self.axes {
@@ -95,42 +96,32 @@ impl std::fmt::Display for Seeds {
     }
 }
 
-/// A key written twice at the top level (the YAML parser keeps one silently), by line.
-fn duplicate_key(text: &str) -> Option<String> {
-    let mut seen: Vec<(String, usize)> = vec![];
-    for (i, line) in text.lines().enumerate() {
-        if line.starts_with([' ', '\t', '#', '-']) || !line.contains(':') {
-            continue;
-        }
-        let key = line.split(':').next().unwrap_or("").trim().trim_matches(['"', '\'']).to_string();
-        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
-            return Some(format!("key `{key}` is set twice, on lines {first} and {}; keep one", i + 1));
-        }
-        seen.push((key, i + 1));
-    }
-    None
+/// The line a top-level `key:` is written on, for messages that point into the file.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_end();
+            !l.starts_with([' ', '\t', '#', '-'])
+                && l.split(':').next().is_some_and(|k| k.trim().trim_matches(['"', '\'']) == key)
+                && l.contains(':')
+        })
+        .map(|i| i + 1)
 }
 
 pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError> {
     let yaml_error = |reason: String| ConfigError::Yaml { path: origin.into(), reason };
-    if let Some(reason) = duplicate_key(text) {
-        return Err(yaml_error(reason));
-    }
-    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(e.to_string()))?;
-    // JSON has no NaN or infinity: `.nan` would arrive as null; refuse it by name instead
-    if let serde_yaml_ng::Value::Mapping(m) = &yaml {
-        for (k, v) in m {
-            if v.as_f64().is_some_and(|x| !x.is_finite()) {
-                return Err(ConfigError::WrongType {
-                    origin: origin.into(),
-                    key: k.as_str().unwrap_or("?").into(),
-                    expected: "a finite number".into(),
-                    got: format!("{:?}", v.as_f64().unwrap_or(f64::NAN)),
-                });
-            }
-        }
-    }
-    let doc: Value = serde_json::to_value(yaml).map_err(|e| yaml_error(e.to_string()))?;
+    // serde-saphyr: a pure-Rust YAML parser that refuses duplicate keys and non-finite floats
+    // (`.nan` would become JSON null) and says where, as "line L column C: ..."; the first line
+    // of its report is the message (the rest is a drawing of the spot)
+    let doc: Value = serde_saphyr::from_str(text).map_err(|e| {
+        let report = e.to_string();
+        let first = report.lines().next().unwrap_or("").trim_start_matches("error: ");
+        // the parser's advice is for programmers configuring it; say what to do in the file
+        let first = first
+            .replace(", set DuplicateKeyPolicy in Options if acceptable", "; keep one")
+            .replace("rejected by the configured policy", "is not a number a run can use; write a finite one");
+        yaml_error(first)
+    })?;
     let map = match doc {
         Value::Object(m) => m,
         Value::Null => Map::new(),
@@ -174,8 +165,10 @@ pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError
             "sweep" => preset.sweep = Some(parse_sweep(origin, value, &mut preset.warnings)?),
             "study" => preset.study = Some(parse_study(origin, value, &mut preset.warnings)?),
             _ => {
-                let key = canonical_key(&key, origin, &mut preset.warnings);
-                let value = check_value(origin, &key, &value)?;
+                // "presets/x.yaml line 7": where the key is, for every message about it
+                let at = line_of(text, &key).map_or(origin.to_string(), |n| format!("{origin} line {n}"));
+                let key = canonical_key(&key, &at, &mut preset.warnings);
+                let value = check_value(&at, &key, &value)?;
                 preset.values.insert(key, value);
             }
         }
