@@ -83,6 +83,8 @@ fn key_of(k: term::KeyEvent) -> Option<Key> {
         KeyCode::Left => Key::Left,
         KeyCode::Right => Key::Right,
         KeyCode::Tab => Key::Tab,
+        KeyCode::PageUp => Key::PageUp,
+        KeyCode::PageDown => Key::PageDown,
         _ => return None,
     })
 }
@@ -155,6 +157,12 @@ fn event_loop(
         for input in first.into_iter().chain(rx.try_iter()) {
             match input {
                 Input::Term(term::Event::Key(k)) => messages.extend(key_of(k).map(|k| (Msg::Key(k), true))),
+                Input::Term(term::Event::Mouse(m)) if app.mouse && m.kind == MouseEventKind::ScrollUp => {
+                    messages.push((Msg::Key(Key::WheelUp), true))
+                }
+                Input::Term(term::Event::Mouse(m)) if app.mouse && m.kind == MouseEventKind::ScrollDown => {
+                    messages.push((Msg::Key(Key::WheelDown), true))
+                }
                 Input::Term(term::Event::Mouse(m))
                     if app.mouse && m.kind == MouseEventKind::Down(MouseButton::Left) =>
                 {

@@ -322,3 +322,33 @@ fn study_view_shows_progress_and_bands() {
     assert!(screen.contains("band: eval min-max over seeds"), "{screen}");
     assert!(screen.contains("research=false s42") && screen.contains("completed"), "{screen}");
 }
+
+#[test]
+fn the_event_log_scrolls_with_page_keys_and_the_wheel_and_stays_put_as_lines_arrive() {
+    use difflab::app::Key;
+    let mut app = App::dashboard(Dashboard::new("t"), Mode::Owned, true, false);
+    let say = |app: &mut App, i: usize| {
+        app.update(Msg::Event(Event::Message { level: Level::Info, text: format!("event number {i}") }));
+    };
+    for i in 0..40 {
+        say(&mut app, i);
+    }
+    let screen = |app: &App| draw(app, 100, 30).backend().to_string();
+    assert!(screen(&app).contains("event number 39") && screen(&app).contains("events (PgUp: older)"));
+    app.update(Msg::Key(Key::PageUp));
+    let s = screen(&app);
+    assert!(s.contains("event number 34") && !s.contains("event number 39"), "{s}");
+    assert!(s.contains("5 newer below: PgDn"), "{s}");
+    // a new line does not move what is being read
+    say(&mut app, 40);
+    let s = screen(&app);
+    assert!(s.contains("event number 34") && s.contains("6 newer below"), "{s}");
+    app.update(Msg::Key(Key::WheelUp));
+    assert!(screen(&app).contains("9 newer below"));
+    // down past the newest: following again
+    for _ in 0..3 {
+        app.update(Msg::Key(Key::PageDown));
+    }
+    let s = screen(&app);
+    assert!(s.contains("event number 40") && s.contains("events (PgUp: older)"), "{s}");
+}

@@ -7,6 +7,8 @@ use crate::series::Series;
 
 /// How many log lines are kept.
 pub const LOG_LINES: usize = 400;
+/// Lines PgUp / PgDn move the event log.
+pub const LOG_PAGE: isize = 5;
 
 /// Smoothing weights cycled by `s` (TensorBoard's default is 0.6).
 pub const SMOOTHING: [f64; 4] = [0.6, 0.9, 0.0, 0.3];
@@ -74,6 +76,8 @@ pub struct Dashboard {
     pub lr_scale: f64,
     pub skipped: u64,
     pub log: VecDeque<LogLine>,
+    /// Lines the event log is scrolled up from its newest (0: following new events).
+    pub log_scroll: usize,
     pub view: View,
 }
 
@@ -113,6 +117,7 @@ impl Dashboard {
             lr_scale: 1.0,
             skipped: 0,
             log: VecDeque::new(),
+            log_scroll: 0,
             view: View { log_y: false, smoothing: SMOOTHING[0] },
         }
     }
@@ -146,6 +151,16 @@ impl Dashboard {
             self.log.pop_front();
         }
         self.log.push_back(LogLine { level, text });
+        // scrolled back, the view stays on the lines being read as new ones arrive
+        if self.log_scroll > 0 {
+            self.log_scroll = (self.log_scroll + 1).min(self.log.len().saturating_sub(1));
+        }
+    }
+
+    /// Scrolls the event log `lines` up (older) or down (newer); 0 follows new events.
+    pub fn scroll_log(&mut self, lines: isize) {
+        let max = self.log.len().saturating_sub(1) as isize;
+        self.log_scroll = (self.log_scroll as isize + lines).clamp(0, max) as usize;
     }
 
     pub fn log_warning(&mut self, text: String) {

@@ -25,6 +25,22 @@ pub enum Key {
     Right,
     Tab,
     CtrlC,
+    /// Page up / down, and the mouse wheel (a few lines), on the event log.
+    PageUp,
+    PageDown,
+    WheelUp,
+    WheelDown,
+}
+
+/// How far a key moves the event log: up (positive) into older lines, or down.
+fn scroll_lines(key: Key) -> Option<isize> {
+    match key {
+        Key::PageUp => Some(dashboard::LOG_PAGE),
+        Key::PageDown => Some(-dashboard::LOG_PAGE),
+        Key::WheelUp => Some(3),
+        Key::WheelDown => Some(-3),
+        _ => None,
+    }
 }
 
 /// The clickable buttons (the same actions as keys).
@@ -293,6 +309,10 @@ impl App {
                 picker::Outcome::Quit => vec![Command::Exit],
                 picker::Outcome::Stay => vec![],
             };
+        }
+        if let (Screen::Dashboard(d), Some(lines)) = (&mut self.screen, scroll_lines(key)) {
+            d.scroll_log(lines);
+            return vec![];
         }
         let button = match key {
             Key::Char('p') | Key::Char(' ') => Button::Pause,

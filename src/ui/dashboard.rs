@@ -215,13 +215,15 @@ fn render_loss(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
 
 fn render_lr(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     // the title fits its border: the long form where there is room
-    let scale = match (d.lr_scale != 1.0, area.width >= 46) {
-        (true, true) => format!(" (x{} by control)", d.lr_scale),
-        (true, false) => format!(" (x{})", d.lr_scale),
-        _ => String::new(),
+    let lr = d.last_lr.map_or(String::new(), |l| format!("{l:.2e}"));
+    let long = format!(" (x{} by control)", d.lr_scale);
+    let scale = match d.lr_scale != 1.0 {
+        true if format!(" learning rate {lr}{long} ").chars().count() + 2 <= area.width as usize => long,
+        true => format!(" (x{})", d.lr_scale),
+        false => String::new(),
     };
     let plot = Plot {
-        title: format!(" learning rate {}{scale} ", d.last_lr.map_or(String::new(), |l| format!("{l:.2e}"))),
+        title: format!(" learning rate {lr}{scale} "),
         layers: vec![Layer {
             points: d.lr.envelope(points_for(area.width)),
             color: LR,
@@ -397,7 +399,12 @@ fn render_progress(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
 }
 
 fn render_log(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
-    let frame = block(" events ", Color::Gray, app.ascii);
+    let title = if d.log_scroll > 0 {
+        format!(" events ({} newer below: PgDn) ", d.log_scroll)
+    } else {
+        " events (PgUp: older) ".to_string()
+    };
+    let frame = block(title, if d.log_scroll > 0 { Color::Yellow } else { Color::Gray }, app.ascii);
     let inner = frame.inner(area);
     frame.render(area, buf);
     let n = inner.height as usize;
@@ -405,6 +412,7 @@ fn render_log(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         .log
         .iter()
         .rev()
+        .skip(d.log_scroll)
         .take(n)
         .rev()
         .map(|l| {
