@@ -125,11 +125,18 @@ pub struct StepRecord {
     pub diff_norm_min: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff_norm_max: Option<f64>,
-    /// Histogram of the differential norms of this step's last micro-batch.
+    /// Histogram of the differential norms of every token of the step's batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff_norm_hist: Option<Histogram>,
     /// Seconds of training so far, pauses excluded.
     pub elapsed: f64,
+    /// Resident memory of the (rank 0) process, MiB (on CUDA the device's use is in the
+    /// device line; this is the host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_mib: Option<f64>,
+    /// Seconds left to the last step at this session's pace so far, pauses excluded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

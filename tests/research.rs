@@ -108,3 +108,24 @@ fn the_wikitext_zip_layout_trains_and_reports_its_test_split() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("eval_split"));
 }
+
+#[test]
+fn progress_events_carry_memory_and_an_eta_that_counts_down() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let out = home.path().join("run");
+    let o = difflab(home.path()).arg("train").args(tiny_flags(&corpus, &out)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines = json_lines(&String::from_utf8(o.stdout).unwrap());
+    let progress = events(&lines, "progress");
+    let etas: Vec<f64> = progress.iter().map(|p| p["eta_seconds"].as_f64().unwrap()).collect();
+    // 20 steps: it falls to 0 at the last one
+    assert_eq!(*etas.last().unwrap(), 0.0);
+    assert!(etas.first().unwrap() > etas.last().unwrap());
+    for p in &progress {
+        let rss = p["rss_mib"].as_f64().unwrap();
+        assert!(rss > 5.0 && rss < 24_000.0, "resident MiB {rss}");
+    }
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("| ETA ") && stderr.contains(" MiB"), "the headless line shows both: {stderr}");
+}

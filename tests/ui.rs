@@ -67,6 +67,8 @@ fn dashboard(research: bool) -> App {
                 sum_squares: 0.0,
             }),
             elapsed: s * 0.4,
+            rss_mib: None,
+            eta_seconds: None,
         }));
         if step % 50 == 0 {
             send(Event::Evaluate(EvalRecord {
@@ -237,6 +239,8 @@ fn sweep_view_80x24() {
                     diff_norm_max: None,
                     diff_norm_hist: None,
                     elapsed: x,
+                    rss_mib: None,
+                    eta_seconds: None,
                 }),
             }));
         }

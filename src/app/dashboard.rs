@@ -78,6 +78,10 @@ pub struct Dashboard {
     pub log: VecDeque<LogLine>,
     /// Lines the event log is scrolled up from its newest (0: following new events).
     pub log_scroll: usize,
+    /// The trainer's latest ETA, seconds.
+    pub eta: Option<f64>,
+    /// The trainer's resident memory, MiB.
+    pub rss_mib: Option<f64>,
     pub view: View,
 }
 
@@ -118,6 +122,8 @@ impl Dashboard {
             skipped: 0,
             log: VecDeque::new(),
             log_scroll: 0,
+            eta: None,
+            rss_mib: None,
             view: View { log_y: false, smoothing: SMOOTHING[0] },
         }
     }
@@ -138,8 +144,12 @@ impl Dashboard {
         self.begin.as_ref().map_or(0, |b| b.total_steps)
     }
 
-    /// Seconds to the end at the recent rate; pauses do not count (the rate excludes them).
+    /// Seconds to the end: the trainer's estimate (its session's pace, evaluations included),
+    /// else at the recent rate; pauses do not count.
     pub fn eta_seconds(&self) -> Option<f64> {
+        if self.eta.is_some() {
+            return self.eta;
+        }
         let b = self.begin.as_ref()?;
         let tps = self.tokens_per_second.filter(|t| *t > 0.0)?;
         let left = b.total_steps.saturating_sub(self.step);
@@ -213,6 +223,8 @@ impl Dashboard {
                 self.last_grad_norm = Some(p.grad_norm);
                 self.tokens_per_second = Some(p.tokens_per_second);
                 self.elapsed = p.elapsed;
+                self.eta = p.eta_seconds;
+                self.rss_mib = p.rss_mib.or(self.rss_mib);
                 if let (Some(mean), Some(std), Some(min), Some(max)) =
                     (p.diff_norm_mean, p.diff_norm_std, p.diff_norm_min, p.diff_norm_max)
                 {

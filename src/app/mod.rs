@@ -451,6 +451,8 @@ mod tests {
             diff_norm_max: Some(1.5),
             diff_norm_hist: None,
             elapsed: step as f64 * 0.5,
+            rss_mib: None,
+            eta_seconds: None,
         })
     }
 

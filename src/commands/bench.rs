@@ -93,20 +93,6 @@ impl Opts {
     }
 }
 
-/// Current and peak resident memory of this process, MiB (`VmRSS`, `VmHWM`).
-pub fn rss_mib() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(f64::NAN, |kb| kb / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// Best f32 matmul throughput (GFLOP/s) of `n x n` by `n x n` on `device`, on the threads
 /// training uses: the denominator of MFU.
 pub fn matmul_peak_gflops(device: &Device, dtype: DType) -> Result<f64, BenchError> {
@@ -125,7 +111,7 @@ pub fn matmul_peak_gflops(device: &Device, dtype: DType) -> Result<f64, BenchErr
 }
 
 pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> {
-    let (baseline_rss, _) = rss_mib();
+    let (baseline_rss, _) = device::rss_mib();
     let o = Opts(flags.iter().cloned().collect());
     let int = |k: &str| o.get::<usize>(k, "a whole number");
     let (n_layer, n_head, n_embd, block, vocab) =
@@ -243,7 +229,7 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
     let tps = timed_steps as f64 * tokens_per_step / timed;
     let flops = cfg.flops_per_token(block);
     let achieved = flops * tps / 1e9;
-    let (_, peak_rss) = rss_mib();
+    let (_, peak_rss) = device::rss_mib();
     // evaluation: forward only, on a graph-free model
     let eval_model = model.detached()?;
     let eval_ids = Tensor::from_vec(

@@ -69,8 +69,10 @@ pub fn describe(event: &Event) -> Option<String> {
         ),
         Event::Progress(p) => {
             let diff = p.diff_norm_mean.map(|m| format!(" | diff-norm {m:.3}±{:.3}", p.diff_norm_std.unwrap_or(0.0))).unwrap_or_default();
+            let eta = p.eta_seconds.map(|e| format!(" | ETA {}", clock(e))).unwrap_or_default();
+            let rss = p.rss_mib.map(|m| format!(" | {m:.0} MiB")).unwrap_or_default();
             format!(
-                "[step {:>6}] loss {:.4} | lr {:.3e} | grad-norm {:.3} | {} tok/s | epoch {:.2}{diff}",
+                "[step {:>6}] loss {:.4} | lr {:.3e} | grad-norm {:.3} | {} tok/s | epoch {:.2}{eta}{rss}{diff}",
                 p.step,
                 p.loss,
                 p.learning_rate,
@@ -125,5 +127,15 @@ impl Sink for StderrLog {
             writeln!(std::io::stderr(), "{line}")?;
         }
         Ok(())
+    }
+}
+
+/// `1h02m`, `3m20s`, `45s`.
+pub fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
     }
 }

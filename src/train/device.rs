@@ -39,3 +39,17 @@ pub fn describe(device: &Device) -> String {
         Device::Metal(_) => "metal".into(),
     }
 }
+
+/// Current and peak resident memory of this process, MiB (`VmRSS`, `VmHWM`).
+pub fn rss_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}

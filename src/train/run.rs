@@ -159,7 +159,7 @@ pub fn train(
     let mut ctl = Controller::new(controls, stop, run.state.lr_scale);
     let mut emit_ev = |e: Event| emit(tx, e);
     let session_start = run.state.global_step;
-    let mut session = Session::new();
+    let mut session = Session { start_step: session_start, ..Session::new() };
     let failure = train_loop(&mut run, &mut ctl, &mut session, &mut emit_ev).err();
     wrap_up(&mut run, &ctl, session, session_start, failure, &mut emit_ev)
 }
@@ -291,6 +291,8 @@ fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Run<'a>, TrainErr
 /// What the loop accumulates over this process's steps.
 struct Session {
     clock: Clock,
+    /// The step this session started at (0, or where it resumed).
+    start_step: u64,
     loss_sum: f64,
     loss_count: u64,
     window: Window,
@@ -304,6 +306,7 @@ impl Session {
     fn new() -> Self {
         Self {
             clock: Clock::started(),
+            start_step: 0,
             loss_sum: 0.0,
             loss_count: 0,
             window: Window::default(),
@@ -428,14 +431,12 @@ fn train_loop(
             s.window.add(step_loss, elapsed_step, run.tokens_per_step);
             if done.is_multiple_of(cfg.logging_steps) || done == total_steps {
                 let elapsed = s.clock.elapsed().as_secs_f64();
-                emit_ev(Event::Progress(s.window.record(
-                    done,
-                    state.epoch,
-                    lr,
-                    update.grad_norm,
-                    diff_norms.as_deref(),
-                    elapsed,
-                )));
+                let mut rec = s.window.record(done, state.epoch, lr, update.grad_norm, diff_norms.as_deref(), elapsed);
+                // the pace of this session so far (a resumed run's earlier steps are not in it)
+                let ran = done.saturating_sub(s.start_step);
+                rec.eta_seconds = (ran > 0).then(|| elapsed / ran as f64 * total_steps.saturating_sub(done) as f64);
+                rec.rss_mib = Some(device::rss_mib().0).filter(|m| m.is_finite());
+                emit_ev(Event::Progress(rec));
                 s.window = Window::default();
             }
         } else {
@@ -795,6 +796,8 @@ impl Window {
                 sum_squares: s.sum_squares,
             }),
             elapsed,
+            rss_mib: None,
+            eta_seconds: None,
         }
     }
 }

@@ -386,10 +386,11 @@ fn render_progress(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         line2 = format!("ep {:.2} | {} tok/s | ETA {eta}", d.epoch, d.tokens_per_second.map_or("-".into(), si));
     }
     let line3 = format!(
-        "eval ppl {} | LR x{} | skipped {}",
+        "eval ppl {} | LR x{} | skipped {}{}",
         d.perplexity.map_or("-".into(), |p| format!("{p:.2}")),
         d.lr_scale,
-        d.skipped
+        d.skipped,
+        d.rss_mib.map(|m| format!(" | {m:.0} MiB")).unwrap_or_default()
     );
     for (i, line) in [line2, line3].iter().enumerate() {
         if (i as u16 + 1) < inner.height {
