@@ -109,3 +109,28 @@ fn the_tutors_commands_resolve_to_the_tutors_values_and_match_the_presets() {
         assert_eq!(a, b, "{preset} equals the tutor's command");
     }
 }
+
+#[test]
+fn wikitext_defaults_to_a_tenth_and_every_wikitext_preset_says_its_subset() {
+    let run = |flags: &[(&str, &str)]| {
+        difflab::config::RunArgs {
+            preset: None,
+            flags: flags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+        .resolve()
+        .unwrap()
+    };
+    let r = run(&[("dataset", "wikitext")]);
+    assert_eq!(r.config.subset_ratio, difflab::config::resolve::WIKITEXT_DEFAULT_SUBSET);
+    assert!(r.warnings.iter().any(|w| w.contains("first 10% of the training rows")), "{:?}", r.warnings);
+    assert_eq!(run(&[("dataset", "wikitext"), ("subset_ratio", "1.0")]).config.subset_ratio, 1.0);
+    assert_eq!(run(&[("dataset", "builtin")]).config.subset_ratio, 1.0, "other data: all of it");
+    let lib = PresetLibrary::builtin();
+    for name in lib.names() {
+        let chain = lib.chain(&name).unwrap();
+        let r = resolve(&chain, &vec![]).unwrap();
+        if r.config.dataset == "wikitext" {
+            assert!(chain.iter().any(|p| p.values.contains_key("subset_ratio")), "{name} sets subset_ratio itself");
+        }
+    }
+}
