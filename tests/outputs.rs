@@ -20,7 +20,7 @@ fn figures_are_pngs_of_the_stated_size_and_the_switches_work() {
     let home = tempfile::tempdir().unwrap();
     let out = home.path().join("run");
     run(home.path(), &out, &[]);
-    for name in ["loss", "learning_rate", "grad_norm", "diff_norm_hist"] {
+    for name in ["loss", "loss_log", "learning_rate", "grad_norm", "diff_norm_hist"] {
         let bytes = std::fs::read(out.join("figures").join(format!("{name}.png"))).unwrap();
         let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
         let reader = decoder.read_info().unwrap();
@@ -66,7 +66,7 @@ fn tensorboard_reads_the_event_files() {
         assert_eq!(summary["points"]["eval/loss"], 2);
         if name == "diff" {
             assert_eq!(summary["histograms"], 20);
-            assert_eq!(summary["images"], 8, "4 figures at each of 2 evaluations");
+            assert_eq!(summary["images"], 10, "5 figures at each of 2 evaluations");
         }
     }
 }

@@ -10,7 +10,7 @@ use plotters::prelude::*;
 
 use super::Sink;
 use crate::atomic_file;
-use crate::events::{Event, Histogram};
+use crate::events::{ControlAction, Event, Histogram};
 use crate::series::Series;
 
 pub const WIDTH: u32 = 800;
@@ -33,6 +33,9 @@ pub struct History {
     pub max_grad_norm: Option<f64>,
     pub hist: Option<(u64, Histogram)>,
     pub title: String,
+    /// LR changes, pauses and checkpoints by hand, `(step, "lr x0.1")`, drawn on every chart
+    /// (the dashboard's marks). Scheduled checkpoints are left out: they would be a fence.
+    pub marks: Vec<(f64, String)>,
 }
 
 impl History {
@@ -55,7 +58,133 @@ impl History {
                 }
             }
             Event::Evaluate(e) => self.eval.push(e.step as f64, e.eval_loss),
+            Event::Control(c) => {
+                let what = match c.action {
+                    ControlAction::ScaleLr => format!("lr x{}", c.lr_scale),
+                    ControlAction::Pause => "pause".into(),
+                    ControlAction::Checkpoint => "checkpoint".into(),
+                    _ => return,
+                };
+                self.marks.push((c.step as f64, what));
+            }
             _ => {}
+        }
+    }
+}
+
+const DEJAVU: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+use bitmap::Bitmap;
+
+mod bitmap {
+    use plotters::prelude::{BitMapBackend, DrawingBackend};
+    use plotters_backend::{BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingErrorKind};
+
+    /// The bitmap backend with its text drawn here. plotters 0.3.7 places each ab_glyph outline
+    /// at the pen position and drops its left side bearing (`px_bounds().min.x`), so a narrow pair
+    /// runs together ("learning" read as "leaming"); this draws each glyph at pen + bearing, with
+    /// the font's kerning, and hands every other drawing call to plotters' `BitMapBackend`.
+    pub struct Bitmap<'a> {
+        pub inner: BitMapBackend<'a>,
+        pub font: ab_glyph::FontRef<'static>,
+    }
+
+    type BitmapError<'a> = DrawingErrorKind<<BitMapBackend<'a> as DrawingBackend>::ErrorType>;
+
+    impl<'a> DrawingBackend for Bitmap<'a> {
+        type ErrorType = <BitMapBackend<'a> as DrawingBackend>::ErrorType;
+
+        fn get_size(&self) -> (u32, u32) {
+            self.inner.get_size()
+        }
+
+        fn ensure_prepared(&mut self) -> Result<(), BitmapError<'a>> {
+            self.inner.ensure_prepared()
+        }
+
+        fn present(&mut self) -> Result<(), BitmapError<'a>> {
+            self.inner.present()
+        }
+
+        fn draw_pixel(&mut self, point: BackendCoord, color: BackendColor) -> Result<(), BitmapError<'a>> {
+            self.inner.draw_pixel(point, color)
+        }
+
+        fn draw_line<S: BackendStyle>(
+            &mut self,
+            from: BackendCoord,
+            to: BackendCoord,
+            style: &S,
+        ) -> Result<(), BitmapError<'a>> {
+            self.inner.draw_line(from, to, style)
+        }
+
+        fn draw_rect<S: BackendStyle>(
+            &mut self,
+            upper_left: BackendCoord,
+            bottom_right: BackendCoord,
+            style: &S,
+            fill: bool,
+        ) -> Result<(), BitmapError<'a>> {
+            self.inner.draw_rect(upper_left, bottom_right, style, fill)
+        }
+
+        fn draw_text<S: BackendTextStyle>(
+            &mut self,
+            text: &str,
+            style: &S,
+            pos: BackendCoord,
+        ) -> Result<(), BitmapError<'a>> {
+            use ab_glyph::{Font, ScaleFont};
+            use plotters_backend::text_anchor::{HPos, VPos};
+            let color = style.color();
+            if color.alpha == 0.0 {
+                return Ok(());
+            }
+            let size = style.size() as f32;
+            let font = self.font.as_scaled(size);
+            // lay the line out: pen positions with kerning, then the ink's extent
+            let mut glyphs = vec![];
+            let (mut pen, mut prev) = (0f32, None);
+            for c in text.chars() {
+                let id = font.glyph_id(c);
+                if let Some(p) = prev {
+                    pen += font.kern(p, id);
+                }
+                glyphs.push(id.with_scale_and_position(size, ab_glyph::point(pen, font.ascent())));
+                pen += font.h_advance(id);
+                prev = Some(id);
+            }
+            let (width, height) = (pen.ceil() as i32, (font.ascent() - font.descent()).ceil() as i32);
+            let dx = match style.anchor().h_pos {
+                HPos::Left => 0,
+                HPos::Right => -width,
+                HPos::Center => -width / 2,
+            };
+            let dy = match style.anchor().v_pos {
+                VPos::Top => 0,
+                VPos::Center => -height / 2,
+                VPos::Bottom => -height,
+            };
+            let transform = style.transform();
+            let (w, h) = self.get_size();
+            for glyph in glyphs {
+                let Some(outline) = self.font.outline_glyph(glyph) else { continue };
+                let bounds = outline.px_bounds();
+                let mut pixels = vec![];
+                outline.draw(|x, y, coverage| pixels.push((x, y, coverage)));
+                for (x, y, coverage) in pixels {
+                    // the glyph's pixel, from its bounds (bearing included) into the line's box
+                    let (gx, gy) = (bounds.min.x as i32 + x as i32 + dx, bounds.min.y as i32 + y as i32 + dy);
+                    let (tx, ty) = transform.transform(gx, gy);
+                    let (px, py) = (pos.0 + tx, pos.1 + ty);
+                    if px >= 0 && py >= 0 && (px as u32) < w && (py as u32) < h && coverage > 0.0 {
+                        let c = BackendColor { alpha: color.alpha * coverage as f64, rgb: color.rgb };
+                        self.inner.draw_pixel((px, py), c)?;
+                    }
+                }
+            }
+            Ok(())
         }
     }
 }
@@ -65,11 +194,7 @@ fn register_font() {
     ONCE.call_once(|| {
         // DejaVu Sans (Bitstream Vera licence, assets/fonts/LICENSE-DejaVu.txt): no system
         // font lookup, so figures look the same everywhere.
-        let _ = plotters::style::register_font(
-            FONT,
-            FontStyle::Normal,
-            include_bytes!("../../assets/fonts/DejaVuSans.ttf"),
-        );
+        let _ = plotters::style::register_font(FONT, FontStyle::Normal, DEJAVU);
     });
 }
 
@@ -88,12 +213,14 @@ fn encode_png(rgb: &[u8], width: u32, height: u32) -> std::io::Result<Png> {
 
 /// Draws into an RGB buffer with `draw`, then encodes it.
 fn render(
-    draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<(), String>,
+    draw: impl FnOnce(DrawingArea<Bitmap, plotters::coord::Shift>) -> Result<(), String>,
 ) -> std::io::Result<Png> {
     register_font();
+    let font = ab_glyph::FontRef::try_from_slice(DEJAVU).map_err(to_io)?;
     let mut rgb = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {
-        let root = BitMapBackend::with_buffer(&mut rgb, (WIDTH, HEIGHT)).into_drawing_area();
+        let backend = Bitmap { inner: BitMapBackend::with_buffer(&mut rgb, (WIDTH, HEIGHT)), font };
+        let root = backend.into_drawing_area();
         root.fill(&WHITE).map_err(to_io)?;
         draw(root.clone()).map_err(to_io)?;
         root.present().map_err(to_io)?;
@@ -168,8 +295,14 @@ pub const PALETTE: [RGBColor; 8] = [
     RGBColor(85, 87, 83),
 ];
 
-fn line_chart(title: &str, y_label: &str, lines: Vec<Line>, threshold: Option<(f64, &str)>) -> std::io::Result<Png> {
-    chart(title, XAxis::Steps, y_label, lines, threshold)
+fn line_chart(
+    title: &str,
+    y_label: &str,
+    lines: Vec<Line>,
+    threshold: Option<(f64, &str)>,
+    marks: &[(f64, String)],
+) -> std::io::Result<Png> {
+    chart_with(title, XAxis::Steps, y_label, lines, Extras { threshold, marks: marks.to_vec(), ..Default::default() })
 }
 
 pub fn chart(
@@ -352,9 +485,32 @@ pub fn render_all(h: &History) -> std::io::Result<Vec<(&'static str, Png)>> {
         if !h.eval.is_empty() {
             lines.push(Line { label: "eval loss", points: h.eval.envelope(400), color: RED, markers: true });
         }
-        out.push(("loss", line_chart(&format!("{prefix}loss"), "loss (nats per token)", lines, None)?));
+        // the same on a log axis (plotted as log10 of the loss): the late, small gains show
+        let log_lines: Vec<Line> = lines
+            .iter()
+            .map(|l| Line {
+                label: l.label,
+                points: l.points.iter().filter(|p| p.1 > 0.0).map(|p| (p.0, p.1.log10())).collect(),
+                color: l.color,
+                markers: l.markers,
+            })
+            .collect();
+        out.push(("loss", line_chart(&format!("{prefix}loss"), "loss (nats per token)", lines, None, &h.marks)?));
+        out.push((
+            "loss_log",
+            line_chart(
+                &format!("{prefix}loss, log scale"),
+                "log10 of the loss (nats per token)",
+                log_lines,
+                None,
+                &h.marks,
+            )?,
+        ));
         let lr = vec![Line { label: "learning rate", points: h.lr.envelope(1600), color: GREEN, markers: false }];
-        out.push(("learning_rate", line_chart(&format!("{prefix}learning rate"), "learning rate", lr, None)?));
+        out.push((
+            "learning_rate",
+            line_chart(&format!("{prefix}learning rate"), "learning rate", lr, None, &h.marks)?,
+        ));
         let gn = vec![Line {
             label: "grad norm (before clipping)",
             points: h.grad_norm.envelope(1600),
@@ -368,6 +524,7 @@ pub fn render_all(h: &History) -> std::io::Result<Vec<(&'static str, Png)>> {
                 "global L2 norm",
                 gn,
                 h.max_grad_norm.map(|t| (t, "clip threshold")),
+                &h.marks,
             )?,
         ));
     }
@@ -404,5 +561,71 @@ impl Sink for Figures {
             Event::Evaluate(_) | Event::TrainEnd(_) => self.write(),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{ControlOrigin, ControlRecord};
+
+    /// Runs of inked columns in a 40 x 24 drawing of `text` at 14 px.
+    fn ink_runs(text: &str, ours: bool) -> usize {
+        register_font();
+        let mut rgb = vec![255u8; 40 * 24 * 3];
+        {
+            let style = TextStyle::from((FONT, 14)).color(&BLACK);
+            let inner = BitMapBackend::with_buffer(&mut rgb, (40, 24));
+            if ours {
+                let font = ab_glyph::FontRef::try_from_slice(DEJAVU).unwrap();
+                let mut b = Bitmap { inner, font };
+                b.draw_text(text, &style, (4, 4)).unwrap();
+                b.present().unwrap();
+            } else {
+                let mut b = inner;
+                b.draw_text(text, &style, (4, 4)).unwrap();
+                b.present().unwrap();
+            }
+        }
+        let inked: Vec<bool> = (0..40).map(|x| (0..24).any(|y| rgb[(y * 40 + x) * 3] < 160)).collect();
+        inked.windows(2).filter(|w| w[1] && !w[0]).count() + usize::from(inked[0])
+    }
+
+    #[test]
+    fn r_and_n_stay_two_letters() {
+        // plotters' own drawing drops the left side bearing: "rn" inks as one run ("m")
+        assert_eq!(ink_runs("rn", false), 1, "the plotters bug this works around is still there");
+        assert_eq!(ink_runs("rn", true), 2, "drawn with its bearing, r and n have a gap");
+    }
+
+    #[test]
+    fn hand_made_lr_changes_and_pauses_are_marked_and_a_log_loss_figure_is_drawn() {
+        let mut h = History::default();
+        for step in 1..=20u64 {
+            h.update(&Event::Progress(crate::events::StepRecord {
+                step,
+                epoch: 0.0,
+                loss: 5.0 / step as f64,
+                learning_rate: 1e-3,
+                grad_norm: 1.0,
+                tokens_per_second: 1.0,
+                diff_norm_mean: None,
+                diff_norm_std: None,
+                diff_norm_min: None,
+                diff_norm_max: None,
+                diff_norm_hist: None,
+                elapsed: 0.0,
+                rss_mib: None,
+                eta_seconds: None,
+            }));
+        }
+        let control =
+            |step, action| Event::Control(ControlRecord { step, action, lr_scale: 0.1, origin: ControlOrigin::Ui });
+        h.update(&control(8, ControlAction::ScaleLr));
+        h.update(&control(12, ControlAction::Pause));
+        h.update(&control(13, ControlAction::Resume));
+        assert_eq!(h.marks, vec![(8.0, "lr x0.1".to_string()), (12.0, "pause".to_string())]);
+        let names: Vec<&str> = render_all(&h).unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["loss", "loss_log", "learning_rate", "grad_norm"]);
     }
 }
