@@ -129,3 +129,31 @@ fn progress_events_carry_memory_and_an_eta_that_counts_down() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("| ETA ") && stderr.contains(" MiB"), "the headless line shows both: {stderr}");
 }
+
+#[test]
+fn a_folder_of_runs_names_each_run_and_run_name_picks_the_folder() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let parent = home.path().join("outputs");
+    let mut flags = tiny_flags(&corpus, &parent);
+    let dir = flags.iter().position(|f| f == "--output_dir").unwrap() + 1;
+    flags[dir] = format!("{}/", parent.display()); // a folder of runs
+    for _ in 0..2 {
+        let o = difflab(home.path()).arg("train").args(&flags).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let mut runs: Vec<String> =
+        std::fs::read_dir(&parent).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    runs.sort();
+    assert_eq!(runs.len(), 2, "two runs, two folders: {runs:?}");
+    for r in &runs {
+        // <UTC date-time>_<variant>: 2026-12-03_14-05-09_differential-RoPE (-2 after the time
+        // for a second run in the same second)
+        assert!(r.starts_with("20") && r.ends_with("_differential-RoPE") && r.len() <= 19 + 2 + 18, "{r}");
+        assert!(parent.join(r).join("metrics.jsonl").is_file() && parent.join(r).join("model.safetensors").is_file());
+    }
+    flags.extend(["--run_name", "trial-a"].map(String::from));
+    let o = difflab(home.path()).arg("train").args(&flags).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(parent.join("trial-a/metrics.jsonl").is_file());
+}

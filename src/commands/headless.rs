@@ -73,6 +73,7 @@ pub fn all_sinks(output_dir: &std::path::Path, config: &crate::config::RunConfig
 
 pub fn train(resolved: &Resolved) -> anyhow::Result<ExitCode> {
     let mut resolved = resolved.clone();
+    super::name_run(&mut resolved)?;
     checkpoint::reconcile_resume(&mut resolved)?;
     let world = world_of(&mut resolved.config)?;
     let resolved = &resolved;

@@ -140,6 +140,7 @@ fn forward<E: Send + 'static>(events: crossbeam_channel::Receiver<E>, tx: Sender
 /// Starts the run `args` names, with its file sinks and control inbox.
 fn start_run(args: &RunArgs, tx: &Sender<Input>, stop: &StopSignal) -> anyhow::Result<(OwnedRun, String)> {
     let mut resolved = resolve_run(args)?;
+    super::name_run(&mut resolved)?;
     train::checkpoint::reconcile_resume(&mut resolved)?;
     let out = PathBuf::from(&resolved.config.output_dir);
     let claim = output_dir::claim(&resolved.config)?;

@@ -68,6 +68,30 @@ pub fn describe_error(err: &anyhow::Error) -> String {
     text
 }
 
+/// The run's own folder, named once as it starts (`RunConfig::named`): the preset, or the
+/// variant, after the UTC time.
+pub fn name_run(resolved: &mut Resolved) -> Result<(), BadInput> {
+    let auto = resolved.config.run_name.is_none() && resolved.config.output_dir.ends_with('/');
+    if auto && crate::dist::launched_as().is_some_and(|(_, size, _)| size > 1) {
+        return Err(BadInput(format!(
+            "output_dir {:?} asks for a folder named at start, but the ranks of a multi-process run must agree on it: give --run_name",
+            resolved.config.output_dir
+        )));
+    }
+    let label = resolved.preset.clone().unwrap_or_else(|| resolved.config.model_config(0).variant_name());
+    let stamp = crate::events::utc_stamp(crate::events::now());
+    resolved.config = match auto {
+        // two runs started in the same second still get their own folders
+        true => (1..)
+            .map(|k| if k == 1 { stamp.clone() } else { format!("{stamp}-{k}") })
+            .map(|s| resolved.config.clone().named(&s, &label))
+            .find(|c| !std::path::Path::new(&c.output_dir).exists())
+            .unwrap_or_else(|| resolved.config.clone()),
+        false => resolved.config.clone().named(&stamp, &label),
+    };
+    Ok(())
+}
+
 /// A bad-input error raised at the edge (a missing run directory, say).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

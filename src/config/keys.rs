@@ -94,6 +94,11 @@ pub const KEYS: &[Key] = &[
     ),
     key("overwrite_output_dir", Bool, "clear an output_dir that holds an earlier run instead of refusing it"),
     key(
+        "run_name",
+        OptStr,
+        "the run's folder inside output_dir; unset with output_dir ending in `/`: <UTC date-time>_<preset>",
+    ),
+    key(
         "eval_split",
         Str,
         "the split evaluations run on: validation, or test (WikiText, or a folder with a test file)",

@@ -91,6 +91,7 @@ pub struct RunConfig {
     pub rope_theta: f64,
     pub eval_max_blocks: Option<u64>,
     pub overwrite_output_dir: bool,
+    pub run_name: Option<String>,
     pub eval_split: Split,
     pub eval_on_start: bool,
     pub sample_prompt: Option<String>,
@@ -144,6 +145,7 @@ impl Default for RunConfig {
             rope_theta: 10_000.0,
             eval_max_blocks: None,
             overwrite_output_dir: false,
+            run_name: None,
             eval_split: Split::Validation,
             eval_on_start: false,
             sample_prompt: None,
@@ -187,6 +189,30 @@ impl RunConfig {
         let blocks = (tokens as f64 * self.subset_ratio / self.block_size as f64).floor();
         let per_epoch = (blocks / self.batch_size as f64).floor();
         Some(((per_epoch * self.num_train_epochs).ceil() as u64, false))
+    }
+
+    /// The run's own folder: `output_dir/run_name` with a run name; with none and an
+    /// `output_dir` ending in `/` (a folder of runs, as HF Trainer's `runs/<date>_<host>` and W&B
+    /// name runs), `output_dir/<UTC date-time>_<label>`, so two runs never share a folder.
+    /// Called once, where a run starts (`stamp`: `events::utc_stamp` of now).
+    pub fn named(mut self, stamp: &str, label: &str) -> RunConfig {
+        let name = match &self.run_name {
+            Some(name) => Some(name.clone()),
+            None if self.output_dir.ends_with('/') => {
+                // "differential + RoPE" -> "differential-RoPE"
+                let words: Vec<&str> = label
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || "_.".contains(c)))
+                    .filter(|w| !w.is_empty())
+                    .collect();
+                Some(format!("{stamp}_{}", words.join("-")))
+            }
+            None => None,
+        };
+        if let Some(name) = name {
+            self.output_dir = std::path::Path::new(&self.output_dir).join(name).display().to_string();
+            self.run_name = None;
+        }
+        self
     }
 
     pub fn accumulation_steps(&self) -> usize {
