@@ -20,9 +20,14 @@ pub struct View {
 }
 
 impl View {
-    pub fn cycle_smoothing(&mut self) {
+    /// The smoothing `s` would switch to.
+    pub fn next_smoothing(&self) -> f64 {
         let i = SMOOTHING.iter().position(|s| *s == self.smoothing).unwrap_or(0);
-        self.smoothing = SMOOTHING[(i + 1) % SMOOTHING.len()];
+        SMOOTHING[(i + 1) % SMOOTHING.len()]
+    }
+
+    pub fn cycle_smoothing(&mut self) {
+        self.smoothing = self.next_smoothing();
     }
 }
 

@@ -110,9 +110,10 @@ fn bar_buttons(app: &App, d: &Dashboard, area: Rect) -> Vec<(Rect, Button, Strin
             ("[c] checkpoint".to_string(), Button::Checkpoint),
             ("[l] LR x0.1".to_string(), Button::LowerLr),
             (quit.to_string(), Button::Quit),
-            (format!("[y] log-y {}", on_off(d.view.log_y)), Button::LogY),
-            (format!("[s] smooth {}", d.view.smoothing), Button::Smoothing),
-            (format!("[m] mouse {}", on_off(app.mouse)), Button::Mouse),
+            // what the key will do: "now -> after"
+            (format!("[y] log-y {} -> {}", on_off(d.view.log_y), on_off(!d.view.log_y)), Button::LogY),
+            (format!("[s] smooth {} -> {}", d.view.smoothing, d.view.next_smoothing()), Button::Smoothing),
+            (format!("[m] mouse {} -> {}", on_off(app.mouse), on_off(!app.mouse)), Button::Mouse),
         ]
     } else {
         vec![
@@ -120,9 +121,9 @@ fn bar_buttons(app: &App, d: &Dashboard, area: Rect) -> Vec<(Rect, Button, Strin
             ("[c]kpt".to_string(), Button::Checkpoint),
             ("[l]r/10".to_string(), Button::LowerLr),
             (quit.to_string(), Button::Quit),
-            (format!("[y]log {}", on_off(d.view.log_y)), Button::LogY),
-            (format!("[s]mooth {}", d.view.smoothing), Button::Smoothing),
-            (format!("[m]ouse {}", on_off(app.mouse)), Button::Mouse),
+            (format!("[y]log->{}", on_off(!d.view.log_y)), Button::LogY),
+            (format!("[s]mooth->{}", d.view.next_smoothing()), Button::Smoothing),
+            (format!("[m]ouse->{}", on_off(!app.mouse)), Button::Mouse),
         ]
     };
     button_row(a.buttons, &labels)
