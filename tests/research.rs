@@ -157,3 +157,28 @@ fn a_folder_of_runs_names_each_run_and_run_name_picks_the_folder() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(parent.join("trial-a/metrics.jsonl").is_file());
 }
+
+#[test]
+fn greedy_decoding_of_a_trained_demo_model_is_deterministic() {
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("demo");
+    let o = difflab(home.path())
+        .args(["train", "--preset", "demo", "--tokenizer", "byte", "--max_steps", "40", "--eval_steps", "20"])
+        .args(["--eval_max_blocks", "8", "--log_tensorboard", "false", "--log_figures", "false"])
+        .args(["--output_dir", &out.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let greedy = || {
+        let o = difflab(home.path())
+            .args(["generate", "--checkpoint", &out.display().to_string(), "--prompt", "In the early spring,"])
+            .args(["--temperature", "0", "--max_new_tokens", "80"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let first = greedy();
+    assert!(first.len() > "In the early spring,".len() + 40, "{first:?}");
+    assert_eq!(greedy(), first);
+}
