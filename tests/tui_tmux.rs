@@ -134,13 +134,16 @@ fn watch_attaches_to_a_headless_run_steers_it_and_detaches() {
     let out = home.path().join("run");
     let mut flags = common::tiny_flags(&corpus, &out);
     flags.extend(["--max_steps", "100000", "--save_steps", "0", "--logging_steps", "5"].map(String::from));
-    let mut trainer = common::difflab(home.path())
-        .arg("train")
-        .args(&flags)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // ended when the test ends, also when it fails on the way
+    let mut trainer = common::Reaped(
+        common::difflab(home.path())
+            .arg("train")
+            .args(&flags)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while metrics(&out).0 < 10 {
         assert!(Instant::now() < deadline, "the headless run did not start");
@@ -174,7 +177,7 @@ fn watch_attaches_to_a_headless_run_steers_it_and_detaches() {
         assert!(Instant::now() < deadline, "the run kept going after the detach");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(trainer.try_wait().unwrap().is_none(), "the trainer still runs");
+    assert!(trainer.0.try_wait().unwrap().is_none(), "the trainer still runs");
 
     // a control dropped into the run directory stops it, with a final checkpoint
     let stop = difflab::events::ControlMsg {
@@ -182,7 +185,7 @@ fn watch_attaches_to_a_headless_run_steers_it_and_detaches() {
         origin: difflab::events::ControlOrigin::Api,
     };
     difflab::train::remote::send(&out, &stop).unwrap();
-    let status = trainer.wait().unwrap();
+    let status = trainer.0.wait().unwrap();
     assert!(status.success());
     let text = metrics(&out).1;
     assert!(text.contains("\"status\":\"stopped\""), "train_end stopped");
