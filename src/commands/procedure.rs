@@ -139,11 +139,14 @@ impl Prepared {
 /// Resolves the arms and seeds and checks every run's folder, before anything runs.
 pub fn prepare(args: &StudyArgs) -> anyhow::Result<Prepared> {
     let base = resolve_run(&args.run)?;
-    // a study's default folder is its own, and it scores the untrained model too (the curves'
-    // common start) unless told otherwise
-    let explicit = |key: &str| base.origins.get(key).is_some_and(|o| *o != Source::Default);
-    let root =
-        PathBuf::from(if explicit("output_dir") { base.config.output_dir.clone() } else { "outputs/study".into() });
+    // a study's folder is the command line's, or a study preset's own; a plain run's preset
+    // (`demo`: outputs/demo) names a run's folder, not a study's, so it does not count
+    let own_folder = match base.origins.get("output_dir") {
+        Some(Source::CommandLine) => true,
+        Some(Source::Preset(_)) => base.study.is_some(),
+        _ => false,
+    };
+    let root = PathBuf::from(if own_folder { base.config.output_dir.clone() } else { "outputs/study".into() });
     // the arms: from --arm, else the preset's `study:` (its settings under the flags)
     let specs: Vec<(String, RunArgs)> = if !args.arms.is_empty() {
         args.arms
@@ -195,6 +198,28 @@ pub fn prepare(args: &StudyArgs) -> anyhow::Result<Prepared> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_study_goes_to_its_own_folder_not_a_run_presets() {
+        let root = |preset: &str, flags: &[(&str, &str)], arms: &[&str]| {
+            let run = RunArgs {
+                preset: Some(preset.into()),
+                flags: flags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            };
+            let args = StudyArgs {
+                run,
+                arms: arms.iter().map(|a| a.to_string()).collect(),
+                seeds: Some("1".into()),
+                ui: UiOptions::default(),
+            };
+            prepare(&args).unwrap().root
+        };
+        let arms = ["research=false", "research=true"];
+        // demo's outputs/demo is a run's folder: the study goes to outputs/study
+        assert_eq!(root("demo", &[], &arms), PathBuf::from("outputs/study"));
+        assert_eq!(root("demo-study", &[], &[]), PathBuf::from("outputs/demo-study"));
+        assert_eq!(root("demo", &[("output_dir", "elsewhere")], &arms), PathBuf::from("elsewhere"));
+    }
 
     #[test]
     fn seeds_are_a_count_from_the_runs_seed_or_a_list() {
