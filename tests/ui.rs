@@ -262,6 +262,7 @@ fn sweep_view_80x24() {
     }
     app.update(Msg::Sweep(SweepEvent::Done(Summary {
         key: "learning_rate".into(),
+        evaluated_on: "builtin, tokenizer byte, validation split (all blocks of 128 tokens)".into(),
         trials,
         highest_stable: Some(1e-2),
         recommended: Some(1e-3),

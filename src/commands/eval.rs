@@ -116,7 +116,7 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
     let validation_blocks = stream.num_blocks(block_size);
     let max = cfg.eval_max_blocks.map(|n| n as usize);
     let blocks = max.map_or(validation_blocks, |m| m.min(validation_blocks));
-    let data = if cfg.dataset == "wikitext" { format!("wikitext {}", cfg.dataset_config) } else { cfg.dataset.clone() };
+    let data = cfg.data_name();
     eprintln!(
         "[eval] {} at step {}: {data}, {} split, {blocks} of {validation_blocks} blocks of {block_size} tokens, tokenizer {} ({origin})",
         dir.display(),

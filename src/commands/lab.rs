@@ -291,38 +291,20 @@ pub fn watch(dir: &Path, ui: UiOptions) -> anyhow::Result<ExitCode> {
 /// A study's runs, live: curves coloured by arm with their bands, then the table.
 pub fn study(handle: StudyHandle, root: &Path, arms: Vec<String>, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tui::channel();
-    let stop = handle.stop.clone();
-    let forward_tx = tx.clone();
-    let _ = std::thread::Builder::new().name("difflab-study-forward".into()).spawn(move || {
-        for e in handle.events.iter() {
-            if forward_tx.send(Input::app(Msg::Study(e))).is_err() {
-                return;
-            }
-        }
-        handle.join();
-    });
+    forward(handle.events.clone(), tx.clone(), Msg::Study);
     let mut overlay = Overlay::new(Kind::Study, &format!("study -> {}", root.display()));
     overlay.arms = arms;
     let app = App::overlay(overlay, !ui.no_mouse, ui.ascii);
-    let mut lab = Lab { backend: Backend::Sweep(stop), stop: StopSignal::default() };
+    let mut lab = Lab { backend: Backend::Sweep(handle.stop.clone()), stop: StopSignal::default() };
     Ok(tui::run(app, &mut lab, tx, rx)?.1)
 }
 
 /// A sweep's trials, live, overlaid.
 pub fn sweep(handle: SweepHandle, base: &RunConfig, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tui::channel();
-    let stop = handle.stop.clone();
-    let forward_tx = tx.clone();
-    let _ = std::thread::Builder::new().name("difflab-sweep-forward".into()).spawn(move || {
-        for e in handle.events.iter() {
-            if forward_tx.send(Input::app(Msg::Sweep(e))).is_err() {
-                return;
-            }
-        }
-        handle.join();
-    });
+    forward(handle.events.clone(), tx.clone(), Msg::Sweep);
     let app = App::overlay(Overlay::new(Kind::Sweep, &format!("sweep -> {}", base.output_dir)), !ui.no_mouse, ui.ascii);
-    let mut lab = Lab { backend: Backend::Sweep(stop), stop: StopSignal::default() };
+    let mut lab = Lab { backend: Backend::Sweep(handle.stop.clone()), stop: StopSignal::default() };
     Ok(tui::run(app, &mut lab, tx, rx)?.1)
 }
 

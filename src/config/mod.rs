@@ -215,6 +215,27 @@ impl RunConfig {
         self
     }
 
+    /// The data by name: "wikitext wikitext-103-v1", "builtin", or the path.
+    pub fn data_name(&self) -> String {
+        match self.dataset.as_str() {
+            "wikitext" => format!("wikitext {}", self.dataset_config),
+            other => other.to_string(),
+        }
+    }
+
+    /// What an evaluation of this run scores, for every table that shows eval figures:
+    /// "builtin, tokenizer bpe:2048, validation split (the first 64 blocks of 128 tokens)".
+    pub fn evaluated_on(&self) -> String {
+        let blocks = self.eval_max_blocks.map_or("all".to_string(), |n| format!("the first {n}"));
+        format!(
+            "{}, tokenizer {}, {} split ({blocks} blocks of {} tokens)",
+            self.data_name(),
+            self.tokenizer_spec(),
+            self.eval_split.name(),
+            self.block_size
+        )
+    }
+
     pub fn accumulation_steps(&self) -> usize {
         self.batch_size / self.micro_batch_size
     }
@@ -377,11 +398,7 @@ pub fn describe(r: &Resolved) -> Vec<String> {
         }
         None => String::new(),
     };
-    let data = if c.dataset == "wikitext" {
-        format!("wikitext {} (subset {}), eval on {}", c.dataset_config, c.subset_ratio, c.eval_split.name())
-    } else {
-        format!("{} (subset {}), eval on {}", c.dataset, c.subset_ratio, c.eval_split.name())
-    };
+    let data = format!("{} (subset {}), eval on {}", c.data_name(), c.subset_ratio, c.eval_split.name());
     let mut out = vec![
         format!(
             "model      {} layers x {} wide, {} heads, {}",

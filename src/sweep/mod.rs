@@ -41,6 +41,8 @@ pub struct TrialResult {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
     pub key: String,
+    /// What the trials' eval figures were computed on (`RunConfig::evaluated_on`).
+    pub evaluated_on: String,
     pub trials: Vec<TrialResult>,
     /// The highest learning rate that neither diverged, stalled nor lagged.
     pub highest_stable: Option<f64>,
@@ -324,6 +326,7 @@ fn run(
     let suggestion = suggest(&key, &trials);
     let summary = Summary {
         key,
+        evaluated_on: base.evaluated_on(),
         trials,
         highest_stable: suggestion.as_ref().map(|s| s.highest_stable),
         recommended: suggestion.as_ref().map(|s| s.recommended),
@@ -469,6 +472,7 @@ pub fn table(s: &Summary) -> String {
         }
         _ => {}
     }
+    out.push_str(&format!("eval loss on {}\n", s.evaluated_on));
     // why a trial ended as it did, after the suggestion so a short pane still shows that
     for t in s.trials.iter().filter(|t| t.note.is_some()) {
         out.push_str(&format!(
@@ -545,6 +549,7 @@ mod tests {
         let sg = suggest("learning_rate", &trials).unwrap();
         let summary = Summary {
             key: "learning_rate".into(),
+            evaluated_on: "builtin".into(),
             trials,
             highest_stable: Some(sg.highest_stable),
             recommended: Some(sg.recommended),
@@ -553,6 +558,7 @@ mod tests {
         };
         let text = table(&summary);
         assert!(text.lines().next().is_some_and(|h| h.contains("train last") && h.contains("eval loss")), "{text}");
+        assert!(text.contains("eval loss on builtin"), "{text}");
         assert!(text.contains("recommended learning_rate 1e-2: lowest eval loss 1.7400"), "{text}");
         assert!(text.contains("tutor's hint for the differential variant: one notch lower, 1e-3"), "{text}");
     }

@@ -474,15 +474,7 @@ pub fn summarize(arms: &[Arm], seeds: &[u64], runs: Vec<SeedResult>) -> Summary 
             }
         })
         .collect();
-    let c = &arms[0].config;
-    let data = if c.dataset == "wikitext" { format!("wikitext {}", c.dataset_config) } else { c.dataset.clone() };
-    let blocks = c.eval_max_blocks.map_or("all".to_string(), |n| format!("the first {n}"));
-    let evaluated_on = format!(
-        "{data}, tokenizer {}, {} split ({blocks} blocks of {} tokens)",
-        c.tokenizer_spec(),
-        c.eval_split.name(),
-        c.block_size
-    );
+    let evaluated_on = arms[0].config.evaluated_on();
     let complete = runs.iter().all(SeedResult::finished) && runs.len() == arms.len() * seeds.len();
     Summary {
         arms: arm_summaries,

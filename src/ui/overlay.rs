@@ -95,19 +95,24 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
     let inner = table.inner(bottom[0]);
     table.render(bottom[0], buf);
     for (i, line) in o.table.iter().enumerate().take(inner.height as usize) {
-        // rows after the header follow the curves' order: colour them alike
-        // a finished study's table has a line of provenance and a header before its arms
-        let color = if o.kind == View::Study && o.finished {
-            if (2..o.arms.len() + 2).contains(&i) {
-                COLORS[(i - 2) % COLORS.len()]
-            } else {
-                Color::Gray
-            }
+        // the rows that stand for curves (a finished study's: for arms) take their colours;
+        // a finished study's table has a provenance line and a header first, a sweep's a header
+        let (first, rows) = match (o.kind, o.finished) {
+            (View::Study, true) => (2, o.arms.len()),
+            (View::Sweep, true) => (1, o.curves.len()),
+            (View::Compare, _) => (1, o.curves.len()),
+            (View::LrFind, _) => (0, 0),
+            _ => (0, o.curves.len()),
+        };
+        let color = if (first..first + rows).contains(&i) {
+            let k = i - first;
+            let group = match o.kind {
+                View::Study if o.finished => k,
+                _ => o.curves.get(k).map_or(k, |c| c.group),
+            };
+            COLORS[group % COLORS.len()]
         } else {
-            match o.curves.get(i.wrapping_sub(1)) {
-                Some(c) if i >= 1 => COLORS[c.group % COLORS.len()],
-                _ => Color::Gray,
-            }
+            Color::Gray
         };
         put(buf, inner.x, inner.y + i as u16, line, inner.width as usize, Style::default().fg(color));
     }

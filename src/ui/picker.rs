@@ -72,11 +72,7 @@ fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
                 (None, _) => "params known after the tokenizer loads".into(),
             };
             let variant = c.model_config(0).variant_name();
-            let data = if c.dataset == "wikitext" {
-                format!("wikitext {} (subset {})", c.dataset_config, c.subset_ratio)
-            } else {
-                format!("{} (subset {})", c.dataset, c.subset_ratio)
-            };
+            let data = format!("{} (subset {})", c.data_name(), c.subset_ratio);
             let edit = |f: Field, value: String| -> Span<'static> {
                 match &p.editing {
                     Some((ef, text)) if *ef == f => {
