@@ -57,8 +57,7 @@ fn app_with(steps: u64, ascii: bool) -> App {
             diff_norm_max: Some(1.4),
             diff_norm_hist: (step % 100 == 0).then(|| hist.clone()),
             elapsed: s,
-            rss_mib: None,
-            eta_seconds: None,
+            ..Default::default()
         })));
         if step % 1000 == 0 {
             app.update(Msg::Event(Event::Evaluate(EvalRecord {

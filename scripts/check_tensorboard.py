@@ -28,6 +28,11 @@ def main() -> int:
     scalars = ["train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "eval/loss", "eval/perplexity"]
     if differential:
         scalars += [f"research/diff_norm_{s}" for s in ("mean", "std", "min", "max")]
+    # per-layer gradient norms and update/weight ratios: every layer the run has
+    layers = sorted({t.split("/")[2] for t in tags["scalars"] if t.startswith("layers/grad_norm/")})
+    if not layers or "wte" not in layers or "ln_f" not in layers or not any(l.startswith("h.") for l in layers):
+        problems.append(f"per-layer scalars missing: layers {layers}")
+    scalars += [f"layers/{kind}/{l}" for l in layers for kind in ("grad_norm", "update_ratio")]
     for tag in scalars:
         if tag not in tags["scalars"]:
             problems.append(f"scalar {tag} missing")
@@ -71,6 +76,7 @@ def main() -> int:
 
     summary = {
         "scalars": sorted(tags["scalars"]),
+        "layers": layers,
         "points": {t: len(acc.Scalars(t)) for t in tags["scalars"]},
         "histograms": histograms,
         "images": images,

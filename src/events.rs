@@ -122,7 +122,7 @@ pub struct TrainBegin {
     pub timestamp: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     /// Optimizer steps completed.
     pub step: u64,
@@ -154,6 +154,23 @@ pub struct StepRecord {
     /// Seconds left to the last step at this session's pace so far, pauses excluded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<f64>,
+    /// Memory in use on the CUDA device (all of its processes: total minus free), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_mib: Option<f64>,
+    /// Per layer (`wte`, `wpe`, `h.0` .. `h.N`, `ln_f`), in model order: this step's gradient
+    /// norm and its update-to-weight ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<LayerStat>>,
+}
+
+/// One layer's gradient and update at a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerStat {
+    pub name: String,
+    /// L2 norm of the layer's gradients before clipping.
+    pub grad_norm: f64,
+    /// `||theta_after - theta_before|| / ||theta_before||` over the layer's parameters.
+    pub update_ratio: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -35,6 +35,22 @@ fn eval_on_start_scores_the_untrained_model_and_samples_are_logged_and_generatio
         let counted: u64 = p["diff_norm_hist"]["counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum();
         assert_eq!(counted, 4 * 32, "step {}", p["step"]);
     }
+    // per-layer gradient norms make up the global one; every layer was updated by a sane ratio
+    for p in &progress {
+        let layers = p["layers"].as_array().unwrap();
+        let names: Vec<&str> = layers.iter().map(|l| l["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["wte", "h.0", "ln_f"], "model order (RoPE: no wpe)");
+        let squares: f64 = layers.iter().map(|l| l["grad_norm"].as_f64().unwrap().powi(2)).sum();
+        let global = p["grad_norm"].as_f64().unwrap();
+        assert!((squares.sqrt() - global).abs() <= 1e-6 * global, "step {}: {} vs {global}", p["step"], squares.sqrt());
+        // warm-up starts at a learning rate of 0: that step moves nothing
+        let lr = p["learning_rate"].as_f64().unwrap();
+        for l in layers {
+            let r = l["update_ratio"].as_f64().unwrap();
+            let sane = if lr > 0.0 { r > 1e-2 * lr && r < 0.5 } else { r == 0.0 };
+            assert!(sane, "step {} (lr {lr}): {} update ratio {r}", p["step"], l["name"]);
+        }
+    }
     let samples = events(&metrics, "sample");
     assert_eq!(samples.len(), 4, "a sample at each evaluation");
     assert!(samples.iter().all(|s| s["prompt"] == "the cat" && !s["text"].as_str().unwrap().is_empty()));

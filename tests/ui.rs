@@ -1,7 +1,7 @@
 //! Screens rendered with ratatui's `TestBackend`, from synthetic events: snapshots of the
 //! picker and the dashboard at 80x24 and 160x48 (Braille and ASCII), and mouse hit-testing.
 
-use difflab::app::{App, Button, Dashboard, Mode, Msg, Picker};
+use difflab::app::{App, Button, Dashboard, Key, Mode, Msg, Picker};
 use difflab::config::PresetLibrary;
 use difflab::events::*;
 use ratatui::backend::TestBackend;
@@ -67,8 +67,19 @@ fn dashboard(research: bool) -> App {
                 sum_squares: 0.0,
             }),
             elapsed: s * 0.4,
-            rss_mib: None,
-            eta_seconds: None,
+            // the embedding learns fast and settles; the blocks' ratios sit near 1e-3
+            layers: Some(
+                ["wte", "h.0", "h.1", "h.2", "h.3", "h.4", "h.5", "ln_f"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| LayerStat {
+                        name: name.to_string(),
+                        grad_norm: 0.3 / (i + 1) as f64,
+                        update_ratio: if i == 0 { 3e-2 * (-s / 60.0).exp() } else { 1e-3 * (i as f64) } * scale,
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
         }));
         if step % 50 == 0 {
             send(Event::Evaluate(EvalRecord {
@@ -150,7 +161,8 @@ fn dashboard_ascii_baseline_log_y_80x24() {
     let t = draw(&app, 80, 24);
     let text = t.backend().to_string();
     assert!(text.is_ascii(), "ASCII mode draws no Braille or block glyphs");
-    assert!(text.contains("does not apply: baseline"));
+    // a baseline has no differential norms: the panel starts on the layers
+    assert!(text.contains("layers: grad, update/w") && text.contains("h.0"), "{text}");
     insta::assert_snapshot!(t.backend());
 }
 
@@ -228,19 +240,12 @@ fn sweep_view_80x24() {
                 index: i,
                 event: Event::Progress(StepRecord {
                     step: s,
-                    epoch: 0.0,
                     loss,
                     learning_rate: *lr,
                     grad_norm: 1.0,
                     tokens_per_second: 1.0,
-                    diff_norm_mean: None,
-                    diff_norm_std: None,
-                    diff_norm_min: None,
-                    diff_norm_max: None,
-                    diff_norm_hist: None,
                     elapsed: x,
-                    rss_mib: None,
-                    eta_seconds: None,
+                    ..Default::default()
                 }),
             }));
         }
@@ -330,7 +335,6 @@ fn study_view_shows_progress_and_bands() {
 
 #[test]
 fn the_event_log_scrolls_with_page_keys_and_the_wheel_and_stays_put_as_lines_arrive() {
-    use difflab::app::Key;
     let mut app = App::dashboard(Dashboard::new("t"), Mode::Owned, true, false);
     let say = |app: &mut App, i: usize| {
         app.update(Msg::Event(Event::Message { level: Level::Info, text: format!("event number {i}") }));
@@ -356,4 +360,26 @@ fn the_event_log_scrolls_with_page_keys_and_the_wheel_and_stays_put_as_lines_arr
     }
     let s = screen(&app);
     assert!(s.contains("event number 40") && s.contains("events (PgUp: older)"), "{s}");
+}
+
+#[test]
+fn v_cycles_the_panel_through_the_heat_map_and_the_layers() {
+    let mut app = dashboard(true);
+    app.update(Msg::Key(Key::Char('v')));
+    let heat = draw(&app, 80, 24);
+    insta::assert_snapshot!("panel_heat_80x24", heat.backend());
+    let text = format!("{}", heat.backend());
+    assert!(text.contains("diff-norm over steps") && text.contains("step "), "{text}");
+    assert!(text.contains("[v]->layers"), "the key says what it does next: {text}");
+    app.update(Msg::Key(Key::Char('v')));
+    let layers = format!("{}", draw(&app, 160, 48).backend());
+    insta::assert_snapshot!("panel_layers_160x48", layers);
+    for row in ["wte ", "h.0 ", "h.5 ", "ln_f", "upd/w"] {
+        assert!(layers.contains(row), "{row} missing: {layers}");
+    }
+    // at 80x24 the panel has room for fewer rows than layers: it says how many are left out
+    let small = format!("{}", draw(&app, 80, 24).backend());
+    assert!(small.contains("+3 more (taller terminal)"), "{small}");
+    app.update(Msg::Key(Key::Char('v')));
+    assert!(format!("{}", draw(&app, 80, 24).backend()).contains("diff-norm ||e_t"));
 }

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use crate::events::{ControlAction, Event, Histogram, Level, RunStatus, TrainBegin};
+use crate::events::{ControlAction, Event, Histogram, LayerStat, Level, RunStatus, TrainBegin};
 use crate::series::Series;
 
 /// How many log lines are kept.
@@ -12,11 +12,43 @@ pub const LOG_PAGE: isize = 5;
 
 /// Smoothing weights cycled by `s` (TensorBoard's default is 0.6).
 pub const SMOOTHING: [f64; 4] = [0.6, 0.9, 0.0, 0.3];
+/// Progress records kept for the heat maps (the diff-norm histogram and the layer strips).
+pub const HEAT_HISTORY: usize = 512;
+
+/// What the lower-left panel shows; `v` cycles through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Panel {
+    /// The last diff-norm histogram.
+    Histogram,
+    /// The diff-norm histograms over time: bins against step.
+    HeatMap,
+    /// Per-layer gradient norm and update/weight ratio, with the ratio over time.
+    Layers,
+}
+
+impl Panel {
+    pub fn next(self) -> Self {
+        match self {
+            Panel::Histogram => Panel::HeatMap,
+            Panel::HeatMap => Panel::Layers,
+            Panel::Layers => Panel::Histogram,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Panel::Histogram => "hist",
+            Panel::HeatMap => "heat",
+            Panel::Layers => "layers",
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct View {
     pub log_y: bool,
     pub smoothing: f64,
+    pub panel: Panel,
 }
 
 impl View {
@@ -87,6 +119,12 @@ pub struct Dashboard {
     pub eta: Option<f64>,
     /// The trainer's resident memory, MiB.
     pub rss_mib: Option<f64>,
+    /// Memory in use on the CUDA device, MiB.
+    pub gpu_mib: Option<f64>,
+    /// The diff-norm histograms of the last `HEAT_HISTORY` progress records, by step.
+    pub diff_history: VecDeque<(u64, Histogram)>,
+    /// Per-layer statistics of the last `HEAT_HISTORY` progress records, by step.
+    pub layer_history: VecDeque<(u64, Vec<LayerStat>)>,
     pub view: View,
 }
 
@@ -98,6 +136,68 @@ pub struct DiffStats {
     pub min: f64,
     pub max: f64,
     pub hist: Option<Histogram>,
+}
+
+/// The diff-norm histograms over time on one value axis: the last `cols` histograms of
+/// `history` (oldest first), each re-binned onto `rows` equal bins over `[lo, hi]` (the
+/// range of all of them; a bin's count is shared out by overlap) and scaled so that the
+/// column's fullest bin is 1. Row 0 is the lowest value. `None` without histograms.
+pub fn heat_columns(history: &VecDeque<(u64, Histogram)>, cols: usize, rows: usize) -> Option<HeatMap> {
+    let shown: Vec<&(u64, Histogram)> = history.iter().skip(history.len().saturating_sub(cols)).collect();
+    let lo = shown.iter().filter_map(|(_, h)| h.edges.first().copied()).fold(f64::INFINITY, f64::min);
+    let hi = shown.iter().filter_map(|(_, h)| h.edges.last().copied()).fold(f64::NEG_INFINITY, f64::max);
+    if shown.is_empty() || rows == 0 || !lo.is_finite() || !hi.is_finite() {
+        return None;
+    }
+    let width = (hi - lo).max(1e-12) / rows as f64;
+    let columns = shown
+        .iter()
+        .map(|(_, h)| {
+            let mut col = vec![0.0f64; rows];
+            for (i, &count) in h.counts.iter().enumerate() {
+                let (a, b) = (h.edges[i], h.edges.get(i + 1).copied().unwrap_or(h.edges[i]));
+                if b <= a {
+                    // a zero-width bin (all values equal): it falls in one row
+                    col[(((a - lo) / width) as usize).min(rows - 1)] += count as f64;
+                    continue;
+                }
+                for (r, cell) in col.iter_mut().enumerate() {
+                    let (ra, rb) = (lo + width * r as f64, lo + width * (r + 1) as f64);
+                    let overlap = (b.min(rb) - a.max(ra)).max(0.0);
+                    *cell += count as f64 * overlap / (b - a);
+                }
+            }
+            let top = col.iter().copied().fold(0.0, f64::max);
+            if top > 0.0 {
+                col.iter_mut().for_each(|c| *c /= top);
+            }
+            col
+        })
+        .collect();
+    let steps = (shown.first().map_or(0, |s| s.0), shown.last().map_or(0, |s| s.0));
+    Some(HeatMap { lo, hi, steps, columns })
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeatMap {
+    pub lo: f64,
+    pub hi: f64,
+    /// The first and last step shown.
+    pub steps: (u64, u64),
+    /// One column per histogram, `rows` cells each in `[0, 1]`, row 0 lowest.
+    pub columns: Vec<Vec<f64>>,
+}
+
+/// Appends, dropping the oldest past `HEAT_HISTORY` (a resumed run's repeated steps replace
+/// the later ones, so the history stays in step order).
+fn push_capped<T>(history: &mut VecDeque<(u64, T)>, item: (u64, T)) {
+    while history.back().is_some_and(|(s, _)| *s >= item.0) {
+        history.pop_back();
+    }
+    history.push_back(item);
+    if history.len() > HEAT_HISTORY {
+        history.pop_front();
+    }
 }
 
 impl Dashboard {
@@ -129,7 +229,10 @@ impl Dashboard {
             log_scroll: 0,
             eta: None,
             rss_mib: None,
-            view: View { log_y: false, smoothing: SMOOTHING[0] },
+            gpu_mib: None,
+            diff_history: VecDeque::new(),
+            layer_history: VecDeque::new(),
+            view: View { log_y: false, smoothing: SMOOTHING[0], panel: Panel::Histogram },
         }
     }
 
@@ -205,6 +308,10 @@ impl Dashboard {
                 if let Some(p) = &b.preset {
                     self.title = p.clone();
                 }
+                // a baseline has no differential norms: its lower-left panel shows the layers
+                if b.config["research"].as_bool() == Some(false) && self.view.panel != Panel::Layers {
+                    self.view.panel = Panel::Layers;
+                }
                 self.step = b.start_step;
                 self.status = Status::Training;
                 self.log(
@@ -230,6 +337,13 @@ impl Dashboard {
                 self.elapsed = p.elapsed;
                 self.eta = p.eta_seconds;
                 self.rss_mib = p.rss_mib.or(self.rss_mib);
+                self.gpu_mib = p.gpu_mib.or(self.gpu_mib);
+                if let Some(h) = &p.diff_norm_hist {
+                    push_capped(&mut self.diff_history, (p.step, h.clone()));
+                }
+                if let Some(layers) = &p.layers {
+                    push_capped(&mut self.layer_history, (p.step, layers.clone()));
+                }
                 if let (Some(mean), Some(std), Some(min), Some(max)) =
                     (p.diff_norm_mean, p.diff_norm_std, p.diff_norm_min, p.diff_norm_max)
                 {
@@ -324,5 +438,60 @@ impl Dashboard {
             Ok(()) if !self.finished() => self.status = Status::Finished { status: RunStatus::Stopped },
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(counts: Vec<u64>, lo: f64, hi: f64) -> Histogram {
+        let n = counts.len();
+        Histogram {
+            counts,
+            edges: (0..=n).map(|i| lo + (hi - lo) * i as f64 / n as f64).collect(),
+            sum: 0.0,
+            sum_squares: 0.0,
+        }
+    }
+
+    #[test]
+    fn heat_map_columns_share_one_value_axis() {
+        let history: VecDeque<(u64, Histogram)> =
+            [(10, hist(vec![7, 0], 0.0, 1.0)), (20, hist(vec![0, 3], 0.0, 2.0)), (30, hist(vec![5, 5], 1.0, 1.0))]
+                .into();
+        let map = heat_columns(&history, 10, 4).unwrap();
+        assert_eq!((map.lo, map.hi, map.steps), (0.0, 2.0, (10, 30)));
+        // [0, 0.5] -> row 0; [1, 2] -> rows 2 and 3; all equal to 1.0 -> row 2
+        assert_eq!(map.columns[0], vec![1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(map.columns[1], vec![0.0, 0.0, 1.0, 1.0]);
+        assert_eq!(map.columns[2], vec![0.0, 0.0, 1.0, 0.0]);
+        // only the newest that fit
+        let last = heat_columns(&history, 1, 4).unwrap();
+        assert_eq!((last.columns.len(), last.steps), (1, (30, 30)));
+        assert!(heat_columns(&VecDeque::new(), 10, 4).is_none());
+    }
+
+    #[test]
+    fn histories_stay_in_step_order_and_capped() {
+        let mut d = Dashboard::new("run");
+        let progress = |step: u64| {
+            Event::Progress(crate::events::StepRecord {
+                step,
+                diff_norm_hist: Some(hist(vec![1], 0.0, 1.0)),
+                layers: Some(vec![LayerStat { name: "h.0".into(), grad_norm: 1.0, update_ratio: 1e-3 }]),
+                ..Default::default()
+            })
+        };
+        for step in 1..=HEAT_HISTORY as u64 + 10 {
+            d.apply(&progress(step));
+        }
+        assert_eq!(d.diff_history.len(), HEAT_HISTORY);
+        assert_eq!(d.layer_history.front().map(|l| l.0), Some(11));
+        // a resumed run logs steps again from its checkpoint: the later ones are replaced
+        d.apply(&progress(500));
+        let steps: Vec<u64> = d.layer_history.iter().rev().take(2).map(|l| l.0).collect();
+        assert_eq!(steps, vec![500, 499]);
+        assert!(d.layer_history.len() < HEAT_HISTORY);
     }
 }

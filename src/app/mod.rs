@@ -52,6 +52,7 @@ pub enum Button {
     Quit,
     LogY,
     Smoothing,
+    Panel,
     Mouse,
     DialogSave,
     DialogStop,
@@ -321,6 +322,7 @@ impl App {
             Key::Char('q') | Key::Esc => Button::Quit,
             Key::Char('y') => Button::LogY,
             Key::Char('s') => Button::Smoothing,
+            Key::Char('v') => Button::Panel,
             Key::Char('m') => Button::Mouse,
             _ => return vec![],
         };
@@ -396,6 +398,7 @@ impl App {
         match button {
             Button::LogY => d.view.log_y = !d.view.log_y,
             Button::Smoothing => d.view.cycle_smoothing(),
+            Button::Panel => d.view.panel = d.view.panel.next(),
             Button::Pause if live => {
                 let control = if d.paused { Control::Resume } else { Control::Pause };
                 return vec![Command::Control(control)];
@@ -449,10 +452,8 @@ mod tests {
             diff_norm_std: Some(0.1),
             diff_norm_min: Some(0.5),
             diff_norm_max: Some(1.5),
-            diff_norm_hist: None,
             elapsed: step as f64 * 0.5,
-            rss_mib: None,
-            eta_seconds: None,
+            ..Default::default()
         })
     }
 

@@ -37,6 +37,20 @@ impl ParamSpec {
     }
 }
 
+/// The layer a parameter belongs to, for per-layer statistics: `wte`, `wpe`, `h.<i>`,
+/// `ln_f`, and `(<i>, name)` to put them in model order (embeddings, blocks, final norm).
+pub fn layer_of(name: &str) -> (usize, String) {
+    let bare = name.strip_prefix("transformer.").unwrap_or(name);
+    let mut parts = bare.split('.');
+    match (parts.next(), parts.next()) {
+        (Some("wte"), _) => (0, "wte".into()),
+        (Some("wpe"), _) => (1, "wpe".into()),
+        (Some("h"), Some(i)) => (2 + i.parse::<usize>().unwrap_or(usize::MAX - 3), format!("h.{i}")),
+        (Some(first), _) => (usize::MAX, first.to_string()),
+        (None, _) => (usize::MAX, bare.to_string()),
+    }
+}
+
 /// Every parameter of `cfg`, sorted by name.
 pub fn param_specs(cfg: &GptConfig) -> Vec<ParamSpec> {
     let c = cfg.n_embd;
@@ -89,4 +103,33 @@ pub fn init_weights(cfg: &GptConfig, seed: u64, device: &Device) -> Result<BTree
             Ok((spec.name, Tensor::from_vec(data, spec.shape, device)?))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_come_in_model_order() {
+        let cfg = GptConfig {
+            vocab_size: 10,
+            n_positions: 8,
+            n_embd: 4,
+            n_layer: 12,
+            n_head: 2,
+            layer_norm_epsilon: 1e-5,
+            rope: false,
+            rope_theta: 10_000.0,
+            differential: true,
+            dropout: 0.0,
+        };
+        let mut layers: Vec<(usize, String)> = param_specs(&cfg).iter().map(|p| layer_of(&p.name)).collect();
+        layers.sort();
+        layers.dedup();
+        let names: Vec<String> = layers.into_iter().map(|l| l.1).collect();
+        let mut want = vec!["wte".to_string(), "wpe".into()];
+        want.extend((0..12).map(|i| format!("h.{i}")));
+        want.push("ln_f".into());
+        assert_eq!(names, want, "h.10 comes after h.9, not after h.1");
+    }
 }

@@ -46,6 +46,18 @@ pub struct AdamW {
     /// Optimizer steps taken (PyTorch's `state["step"]`, the same for every parameter).
     step: u64,
     slots: BTreeMap<String, Slot>,
+    /// The constants of the last update and the parameters it changed, from which
+    /// `last_update_squares` recovers the update without a copy of the old weights.
+    last: Option<(cpu::Apply, Vec<String>)>,
+}
+
+/// One parameter's last update `delta` against the weights `theta` it was applied to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateSquares {
+    /// `||delta||^2`.
+    pub update: f64,
+    /// `||theta_before||^2`.
+    pub weight: f64,
 }
 
 fn fresh_moments(var: &Var) -> Result<Moments> {
@@ -66,7 +78,7 @@ impl AdamW {
                 Ok((name.clone(), Slot { var: var.clone(), decays: decays(name, var), moments: fresh_moments(var)? }))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { cfg, step: 0, slots })
+        Ok(Self { cfg, step: 0, slots, last: None })
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -81,8 +93,10 @@ impl AdamW {
         let bias1 = 1.0 - beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias1;
+        let mut updated = Vec::with_capacity(self.slots.len());
         for (name, slot) in self.slots.iter_mut() {
             let Some(g) = grads.get(name) else { continue };
+            updated.push(name.clone());
             // decoupled decay, as torch: theta <- theta (1 - lr wd)
             let decay = if slot.decays { 1.0 - lr * weight_decay } else { 1.0 };
             let theta = slot.var.as_tensor();
@@ -114,7 +128,40 @@ impl AdamW {
                 }
             }
         }
+        let apply = cpu::Apply {
+            decay: (1.0 - lr * weight_decay) as f32,
+            step_size: step_size as f32,
+            bias2_sqrt: bias2_sqrt as f32,
+            eps: eps as f32,
+        };
+        self.last = Some((apply, updated));
         Ok(())
+    }
+
+    /// The last update of each parameter it changed, as sums of squares (Karpathy's
+    /// update-to-weight ratio is `sqrt(update / weight)`). Recovered from the weights and
+    /// moments after the step: `theta_before = (theta + s u) / d`, `u = m / (sqrt(v) / b2 + eps)`,
+    /// so no copy of the old weights is kept. Empty before the first step.
+    pub fn last_update_squares(&self) -> Result<BTreeMap<String, UpdateSquares>> {
+        let Some((apply, names)) = &self.last else { return Ok(BTreeMap::new()) };
+        let mut out = BTreeMap::new();
+        for name in names {
+            let Some(slot) = self.slots.get(name) else { continue };
+            let decay = if slot.decays { apply.decay } else { 1.0 };
+            let theta = slot.var.as_tensor();
+            let squares = match &slot.moments {
+                Moments::Packed(mv) => cpu::update_squares(theta, mv, apply, decay)?,
+                Moments::Split { m, v } => {
+                    let u = (m / ((v.sqrt()? / apply.bias2_sqrt as f64)? + apply.eps as f64)?)?;
+                    let before = ((theta.to_dtype(DType::F32)? + (u * apply.step_size as f64)?)? / decay as f64)?;
+                    let delta = (theta.to_dtype(DType::F32)? - &before)?;
+                    let sum = |t: Tensor| t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>();
+                    (sum(delta)?, sum(before)?)
+                }
+            };
+            out.insert(name.clone(), UpdateSquares { update: squares.0, weight: squares.1 });
+        }
+        Ok(out)
     }
 
     /// The moments as named tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`), for saving.

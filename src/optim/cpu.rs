@@ -83,6 +83,7 @@ impl InplaceOp2 for Moments {
 }
 
 /// `theta = theta (1 - lr wd) - step_size m / (sqrt(v) / bias2_sqrt + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Apply {
     pub decay: f32,
     pub step_size: f32,
@@ -107,4 +108,30 @@ impl InplaceOp2 for Apply {
         });
         Ok(())
     }
+}
+
+/// `(||delta||^2, ||theta_before||^2)` of the update `apply` (with decay `decay`) made to
+/// `theta`, from the weights after it and the packed moments `[m | v]` it used.
+pub fn update_squares(theta: &Tensor, mv: &Tensor, apply: &Apply, decay: f32) -> Result<(f64, f64)> {
+    let theta = theta.flatten_all()?;
+    crate::engine::cpu::ops::with_host(&theta, |th| {
+        crate::engine::cpu::ops::with_host(mv, |mv| {
+            let (m, v) = mv.split_at(th.len());
+            let (s, d, inv_b2, eps) =
+                (apply.step_size as f64, decay as f64, 1.0 / apply.bias2_sqrt as f64, apply.eps as f64);
+            th.par_chunks(CHUNK)
+                .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+                .map(|(th, (m, v))| {
+                    let (mut du, mut w) = (0.0f64, 0.0f64);
+                    for ((t, m), v) in th.iter().zip(m).zip(v) {
+                        let u = *m as f64 / ((*v as f64).sqrt() * inv_b2 + eps);
+                        let before = (*t as f64 + s * u) / d;
+                        du += (*t as f64 - before).powi(2);
+                        w += before * before;
+                    }
+                    (du, w)
+                })
+                .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+        })
+    })?
 }

@@ -27,15 +27,21 @@ pub fn accumulate(acc: &mut Grads, more: Grads) -> Result<()> {
 
 /// The global L2 norm over all gradients (one host sync on a GPU).
 pub fn global_norm(grads: &Grads) -> Result<f64> {
+    Ok(squares(grads)?.values().sum::<f64>().sqrt())
+}
+
+/// Each gradient's sum of squares, by parameter name (one host sync on a GPU).
+pub fn squares(grads: &Grads) -> Result<BTreeMap<String, f64>> {
     if grads.is_empty() {
-        return Ok(0.0);
+        return Ok(BTreeMap::new());
     }
-    if grads.values().all(|g| cpu::applies(&[g])) {
-        return Ok(grads.values().map(cpu::sum_squares).collect::<Result<Vec<_>>>()?.iter().sum::<f64>().sqrt());
-    }
-    let squares = grads.values().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<Result<Vec<_>>>()?;
-    let total = Tensor::stack(&squares, 0)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    Ok(total.sqrt())
+    let values = if grads.values().all(|g| cpu::applies(&[g])) {
+        grads.values().map(cpu::sum_squares).collect::<Result<Vec<_>>>()?
+    } else {
+        let sums = grads.values().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?
+    };
+    Ok(grads.keys().cloned().zip(values).collect())
 }
 
 /// `min(1, max_norm / (norm + 1e-6))`: what torch's `clip_grad_norm_` scales gradients by.

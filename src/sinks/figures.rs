@@ -604,19 +604,11 @@ mod tests {
         for step in 1..=20u64 {
             h.update(&Event::Progress(crate::events::StepRecord {
                 step,
-                epoch: 0.0,
                 loss: 5.0 / step as f64,
                 learning_rate: 1e-3,
                 grad_norm: 1.0,
                 tokens_per_second: 1.0,
-                diff_norm_mean: None,
-                diff_norm_std: None,
-                diff_norm_min: None,
-                diff_norm_max: None,
-                diff_norm_hist: None,
-                elapsed: 0.0,
-                rss_mib: None,
-                eta_seconds: None,
+                ..Default::default()
             }));
         }
         let control =

@@ -70,7 +70,8 @@ pub fn describe(event: &Event) -> Option<String> {
         Event::Progress(p) => {
             let diff = p.diff_norm_mean.map(|m| format!(" | diff-norm {m:.3}±{:.3}", p.diff_norm_std.unwrap_or(0.0))).unwrap_or_default();
             let eta = p.eta_seconds.map(|e| format!(" | ETA {}", clock(e))).unwrap_or_default();
-            let rss = p.rss_mib.map(|m| format!(" | {m:.0} MiB")).unwrap_or_default();
+            let rss = p.rss_mib.map(|m| format!(" | {m:.0} MiB")).unwrap_or_default()
+                + &p.gpu_mib.map(|m| format!(" | GPU {m:.0} MiB")).unwrap_or_default();
             format!(
                 "[step {:>6}] loss {:.4} | lr {:.3e} | grad-norm {:.3} | {} tok/s | epoch {:.2}{eta}{rss}{diff}",
                 p.step,

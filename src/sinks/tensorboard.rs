@@ -224,6 +224,13 @@ impl Sink for TensorBoard {
                 if let Some(h) = &p.diff_norm_hist {
                     v.push(histogram("research/diff_norm", h));
                 }
+                for layer in p.layers.iter().flatten() {
+                    v.push(scalar(&format!("layers/grad_norm/{}", layer.name), layer.grad_norm));
+                    v.push(scalar(&format!("layers/update_ratio/{}", layer.name), layer.update_ratio));
+                }
+                if let Some(m) = p.gpu_mib {
+                    v.push(scalar("train/gpu_mib", m));
+                }
                 self.writer.values(p.step, v)
             }
             Event::Evaluate(e) => {

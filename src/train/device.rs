@@ -53,3 +53,16 @@ pub fn rss_mib() -> (f64, f64) {
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
+
+/// Memory in use on a CUDA device, MiB: total minus free, so every process's share and the
+/// CUDA context count (as `nvidia-smi` shows it). `None` on the CPU or when the query fails.
+pub fn gpu_used_mib(device: &Device) -> Option<f64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some(total.saturating_sub(free) as f64 / (1024.0 * 1024.0))
+        }
+        _ => None,
+    }
+}

@@ -407,6 +407,10 @@ fn train_loop(
         let mut grads = acc.into_grads(&run.model_cfg)?;
         inject(run.spec, step, &mut step_loss, &mut grads)?;
 
+        // per-layer gradient norms, on the steps that log them (a pass over the gradients)
+        let logs = (step + 1).is_multiple_of(cfg.logging_steps) || step + 1 == total_steps;
+        let grad_squares = if logs { Some(optim::grads::squares(&grads)?) } else { None };
+
         // the update, unless the loss or the gradient is not finite
         let update = if step_loss.is_finite() {
             optim::step(&mut run.opt, &grads, lr, cfg.max_grad_norm)?
@@ -436,6 +440,10 @@ fn train_loop(
                 let ran = done.saturating_sub(s.start_step);
                 rec.eta_seconds = (ran > 0).then(|| elapsed / ran as f64 * total_steps.saturating_sub(done) as f64);
                 rec.rss_mib = Some(device::rss_mib().0).filter(|m| m.is_finite());
+                rec.gpu_mib = device::gpu_used_mib(&run.device);
+                if let Some(g) = &grad_squares {
+                    rec.layers = Some(optim::layer_stats(g, &run.opt.last_update_squares()?));
+                }
                 emit_ev(Event::Progress(rec));
                 s.window = Window::default();
             }
@@ -796,8 +804,7 @@ impl Window {
                 sum_squares: s.sum_squares,
             }),
             elapsed,
-            rss_mib: None,
-            eta_seconds: None,
+            ..Default::default()
         }
     }
 }

@@ -9,9 +9,9 @@ use ratatui::widgets::{Clear, Paragraph, Widget, Wrap};
 
 use super::plot::{Kind, Layer, Plot};
 use super::{block, button_row, centered, put};
-use crate::app::dashboard::{MarkKind, Status};
+use crate::app::dashboard::{heat_columns, MarkKind, Panel, Status};
 use crate::app::{App, Button, Dashboard, Dialog, Mode};
-use crate::events::Level;
+use crate::events::{LayerStat, Level};
 use crate::sinks::human::si;
 
 pub const TRAIN: Color = Color::Cyan;
@@ -113,6 +113,7 @@ fn bar_buttons(app: &App, d: &Dashboard, area: Rect) -> Vec<(Rect, Button, Strin
             // what the key will do: "now -> after"
             (format!("[y] log-y {} -> {}", on_off(d.view.log_y), on_off(!d.view.log_y)), Button::LogY),
             (format!("[s] smooth {} -> {}", d.view.smoothing, d.view.next_smoothing()), Button::Smoothing),
+            (format!("[v] {} -> {}", d.view.panel.label(), d.view.panel.next().label()), Button::Panel),
             (format!("[m] mouse {} -> {}", on_off(app.mouse), on_off(!app.mouse)), Button::Mouse),
         ]
     } else {
@@ -123,6 +124,7 @@ fn bar_buttons(app: &App, d: &Dashboard, area: Rect) -> Vec<(Rect, Button, Strin
             (quit.to_string(), Button::Quit),
             (format!("[y]log->{}", on_off(!d.view.log_y)), Button::LogY),
             (format!("[s]mooth->{}", d.view.next_smoothing()), Button::Smoothing),
+            (format!("[v]->{}", d.view.panel.next().label()), Button::Panel),
             (format!("[m]ouse->{}", on_off(!app.mouse)), Button::Mouse),
         ]
     };
@@ -269,14 +271,23 @@ fn render_grad(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     (&plot).render(area, buf);
 }
 
-fn render_hist(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
-    let frame = block(" diff-norm ||e_t - e_(t-1)|| ", Color::Blue, app.ascii);
+/// The lower-left panel: the diff-norm histogram, its heat map over time, or the layers.
+fn render_panel(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
+    let title = match d.view.panel {
+        Panel::Histogram => " diff-norm ||e_t - e_(t-1)|| ",
+        Panel::HeatMap => " diff-norm over steps ",
+        Panel::Layers => " layers: grad, update/w ",
+    };
+    let frame = block(title, Color::Blue, app.ascii);
     let inner = frame.inner(area);
     frame.render(area, buf);
     if inner.height < 2 || inner.width < 10 {
         return;
     }
     let dim = Style::default().fg(Color::DarkGray);
+    if d.view.panel == Panel::Layers {
+        return render_layers(app, d, inner, buf);
+    }
     if d.begin.is_some() && !d.is_differential() {
         Paragraph::new("does not apply: baseline run (research false)")
             .style(dim)
@@ -296,6 +307,9 @@ fn render_hist(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         format!("{:.3}±{:.3} [{:.2},{:.2}]", s.mean, s.std, s.min, s.max)
     };
     put(buf, inner.x, inner.y, &stats, inner.width as usize, Style::default().fg(Color::Gray));
+    if d.view.panel == Panel::HeatMap {
+        return render_heat(app, d, inner, buf);
+    }
     let Some(h) = &s.hist else { return };
     let bars = Rect { x: inner.x, y: inner.y + 1, width: inner.width, height: inner.height - 1 };
     let rows = bars.height.saturating_sub(1) as usize;
@@ -331,6 +345,93 @@ fn render_hist(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     put(buf, bars.x, y, &axis, bars.width as usize, dim);
     let rx = (bars.x + bars.width).saturating_sub(right.len() as u16);
     put(buf, rx, y, &right, right.len(), dim);
+}
+
+/// Shades from empty to full.
+fn shades(ascii: bool) -> Vec<char> {
+    if ascii {
+        vec![' ', '.', ':', '*', '#']
+    } else {
+        vec![' ', '░', '▒', '▓', '█']
+    }
+}
+
+fn shade(levels: &[char], x: f64) -> char {
+    let top = levels.len() - 1;
+    if x <= 0.0 {
+        return levels[0];
+    }
+    // anything above zero shows: a faint tail must not vanish
+    levels[((x * top as f64).ceil() as usize).clamp(1, top)]
+}
+
+/// Diff-norm histograms over steps: value upwards, step to the right, darker = more tokens
+/// (each column scaled to its own fullest bin).
+fn render_heat(app: &App, d: &Dashboard, inner: Rect, buf: &mut Buffer) {
+    let dim = Style::default().fg(Color::DarkGray);
+    let label_w = 5u16;
+    let rows = inner.height.saturating_sub(2) as usize;
+    let cols = inner.width.saturating_sub(label_w) as usize;
+    let Some(map) = heat_columns(&d.diff_history, cols, rows) else {
+        put(buf, inner.x, inner.y + 1, "no histograms yet", inner.width as usize, dim);
+        return;
+    };
+    let levels = shades(app.ascii);
+    for (c, column) in map.columns.iter().enumerate() {
+        for (r, v) in column.iter().enumerate() {
+            let (x, y) = (inner.x + label_w + c as u16, inner.y + 1 + (rows - 1 - r) as u16);
+            if let Some(cell) = buf.cell_mut((x, y)) {
+                cell.set_char(shade(&levels, *v)).set_style(Style::default().fg(Color::Blue));
+            }
+        }
+    }
+    put(buf, inner.x, inner.y + 1, format!("{:.2}", map.hi), label_w as usize - 1, dim);
+    put(buf, inner.x, inner.y + rows as u16, format!("{:.2}", map.lo), label_w as usize - 1, dim);
+    let axis = format!("step {}..{}", map.steps.0, map.steps.1);
+    put(buf, inner.x + label_w, inner.y + inner.height - 1, &axis, cols, dim);
+}
+
+/// One row per layer: gradient norm, update/weight ratio, and the ratio over steps as a strip
+/// (green within 1e-4..1e-2, around Karpathy's healthy 1e-3; red above, blue below).
+fn render_layers(app: &App, d: &Dashboard, inner: Rect, buf: &mut Buffer) {
+    let dim = Style::default().fg(Color::DarkGray);
+    let Some((step, last)) = d.layer_history.back() else {
+        put(buf, inner.x, inner.y, "waiting for the first logged step", inner.width as usize, dim);
+        return;
+    };
+    let name_w = last.iter().map(|l| l.name.len()).max().unwrap_or(4).max(4);
+    let head = format!("{:<name_w$} {:>7} {:>7} step {step}", "", "grad", "upd/w");
+    put(buf, inner.x, inner.y, &head, inner.width as usize, Style::default().fg(Color::Gray));
+    let strip_x = inner.x + (name_w + 17) as u16;
+    let strip_w = (inner.x + inner.width).saturating_sub(strip_x) as usize;
+    let shown: Vec<&(u64, Vec<LayerStat>)> =
+        d.layer_history.iter().skip(d.layer_history.len().saturating_sub(strip_w)).collect();
+    let room = inner.height.saturating_sub(1) as usize;
+    let cut = last.len() > room;
+    let fit = if cut { room.saturating_sub(1) } else { last.len() };
+    let levels = shades(app.ascii);
+    for (i, layer) in last.iter().take(fit).enumerate() {
+        let y = inner.y + 1 + i as u16;
+        let row = format!("{:<name_w$} {:>7.1e} {:>7.1e}", layer.name, layer.grad_norm, layer.update_ratio);
+        put(buf, inner.x, y, &row, inner.width as usize, Style::default().fg(Color::Gray));
+        for (c, (_, layers)) in shown.iter().enumerate() {
+            let Some(r) = layers.iter().find(|l| l.name == layer.name).map(|l| l.update_ratio) else { continue };
+            let (color, level) = match r {
+                r if !r.is_finite() => (Color::Red, 1.0),
+                r if r > 1e-2 => (Color::Red, 1.0),
+                r if r < 1e-4 => (Color::Blue, 0.25),
+                // log10 from -4 to -2 -> a quarter to full
+                r => (Color::Green, 0.25 + 0.75 * (r.log10() + 4.0) / 2.0),
+            };
+            if let Some(cell) = buf.cell_mut((strip_x + c as u16, y)) {
+                cell.set_char(shade(&levels, level)).set_style(Style::default().fg(color));
+            }
+        }
+    }
+    if cut {
+        let more = format!("+{} more (taller terminal)", last.len() - fit);
+        put(buf, inner.x, inner.y + inner.height - 1, &more, inner.width as usize, dim);
+    }
 }
 
 pub fn duration(secs: f64) -> String {
@@ -392,6 +493,7 @@ fn render_progress(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         d.lr_scale,
         d.skipped,
         d.rss_mib.map(|m| format!(" | {m:.0} MiB")).unwrap_or_default()
+            + &d.gpu_mib.map(|m| format!(" | GPU {m:.0} MiB")).unwrap_or_default()
     );
     for (i, line) in [line2, line3].iter().enumerate() {
         if (i as u16 + 1) < inner.height {
@@ -452,12 +554,13 @@ pub fn render(d: &Dashboard, app: &App, area: Rect, buf: &mut Buffer) {
     render_loss(app, d, a.loss, buf);
     render_lr(app, d, a.lr, buf);
     render_grad(app, d, a.grad, buf);
-    render_hist(app, d, a.hist, buf);
+    render_panel(app, d, a.hist, buf);
     render_progress(app, d, a.progress, buf);
     render_log(app, d, a.log, buf);
     let live = !d.finished();
     for (rect, b, label) in bar_buttons(app, d, area) {
-        let active = live || matches!(b, Button::Quit | Button::LogY | Button::Smoothing | Button::Mouse);
+        let active =
+            live || matches!(b, Button::Quit | Button::LogY | Button::Smoothing | Button::Panel | Button::Mouse);
         let style = if active {
             Style::default().fg(Color::Black).bg(Color::Gray)
         } else {
