@@ -383,3 +383,42 @@ fn v_cycles_the_panel_through_the_heat_map_and_the_layers() {
     app.update(Msg::Key(Key::Char('v')));
     assert!(format!("{}", draw(&app, 80, 24).backend()).contains("diff-norm ||e_t"));
 }
+
+#[test]
+fn the_picker_lists_past_runs_on_its_second_tab() {
+    use difflab::sweep::compare::PastRun;
+    let run = |name: &str, status: &str, steps: u64, eval: Option<f64>, checkpoint: Option<u64>, t: f64| PastRun {
+        dir: std::path::PathBuf::from("outputs").join(name),
+        name: name.into(),
+        status: status.into(),
+        steps,
+        max_steps: Some(400),
+        final_eval_loss: eval,
+        modified: t,
+        checkpoint,
+        config: Default::default(),
+    };
+    let runs = vec![
+        run("2026-12-03_15-40-02_demo", "running", 120, Some(2.1034), Some(100), 1_796_312_402.0),
+        run("demo-lr-sweep/lr-1e-2", "diverged", 37, None, None, 1_796_300_000.0),
+        run("study/research=true/seed-42", "interrupted", 250, Some(1.5121), Some(200), 1_796_200_000.0),
+        run("demo", "completed", 400, Some(1.4394), Some(400), 1_796_100_000.0),
+    ];
+    let lib = PresetLibrary::builtin();
+    let presets = lib.names().iter().map(|n| lib.chain(n).map(|c| (c.clone(), c.last().cloned().unwrap()))).collect();
+    let mut app = App::picker(Picker::new(presets, vec![]).with_runs("outputs".into(), runs), true, false);
+    assert!(format!("{}", draw(&app, 80, 24).backend()).contains("runs (4)"), "the tab says how many");
+    app.update(Msg::Key(Key::Tab));
+    app.update(Msg::Key(Key::Down));
+    app.update(Msg::Key(Key::Char(' ')));
+    app.update(Msg::Key(Key::Down));
+    let t = draw(&app, 80, 24);
+    let text = format!("{}", t.backend());
+    insta::assert_snapshot!("picker_runs_80x24", t.backend());
+    for want in ["runs under outputs", "diverged", "250/400", "1.5121", "12-03 15:40", "r resumes from checkpoint-200"]
+    {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    assert!(text.contains(">*") || text.contains(" *demo-lr"), "the marked run shows its mark: {text}");
+    insta::assert_snapshot!("picker_runs_160x48", draw(&app, 160, 48).backend());
+}

@@ -85,6 +85,14 @@ pub enum Msg {
     },
     /// The run the picker asked for could not start: shown in the picker.
     StartFailed(String),
+    /// A run from the picker's list is being watched: its dashboard, fed from its metrics.
+    Watching {
+        title: String,
+        live: bool,
+        dir: String,
+    },
+    /// The runs marked in the picker, loaded for comparison.
+    Compared(Vec<crate::sweep::compare::Run>),
     /// A control was written to a watched run's directory: what happened to it.
     ControlSent(String),
 }
@@ -93,6 +101,10 @@ pub enum Msg {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Start(RunArgs),
+    /// Open a run's dashboard from its metrics file (the picker's run list).
+    Watch(std::path::PathBuf),
+    /// Load these runs and overlay them.
+    Compare(Vec<std::path::PathBuf>),
     Control(Control),
     SetMouse(bool),
     /// Stop the sweep: the running trial stops with a checkpoint, the rest are skipped.
@@ -109,7 +121,7 @@ pub enum Mode {
 
 #[derive(Debug)]
 pub enum Screen {
-    Picker(Picker),
+    Picker(Box<Picker>),
     Dashboard(Box<Dashboard>),
     Overlay(Box<Overlay>),
 }
@@ -136,7 +148,7 @@ pub struct App {
 
 impl App {
     pub fn picker(picker: Picker, mouse: bool, ascii: bool) -> Self {
-        Self { screen: Screen::Picker(picker), mode: Mode::Owned, dialog: None, mouse, ascii, exiting: false }
+        Self { screen: Screen::Picker(Box::new(picker)), mode: Mode::Owned, dialog: None, mouse, ascii, exiting: false }
     }
 
     pub fn dashboard(dashboard: Dashboard, mode: Mode, mouse: bool, ascii: bool) -> Self {
@@ -240,6 +252,21 @@ impl App {
                 self.mode = Mode::Owned;
                 vec![]
             }
+            Msg::Watching { title, live, dir } => {
+                let mut dash = Dashboard::new(&title);
+                if !live {
+                    dash.log_warning(format!(
+                        "no trainer is attached to {dir} now: showing its history; controls will wait for the next session"
+                    ));
+                }
+                self.screen = Screen::Dashboard(Box::new(dash));
+                self.mode = Mode::Watching;
+                vec![]
+            }
+            Msg::Compared(runs) => {
+                self.screen = Screen::Overlay(Box::new(Overlay::from_runs(&runs)));
+                vec![]
+            }
             Msg::StartFailed(e) => {
                 if let Screen::Picker(p) = &mut self.screen {
                     p.error = Some(e);
@@ -307,6 +334,8 @@ impl App {
         if let Screen::Picker(p) = &mut self.screen {
             return match p.on_key(key) {
                 picker::Outcome::Start(args) => self.start(args),
+                picker::Outcome::Watch(dir) => vec![Command::Watch(dir)],
+                picker::Outcome::Compare(dirs) => vec![Command::Compare(dirs)],
                 picker::Outcome::Quit => vec![Command::Exit],
                 picker::Outcome::Stay => vec![],
             };
@@ -552,5 +581,41 @@ mod tests {
         assert_eq!(app.update(Msg::Key(Key::Char('d'))), vec![Command::Exit], "detach leaves the run going");
         app.update(Msg::Key(Key::Char('q')));
         assert_eq!(app.update(Msg::Key(Key::Char('s'))), vec![Command::Control(Control::Stop { save: true })]);
+    }
+
+    #[test]
+    fn the_run_list_opens_a_run_as_watch_and_compares_marked_ones() {
+        use crate::sweep::compare::PastRun;
+        let run = |name: &str| PastRun {
+            dir: std::path::PathBuf::from("outputs").join(name),
+            name: name.into(),
+            status: "completed".into(),
+            steps: 10,
+            max_steps: Some(10),
+            final_eval_loss: Some(2.0),
+            modified: 0.0,
+            checkpoint: Some(10),
+            config: Default::default(),
+        };
+        let picker = Picker::new(vec![], vec![]).with_runs("outputs".into(), vec![run("a"), run("b")]);
+        let mut app = App::picker(picker.clone(), true, false);
+        app.update(Msg::Key(Key::Tab));
+        assert_eq!(app.update(Msg::Key(Key::Enter)), vec![Command::Watch("outputs/a".into())]);
+        // the lab answers with the run's dashboard, fed from its metrics, controls as files
+        app.update(Msg::Watching { title: "a".into(), live: false, dir: "outputs/a".into() });
+        assert_eq!(app.mode, Mode::Watching);
+        let log = &app.dash().unwrap().log;
+        assert!(log.iter().any(|l| l.text.contains("no trainer is attached to outputs/a")), "{log:?}");
+
+        let mut app = App::picker(picker, true, false);
+        for k in [Key::Tab, Key::Char(' '), Key::Down, Key::Char(' ')] {
+            app.update(Msg::Key(k));
+        }
+        assert_eq!(
+            app.update(Msg::Key(Key::Char('c'))),
+            vec![Command::Compare(vec!["outputs/a".into(), "outputs/b".into()])]
+        );
+        app.update(Msg::Compared(vec![]));
+        assert!(matches!(app.screen, Screen::Overlay(_)));
     }
 }

@@ -1,9 +1,12 @@
-//! The preset picker: every preset with its description and key values; the learning rate and
-//! the step limit can be edited before Enter starts the run.
+//! The picker: every preset with its description and key values (learning rate, steps,
+//! output folder and seed can be edited before Enter starts the run), and, on its second tab,
+//! the runs under the outputs folder (open one as `watch` does, resume it, or compare several).
 
 use crate::config::keys::parse_flag_value;
 use crate::config::RunArgs;
-use std::collections::BTreeMap;
+use crate::sweep::compare::PastRun;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use crate::config::{describe, resolve, runs_of, ConfigError, Overrides, Preset, RunConfig};
 use crate::train::throughput::{self, Measured};
@@ -106,10 +109,24 @@ impl Field {
     }
 }
 
+/// Which list the picker shows; Tab switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tab {
+    Presets,
+    Runs,
+}
+
 #[derive(Debug, Clone)]
 pub struct Picker {
+    pub tab: Tab,
     pub entries: Vec<Entry>,
     pub selected: usize,
+    /// The runs under `runs_root`, newest first.
+    pub runs: Vec<PastRun>,
+    pub runs_root: PathBuf,
+    pub run_selected: usize,
+    /// Runs marked (space) for comparison, by index into `runs`.
+    pub marked: BTreeSet<usize>,
     /// The field being typed into, and its text so far.
     pub editing: Option<(Field, String)>,
     /// Edited values per entry, as typed.
@@ -122,6 +139,10 @@ pub struct Picker {
 pub enum Outcome {
     Stay,
     Start(RunArgs),
+    /// Open a run's dashboard from its metrics, as `difflab watch` does.
+    Watch(PathBuf),
+    /// Overlay these runs, as `difflab compare` does.
+    Compare(Vec<PathBuf>),
     Quit,
 }
 
@@ -166,7 +187,76 @@ impl Picker {
             .collect();
         let selected = entries.iter().position(|e| e.name == "demo").unwrap_or(0);
         let overrides = vec![BTreeMap::new(); entries.len()];
-        Self { entries, selected, editing: None, overrides, base_flags, error: None }
+        Self {
+            tab: Tab::Presets,
+            entries,
+            selected,
+            runs: vec![],
+            runs_root: PathBuf::from("outputs"),
+            run_selected: 0,
+            marked: BTreeSet::new(),
+            editing: None,
+            overrides,
+            base_flags,
+            error: None,
+        }
+    }
+
+    /// The runs found under `root` (`compare::list_runs`), for the second tab.
+    pub fn with_runs(mut self, root: PathBuf, runs: Vec<PastRun>) -> Self {
+        self.runs_root = root;
+        self.runs = runs;
+        self
+    }
+
+    pub fn current_run(&self) -> Option<&PastRun> {
+        self.runs.get(self.run_selected)
+    }
+
+    fn on_runs_key(&mut self, key: Key) -> Outcome {
+        self.error = None;
+        match key {
+            Key::Up | Key::Char('k') => self.run_selected = self.run_selected.saturating_sub(1),
+            Key::Down | Key::Char('j') => {
+                self.run_selected = (self.run_selected + 1).min(self.runs.len().saturating_sub(1))
+            }
+            // space toggles the mark
+            Key::Char(' ') if !self.runs.is_empty() && !self.marked.remove(&self.run_selected) => {
+                self.marked.insert(self.run_selected);
+            }
+            Key::Enter => {
+                if let Some(r) = self.current_run() {
+                    return Outcome::Watch(r.dir.clone());
+                }
+            }
+            Key::Char('r') => match self.current_run() {
+                Some(r) if r.resumable() => return Outcome::Start(RunArgs::resuming(&r.dir, &r.config)),
+                Some(r) => {
+                    self.error = Some(match (&r.checkpoint, r.status.as_str()) {
+                        (_, "running") => format!("{} is running now: Enter opens it", r.name),
+                        (_, "completed") => format!("{} has completed: nothing to resume", r.name),
+                        _ => format!("{} has no checkpoint to resume from", r.name),
+                    })
+                }
+                None => {}
+            },
+            Key::Char('c') => {
+                if self.marked.len() < 2 {
+                    self.error = Some(format!(
+                        "mark two or more runs with space to compare them ({} marked)",
+                        self.marked.len()
+                    ));
+                } else {
+                    return Outcome::Compare(
+                        self.marked.iter().filter_map(|i| self.runs.get(*i)).map(|r| r.dir.clone()).collect(),
+                    );
+                }
+            }
+            Key::Tab => self.tab = Tab::Presets,
+            Key::Char('q') | Key::Esc => return Outcome::Quit,
+            _ => {}
+        }
+        Outcome::Stay
     }
 
     /// Time estimates from the speeds runs of the same shape measured on this machine
@@ -239,7 +329,14 @@ impl Picker {
             }
             return Outcome::Stay;
         }
+        if self.tab == Tab::Runs {
+            return self.on_runs_key(key);
+        }
         match key {
+            Key::Tab => {
+                self.tab = Tab::Runs;
+                self.error = None;
+            }
             Key::Up | Key::Char('k') => self.selected = self.selected.saturating_sub(1),
             Key::Down | Key::Char('j') => self.selected = (self.selected + 1).min(self.entries.len().saturating_sub(1)),
             Key::Char(c) if Field::ALL.iter().any(|f| f.hotkey() == c) => {

@@ -93,6 +93,24 @@ impl Session for Lab {
                 },
                 Err(e) => vec![Msg::StartFailed(format!("{e:#}"))],
             },
+            Command::Watch(dir) => {
+                let metrics = dir.join(METRICS_FILE);
+                if !metrics.is_file() {
+                    return vec![Msg::StartFailed(format!("{} has no {METRICS_FILE}", dir.display()))];
+                }
+                spawn_tail(metrics, inputs.clone());
+                let title = dir.file_name().map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
+                let live = remote::is_live(&dir);
+                let shown = dir.display().to_string();
+                self.backend = Backend::Watching(dir);
+                vec![Msg::Watching { title, live, dir: shown }]
+            }
+            Command::Compare(dirs) => {
+                match dirs.iter().map(|d| crate::sweep::compare::load(d)).collect::<Result<Vec<_>, _>>() {
+                    Ok(runs) => vec![Msg::Compared(runs)],
+                    Err(e) => vec![Msg::StartFailed(e.to_string())],
+                }
+            }
             Command::Exit | Command::SetMouse(_) => vec![],
         }
     }
@@ -210,6 +228,23 @@ fn spawn_tail(path: PathBuf, tx: Sender<Input>) {
     });
 }
 
+/// The newest runs the picker's list reads (each one's metrics file is read in full).
+const RUN_LIST_LIMIT: usize = 200;
+
+/// Where the picker looks for past runs: the command line's `--output_dir` when it names a
+/// folder of runs (ends in `/`), else the folder above it; `outputs` by default (every
+/// built-in preset writes under it).
+fn runs_root(flags: &[(String, String)]) -> PathBuf {
+    match flags.iter().rev().find(|(k, _)| k == "output_dir") {
+        Some((_, dir)) if dir.ends_with('/') => PathBuf::from(dir),
+        Some((_, dir)) => Path::new(dir)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        None => PathBuf::from("outputs"),
+    }
+}
+
 /// `difflab [--preset P]`: the picker, or the dashboard of that run at once.
 pub fn lab(run: RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tui::channel();
@@ -232,7 +267,10 @@ pub fn lab(run: RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
             .map(|n| library.chain(n).map(|c| (c.clone(), c.last().cloned().unwrap_or_else(|| c[0].clone()))))
             .collect();
         let measured = crate::train::throughput::load(&default_cache_dir());
-        App::picker(Picker::new(presets, run.flags.clone()).with_measured(&measured), !ui.no_mouse, ui.ascii)
+        let root = runs_root(&run.flags);
+        let runs = crate::sweep::compare::list_runs(&root, RUN_LIST_LIMIT);
+        let picker = Picker::new(presets, run.flags.clone()).with_measured(&measured).with_runs(root, runs);
+        App::picker(picker, !ui.no_mouse, ui.ascii)
     };
     let (app, code) = tui::run(app, &mut lab, tx, rx)?;
     // after the alternate screen is gone: one line on what happened
@@ -274,17 +312,11 @@ pub fn watch(dir: &Path, ui: UiOptions) -> anyhow::Result<ExitCode> {
         .into());
     }
     let (tx, rx) = tui::channel();
-    spawn_tail(metrics, tx.clone());
-    let title = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-    let mut dash = Dashboard::new(&title);
-    if !remote::is_live(dir) {
-        dash.log_warning(format!(
-            "no trainer is attached to {} now: showing its history; controls will wait for the next session",
-            dir.display()
-        ));
+    let mut lab = Lab { backend: Backend::None, stop: StopSignal::default() };
+    let mut app = App::dashboard(Dashboard::new("run"), Mode::Watching, !ui.no_mouse, ui.ascii);
+    for msg in lab.perform(Command::Watch(dir.to_path_buf()), &tx) {
+        app.update(msg);
     }
-    let app = App::dashboard(dash, Mode::Watching, !ui.no_mouse, ui.ascii);
-    let mut lab = Lab { backend: Backend::Watching(dir.to_path_buf()), stop: StopSignal::default() };
     Ok(tui::run(app, &mut lab, tx, rx)?.1)
 }
 

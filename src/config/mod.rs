@@ -43,6 +43,31 @@ impl RunArgs {
             .collect::<Result<_, ConfigError>>()?;
         resolve(&chain, &flags)
     }
+
+    /// The arguments that resume the run in `dir` as it was set up: every setting of its
+    /// `train_begin` config, given explicitly (so no preset's default can differ from what it
+    /// trained with), then `resume_from_checkpoint latest`.
+    pub fn resuming(dir: &std::path::Path, config: &serde_json::Map<String, serde_json::Value>) -> Self {
+        // what names this session, not the run
+        const NOT_CARRIED: [&str; 6] =
+            ["output_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "eval_only", "checkpoint"];
+        let mut flags: Vec<(String, String)> = config
+            .iter()
+            .filter(|(k, _)| keys::find(k).is_some() && !NOT_CARRIED.contains(&k.as_str()))
+            .filter_map(|(k, v)| {
+                let raw = match v {
+                    serde_json::Value::Null => "none".to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Bool(_) | serde_json::Value::Number(_) => v.to_string(),
+                    _ => return None,
+                };
+                Some((k.clone(), raw))
+            })
+            .collect();
+        flags.push(("output_dir".into(), dir.display().to_string()));
+        flags.push(("resume_from_checkpoint".into(), "latest".into()));
+        Self { preset: None, flags }
+    }
 }
 
 /// Everything a run needs, resolved: no key is missing. Field names are the keys of `KEYS`.

@@ -12,7 +12,7 @@ use crate::series::Series;
 use crate::sinks::figures::{self, Extras, Line, XAxis};
 use crate::sinks::metrics::{self, METRICS_FILE};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Run {
     pub dir: PathBuf,
     pub name: String,
@@ -282,4 +282,81 @@ mod tests {
         assert!(t.contains(&format!("{:+.2}", 2.5f64.exp() - 3f64.exp())), "{t}");
         assert_eq!(last_per_step(vec![(1, 1.0), (2, 2.0), (2, 3.0), (1, 4.0)]), vec![(1.0, 4.0), (2.0, 3.0)]);
     }
+}
+
+/// A run found under an outputs folder, as the picker's run list shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PastRun {
+    pub dir: PathBuf,
+    /// The path below the outputs folder: `demo`, `demo-lr-sweep/lr-1e-3`, `study/arm/seed-1`.
+    pub name: String,
+    /// `completed`, `stopped`, `diverged`, ... or `running` (a trainer holds it now) or
+    /// `interrupted` (no end recorded and no trainer).
+    pub status: String,
+    pub steps: u64,
+    pub max_steps: Option<u64>,
+    pub final_eval_loss: Option<f64>,
+    /// When its metrics were last written, seconds since the Unix epoch.
+    pub modified: f64,
+    /// The newest checkpoint's step, if it has one (what a resume starts from).
+    pub checkpoint: Option<u64>,
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+impl PastRun {
+    /// Resuming makes sense for a run that ended early and has a checkpoint, and no trainer now.
+    pub fn resumable(&self) -> bool {
+        self.checkpoint.is_some() && self.status != "completed" && self.status != "running"
+    }
+}
+
+/// Runs under `root` (up to three folders down: runs, sweep trials, study seeds), newest first,
+/// at most `limit` of them (the newest by modification time are read).
+pub fn list_runs(root: &Path, limit: usize) -> Vec<PastRun> {
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = vec![];
+    let mut stack = vec![(root.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let metrics = dir.join(METRICS_FILE);
+        if let Ok(meta) = std::fs::metadata(&metrics) {
+            found.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), dir));
+            continue;
+        }
+        if depth < 3 {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            // checkpoints and TensorBoard folders hold no runs
+            stack.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .filter(|p| p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with("checkpoint-")))
+                    .map(|p| (p, depth + 1)),
+            );
+        }
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    found
+        .into_iter()
+        .take(limit)
+        .filter_map(|(modified, dir)| {
+            let run = load(&dir).ok()?;
+            let live = crate::train::remote::is_live(&dir);
+            let status = match (&run.status, live) {
+                (_, true) => "running".to_string(),
+                (Some(s), false) => s.clone(),
+                (None, false) => "interrupted".to_string(),
+            };
+            Some(PastRun {
+                name: dir.strip_prefix(root).map(|p| p.display().to_string()).unwrap_or_else(|_| run.name.clone()),
+                status,
+                steps: run.steps,
+                max_steps: run.config.get("max_steps").and_then(|v| v.as_u64()),
+                final_eval_loss: run.final_eval_loss,
+                modified: modified.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+                checkpoint: crate::train::checkpoint::list(&dir).last().map(|c| c.0),
+                config: run.config,
+                dir,
+            })
+        })
+        .collect()
 }

@@ -93,7 +93,8 @@ fn dialog_buttons(app: &App, area: Rect) -> Vec<(Rect, Button, String)> {
 fn bar_buttons(app: &App, d: &Dashboard, area: Rect) -> Vec<(Rect, Button, String)> {
     let a = areas(area);
     let on_off = |b: bool| if b { "on" } else { "off" };
-    let wide = area.width >= 100;
+    // every long label fits from 132 columns (the mouse toggle, last, is dropped first)
+    let wide = area.width >= 132;
     let pause = match (d.paused, wide) {
         (true, _) => "[p] resume",
         (false, true) => "[p] pause",

@@ -48,7 +48,7 @@ pub fn hit(app: &App, area: Rect, col: u16, row: u16) -> Option<Button> {
         return None;
     }
     let buttons = match &app.screen {
-        Screen::Picker(_) => picker::buttons(area),
+        Screen::Picker(p) => picker::buttons(p, area),
         Screen::Dashboard(_) => dashboard::buttons(app, area),
         Screen::Overlay(_) => vec![],
     };

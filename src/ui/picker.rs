@@ -7,7 +7,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Paragraph, Widget, Wrap};
 
 use super::{block, button_row, put};
-use crate::app::picker::Field;
+use crate::app::picker::{Field, Tab};
 use crate::app::{App, Button, Picker};
 use crate::data::TokenizerSpec;
 use crate::sinks::human::si;
@@ -24,31 +24,102 @@ fn areas(area: Rect) -> (Rect, Rect, Rect, Rect) {
     (rows[0], cols[0], cols[1], rows[2])
 }
 
-fn bar(area: Rect) -> Vec<(Rect, Button, String)> {
+fn bar(p: &Picker, area: Rect) -> Vec<(Rect, Button, String)> {
     let (_, _, _, bar) = areas(area);
-    button_row(bar, &[("[enter] start".into(), Button::Start), ("[q] quit".into(), Button::Quit)])
+    let enter = if p.tab == Tab::Runs { "[enter] watch" } else { "[enter] start" };
+    button_row(bar, &[(enter.into(), Button::Start), ("[q] quit".into(), Button::Quit)])
 }
 
 /// Keys without a button, shown after the buttons.
-fn hints(area: Rect, buf: &mut Buffer) {
-    let (_, _, _, bar) = areas(area);
-    let used: u16 =
-        super::button_row(bar, &[("[enter] start".into(), Button::Start), ("[q] quit".into(), Button::Quit)])
-            .iter()
-            .map(|(r, _, _)| r.width + 1)
-            .sum();
+fn hints(p: &Picker, area: Rect, buf: &mut Buffer) {
+    let (_, _, _, bar_area) = areas(area);
+    let used: u16 = bar(p, area).iter().map(|(r, _, _)| r.width + 1).sum();
+    let text = match p.tab {
+        Tab::Presets => "tab runs | l LR | s steps | o output | r seed".to_string(),
+        Tab::Runs => format!("r resume | space mark | c compare ({}) | tab presets", p.marked.len()),
+    };
     put(
         buf,
-        bar.x + used + 1,
-        bar.y,
-        "up/down select | l LR | s steps | o output | r seed",
-        bar.width.saturating_sub(used + 1) as usize,
+        bar_area.x + used + 1,
+        bar_area.y,
+        text,
+        bar_area.width.saturating_sub(used + 1) as usize,
         Style::default().fg(Color::DarkGray),
     );
 }
 
-pub fn buttons(area: Rect) -> Vec<(Rect, Button)> {
-    bar(area).into_iter().map(|(r, b, _)| (r, b)).collect()
+pub fn buttons(p: &Picker, area: Rect) -> Vec<(Rect, Button)> {
+    bar(p, area).into_iter().map(|(r, b, _)| (r, b)).collect()
+}
+
+/// `12-03 14:05` (UTC) from Unix seconds.
+fn when(t: f64) -> String {
+    let stamp = crate::events::utc_stamp(t); // 2026-12-03_14-05-09
+    format!("{} {}", stamp.get(5..10).unwrap_or(""), stamp.get(11..16).unwrap_or("").replace('-', ":"))
+}
+
+/// The runs tab: one row per run under the outputs folder, newest first, then the selected
+/// run's folder and what can be done with it.
+fn render_runs(p: &Picker, app: &App, area: Rect, buf: &mut Buffer) {
+    let (_, list, detail, _) = areas(area);
+    let table = Rect { x: list.x, y: list.y, width: list.width + detail.width, height: list.height };
+    let frame = block(format!(" runs under {} ", p.runs_root.display()), Color::Cyan, app.ascii);
+    let inner = frame.inner(table);
+    frame.render(table, buf);
+    let dim = Style::default().fg(Color::DarkGray);
+    if p.runs.is_empty() {
+        let text = format!("no runs under {} yet: start one from the presets tab (tab)", p.runs_root.display());
+        Paragraph::new(text).style(dim).wrap(Wrap { trim: true }).render(inner, buf);
+        return;
+    }
+    let w = inner.width as usize;
+    let name_w = w.saturating_sub(2 + 12 + 13 + 10 + 12 + 4).clamp(8, 48);
+    let head =
+        format!("  {:<name_w$} {:<12} {:>13} {:>10} {:>12}", "run", "status", "steps", "eval loss", "when (UTC)");
+    put(buf, inner.x, inner.y, &head, w, Style::default().fg(Color::Gray).add_modifier(Modifier::BOLD));
+    // room for the rows, and three lines below them for the selected run
+    let rows = (inner.height as usize).saturating_sub(4);
+    let first = p.run_selected.saturating_sub(rows.saturating_sub(1));
+    for (i, r) in p.runs.iter().enumerate().skip(first).take(rows) {
+        let selected = i == p.run_selected;
+        let mark = if p.marked.contains(&i) { "*" } else { " " };
+        let cursor = if selected { ">" } else { " " };
+        let steps = match r.max_steps {
+            Some(m) => format!("{}/{m}", r.steps),
+            None => r.steps.to_string(),
+        };
+        let eval = r.final_eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
+        let mut name = r.name.clone();
+        if name.chars().count() > name_w {
+            // the end of a long path says most: `.../lr-1e-3`
+            name = format!(
+                "..{}",
+                name.chars().rev().take(name_w - 2).collect::<Vec<_>>().into_iter().rev().collect::<String>()
+            );
+        }
+        let line =
+            format!("{cursor}{mark}{name:<name_w$} {:<12} {steps:>13} {eval:>10} {:>12}", r.status, when(r.modified));
+        let style = match (selected, r.status.as_str()) {
+            (true, _) => Style::default().fg(Color::Black).bg(Color::Cyan),
+            (false, "diverged" | "failed") => Style::default().fg(Color::Red),
+            (false, "running") => Style::default().fg(Color::Green),
+            (false, "interrupted" | "stopped") => Style::default().fg(Color::Yellow),
+            _ => Style::default(),
+        };
+        put(buf, inner.x, inner.y + 1 + (i - first) as u16, &line, w, style);
+    }
+    let y = inner.y + inner.height.saturating_sub(2);
+    if let Some(r) = p.current_run() {
+        let resume = match (r.resumable(), r.checkpoint) {
+            (true, Some(c)) => format!("r resumes from checkpoint-{c}"),
+            (false, Some(c)) => format!("checkpoint-{c}"),
+            (_, None) => "no checkpoint".into(),
+        };
+        put(buf, inner.x, y, format!("{} | {resume}", r.dir.display()), w, dim);
+    }
+    if let Some(err) = &p.error {
+        put(buf, inner.x, y + 1, err, w, Style::default().fg(Color::Red));
+    }
 }
 
 fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
@@ -165,11 +236,29 @@ fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
 
 pub fn render(p: &Picker, app: &App, area: Rect, buf: &mut Buffer) {
     let (header, list, detail, _) = areas(area);
+    let tab = |t: Tab, label: &str| {
+        if p.tab == t {
+            Span::styled(format!(" {label} "), Style::default().fg(Color::Black).bg(Color::Gray))
+        } else {
+            Span::styled(format!(" {label} "), Style::default().fg(Color::DarkGray))
+        }
+    };
     Paragraph::new(Line::from(vec![
         Span::styled(" difflab ", Style::default().add_modifier(Modifier::BOLD).fg(Color::Black).bg(Color::Cyan)),
-        Span::raw("  choose a preset  (up/down, enter to start)"),
+        Span::raw(" "),
+        tab(Tab::Presets, "presets"),
+        tab(Tab::Runs, &format!("runs ({})", p.runs.len())),
+        Span::styled("  tab switches", Style::default().fg(Color::DarkGray)),
     ]))
     .render(header, buf);
+    if p.tab == Tab::Runs {
+        render_runs(p, app, area, buf);
+        for (rect, _, label) in bar(p, area) {
+            put(buf, rect.x, rect.y, &label, rect.width as usize, Style::default().fg(Color::Black).bg(Color::Gray));
+        }
+        hints(p, area, buf);
+        return;
+    }
     let frame = block(" presets ", Color::Cyan, app.ascii);
     let inner = frame.inner(list);
     frame.render(list, buf);
@@ -196,10 +285,10 @@ pub fn render(p: &Picker, app: &App, area: Rect, buf: &mut Buffer) {
         .wrap(Wrap { trim: false })
         .block(block(name, Color::Cyan, app.ascii))
         .render(detail, buf);
-    for (rect, _, label) in bar(area) {
+    for (rect, _, label) in bar(p, area) {
         put(buf, rect.x, rect.y, &label, rect.width as usize, Style::default().fg(Color::Black).bg(Color::Gray));
     }
-    hints(area, buf);
+    hints(p, area, buf);
 }
 
 /// Beside the step limit: the epochs it trains for when no step limit is set (a step limit
