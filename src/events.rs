@@ -242,6 +242,9 @@ pub struct CheckpointRecord {
     /// Checkpoints deleted by `save_total_limit`.
     #[serde(default)]
     pub deleted: Vec<String>,
+    /// Seconds the save took (written, synced and renamed into place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -454,3 +454,51 @@ fn a_trainer_panic_exits_1() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("the trainer panicked") && stderr.contains("injected at step 1"), "{stderr}");
 }
+
+/// Micro-batches run side by side (a single-threaded worker each, their gradient sums added
+/// at the end) train as one after another does: the same losses and weights within float
+/// rounding, and `bench` says which path it took.
+#[test]
+fn micro_batches_side_by_side_train_as_one_after_another() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let run = |threads: &str, out: &std::path::Path| {
+        let mut flags = tiny_flags(&corpus, out);
+        flags.extend(
+            ["--max_steps", "12", "--eval_steps", "6", "--save_steps", "0", "--batch_size", "8"].map(String::from),
+        );
+        let o = difflab(home.path()).env("RAYON_NUM_THREADS", threads).arg("train").args(&flags).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        json_lines(&text)
+            .into_iter()
+            .filter_map(|m| m["loss"].as_f64().or(m["eval_loss"].as_f64()).map(|l| (m["step"].as_u64().unwrap(), l)))
+            .collect::<Vec<_>>()
+    };
+    let (one, two) = (run("1", &home.path().join("one")), run("2", &home.path().join("two")));
+    assert_eq!(one.len(), two.len());
+    assert!(one.len() >= 14, "{one:?}");
+    for ((sa, la), (sb, lb)) in one.iter().zip(&two) {
+        assert_eq!(sa, sb);
+        assert!((la - lb).abs() <= 1e-5 * la.abs(), "step {sa}: {la} one at a time vs {lb} side by side");
+    }
+    let a =
+        candle_core::safetensors::load(home.path().join("one/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let b =
+        candle_core::safetensors::load(home.path().join("two/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for (name, x) in &a {
+        let diff = (x - &b[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-5, "{name}: max |diff| {diff}");
+    }
+    let bench = |threads: &str| {
+        let o = difflab(home.path())
+            .env("RAYON_NUM_THREADS", threads)
+            .args(["bench", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32"])
+            .args(["--vocab_size", "64", "--micro_batch_size", "2", "--batch_size", "8", "--steps", "4"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["micro_batches_side_by_side"].as_u64()
+    };
+    assert_eq!((bench("1"), bench("2")), (Some(1), Some(2)));
+}

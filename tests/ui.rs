@@ -100,6 +100,7 @@ fn dashboard(research: bool) -> App {
                 path: format!("outputs/sanity/checkpoint-{step}"),
                 reason: CheckpointReason::SaveSteps,
                 deleted: vec![],
+                seconds: None,
             }));
         }
         if step == 150 {

@@ -17,7 +17,7 @@ use crate::model::params::init_weights;
 use crate::model::Trainable;
 use crate::optim::{self, AdamW, AdamWConfig, LrSchedule, ScheduleKind};
 use crate::train::run::placement;
-use crate::train::step::{forward_backward, Accumulated, MicroBatch};
+use crate::train::step::{forward_backward_all, side_by_side, Accumulated, MicroBatch};
 use crate::train::{device, TrainError};
 
 /// `(flag, default, help)`, as bench_train.py spells them.
@@ -186,27 +186,34 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
         let t = Instant::now();
         let mut acc = Accumulated::default();
         let mut loss_sum = 0.0;
-        let mut dropout_rng = crate::model::dropout::Dropout::new(dropout, seed ^ step as u64);
-        for _ in 0..accum {
-            let seq: Vec<u32> = (0..mb * (block + 1)).map(|_| rng.random_range(0..vocab as u32)).collect();
-            let seq = Tensor::from_vec(seq, (mb, block + 1), &dev)?;
-            let (x, y) = (seq.narrow(1, 0, block)?, seq.narrow(1, 1, block)?);
-            let d = dropout_rng.is_active().then_some(&mut dropout_rng);
-            let t0 = Instant::now();
-            let out = forward_backward(
-                engine,
-                &model,
-                &MicroBatch { ids: &x, targets: Some(&y) },
-                1.0 / accum as f64,
-                d,
-                ckpt,
-                &mut acc,
-            )?;
-            dev.synchronize()?;
-            loss_sum += out.loss;
-            if step >= untimed {
-                t_fwd_bwd += t0.elapsed().as_secs_f64();
-            }
+        let seqs: Vec<(Tensor, Tensor)> = (0..accum)
+            .map(|_| {
+                let seq: Vec<u32> = (0..mb * (block + 1)).map(|_| rng.random_range(0..vocab as u32)).collect();
+                let seq = Tensor::from_vec(seq, (mb, block + 1), &dev)?;
+                Ok((seq.narrow(1, 0, block)?, seq.narrow(1, 1, block)?))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let batches: Vec<MicroBatch> = seqs.iter().map(|(x, y)| MicroBatch { ids: x, targets: Some(y) }).collect();
+        let dropout_for = |k: usize| {
+            let d =
+                crate::model::dropout::Dropout::new(dropout, seed ^ step as u64 ^ (k as u64).wrapping_mul(0x9E37_79B9));
+            d.is_active().then_some(d)
+        };
+        let t0 = Instant::now();
+        let outs = forward_backward_all(
+            engine,
+            &model,
+            &batches,
+            1.0 / accum as f64,
+            &dropout_for,
+            ckpt,
+            &mut acc,
+            &mut || {},
+        )?;
+        dev.synchronize()?;
+        loss_sum += outs.iter().map(|o| o.loss).sum::<f64>();
+        if step >= untimed {
+            t_fwd_bwd += t0.elapsed().as_secs_f64();
         }
         let t0 = Instant::now();
         let grads = acc.into_grads(&cfg)?;
@@ -232,18 +239,18 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
     let (_, peak_rss) = device::rss_mib();
     // evaluation: forward only, on a graph-free model
     let eval_model = model.detached()?;
-    let eval_ids = Tensor::from_vec(
-        (0..mb * block).map(|_| rng.random_range(0..vocab as u32)).collect::<Vec<_>>(),
-        (mb, block),
-        &dev,
-    )?;
+    // as the trainer evaluates: batches of micro_batch_size blocks (side by side on the CPU),
+    // here 4 per thread of random tokens, the loss summed in block order
+    let eval_blocks = 4 * mb * rayon::current_num_threads();
+    let eval_stream = crate::data::TokenStream::from_vec(
+        (0..eval_blocks * block).map(|_| rng.random_range(0..vocab as u32)).collect::<Vec<_>>(),
+    );
     let eval_start = Instant::now();
     let eval_reps = 3;
     for _ in 0..eval_reps {
-        let (hidden, _) = eval_model.forward_hidden(&eval_ids, None)?;
-        eval_model.next_token_loss(&hidden, &eval_ids)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        crate::train::step::evaluate(&eval_model, &eval_stream, block, mb, None, &dev)?;
     }
-    let eval_tps = (eval_reps * mb * block) as f64 / eval_start.elapsed().as_secs_f64();
+    let eval_tps = (eval_reps * eval_blocks * block) as f64 / eval_start.elapsed().as_secs_f64();
     let per_step = |t: f64| 1000.0 * t / timed_steps as f64;
     Ok(json!({
         "config": {
@@ -255,6 +262,8 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
         },
         "n_params": cfg.num_parameters(),
         "threads": rayon::current_num_threads(),
+        // micro-batches run side by side, one per single-threaded worker (1: one at a time)
+        "micro_batches_side_by_side": side_by_side(engine, &cfg, (mb, block), ckpt).min(accum),
         "tokens_per_second": tps,
         "timed_seconds": timed,
         "step_ms_median": 1000.0 * sorted[sorted.len() / 2],

@@ -110,6 +110,13 @@ impl HostGrads {
             .chain([g.ln_f_w.as_mut_slice(), g.ln_f_b.as_mut_slice()])
     }
 
+    /// Adds another worker's sums into these (the same model: the same buffers in the same order).
+    pub fn add(&mut self, mut other: HostGrads) {
+        for (acc, x) in self.buffers_mut().zip(other.buffers_mut()) {
+            crate::engine::cpu::kernels::add_into(acc, x);
+        }
+    }
+
     /// The sums as tensors named and shaped as `param_specs` says.
     pub fn into_tensors(self, cfg: &GptConfig) -> Result<BTreeMap<String, Tensor>> {
         let g = self.0;
@@ -364,7 +371,7 @@ impl Step<'_> {
             .par_chunks_mut(c)
             .zip(rows.par_iter())
             .for_each(|(dst, &r)| dst.copy_from_slice(&hidden[r * c..(r + 1) * c]));
-        let (loss, saved) = head::forward(&picked, self.w.wte, c, &labels).map_err(candle_core::Error::Msg)?;
+        let (loss, saved) = head::forward(&picked, self.w.wte, c, &labels, true).map_err(candle_core::Error::Msg)?;
 
         // ---- backward
         let mut d_picked = vec![0f32; picked.len()];

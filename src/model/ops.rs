@@ -87,7 +87,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 pub fn head_cross_entropy(k: Kernels, hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if k == Kernels::FusedCpu {
         let targets = Arc::new(targets.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?);
-        return hidden.contiguous()?.apply_op2(&wte.contiguous()?, fused::HeadCrossEntropy::new(targets));
+        // without a graph (evaluation) nothing is kept for a backward
+        let for_backward = hidden.track_op() || wte.track_op();
+        return hidden.contiguous()?.apply_op2(&wte.contiguous()?, fused::HeadCrossEntropy::new(targets, for_backward));
     }
     composed_head_cross_entropy(hidden, wte, targets)
 }

@@ -92,7 +92,8 @@ pub fn describe(event: &Event) -> Option<String> {
         ),
         Event::Checkpoint(c) => {
             let deleted = if c.deleted.is_empty() { String::new() } else { format!(" (removed {})", c.deleted.join(", ")) };
-            format!("[save  {:>6}] {} ({}){deleted}", c.step, c.path, c.reason)
+            let took = c.seconds.map(|t| format!(" in {t:.2} s")).unwrap_or_default();
+            format!("[save  {:>6}] {} ({}){took}{deleted}", c.step, c.path, c.reason)
         }
         Event::Control(c) => format!("[control {:>4}] {} from {} (lr x{})", c.step, c.action, c.origin, c.lr_scale),
         Event::Skipped(s) => format!("[skip  {:>6}] {}: no update ({} in a row)", s.step, s.reason, s.consecutive),

@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::checkpoint::{self, Parts, TrainerState};
 use super::controls::{Clock, Controller, StopSignal};
-use super::step::{evaluate_part, forward_backward, Accumulated, EvalPart, MicroBatch};
+use super::step::{evaluate_part, forward_backward_all, Accumulated, EvalPart, MicroBatch};
 use super::{device, emit, Injection, RunSpec, TrainError};
 use crate::config::{Precision, RunConfig};
 use crate::data::{self, Batcher, DataConfig, EpochOrder, PreparedData, Tokenizer, TokenizerSpec};
@@ -205,7 +205,9 @@ fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Run<'a>, TrainErr
     }
 
     fits_in_memory(&cfg.model_config(data.tokenizer.vocab_size()), cfg, &device)?;
+    let load_started = Instant::now();
     let Start { model: model_cfg, weights, resume } = starting_model(cfg, data.tokenizer.vocab_size(), &device)?;
+    let load_seconds = load_started.elapsed().as_secs_f64();
     check_vocab(&data, model_cfg.vocab_size)?;
     // bf16 compute over f32 master weights and optimizer state (CUDA only: checked above)
     let model = Trainable::new(&model_cfg, weights)?.with_dtype(dtype)?.with_engine(engine);
@@ -218,7 +220,11 @@ fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Run<'a>, TrainErr
                 tx,
                 Event::Message {
                     level: Level::Info,
-                    text: format!("resuming from {} at step {}", r.dir.display(), r.state.global_step),
+                    text: format!(
+                        "resuming from {} at step {} (read and checked in {load_seconds:.2} s)",
+                        r.dir.display(),
+                        r.state.global_step
+                    ),
                 },
             );
             if r.state.world_size != 0 && r.state.world_size != world.world_size() {
@@ -362,33 +368,45 @@ fn train_loop(
         let batcher = Batcher { stream: &run.data.train, block_size: cfg.block_size };
         let world = &run.spec.world;
         // this rank's share of the step's micro-batches: every world_size-th, from its rank
-        let mine =
-            blocks.chunks(cfg.micro_batch_size).enumerate().filter(|(i, _)| i % world.world_size() == world.rank());
-        for (i, micro) in mine {
-            if world.is_root() {
+        let mine: Vec<(usize, &[usize])> = blocks
+            .chunks(cfg.micro_batch_size)
+            .enumerate()
+            .filter(|(i, _)| i % world.world_size() == world.rank())
+            .collect();
+        let ids: Vec<Tensor> =
+            mine.iter().map(|(_, micro)| batcher.batch(micro, &run.device)).collect::<Result<_, _>>()?;
+        let batches: Vec<MicroBatch> = ids.iter().map(|ids| MicroBatch { ids, targets: None }).collect();
+        // a mask stream per micro-batch, so that a share of them on each of several processes
+        // draws the masks one process would
+        let dropout_for = |k: usize| {
+            let i = mine[k].0 as u64;
+            let d = Dropout::new(
+                cfg.dropout as f32,
+                cfg.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03),
+            );
+            d.is_active().then_some(d)
+        };
+        // controls are polled between micro-batches (or groups of them run side by side)
+        let is_root = world.is_root();
+        let mut between = || {
+            if is_root {
                 ctl.poll(step, emit_ev);
                 while ctl.paused {
                     ctl.wait(step, &mut s.clock, emit_ev);
                 }
             }
-            let ids = batcher.batch(micro, &run.device)?;
-            // a mask stream per micro-batch, so that a share of them on each of several
-            // processes draws the masks one process would
-            let mut dropout = Dropout::new(
-                cfg.dropout as f32,
-                cfg.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
-            );
-            let d = if dropout.is_active() { Some(&mut dropout) } else { None };
-            let batch = MicroBatch { ids: &ids, targets: None };
-            let out = forward_backward(
-                run.engine,
-                &run.model,
-                &batch,
-                1.0 / accumulation as f64,
-                d,
-                cfg.gradient_checkpointing,
-                &mut acc,
-            )?;
+        };
+        let outs = forward_backward_all(
+            run.engine,
+            &run.model,
+            &batches,
+            1.0 / accumulation as f64,
+            &dropout_for,
+            cfg.gradient_checkpointing,
+            &mut acc,
+            &mut between,
+        )?;
+        for out in outs {
             step_loss += out.loss / accumulation as f64;
             if let Some(norms) = out.diff_norms {
                 diff_norms.get_or_insert_with(Vec::new).extend(norms);
@@ -752,9 +770,11 @@ fn save_checkpoint(
     if best_now {
         state.best_model_checkpoint = Some(checkpoint::checkpoint_dir(&run.out_dir, step).display().to_string());
     }
+    let started = Instant::now();
     let weights = run.model.weights();
     let owned = parts(run, &weights)?;
     let path = checkpoint::save(&run.out_dir, &owned.as_parts())?;
+    let seconds = Some(started.elapsed().as_secs_f64());
     let keep = run.state.best_model_checkpoint.as_ref().and_then(|p| p.rsplit('-').next()?.parse().ok());
     let deleted = checkpoint::rotate(&run.out_dir, run.spec.config.save_total_limit, keep);
     *last_saved = Some(step);
@@ -763,6 +783,7 @@ fn save_checkpoint(
         path: path.display().to_string(),
         reason,
         deleted: deleted.iter().map(|p| p.display().to_string()).collect(),
+        seconds,
     }));
     Ok(())
 }

@@ -67,6 +67,138 @@ impl Accumulated {
     }
 }
 
+/// Single-threaded workers that run whole micro-batches side by side (see `forward_backward_all`),
+/// one per thread of the global pool, made once.
+fn workers() -> &'static [rayon::ThreadPool] {
+    static WORKERS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    WORKERS.get_or_init(|| {
+        (0..rayon::current_num_threads())
+            .filter_map(|i| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(move |_| format!("difflab-micro-{i}"))
+                    .build()
+                    .ok()
+            })
+            .collect()
+    })
+}
+
+/// Extra memory a second side-by-side worker may take (its gradient sums and one
+/// micro-batch's activations) for `forward_backward_all` to use it.
+const WORKER_MEMORY_LIMIT: u64 = 256 << 20;
+
+/// How many micro-batches `forward_backward_all` runs side by side for this model and
+/// micro-batch shape on `engine`: one per thread when the written-out CPU step runs small
+/// matrices (a worker's extra memory within `WORKER_MEMORY_LIMIT`), else 1.
+pub fn side_by_side(
+    engine: Engine,
+    cfg: &crate::model::GptConfig,
+    micro: (usize, usize),
+    checkpointing: bool,
+) -> usize {
+    let params = cfg.num_parameters() as u64;
+    let extra = 4 * params + cfg.training_bytes(micro.0, micro.1, checkpointing).saturating_sub(16 * params);
+    if engine == Engine::CpuStep && extra <= WORKER_MEMORY_LIMIT {
+        workers().len().clamp(1, max_workers())
+    } else {
+        1
+    }
+}
+
+/// `DIFFLAB_MICRO_WORKERS=N` caps the micro-batches run side by side (1: one at a time, each
+/// split across all threads, as before; for comparing the two).
+fn max_workers() -> usize {
+    std::env::var("DIFFLAB_MICRO_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(usize::MAX)
+}
+
+/// Forward and backward of the micro-batches in `batches`, gradients of `loss * scale` added
+/// into `acc`, in groups of `side_by_side(..)`: micro-batch `i` of a group runs on worker `i`
+/// with single-threaded kernels, each worker sums its own gradients, and the sums are added
+/// in worker order at the end (so a run's numbers do not depend on timing). At the small
+/// matrices of the sanity shapes, splitting every matmul across two cores costs more than it
+/// gains; a core per micro-batch keeps both busy. `between` runs before each group (the
+/// trainer polls its controls there). One group of one is `forward_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_all(
+    engine: Engine,
+    model: &Trainable,
+    batches: &[MicroBatch],
+    scale: f64,
+    dropout_seeds: &dyn Fn(usize) -> Option<Dropout>,
+    checkpointing: bool,
+    acc: &mut Accumulated,
+    between: &mut dyn FnMut(),
+) -> Result<Vec<MicroStep>> {
+    let Some(first) = batches.first() else { return Ok(vec![]) };
+    let micro = first.ids.dims2()?;
+    let width = side_by_side(engine, model.gpt.config(), micro, checkpointing).min(batches.len());
+    let mut steps = Vec::with_capacity(batches.len());
+    if width <= 1 {
+        for (i, batch) in batches.iter().enumerate() {
+            between();
+            let mut dropout = dropout_seeds(i);
+            steps.push(forward_backward(engine, model, batch, scale, dropout.as_mut(), checkpointing, acc)?);
+        }
+        return Ok(steps);
+    }
+    if dropout_seeds(0).is_some_and(|d| d.is_active()) {
+        candle_core::bail!("the cpu-step engine has no dropout; a run with dropout takes cpu-autograd")
+    }
+    let cfg = model.gpt.config();
+    let mut parts: Vec<Option<cpu_step::HostGrads>> = (0..width).map(|_| None).collect();
+    if let Accumulated::Host(h) = std::mem::take(acc) {
+        parts[0] = Some(h);
+    }
+    for group in batches.chunks(width) {
+        between();
+        let outs: Vec<Result<cpu_step::Outcome>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = group
+                .iter()
+                .zip(parts.iter_mut())
+                .zip(workers())
+                .map(|((batch, part), pool)| {
+                    scope.spawn(move || {
+                        pool.install(|| {
+                            cpu_step::forward_backward(
+                                cfg,
+                                &model.vars,
+                                batch.ids,
+                                batch.targets,
+                                scale,
+                                checkpointing,
+                                part,
+                            )
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a micro-batch worker panicked".into())))
+                })
+                .collect()
+        });
+        for out in outs {
+            let out = out?;
+            steps.push(MicroStep { loss: out.loss, diff_norms: out.diff_norms });
+        }
+    }
+    let mut parts = parts.into_iter().flatten();
+    if let Some(mut sum) = parts.next() {
+        for p in parts {
+            sum.add(p);
+        }
+        *acc = Accumulated::Host(sum);
+    }
+    Ok(steps)
+}
+
 /// A micro-batch: token ids `(B, T)`, and explicit targets `(B, T)` or none (then each block
 /// is its own label, shifted inside the loss, as HF: `T - 1` predictions per block).
 pub struct MicroBatch<'a> {
@@ -229,17 +361,46 @@ pub fn evaluate_part(
 ) -> Result<EvalPart> {
     let blocks = max_blocks.map_or(stream.num_blocks(block_size), |m| m.min(stream.num_blocks(block_size)));
     let batcher = Batcher { stream, block_size };
-    let mut part = EvalPart { loss_sum: 0.0, blocks: 0 };
-    for (index, start) in (0..blocks).step_by(batch.max(1)).enumerate() {
-        if index % world != rank {
-            continue;
-        }
-        let n = batch.min(blocks - start);
+    let mine: Vec<(usize, usize)> = (0..blocks)
+        .step_by(batch.max(1))
+        .enumerate()
+        .filter(|(index, _)| index % world == rank)
+        .map(|(_, start)| (start, batch.min(blocks - start)))
+        .collect();
+    let score = |(start, n): (usize, usize)| -> Result<f64> {
         let ids = batcher.sequential(start, n, device)?;
         let (hidden, _) = gpt.forward_hidden(&ids, None)?;
-        let loss = gpt.next_token_loss(&hidden, &ids)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        part.loss_sum += loss * n as f64;
-        part.blocks += n as u64;
+        Ok(gpt.next_token_loss(&hidden, &ids)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64)
+    };
+    // on the CPU, batches side by side on single-threaded workers, as in training (the forward
+    // keeps no activations, so a worker costs one batch's working memory)
+    let width = if device.is_cpu() { workers().len().clamp(1, max_workers()) } else { 1 };
+    let mut part = EvalPart { loss_sum: 0.0, blocks: 0 };
+    for group in mine.chunks(width) {
+        let sums: Vec<Result<f64>> = if group.len() == 1 {
+            vec![score(group[0])]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = group
+                    .iter()
+                    .zip(workers())
+                    .map(|(b, pool)| {
+                        let score = &score;
+                        scope.spawn(move || pool.install(|| score(*b)))
+                    })
+                    .collect();
+                handles.into_iter().map(join_worker).collect()
+            })
+        };
+        // summed in batch order, whatever finished first
+        for (sum, (_, n)) in sums.into_iter().zip(group) {
+            part.loss_sum += sum?;
+            part.blocks += *n as u64;
+        }
     }
     Ok(part)
+}
+
+fn join_worker<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+    handle.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a worker thread panicked".into())))
 }

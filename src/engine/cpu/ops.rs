@@ -244,12 +244,14 @@ impl CustomOp1 for ColumnSum {
 /// -> scalar loss, without keeping `(N, V)` logits around more than `head` allows.
 pub struct HeadCrossEntropy {
     pub targets: Arc<Vec<u32>>,
+    /// False for a forward without a graph (evaluation): the softmax is not kept.
+    for_backward: bool,
     saved: Mutex<Option<head::Saved>>,
 }
 
 impl HeadCrossEntropy {
-    pub fn new(targets: Arc<Vec<u32>>) -> Self {
-        Self { targets, saved: Mutex::new(None) }
+    pub fn new(targets: Arc<Vec<u32>>, for_backward: bool) -> Self {
+        Self { targets, for_backward, saved: Mutex::new(None) }
     }
 }
 
@@ -268,8 +270,11 @@ impl CustomOp2 for HeadCrossEntropy {
         if *l2.dims().last().unwrap_or(&0) != c {
             candle_core::bail!("head cross-entropy: hidden {:?}, wte {:?}", l1.dims(), l2.dims())
         }
-        let (loss, saved) = head::forward(h, w, c, &self.targets).map_err(candle_core::Error::Msg)?;
-        *self.saved.lock().map_err(poisoned)? = Some(saved);
+        let (loss, saved) =
+            head::forward(h, w, c, &self.targets, self.for_backward).map_err(candle_core::Error::Msg)?;
+        if self.for_backward {
+            *self.saved.lock().map_err(poisoned)? = Some(saved);
+        }
         out(vec![loss], &Shape::from(()))
     }
 
