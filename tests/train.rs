@@ -431,11 +431,13 @@ fn ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_a_second_exits_at_once(
 fn the_run_names_its_engine() {
     let home = tempfile::tempdir().unwrap();
     let corpus = tiny_corpus(home.path());
-    for (dropout, engine) in [("0.0", "cpu-step"), ("0.1", "cpu-autograd")] {
+    // two threads, two micro-batches a step: the written-out step runs them side by side
+    for (dropout, engine) in [("0.0", "cpu-step, 2 micro-batches side by side"), ("0.1", "cpu-autograd")] {
         let out = home.path().join(format!("run-{dropout}"));
         let flags = flags_with(&tiny_flags(&corpus, &out), &["--max_steps", "2", "--dropout", dropout]);
-        let (code, stdout, stderr) = run_cli(home.path(), &flags);
-        assert_eq!(code, 0, "{stderr}");
+        let o = difflab(home.path()).env("RAYON_NUM_THREADS", "2").arg("train").args(&flags).output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.status.code(), Some(0), "{stderr}");
         let begin = json_lines(&stdout).into_iter().find(|m| m["event"] == "train_begin").unwrap();
         assert_eq!(begin["engine"], engine, "dropout {dropout}");
         assert!(stderr.contains(&format!("engine {engine}")), "the start line names the engine: {stderr}");

@@ -261,7 +261,21 @@ fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Run<'a>, TrainErr
             preset: spec.preset.clone(),
             num_parameters: model_cfg.num_parameters(),
             device: device::describe(&device),
-            engine: engine.as_str().into(),
+            engine: {
+                // micro-batches this process runs side by side (train::step::forward_backward_all)
+                let micro = (cfg.accumulation_steps() / world.world_size()).max(1);
+                let width = super::step::side_by_side(
+                    engine,
+                    &model_cfg,
+                    (cfg.micro_batch_size, block_size),
+                    cfg.gradient_checkpointing,
+                )
+                .min(micro);
+                match width {
+                    1 => engine.as_str().into(),
+                    w => format!("{}, {w} micro-batches side by side", engine.as_str()),
+                }
+            },
             world_size: world.world_size(),
             backend: world.backend().into(),
             variant: model_cfg.variant_name(),
