@@ -9,6 +9,10 @@ fn keep_freed_memory_for_reuse() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        // one arena: a worker thread's arena is a set of 64 MB heaps that glibc shrinks back to
+        // the kernel on free, so the head's 50 MB logits were page-faulted in again every
+        // micro-batch (12% of a sanity-gpt2vocab step in the kernel); the main arena keeps them
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

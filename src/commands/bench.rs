@@ -239,16 +239,23 @@ pub fn run(flags: &[(String, String)]) -> Result<serde_json::Value, BenchError> 
     let (_, peak_rss) = device::rss_mib();
     // evaluation: forward only, on a graph-free model
     let eval_model = model.detached()?;
-    // as the trainer evaluates: batches of micro_batch_size blocks (side by side on the CPU),
+    // as the trainer evaluates: batches of `eval_batch_size` blocks (side by side on the CPU),
     // here 4 per thread of random tokens, the loss summed in block order
-    let eval_blocks = 4 * mb * rayon::current_num_threads();
+    let eval_blocks = 4 * crate::config::eval_batch_size(mb, block) * rayon::current_num_threads();
     let eval_stream = crate::data::TokenStream::from_vec(
         (0..eval_blocks * block).map(|_| rng.random_range(0..vocab as u32)).collect::<Vec<_>>(),
     );
     let eval_start = Instant::now();
     let eval_reps = 3;
     for _ in 0..eval_reps {
-        crate::train::step::evaluate(&eval_model, &eval_stream, block, mb, None, &dev)?;
+        crate::train::step::evaluate(
+            &eval_model,
+            &eval_stream,
+            block,
+            crate::config::eval_batch_size(mb, block),
+            None,
+            &dev,
+        )?;
     }
     let eval_tps = (eval_reps * eval_blocks * block) as f64 / eval_start.elapsed().as_secs_f64();
     let per_step = |t: f64| 1000.0 * t / timed_steps as f64;

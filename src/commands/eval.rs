@@ -126,8 +126,15 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
     );
     let gpt = Trainable::new(&model_cfg, weights)?.detached()?;
     let started = Instant::now();
-    let (loss, predictions) = evaluate(&gpt, &stream, block_size, cfg.micro_batch_size, max, &device)
-        .with_context(|| format!("evaluating {}", dir.display()))?;
+    let (loss, predictions) = evaluate(
+        &gpt,
+        &stream,
+        block_size,
+        crate::config::eval_batch_size(cfg.micro_batch_size, block_size),
+        max,
+        &device,
+    )
+    .with_context(|| format!("evaluating {}", dir.display()))?;
     if predictions == 0 {
         return Err(BadInput(format!(
             "the {} split has fewer than {block_size} tokens: lower --block_size",

@@ -264,6 +264,23 @@ impl RunConfig {
     pub fn accumulation_steps(&self) -> usize {
         self.batch_size / self.micro_batch_size
     }
+
+    /// Blocks per evaluation batch: see `eval_batch_size`.
+    pub fn eval_batch_size(&self) -> usize {
+        eval_batch_size(self.micro_batch_size, self.block_size)
+    }
+}
+
+/// Tokens an evaluation batch grows to: the forward keeps no activations, and each batch
+/// reads (and packs) the whole tied head once, so small batches spend their time there.
+pub const EVAL_BATCH_TOKENS: usize = 2048;
+
+/// Blocks per evaluation batch: whole multiples of the training micro-batch up to
+/// `EVAL_BATCH_TOKENS` tokens (at least one micro-batch). The loss is the same sum over blocks
+/// whatever the batch.
+pub fn eval_batch_size(micro_batch_size: usize, block_size: usize) -> usize {
+    let micro = micro_batch_size.max(1);
+    micro * (EVAL_BATCH_TOKENS / (micro * block_size.max(1))).max(1)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -677,7 +677,7 @@ fn evaluate_now(run: &mut Run, s: &mut Session, step: u64, emit_ev: &mut dyn FnM
     let world = &run.spec.world;
     let shard = (world.rank(), world.world_size());
     let part =
-        evaluate_part(&gpt, &run.data.validation, cfg.block_size, cfg.micro_batch_size, max, &run.device, shard)?;
+        evaluate_part(&gpt, &run.data.validation, cfg.block_size, cfg.eval_batch_size(), max, &run.device, shard)?;
     let mut sums = [part.loss_sum, part.blocks as f64];
     world.all_reduce_sum_f64(&mut sums)?;
     let part = EvalPart { loss_sum: sums[0], blocks: sums[1] as u64 };
