@@ -8,7 +8,8 @@
 #   4. start-up time to the first step (sanity shape, cached data).
 # Needs: cargo build --release; GPT2_TOKENIZER (a GPT-2 tokenizer.json, default
 # ../shared/data/gpt2-tokenizer/tokenizer.json) and WIKI (a folder of WikiText .raw files,
-# default ../shared/data/wikitext-2-raw) for the corpora. ~10 minutes on 2 cores.
+# default ../shared/data/wikitext-2-raw) for the corpora. ~10 minutes on 2 cores;
+# SKIP_TRAINING=1 and SKIP_DATA=1 leave out the first two sections.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/target/release/difflab
@@ -18,12 +19,17 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export DIFFLAB_CACHE="$work/cache"
 
-bench() { "$BIN" bench "$@" | python3 -c '
+cat > "$work/row.py" <<'PY'
 import json, sys
 d = json.load(sys.stdin)
 c = d["config"]
-print(f"| {c[\"n_layer\"]} x {c[\"n_embd\"]} ({d[\"n_params\"]/1e6:.1f}M) | {c[\"block_size\"]} | {d[\"tokens_per_second\"]:,.0f} | {d[\"eval_tokens_per_second\"]:,.0f} | {d[\"peak_rss_mib\"]-d[\"baseline_rss_mib\"]:,.0f} | {d[\"mfu\"]:.2f} | {d[\"micro_batches_side_by_side\"]} |")'; }
+train_mib = d["peak_rss_mib"] - d["baseline_rss_mib"]
+print(f"| {c['n_layer']} x {c['n_embd']} ({d['n_params'] / 1e6:.1f}M) | {c['block_size']} | {d['tokens_per_second']:,.0f} "
+      f"| {d['eval_tokens_per_second']:,.0f} | {train_mib:,.0f} | {d['mfu']:.2f} | {d['micro_batches_side_by_side']} |")
+PY
+bench() { "$BIN" bench "$@" | python3 "$work/row.py"; }
 
+if [ -z "${SKIP_TRAINING:-}" ]; then
 echo "## Training against model size (block 256, micro-batch 1, batch 2, vocabulary 50257)"
 echo "| model | block | train tok/s | eval tok/s | train MiB | MFU | side by side |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
@@ -40,8 +46,8 @@ for t in 128 256 512 1024; do
   bench --n_layer 2 --n_head 2 --n_embd 128 --block_size "$t" $common --steps 8
 done
 
-echo
-echo "## Data preparation (GPT-2 tokenizer; a corpus of WikiText-2 text repeated to size)"
+fi
+
 python3 - "$WIKI" "$work" <<'PY'
 import os, sys
 wiki, work = sys.argv[1], sys.argv[2]
@@ -51,6 +57,10 @@ for mb in (1, 10, 100):
     body = (text * (want // len(text) + 1))[:want]
     open(os.path.join(work, f"corpus-{mb}mb.txt"), "w", encoding="utf-8").write(body)
 PY
+
+if [ -z "${SKIP_DATA:-}" ]; then
+echo
+echo "## Data preparation (GPT-2 tokenizer; a corpus of WikiText-2 text repeated to size)"
 tiny="--tokenizer $TOK --n_layer 1 --n_head 1 --n_embd 16 --block_size 64 --batch_size 1 --micro_batch_size 1
   --max_steps 1 --eval_max_blocks 1 --save_steps 0 --log_tensorboard false --log_figures false --logging_steps 1"
 echo "| corpus | run | wall s | peak RSS MiB |"
@@ -64,20 +74,21 @@ for mb in 1 10 100; do
     echo "| ${mb} MB | $run | $wall | $((kib / 1024)) |"
   done
 done
+fi
 
 echo
 echo "## Checkpoint save and load at the mid shape (12 x 768, block 1024, vocabulary 50257)"
 mid="--dataset $work/corpus-10mb.txt --tokenizer $TOK --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024
   --batch_size 1 --micro_batch_size 1 --eval_max_blocks 1 --log_tensorboard false --log_figures false --logging_steps 1"
 "$BIN" train $mid --max_steps 1 --save_steps 1 --output_dir "$work/mid" > "$work/mid.out"
-"$BIN" train $mid --max_steps 2 --save_steps 1 --output_dir "$work/mid" --resume_from_checkpoint latest > "$work/mid-resume.out"
+"$BIN" train $mid --max_steps 2 --save_steps 1 --output_dir "$work/mid" --resume_from_checkpoint latest > "$work/mid-resume.out" 2>&1
 python3 - "$work/mid.out" "$work/mid-resume.out" "$work/mid" <<'PY'
 import json, os, re, sys
-saves = [json.loads(l) for l in open(sys.argv[1]) if '"event":"checkpoint"' in l]
-resumed = [json.loads(l) for l in open(sys.argv[2]) if "resuming from" in l]
+saves = [json.loads(l) for l in open(os.path.join(sys.argv[3], "metrics.jsonl")) if '"event":"checkpoint"' in l]
+resumed = [l for l in open(sys.argv[2]) if "resuming from" in l]
 size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(sys.argv[3], "checkpoint-1")) for f in fs)
-load = re.search(r"in ([0-9.]+) s", resumed[0]["text"]).group(1)
-print(f"save {saves[-1]['seconds']:.2f} s, load and check {load} s, checkpoint-1 {size / 2**20:,.0f} MiB (weights + AdamW moments)")
+load = re.search(r"checked in ([0-9.]+) s", resumed[0]).group(1)
+print(f"save {saves[0]['seconds']:.2f} s, load and check {load} s, checkpoint-1 {size / 2**20:,.0f} MiB (weights + AdamW moments)")
 PY
 
 echo
