@@ -33,6 +33,18 @@ for dtype in f32 bf16; do
     timeout 180 "$BIN" golden-check --golden "$BUNDLE/golden" --device cuda --dtype "$dtype" | tee "$OUT/golden-$dtype.json" || status=1
 done
 
+# a short real run on the GPU: its progress events must carry the device's memory (gpu_mib)
+echo "== train on cuda (built-in corpus, 20 steps)"
+timeout 120 "$BIN" train --preset demo --device cuda --max_steps 20 --logging_steps 5 --eval_steps 20 \
+    --output_dir "$OUT/train-cuda" > "$OUT/train-cuda.jsonl" 2> "$OUT/train-cuda.err" || status=1
+python3 - "$OUT/train-cuda.jsonl" <<'PY' | tee -a "$OUT/summary.txt" || status=1
+import json, sys
+p = [json.loads(l) for l in open(sys.argv[1]) if '"event":"progress"' in l]
+mib = [x.get("gpu_mib") for x in p]
+print(f"train on cuda: {len(p)} progress events, gpu_mib {mib}")
+sys.exit(0 if p and all(isinstance(m, (int, float)) and m > 0 for m in mib) else 1)
+PY
+
 MID="--n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50257 --micro_batch_size 4 --batch_size 8 --steps $STEPS --warmup_steps 3 --rope true --device cuda"
 for dtype in f32 bf16; do
     for research in false true; do

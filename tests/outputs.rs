@@ -64,11 +64,8 @@ fn tensorboard_reads_the_event_files() {
         let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         assert_eq!(summary["points"]["train/loss"], 20, "{name}: every progress marker");
         assert_eq!(summary["points"]["eval/loss"], 2);
-        let layers = if name == "diff" {
-            serde_json::json!(["h.0", "ln_f", "wte"])
-        } else {
-            serde_json::json!(["h.0", "ln_f", "wpe", "wte"])
-        };
+        // RoPE in both (tiny_flags): no wpe
+        let layers = serde_json::json!(["h.0", "ln_f", "wte"]);
         assert_eq!(summary["layers"], layers, "{name}: a grad norm and update ratio per layer");
         assert_eq!(summary["points"]["layers/update_ratio/h.0"], 20, "{name}");
         if name == "diff" {
