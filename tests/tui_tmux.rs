@@ -203,7 +203,7 @@ fn a_sweep_preset_starts_from_the_picker_in_the_sweep_view() {
     );
     let tmux = Tmux { socket: format!("difflab-sweep-test-{}", std::process::id()) };
     tmux.cmd(&["new-session", "-d", "-s", "t", "-x", "120", "-y", "36", &command]);
-    tmux.wait_for("the picker", 60, |s| s.contains("choose a preset") && s.contains("demo-lr-sweep"));
+    tmux.wait_for("the picker", 60, |s| s.contains("runs (") && s.contains("demo-lr-sweep"));
     // demo is selected first; demo-lr-sweep is seven rows below it
     for _ in 0..7 {
         tmux.keys("Down");
