@@ -109,11 +109,15 @@ pub fn side_by_side(
 /// `DIFFLAB_MICRO_WORKERS=N` caps the micro-batches run side by side (1: one at a time, each
 /// split across all threads, as before; for comparing the two).
 fn max_workers() -> usize {
-    std::env::var("DIFFLAB_MICRO_WORKERS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(usize::MAX)
+    // read once: this is asked every step and every evaluation
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("DIFFLAB_MICRO_WORKERS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(usize::MAX)
+    })
 }
 
 /// Forward and backward of the micro-batches in `batches`, gradients of `loss * scale` added
