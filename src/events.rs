@@ -267,8 +267,11 @@ pub struct SkippedRecord {
 pub struct TrainEnd {
     pub step: u64,
     pub epoch: f64,
-    /// Mean training loss over the steps of this session.
+    /// Mean training loss over every step the run applied, whether or not it was resumed
+    /// (`train_loss_steps` of them).
     pub train_loss: Option<f64>,
+    #[serde(default)]
+    pub train_loss_steps: u64,
     pub eval_loss: Option<f64>,
     pub perplexity: Option<f64>,
     /// Training seconds, pauses excluded.
@@ -338,7 +341,18 @@ macro_rules! named {
 
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
+                // pad: honours width and alignment in tables (`{:<10}`)
+                f.pad(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)*
+                    other => Err(format!("{other:?} is not one of {}", [$($text),*].join(", "))),
+                }
             }
         }
 
@@ -364,12 +378,17 @@ named!(
     CheckpointReason { SaveSteps = "save_steps", Control = "control", Final = "final", Stop = "stop" }
 );
 named!(
-    /// How a run ended.
-    RunStatus { Completed = "completed", Stopped = "stopped", Failed = "failed" }
+    /// Where a run stands: how it ended (`train_end` has the first three), what a sweep judged
+    /// it (diverged, stalled, lagging), what a procedure did with it (skipped, reused), or,
+    /// for a run read from its folder, that it is still training or was cut off.
+    RunStatus {
+        Completed = "completed", Stopped = "stopped", Failed = "failed", Diverged = "diverged", Stalled = "stalled",
+        Lagging = "lagging", Skipped = "skipped", Reused = "reused", Running = "running", Interrupted = "interrupted",
+    }
 );
 
 impl Event {
-    /// The stdout markers of DESIGN §4 (the research code's console markers).
+    /// The stdout markers: the research code's console markers.
     pub fn is_marker(&self) -> bool {
         matches!(self, Event::TrainBegin(_) | Event::Progress(_) | Event::Evaluate(_) | Event::TrainEnd(_))
     }

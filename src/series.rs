@@ -114,10 +114,6 @@ impl Series {
         self.buckets.last().map(|b| (b.x_last, b.last))
     }
 
-    pub fn x_range(&self) -> Option<(f64, f64)> {
-        Some((self.buckets.first()?.x_first, self.buckets.last()?.x_last))
-    }
-
     pub fn y_range(&self) -> Option<(f64, f64)> {
         let lo = self.buckets.iter().map(|b| b.min).fold(f64::INFINITY, f64::min);
         let hi = self.buckets.iter().map(|b| b.max).fold(f64::NEG_INFINITY, f64::max);

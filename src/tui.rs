@@ -1,6 +1,6 @@
 //! The terminal: owns it, reads its input, runs the one event loop with its throttled draw,
 //! and restores it on every way out. What the app asks for beyond the screen (start a run,
-//! send a control, stop a sweep) is carried out by a `Session` the caller supplies.
+//! send a control, stop a sweep) is carried out by a `Host` the caller supplies.
 //!
 //! One channel carries everything the UI reacts to: terminal input (from a small input
 //! thread) and the app's messages from the session's threads (trainer events, a sweep's
@@ -57,7 +57,7 @@ impl Input {
 }
 
 /// The application side of the loop.
-pub trait Session {
+pub trait Host {
     /// Carries out a command of the app's other than `Exit` and `SetMouse` (the terminal's
     /// own); what comes of it returns as messages, now or later through `inputs`.
     fn perform(&mut self, command: Command, inputs: &Sender<Input>) -> Vec<Msg>;
@@ -111,7 +111,7 @@ fn set_mouse(on: bool) {
 /// an error; on a panic the hook set here turns mouse capture off and ratatui's restores the rest). Returns the app as it ended.
 pub fn run(
     mut app: App,
-    session: &mut dyn Session,
+    session: &mut dyn Host,
     tx: Sender<Input>,
     rx: Receiver<Input>,
 ) -> anyhow::Result<(App, ExitCode)> {
@@ -134,7 +134,7 @@ pub fn run(
 
 fn event_loop(
     app: &mut App,
-    session: &mut dyn Session,
+    session: &mut dyn Host,
     terminal: &mut ratatui::DefaultTerminal,
     tx: &Sender<Input>,
     rx: &Receiver<Input>,

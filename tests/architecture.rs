@@ -15,7 +15,8 @@ const LAYERS: &[&[&str]] = &[
     &["tui"],
     &["ui"],
     &["app"],
-    &["sweep"],
+    &["research"],
+    &["session"],
     &["sinks"],
     &["train"],
     &["config"],
@@ -31,10 +32,38 @@ fn rank(module: &str) -> Option<usize> {
     LAYERS.iter().position(|layer| layer.contains(&module))
 }
 
-/// The source of a file without its `#[cfg(test)]` module and without comments.
+/// The source of a file without comments and without its test items (`#[cfg(test)] mod tests
+/// { ... }`, cut out by matching braces, so the code after a test module is read too).
 fn code_of(text: &str) -> String {
-    let text = text.split("#[cfg(test)]").next().unwrap_or("");
-    text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n")
+    let uncommented: String = text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+    let mut out = String::new();
+    let mut rest = uncommented.as_str();
+    while let Some(i) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..i]);
+        let item = &rest[i..];
+        // the item ends at the brace that closes its first `{`, or at a `;` before any `{`
+        let end = match (item.find('{'), item.find(';')) {
+            (Some(open), semi) if semi.is_none_or(|s| open < s) => {
+                let mut depth = 0usize;
+                item[open..]
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        depth = match c {
+                            '{' => depth + 1,
+                            '}' => depth - 1,
+                            _ => depth,
+                        };
+                        c == '}' && depth == 0
+                    })
+                    .map_or(item.len(), |(k, _)| open + k + 1)
+            }
+            (_, Some(semi)) => semi + 1,
+            _ => item.len(),
+        };
+        rest = &item[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Every path that follows `prefix` (`crate::` or `super::`): the identifiers joined by `::`,
@@ -226,10 +255,12 @@ fn the_check_catches_a_wrong_import_and_a_file_cycle() {
         std::fs::write(path, text).unwrap();
     };
     write("lib.rs", "pub mod model;\npub mod ui;\n");
-    write("model/mod.rs", "pub mod a;\npub mod b;\n");
+    write("model/mod.rs", "pub mod a;\npub mod b;\npub mod c;\n");
     write("model/a.rs", "use super::b::B;\nuse crate::ui::render; // wrong: model is below ui\n");
     write("model/b.rs", "use crate::model::a::{A, self};\n");
     write("ui/mod.rs", "use crate::model::a::A;\nuse candle_core::Tensor;\n");
+    // code after a test module is read too
+    write("model/c.rs", "#[cfg(test)]\nmod tests {\n    fn f() { if true { } }\n}\n\nuse crate::ui::late;\n");
     let problems = violations(src);
     assert!(problems.iter().any(|p| p.contains("model/a.rs") && p.contains("crate::ui::render")), "{problems:?}");
     assert!(
@@ -239,5 +270,6 @@ fn the_check_catches_a_wrong_import_and_a_file_cycle() {
         "{problems:?}"
     );
     assert!(problems.iter().any(|p| p.contains("`ui` uses candle")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("model/c.rs") && p.contains("crate::ui::late")), "{problems:?}");
     assert!(!problems.iter().any(|p| p.contains("ui/mod.rs: `ui` imports")), "ui may import model: {problems:?}");
 }

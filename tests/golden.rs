@@ -7,12 +7,14 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
+use difflab::dist::World;
 use difflab::model::diagnostics::norm_stats;
 use difflab::model::gpt::next_token_loss;
 use difflab::model::hf::load_pretrained;
 use difflab::model::Trainable;
 use difflab::optim::{grads, AdamW, AdamWConfig};
-use difflab::train::step::{forward_backward, Accumulated, MicroBatch};
+use difflab::train::micro::MicroBatch;
+use difflab::train::step::{gradients, Recipe};
 
 fn reference(variant: &str) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(golden_dir(variant).join("reference.safetensors"), &Device::Cpu).unwrap()
@@ -27,7 +29,7 @@ fn reference_json(variant: &str) -> serde_json::Value {
 fn forward_logits_hidden_and_loss_match() {
     for variant in VARIANTS {
         let (cfg, weights) = load_pretrained(&golden_dir(variant).join("model"), &Device::Cpu).unwrap();
-        let model = Trainable::new(&cfg, weights).unwrap().detached().unwrap();
+        let model = Trainable::on_weights(&cfg, weights).unwrap().detached().unwrap();
         let r = reference(variant);
         let ids = &r["input_ids"];
         let out = model.forward(ids, None).unwrap();
@@ -47,7 +49,7 @@ fn forward_logits_hidden_and_loss_match() {
 fn diff_norms_stats_and_histogram_match() {
     for variant in ["rope0_diff1", "rope1_diff1"] {
         let (cfg, weights) = load_pretrained(&golden_dir(variant).join("model"), &Device::Cpu).unwrap();
-        let model = Trainable::new(&cfg, weights).unwrap().detached().unwrap();
+        let model = Trainable::on_weights(&cfg, weights).unwrap().detached().unwrap();
         let r = reference(variant);
         let out = model.forward(&r["input_ids"], None).unwrap();
         let norms = out.diff_norms.expect("differential variant reports diff norms");
@@ -73,7 +75,7 @@ fn diff_norms_stats_and_histogram_match() {
     }
     // baselines report no diff norms
     let (cfg, weights) = load_pretrained(&golden_dir("rope1_diff0").join("model"), &Device::Cpu).unwrap();
-    let model = Trainable::new(&cfg, weights).unwrap().detached().unwrap();
+    let model = Trainable::on_weights(&cfg, weights).unwrap().detached().unwrap();
     let out = model.forward(&reference("rope1_diff0")["input_ids"], None).unwrap();
     assert!(out.diff_norms.is_none());
 }
@@ -87,20 +89,20 @@ fn train_batch(variant: &str, step: usize) -> (Tensor, Tensor) {
     (batch.narrow(1, 0, t).unwrap(), batch.narrow(1, 1, t).unwrap())
 }
 
-/// The trainer's step (on the CPU: the written-out forward and backward).
+/// The trainer's step (on the CPU in f32: the written-out forward and backward).
 fn step_loss_and_grads(model: &Trainable, x: &Tensor, y: &Tensor) -> (f32, BTreeMap<String, Tensor>) {
-    let mut acc = Accumulated::default();
-    let out = forward_backward(
-        difflab::engine::Engine::CpuStep,
-        model,
-        &MicroBatch { ids: x, targets: Some(y) },
-        1.0,
-        None,
-        false,
-        &mut acc,
-    )
-    .unwrap();
-    (out.loss as f32, acc.into_grads(model.gpt.config()).unwrap())
+    assert_eq!(model.placement().engine, difflab::engine::Engine::CpuStep);
+    let world = World::single();
+    let recipe = Recipe {
+        placement: model.placement(),
+        world: &*world,
+        micro_batches: 1,
+        checkpointing: false,
+        dropout: 0.0,
+        seed: 0,
+    };
+    let g = gradients(model, &recipe, 0, &[(0, MicroBatch { ids: x, targets: Some(y) })], &mut || {}).unwrap();
+    (g.loss as f32, g.grads)
 }
 
 /// candle's autograd through the model's fused ops.
@@ -115,7 +117,7 @@ fn autograd_loss_and_grads(model: &Trainable, x: &Tensor, y: &Tensor) -> (f32, B
 fn gradients_of_step0_match() {
     for variant in VARIANTS {
         let (cfg, weights) = load_pretrained(&golden_dir(variant).join("model"), &Device::Cpu).unwrap();
-        let model = Trainable::new(&cfg, weights).unwrap();
+        let model = Trainable::on_weights(&cfg, weights).unwrap();
         let (x, y) = train_batch(variant, 0);
         let want =
             candle_core::safetensors::load(golden_dir(variant).join("grads_step0.safetensors"), &Device::Cpu).unwrap();
@@ -137,7 +139,7 @@ fn three_adamw_steps_match() {
     for variant in VARIANTS {
         let dir = golden_dir(variant);
         let (cfg, weights) = load_pretrained(&dir.join("model"), &Device::Cpu).unwrap();
-        let model = Trainable::new(&cfg, weights).unwrap();
+        let model = Trainable::on_weights(&cfg, weights).unwrap();
         let log: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("train_log.json")).unwrap()).unwrap();
         let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
@@ -268,7 +270,7 @@ fn golden_check_runs_as_many_steps_as_the_log_lists() {
     let log_path = dst.join("train_log.json");
     let mut log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&log_path).unwrap()).unwrap();
     let (cfg, weights) = load_pretrained(&dst.join("model"), &Device::Cpu).unwrap();
-    let model = Trainable::new(&cfg, weights).unwrap();
+    let model = Trainable::on_weights(&cfg, weights).unwrap();
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2).unwrap();
     let mut entries = vec![];

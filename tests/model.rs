@@ -47,7 +47,7 @@ fn random_ids(b: usize, t: usize, vocab: usize, seed: u64) -> Tensor {
 #[test]
 fn every_parameter_gets_a_finite_nonzero_gradient() {
     for cfg in variants() {
-        let model = Trainable::new(&cfg, init_weights(&cfg, 7, &Device::Cpu).unwrap()).unwrap();
+        let model = Trainable::on_weights(&cfg, init_weights(&cfg, 7, &Device::Cpu).unwrap()).unwrap();
         let ids = random_ids(2, 12, cfg.vocab_size, 1);
         let out = model.gpt.forward(&ids, None).unwrap();
         let loss = next_token_loss(&out.logits, &ids).unwrap();
@@ -87,10 +87,10 @@ fn finite_difference_gradient_check_f64() {
             .collect();
         let ids = random_ids(2, 6, cfg.vocab_size, 5);
         let loss_of = |w: &BTreeMap<String, Tensor>| -> f64 {
-            let m = Trainable::new(&cfg, w.clone()).unwrap().detached().unwrap();
+            let m = Trainable::on_weights(&cfg, w.clone()).unwrap().detached().unwrap();
             next_token_loss(&m.forward(&ids, None).unwrap().logits, &ids).unwrap().to_scalar::<f64>().unwrap()
         };
-        let model = Trainable::new(&cfg, weights.clone()).unwrap();
+        let model = Trainable::on_weights(&cfg, weights.clone()).unwrap();
         let loss = next_token_loss(&model.gpt.forward(&ids, None).unwrap().logits, &ids).unwrap();
         let g = model.named_grads(loss.backward().unwrap());
         let h = 1e-6;
@@ -154,7 +154,7 @@ fn accumulating_k_micro_batches_equals_one_big_batch() {
     let cfg = tiny(true, true);
     let weights = init_weights(&cfg, 9, &Device::Cpu).unwrap();
     let ids = random_ids(4, 10, cfg.vocab_size, 11);
-    let model = Trainable::new(&cfg, weights).unwrap();
+    let model = Trainable::on_weights(&cfg, weights).unwrap();
     let full_loss = next_token_loss(&model.gpt.forward(&ids, None).unwrap().logits, &ids).unwrap();
     let full = model.named_grads(full_loss.backward().unwrap());
     let k = 2;
@@ -172,7 +172,7 @@ fn accumulating_k_micro_batches_equals_one_big_batch() {
 #[test]
 fn weight_decay_touches_only_two_dimensional_parameters() {
     let cfg = tiny(false, false);
-    let model = Trainable::new(&cfg, init_weights(&cfg, 1, &Device::Cpu).unwrap()).unwrap();
+    let model = Trainable::on_weights(&cfg, init_weights(&cfg, 1, &Device::Cpu).unwrap()).unwrap();
     let before = model.weights().into_iter().map(|(k, t)| (k, to_vec(&t))).collect::<BTreeMap<_, _>>();
     let adam = AdamWConfig { weight_decay: 0.1, ..Default::default() };
     let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2).unwrap();
@@ -195,11 +195,11 @@ fn save_then_load_gives_identical_logits_and_the_right_model_type() {
     for cfg in variants() {
         let dir = tempfile::tempdir().unwrap();
         let weights = init_weights(&cfg, 5, &Device::Cpu).unwrap();
-        let model = Trainable::new(&cfg, weights.clone()).unwrap().detached().unwrap();
+        let model = Trainable::on_weights(&cfg, weights.clone()).unwrap().detached().unwrap();
         save_pretrained(dir.path(), &cfg, &weights, None).unwrap();
         let (cfg2, w2) = load_pretrained(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(cfg2, cfg);
-        let reloaded = Trainable::new(&cfg2, w2).unwrap().detached().unwrap();
+        let reloaded = Trainable::on_weights(&cfg2, w2).unwrap().detached().unwrap();
         let ids = random_ids(1, 9, cfg.vocab_size, 2);
         let a = model.forward(&ids, None).unwrap().logits;
         let b = reloaded.forward(&ids, None).unwrap().logits;
@@ -515,7 +515,7 @@ fn the_written_out_cpu_step_equals_autograd() {
     for mut cfg in variants() {
         // not the 1e-5 default, so both paths must read the config's epsilon
         cfg.layer_norm_epsilon = 1e-3;
-        let model = Trainable::new(&cfg, init_weights(&cfg, 21, &Device::Cpu).unwrap()).unwrap();
+        let model = Trainable::on_weights(&cfg, init_weights(&cfg, 21, &Device::Cpu).unwrap()).unwrap();
         let ids = random_ids(3, 12, cfg.vocab_size, 4);
         let (hidden, norms) = model.gpt.forward_hidden(&ids, None).unwrap();
         let loss = model.gpt.next_token_loss(&hidden, &ids).unwrap();
@@ -551,20 +551,29 @@ fn the_written_out_cpu_step_equals_autograd() {
 /// gradients.
 #[test]
 fn autograd_gradient_checkpointing_equals_the_plain_path() {
-    use difflab::model::dropout::Dropout;
-    use difflab::train::step::{forward_backward, Accumulated, MicroBatch};
+    use difflab::dist::World;
+    use difflab::engine::Placement;
+    use difflab::train::micro::MicroBatch;
+    use difflab::train::step::{gradients, Recipe};
+    // the cpu-autograd engine: dropout on the CPU in f32
+    let placement = Placement::new(Device::Cpu, candle_core::DType::F32, 0.1, 1);
+    assert_eq!(placement.engine, Engine::CpuAutograd);
+    let world = World::single();
     for cfg in variants() {
-        let model = Trainable::new(&cfg, init_weights(&cfg, 5, &Device::Cpu).unwrap()).unwrap();
+        let model = Trainable::new(&cfg, init_weights(&cfg, 5, &Device::Cpu).unwrap(), &placement).unwrap();
         let ids = random_ids(2, 12, cfg.vocab_size, 9);
-        let batch = MicroBatch { ids: &ids, targets: None };
+        let batches = [(0, MicroBatch { ids: &ids, targets: None }), (1, MicroBatch { ids: &ids, targets: None })];
         let run = |checkpointing: bool| {
-            let mut dropout = Dropout::new(0.1, 77);
-            // the cpu-autograd engine: dropout on the CPU in f32
-            let mut acc = Accumulated::default();
-            let out =
-                forward_backward(Engine::CpuAutograd, &model, &batch, 0.5, Some(&mut dropout), checkpointing, &mut acc)
-                    .unwrap();
-            (out.loss, acc.into_grads(&cfg).unwrap())
+            let recipe = Recipe {
+                placement: &placement,
+                world: &*world,
+                micro_batches: 2,
+                checkpointing,
+                dropout: 0.1,
+                seed: 77,
+            };
+            let g = gradients(&model, &recipe, 3, &batches, &mut || {}).unwrap();
+            (g.loss, g.grads)
         };
         let (plain_loss, plain) = run(false);
         let (ckpt_loss, ckpt) = run(true);

@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use difflab::commands::cli::{parse, Invocation};
-use difflab::commands::resolve_run;
 use difflab::config::preset::BUILTIN;
 use difflab::config::{resolve, PresetLibrary};
 
@@ -93,7 +92,7 @@ fn the_tutors_commands_resolve_to_the_tutors_values_and_match_the_presets() {
     for (cmd, preset) in TUTOR.iter().zip(["sanity-baseline", "mid-baseline", "full-baseline"]) {
         let args: Vec<&str> = ["difflab", "train"].into_iter().chain(cmd.split(' ')).collect();
         let Invocation::Train(run) = parse(args).unwrap() else { panic!("train") };
-        let r = resolve_run(&run).unwrap();
+        let r = run.resolve().unwrap();
         assert_eq!(r.warnings.len(), 2, "n_later and consine each warn once: {:?}", r.warnings);
         assert!(r.warnings.iter().all(|w| w.lines().count() == 1));
         let c = &r.config;

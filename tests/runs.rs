@@ -6,7 +6,7 @@ mod common;
 use common::{difflab, tiny_corpus, tiny_flags};
 use difflab::app::picker::{Outcome, Tab};
 use difflab::app::{Key, Picker};
-use difflab::sweep::compare::list_runs;
+use difflab::research::runs::list_runs;
 
 fn train(home: &std::path::Path, out: &std::path::Path, extra: &[&str]) {
     let corpus = tiny_corpus(home);
@@ -80,8 +80,9 @@ fn the_run_list_finds_runs_and_resume_watch_and_compare_act_on_them() {
     // r on the interrupted run gives the arguments that resume it: run them as the lab would
     let Outcome::Start(args) = p.on_key(Key::Char('r')) else { panic!("resume: {:?}", p.error) };
     assert!(args.preset.is_none());
+    // the folder and its latest checkpoint: every setting comes from the checkpoint
+    assert_eq!(args.flags.len(), 2, "{:?}", args.flags);
     assert!(args.flags.contains(&("resume_from_checkpoint".into(), "latest".into())));
-    assert!(args.flags.contains(&("learning_rate".into(), "0.001".into())), "{:?}", args.flags);
     let flags: Vec<String> = args.flags.iter().flat_map(|(k, v)| [format!("--{k}"), v.clone()]).collect();
     let o = difflab(home.path()).arg("train").args(&flags).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -91,4 +92,8 @@ fn the_run_list_finds_runs_and_resume_watch_and_compare_act_on_them() {
     assert_eq!((c.status.as_str(), c.steps, c.checkpoint), ("completed", 8, Some(8)), "{stderr}");
     let text = std::fs::read_to_string(cut.join("metrics.jsonl")).unwrap();
     assert!(text.contains("\"start_step\":4"), "resumed from checkpoint-4, not from scratch");
+    // with the run's own learning rate, not the default
+    let resumed = text.lines().rfind(|l| l.contains("\"train_begin\"")).unwrap();
+    let begin: serde_json::Value = serde_json::from_str(resumed).unwrap();
+    assert_eq!(begin["config"]["learning_rate"], 0.001, "{resumed}");
 }

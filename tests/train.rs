@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use difflab::commands::cli::{parse, Invocation};
-use difflab::commands::resolve_run;
 use difflab::events::{Control, ControlMsg, ControlOrigin, Event};
 use difflab::model::hf::load_pretrained;
 use difflab::train::{self, checkpoint, Injection, RunSpec, TrainError};
@@ -25,7 +24,7 @@ fn run_cli(home: &Path, args: &[String]) -> (i32, String, String) {
 fn spec_from(flags: &[String], cache: &Path) -> RunSpec {
     let args: Vec<String> = ["difflab".to_string(), "train".into()].into_iter().chain(flags.iter().cloned()).collect();
     let Invocation::Train(run) = parse(args).unwrap() else { panic!("train") };
-    let resolved = resolve_run(&run).unwrap();
+    let resolved = run.resolve().unwrap();
     RunSpec {
         config: resolved.config,
         preset: None,
@@ -423,6 +422,135 @@ fn ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_a_second_exits_at_once(
         }
         assert_run_dir_consistent(&out);
     }
+}
+
+/// The per-step losses a run's `metrics.jsonl` records, the last value per step (a resumed run
+/// logs some steps twice), and its last `train_end`.
+/// `(step, value)` pairs.
+type Curve = Vec<(u64, f64)>;
+
+fn logged(out: &Path) -> (Curve, Curve, serde_json::Value) {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let (mut loss, mut eval, mut end) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new(), None);
+    for e in json_lines(&text) {
+        let step = e["step"].as_u64().unwrap_or(0);
+        match e["event"].as_str() {
+            Some("progress") => drop(loss.insert(step, e["loss"].as_f64().unwrap())),
+            Some("evaluate") => drop(eval.insert(step, e["eval_loss"].as_f64().unwrap())),
+            Some("train_end") => end = Some(e),
+            _ => {}
+        }
+    }
+    (loss.into_iter().collect(), eval.into_iter().collect(), end.unwrap())
+}
+
+/// A run stopped by SIGTERM after its first checkpoint, resumed with `--resume_from_checkpoint
+/// <the checkpoint the stop wrote>` and nothing else, continues the run as it was set up: its
+/// learning rate, schedule, step limit and folder, and the losses of the unbroken run at every
+/// step (the first marker after the stop averages the same steps), and the same end figures.
+#[cfg(unix)]
+#[test]
+fn a_run_stopped_by_sigterm_resumes_from_its_checkpoint_alone_as_if_unbroken() {
+    use std::io::{BufRead, BufReader};
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    // none of these is a default: a resume that fell back to defaults would show
+    let settings = [
+        "--max_steps",
+        "60",
+        "--logging_steps",
+        "7",
+        "--save_steps",
+        "10",
+        "--eval_steps",
+        "20",
+        "--learning_rate",
+        "2e-3",
+        "--lr_scheduler_type",
+        "linear",
+        "--warmup_steps",
+        "5",
+        // steps of some milliseconds, so the signal lands a step or two after it is sent
+        "--n_embd",
+        "128",
+        "--n_layer",
+        "2",
+        "--block_size",
+        "64",
+        "--batch_size",
+        "8",
+    ];
+    let (unbroken, broken) = (home.path().join("unbroken"), home.path().join("broken"));
+    let o = difflab(home.path())
+        .arg("train")
+        .args(flags_with(&tiny_flags(&corpus, &unbroken), &settings))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut child = Reaped(
+        difflab(home.path())
+            .arg("train")
+            .args(flags_with(&tiny_flags(&corpus, &broken), &settings))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // past the first checkpoint (step 10), then SIGTERM: a stop at the next step boundary
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    while !lines.next().unwrap().unwrap().contains("\"step\":14,") {}
+    std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+    let stopped = json_lines(rest.last().unwrap()).pop().unwrap();
+    assert_eq!(stopped["status"], "stopped", "{stopped}");
+    let at = stopped["step"].as_u64().unwrap();
+    assert!((12..60).contains(&at), "stopped at {at}");
+    let ckpt = broken.join(format!("checkpoint-{at}"));
+    assert!(ckpt.is_dir(), "the stop saved {}", ckpt.display());
+    // the steps since the last marker travel in the checkpoint, so the next marker averages them
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["progress_window"]["steps"].as_u64(), Some(at % 7), "at {at}: {}", state["progress_window"]);
+
+    // resumed with the checkpoint alone, from another working directory's point of view
+    let o =
+        difflab(home.path()).args(["train", "--resume_from_checkpoint", &ckpt.display().to_string()]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains(&format!("resuming the run in {}", broken.display())), "{stderr}");
+    let begin = json_lines(&stdout).into_iter().find(|m| m["event"] == "train_begin").unwrap();
+    assert_eq!(begin["output_dir"], broken.display().to_string());
+    assert_eq!((begin["start_step"].as_u64(), begin["total_steps"].as_u64()), (Some(at), Some(60)));
+    assert_eq!(
+        (begin["config"]["learning_rate"].as_f64(), begin["config"]["lr_scheduler_type"].as_str()),
+        (Some(2e-3), Some("linear"))
+    );
+
+    let (want_loss, want_eval, want_end) = logged(&unbroken);
+    let (got_loss, got_eval, got_end) = logged(&broken);
+    assert_eq!(want_loss.iter().map(|p| p.0).collect::<Vec<_>>(), got_loss.iter().map(|p| p.0).collect::<Vec<_>>());
+    assert_eq!(got_loss.len(), 9, "a marker every 7 steps, and at the end");
+    for ((step, want), (_, got)) in want_loss.iter().zip(&got_loss) {
+        assert!(((want - got) / want).abs() < 1e-5, "step {step}: {want} unbroken, {got} stopped and resumed");
+    }
+    // every evaluation of the unbroken run, and one more: the stop's own, at its step
+    let got_eval: std::collections::BTreeMap<u64, f64> = got_eval.into_iter().collect();
+    assert_eq!(got_eval.len(), want_eval.len() + 1, "{got_eval:?}");
+    assert!(got_eval.contains_key(&at));
+    for (step, want) in &want_eval {
+        let got = got_eval[step];
+        assert!(((want - got) / want).abs() < 1e-5, "eval at {step}: {want} unbroken, {got} resumed");
+    }
+    assert_eq!((got_end["step"].as_u64(), got_end["status"].as_str()), (Some(60), Some("completed")));
+    // the end's train loss is the mean over all 60 steps in both
+    let (want, got) = (want_end["train_loss"].as_f64().unwrap(), got_end["train_loss"].as_f64().unwrap());
+    assert_eq!((want_end["train_loss_steps"].as_u64(), got_end["train_loss_steps"].as_u64()), (Some(60), Some(60)));
+    assert!(((want - got) / want).abs() < 1e-5, "train loss {want} unbroken, {got} resumed");
+    eprintln!(
+        "stopped at step {at}; 9 markers and {} evaluations equal; train loss {want:.6} / {got:.6}",
+        got_eval.len()
+    );
 }
 
 /// The engine is chosen once and named in `train_begin` and the headless start line: the

@@ -221,9 +221,9 @@ fn below_80x24_the_screen_says_so_instead_of_cut_panels() {
 /// The sweep view from synthetic trial events: three curves, the table, the suggestion.
 #[test]
 fn sweep_view_80x24() {
-    use difflab::app::overlay::{Kind, Overlay};
-    use difflab::sweep::{Summary, SweepEvent, TrialResult};
-    let mut app = App::overlay(Overlay::new(Kind::Sweep, "sweep -> outputs/sweep"), true, false);
+    use difflab::app::overlay::{Overlay, OverlayKind};
+    use difflab::research::sweep::{SweepEvent, SweepSummary, TrialResult};
+    let mut app = App::overlay(Overlay::new(OverlayKind::Sweep, "sweep -> outputs/sweep"), true, false);
     let lrs = [1e-1, 1e-2, 1e-3];
     let mut trials = vec![];
     for (i, lr) in lrs.iter().enumerate() {
@@ -260,13 +260,13 @@ fn sweep_view_80x24() {
             eval_loss: Some(2.7),
             perplexity: Some(14.9),
             steps,
-            status: status.into(),
+            status: status.parse().unwrap(),
             note: None,
         };
         app.update(Msg::Sweep(SweepEvent::TrialEnd(t.clone())));
         trials.push(t);
     }
-    app.update(Msg::Sweep(SweepEvent::Done(Summary {
+    app.update(Msg::Sweep(SweepEvent::Done(SweepSummary {
         key: "learning_rate".into(),
         evaluated_on: "builtin, tokenizer byte, validation split (all blocks of 128 tokens)".into(),
         trials,
@@ -284,14 +284,14 @@ fn sweep_view_80x24() {
 /// with each arm's band, the run in progress named by arm, seed and step.
 #[test]
 fn study_view_shows_progress_and_bands() {
-    use difflab::app::overlay::{Kind, Overlay};
-    use difflab::sweep::study::{Plan, SeedResult, StudyEvent};
-    let mut overlay = Overlay::new(Kind::Study, "study -> outputs/study");
+    use difflab::app::overlay::{Overlay, OverlayKind};
+    use difflab::research::study::{RunPlan, SeedResult, StudyEvent};
+    let mut overlay = Overlay::new(OverlayKind::Study, "study -> outputs/study");
     overlay.arms = vec!["research=false".into(), "research=true".into()];
     let mut app = App::overlay(overlay, true, false);
     let runs = [(0usize, 42u64), (1, 42), (0, 43), (1, 43)];
     for (index, &(arm, seed)) in runs.iter().enumerate() {
-        app.update(Msg::Study(StudyEvent::RunStart { index, of: 4, arm, seed, plan: Plan::Fresh { clear: false } }));
+        app.update(Msg::Study(StudyEvent::RunStart { index, of: 4, arm, seed, plan: RunPlan::Fresh { clear: false } }));
         for step in (0..=40).step_by(10) {
             let loss = 2.0 + arm as f64 * 0.3 + seed as f64 * 0.01 + 4.0 * (-(step as f64) / 15.0).exp();
             app.update(Msg::Study(StudyEvent::Train {
@@ -311,7 +311,7 @@ fn study_view_shows_progress_and_bands() {
             arm: ["research=false", "research=true"][arm].into(),
             seed,
             output_dir: String::new(),
-            status: "completed".into(),
+            status: RunStatus::Completed,
             final_eval_loss: Some(2.0),
             best_eval_loss: Some(2.0),
             steps: 40,
@@ -387,11 +387,11 @@ fn v_cycles_the_panel_through_the_heat_map_and_the_layers() {
 
 #[test]
 fn the_picker_lists_past_runs_on_its_second_tab() {
-    use difflab::sweep::compare::PastRun;
+    use difflab::research::runs::PastRun;
     let run = |name: &str, status: &str, steps: u64, eval: Option<f64>, checkpoint: Option<u64>, t: f64| PastRun {
         dir: std::path::PathBuf::from("outputs").join(name),
         name: name.into(),
-        status: status.into(),
+        status: status.parse().unwrap(),
         steps,
         max_steps: Some(400),
         final_eval_loss: eval,

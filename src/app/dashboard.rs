@@ -2,7 +2,9 @@
 
 use std::collections::VecDeque;
 
-use crate::events::{ControlAction, Event, Histogram, LayerStat, Level, RunStatus, TrainBegin};
+use crate::events::{
+    ControlAction, ControlRecord, Event, Histogram, LayerStat, Level, RunStatus, StepRecord, TrainBegin,
+};
 use crate::series::Series;
 
 /// How many log lines are kept.
@@ -304,107 +306,31 @@ impl Dashboard {
                 }
             }
             Event::Message { level, text } => self.log(*level, text.clone()),
-            Event::TrainBegin(b) => {
-                if let Some(p) = &b.preset {
-                    self.title = p.clone();
-                }
-                // a baseline has no differential norms: its lower-left panel shows the layers
-                if b.config["research"].as_bool() == Some(false) && self.view.panel != Panel::Layers {
-                    self.view.panel = Panel::Layers;
-                }
-                self.step = b.start_step;
-                self.status = Status::Training;
-                self.log(
-                    Level::Info,
-                    format!(
-                        "training {} ({} parameters) on {}, engine {}, steps {}..{}",
-                        b.variant, b.num_parameters, b.device, b.engine, b.start_step, b.total_steps
-                    ),
-                );
-                self.begin = Some(b.clone());
-            }
-            Event::Progress(p) => {
-                let x = p.step as f64;
-                self.loss.push(x, p.loss);
-                self.lr.push(x, p.learning_rate);
-                self.grad_norm.push(x, p.grad_norm);
-                self.step = p.step;
-                self.epoch = p.epoch;
-                self.last_loss = Some(p.loss);
-                self.last_lr = Some(p.learning_rate);
-                self.last_grad_norm = Some(p.grad_norm);
-                self.tokens_per_second = Some(p.tokens_per_second);
-                self.elapsed = p.elapsed;
-                self.eta = p.eta_seconds;
-                self.rss_mib = p.rss_mib.or(self.rss_mib);
-                self.gpu_mib = p.gpu_mib.or(self.gpu_mib);
-                if let Some(h) = &p.diff_norm_hist {
-                    push_capped(&mut self.diff_history, (p.step, h.clone()));
-                }
-                if let Some(layers) = &p.layers {
-                    push_capped(&mut self.layer_history, (p.step, layers.clone()));
-                }
-                if let (Some(mean), Some(std), Some(min), Some(max)) =
-                    (p.diff_norm_mean, p.diff_norm_std, p.diff_norm_min, p.diff_norm_max)
-                {
-                    self.diff = Some(DiffStats { step: p.step, mean, std, min, max, hist: p.diff_norm_hist.clone() });
-                }
-                if matches!(self.status, Status::Preparing { .. }) {
-                    self.status = Status::Training;
-                }
-            }
+            Event::TrainBegin(b) => self.on_begin(b),
+            Event::Progress(p) => self.on_progress(p),
             Event::Evaluate(e) => {
                 self.eval.push(e.step as f64, e.eval_loss);
                 self.eval_loss = Some(e.eval_loss);
                 self.eval_partial = e.eval_blocks < e.validation_blocks;
                 self.perplexity = Some(e.perplexity);
-                self.log(
-                    Level::Info,
-                    format!(
-                        "step {}: eval loss {:.4}, perplexity {:.2}{}",
-                        e.step,
-                        e.eval_loss,
-                        e.perplexity,
-                        e.partial_note()
-                    ),
+                let text = format!(
+                    "step {}: eval loss {:.4}, perplexity {:.2}{}",
+                    e.step,
+                    e.eval_loss,
+                    e.perplexity,
+                    e.partial_note()
                 );
+                self.log(Level::Info, text);
             }
             Event::Checkpoint(c) => {
                 self.mark(c.step, MarkKind::Checkpoint);
                 self.log(Level::Info, format!("step {}: checkpoint {} ({})", c.step, c.path, c.reason));
             }
-            Event::Control(c) => {
-                self.lr_scale = c.lr_scale;
-                match c.action {
-                    ControlAction::Pause => {
-                        self.paused = true;
-                        self.status = Status::Paused;
-                        self.mark(c.step, MarkKind::Pause);
-                    }
-                    ControlAction::Resume => {
-                        self.paused = false;
-                        self.status = Status::Training;
-                    }
-                    ControlAction::ScaleLr => self.mark(c.step, MarkKind::LrChange),
-                    _ => {}
-                }
-                self.log(
-                    Level::Info,
-                    format!(
-                        "step {}: {} ({}; LR x{})",
-                        c.step,
-                        c.action.as_str().replace('_', " "),
-                        c.origin,
-                        c.lr_scale
-                    ),
-                );
-            }
+            Event::Control(c) => self.on_control(c),
             Event::Skipped(s) => {
                 self.skipped += 1;
-                self.log(
-                    Level::Warning,
-                    format!("step {}: skipped, {} ({} in a row)", s.step, s.reason, s.consecutive),
-                );
+                let text = format!("step {}: skipped, {} ({} in a row)", s.step, s.reason, s.consecutive);
+                self.log(Level::Warning, text);
             }
             Event::Sample(s) => {
                 let text = s.text.replace('\n', " / ");
@@ -425,6 +351,74 @@ impl Dashboard {
                 }
             }
         }
+    }
+
+    fn on_begin(&mut self, b: &TrainBegin) {
+        if let Some(p) = &b.preset {
+            self.title = p.clone();
+        }
+        // a baseline has no differential norms: its lower-left panel shows the layers
+        if b.config["research"].as_bool() == Some(false) && self.view.panel != Panel::Layers {
+            self.view.panel = Panel::Layers;
+        }
+        self.step = b.start_step;
+        self.status = Status::Training;
+        let text = format!(
+            "training {} ({} parameters) on {}, engine {}, steps {}..{}",
+            b.variant, b.num_parameters, b.device, b.engine, b.start_step, b.total_steps
+        );
+        self.log(Level::Info, text);
+        self.begin = Some(b.clone());
+    }
+
+    fn on_progress(&mut self, p: &StepRecord) {
+        let x = p.step as f64;
+        self.loss.push(x, p.loss);
+        self.lr.push(x, p.learning_rate);
+        self.grad_norm.push(x, p.grad_norm);
+        self.step = p.step;
+        self.epoch = p.epoch;
+        self.last_loss = Some(p.loss);
+        self.last_lr = Some(p.learning_rate);
+        self.last_grad_norm = Some(p.grad_norm);
+        self.tokens_per_second = Some(p.tokens_per_second);
+        self.elapsed = p.elapsed;
+        self.eta = p.eta_seconds;
+        self.rss_mib = p.rss_mib.or(self.rss_mib);
+        self.gpu_mib = p.gpu_mib.or(self.gpu_mib);
+        if let Some(h) = &p.diff_norm_hist {
+            push_capped(&mut self.diff_history, (p.step, h.clone()));
+        }
+        if let Some(layers) = &p.layers {
+            push_capped(&mut self.layer_history, (p.step, layers.clone()));
+        }
+        if let (Some(mean), Some(std), Some(min), Some(max)) =
+            (p.diff_norm_mean, p.diff_norm_std, p.diff_norm_min, p.diff_norm_max)
+        {
+            self.diff = Some(DiffStats { step: p.step, mean, std, min, max, hist: p.diff_norm_hist.clone() });
+        }
+        if matches!(self.status, Status::Preparing { .. }) {
+            self.status = Status::Training;
+        }
+    }
+
+    fn on_control(&mut self, c: &ControlRecord) {
+        self.lr_scale = c.lr_scale;
+        match c.action {
+            ControlAction::Pause => {
+                self.paused = true;
+                self.status = Status::Paused;
+                self.mark(c.step, MarkKind::Pause);
+            }
+            ControlAction::Resume => {
+                self.paused = false;
+                self.status = Status::Training;
+            }
+            ControlAction::ScaleLr => self.mark(c.step, MarkKind::LrChange),
+            _ => {}
+        }
+        let action = c.action.as_str().replace('_', " ");
+        self.log(Level::Info, format!("step {}: {action} ({}; LR x{})", c.step, c.origin, c.lr_scale));
     }
 
     /// The trainer thread ended. An error it returned before any `train_end` (bad data, a

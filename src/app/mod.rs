@@ -70,12 +70,12 @@ pub enum Msg {
     TrainerDone(Result<(), String>),
     /// A sink or the inbox reported a problem.
     Warning(String),
-    Sweep(crate::sweep::SweepEvent),
-    LrFind(crate::sweep::lr_find::LrFindEvent),
-    Study(crate::sweep::study::StudyEvent),
+    Sweep(crate::research::sweep::SweepEvent),
+    LrFind(crate::research::lr_find::LrFindEvent),
+    Study(crate::research::study::StudyEvent),
     /// A preset that is a sweep or a study started: its view, with the study's arm labels.
     ProcedureStarted {
-        kind: overlay::Kind,
+        kind: overlay::OverlayKind,
         title: String,
         arms: Vec<String>,
     },
@@ -92,7 +92,7 @@ pub enum Msg {
         dir: String,
     },
     /// The runs marked in the picker, loaded for comparison.
-    Compared(Vec<crate::sweep::compare::Run>),
+    Compared(Vec<crate::research::compare::RunLog>),
     /// A control was written to a watched run's directory: what happened to it.
     ControlSent(String),
 }
@@ -215,32 +215,7 @@ impl App {
                 }
                 vec![]
             }
-            Msg::Sweep(e) => {
-                if let Screen::Overlay(o) = &mut self.screen {
-                    o.apply_sweep(&e);
-                }
-                if self.exiting && matches!(e, crate::sweep::SweepEvent::Done(_)) {
-                    vec![Command::Exit]
-                } else {
-                    vec![]
-                }
-            }
-            Msg::LrFind(e) => {
-                if let Screen::Overlay(o) = &mut self.screen {
-                    o.apply_lr_find(&e);
-                }
-                vec![]
-            }
-            Msg::Study(e) => {
-                if let Screen::Overlay(o) = &mut self.screen {
-                    o.apply_study(&e);
-                }
-                if self.exiting && matches!(e, crate::sweep::study::StudyEvent::Done(_)) {
-                    vec![Command::Exit]
-                } else {
-                    vec![]
-                }
-            }
+            Msg::Sweep(_) | Msg::LrFind(_) | Msg::Study(_) => self.on_procedure(msg),
             Msg::ProcedureStarted { kind, title, arms } => {
                 let mut o = Overlay::new(kind, &title);
                 o.arms = arms;
@@ -289,6 +264,31 @@ impl App {
         }
     }
 
+    /// A procedure's event on its overlay; once one asked to exit, its end ends the session.
+    fn on_procedure(&mut self, msg: Msg) -> Vec<Command> {
+        let Screen::Overlay(o) = &mut self.screen else { return vec![] };
+        let done = match &msg {
+            Msg::Sweep(e) => {
+                o.apply_sweep(e);
+                matches!(e, crate::research::sweep::SweepEvent::Done(_))
+            }
+            Msg::Study(e) => {
+                o.apply_study(e);
+                matches!(e, crate::research::study::StudyEvent::Done(_))
+            }
+            Msg::LrFind(e) => {
+                o.apply_lr_find(e);
+                false
+            }
+            _ => false,
+        };
+        if self.exiting && done {
+            vec![Command::Exit]
+        } else {
+            vec![]
+        }
+    }
+
     /// Keys on the overlay view: `q` leaves (a running sweep is stopped first), `y` log-y.
     fn on_overlay_key(&mut self, key: Key) -> Vec<Command> {
         let Screen::Overlay(o) = &mut self.screen else { return vec![] };
@@ -298,13 +298,15 @@ impl App {
                 vec![]
             }
             Key::Char('q') | Key::Esc
-                if o.finished || !matches!(o.kind, overlay::Kind::Sweep | overlay::Kind::Study) || self.exiting =>
+                if o.finished
+                    || !matches!(o.kind, overlay::OverlayKind::Sweep | overlay::OverlayKind::Study)
+                    || self.exiting =>
             {
                 vec![Command::Exit]
             }
             Key::Char('q') | Key::Esc => {
                 self.exiting = true;
-                o.status = if o.kind == overlay::Kind::Study {
+                o.status = if o.kind == overlay::OverlayKind::Study {
                     "stopping the study after this run's checkpoint (resume it by running it again)".into()
                 } else {
                     "stopping the sweep after this trial's checkpoint".into()
@@ -585,11 +587,11 @@ mod tests {
 
     #[test]
     fn the_run_list_opens_a_run_as_watch_and_compares_marked_ones() {
-        use crate::sweep::compare::PastRun;
+        use crate::research::runs::PastRun;
         let run = |name: &str| PastRun {
             dir: std::path::PathBuf::from("outputs").join(name),
             name: name.into(),
-            status: "completed".into(),
+            status: RunStatus::Completed,
             steps: 10,
             max_steps: Some(10),
             final_eval_loss: Some(2.0),

@@ -4,15 +4,15 @@
 use std::collections::VecDeque;
 
 use super::dashboard::LOG_LINES;
+use crate::research::compare::{self, RunLog};
+use crate::research::lr_find::LrFindEvent;
+use crate::research::study::{self, StudyEvent};
+use crate::research::sweep::{self as sweeps, SweepEvent};
 use crate::series::Series;
 use crate::sinks::human::describe;
-use crate::sweep::compare::{self, Run};
-use crate::sweep::lr_find::LrFindEvent;
-use crate::sweep::study::{self, StudyEvent};
-use crate::sweep::{self as sweeps, SweepEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum OverlayKind {
     Sweep,
     LrFind,
     Compare,
@@ -21,7 +21,7 @@ pub enum Kind {
 }
 
 #[derive(Debug, Clone)]
-pub struct Curve {
+pub struct Trace {
     pub label: String,
     pub loss: Series,
     pub eval: Series,
@@ -35,9 +35,9 @@ pub type GroupBand = (usize, Vec<(f64, f64)>, Vec<(f64, f64)>);
 
 #[derive(Debug, Clone)]
 pub struct Overlay {
-    pub kind: Kind,
+    pub kind: OverlayKind,
     pub title: String,
-    pub curves: Vec<Curve>,
+    pub curves: Vec<Trace>,
     /// Text under the chart: the table, the suggestion.
     pub table: Vec<String>,
     pub log: VecDeque<String>,
@@ -51,7 +51,7 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    pub fn new(kind: Kind, title: &str) -> Self {
+    pub fn new(kind: OverlayKind, title: &str) -> Self {
         Self {
             kind,
             title: title.into(),
@@ -77,7 +77,7 @@ impl Overlay {
         match e {
             SweepEvent::TrialStart { index, of, label } => {
                 self.status = format!("trial {}/{of}: {label}", index + 1);
-                self.curves.push(Curve {
+                self.curves.push(Trace {
                     label: label.clone(),
                     loss: Series::default(),
                     eval: Series::with_capacity(256),
@@ -102,13 +102,13 @@ impl Overlay {
             }
             SweepEvent::TrialEnd(t) => {
                 if let Some(c) = self.curves.iter_mut().find(|c| c.label == t.label) {
-                    c.status = t.status.clone();
+                    c.status = t.status.to_string();
                 } else {
-                    self.curves.push(Curve {
+                    self.curves.push(Trace {
                         label: t.label.clone(),
                         loss: Series::default(),
                         eval: Series::default(),
-                        status: t.status.clone(),
+                        status: t.status.to_string(),
                         group: self.curves.len(),
                     });
                 }
@@ -128,7 +128,7 @@ impl Overlay {
             StudyEvent::RunStart { index, of, arm, seed, plan } => {
                 let label = format!("{} s{seed}", self.arms.get(*arm).cloned().unwrap_or_default());
                 self.status = format!("run {}/{of}: {label} ({plan})", index + 1);
-                self.curves.push(Curve {
+                self.curves.push(Trace {
                     label,
                     loss: Series::default(),
                     eval: Series::with_capacity(256),
@@ -158,7 +158,7 @@ impl Overlay {
                 let label = format!("{} s{}", result.arm, result.seed);
                 match self.curves.iter_mut().rev().find(|c| c.label == label) {
                     Some(c) => {
-                        c.status = result.status.clone();
+                        c.status = result.status.to_string();
                         // a reused run shows the curve it left
                         if c.eval.is_empty() {
                             result.eval_curve.iter().for_each(|&(x, y)| c.eval.push(x, y));
@@ -168,11 +168,11 @@ impl Overlay {
                         let group = self.arms.iter().position(|a| *a == result.arm).unwrap_or(0);
                         let mut eval = Series::default();
                         result.eval_curve.iter().for_each(|&(x, y)| eval.push(x, y));
-                        self.curves.push(Curve {
+                        self.curves.push(Trace {
                             label: label.clone(),
                             loss: Series::default(),
                             eval,
-                            status: result.status.clone(),
+                            status: result.status.to_string(),
                             group,
                         });
                     }
@@ -205,7 +205,7 @@ impl Overlay {
                     .map(|c| c.eval.buckets().iter().map(|b| (b.x_last, b.last)).collect())
                     .collect();
                 (evals.len() >= 2).then(|| {
-                    let band = study::band_of(&evals.iter().collect::<Vec<_>>());
+                    let band = study::stats::band_of(&evals.iter().collect::<Vec<_>>());
                     (g, band.iter().map(|p| (p.0, p.2)).collect(), band.iter().map(|p| (p.0, p.3)).collect())
                 })
             })
@@ -227,14 +227,14 @@ impl Overlay {
             }
             LrFindEvent::Point { lr, loss, smoothed } => {
                 if self.curves.is_empty() {
-                    self.curves.push(Curve {
+                    self.curves.push(Trace {
                         label: "loss".into(),
                         loss: Series::default(),
                         eval: Series::default(),
                         status: String::new(),
                         group: 0,
                     });
-                    self.curves.push(Curve {
+                    self.curves.push(Trace {
                         label: "smoothed".into(),
                         loss: Series::default(),
                         eval: Series::default(),
@@ -250,25 +250,25 @@ impl Overlay {
                 self.finished = true;
                 self.status = "done - q to exit".into();
                 self.marks = [suggestions.steepest, suggestions.valley].into_iter().flatten().map(f64::log10).collect();
-                self.table = crate::sweep::lr_find::summary(curve, suggestions);
+                self.table = crate::research::lr_find::summary(curve, suggestions);
                 self.table.extend([format!("plot: {}", dir.join("lr_find.png").display())]);
             }
         }
     }
 
-    pub fn from_runs(runs: &[Run]) -> Self {
-        let mut o = Self::new(Kind::Compare, "compare");
+    pub fn from_runs(runs: &[RunLog]) -> Self {
+        let mut o = Self::new(OverlayKind::Compare, "compare");
         for r in runs {
             let mut loss = Series::default();
             r.loss.iter().for_each(|&(x, y)| loss.push(x, y));
             let mut eval = Series::default();
             r.eval.iter().for_each(|&(x, y)| eval.push(x, y));
             let group = o.curves.len();
-            o.curves.push(Curve {
+            o.curves.push(Trace {
                 label: r.name.clone(),
                 loss,
                 eval,
-                status: r.status.clone().unwrap_or_default(),
+                status: r.status.map_or_else(String::new, |s| s.to_string()),
                 group,
             });
         }

@@ -4,7 +4,8 @@
 
 use crate::config::keys::parse_flag_value;
 use crate::config::RunArgs;
-use crate::sweep::compare::PastRun;
+use crate::events::RunStatus;
+use crate::research::runs::PastRun;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -230,11 +231,11 @@ impl Picker {
                 }
             }
             Key::Char('r') => match self.current_run() {
-                Some(r) if r.resumable() => return Outcome::Start(RunArgs::resuming(&r.dir, &r.config)),
+                Some(r) if r.resumable() => return Outcome::Start(RunArgs::resuming(&r.dir)),
                 Some(r) => {
-                    self.error = Some(match (&r.checkpoint, r.status.as_str()) {
-                        (_, "running") => format!("{} is running now: Enter opens it", r.name),
-                        (_, "completed") => format!("{} has completed: nothing to resume", r.name),
+                    self.error = Some(match (&r.checkpoint, r.status) {
+                        (_, RunStatus::Running) => format!("{} is running now: Enter opens it", r.name),
+                        (_, RunStatus::Completed) => format!("{} has completed: nothing to resume", r.name),
                         _ => format!("{} has no checkpoint to resume from", r.name),
                     })
                 }

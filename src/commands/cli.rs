@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
-use crate::config::keys::{Kind, KEYS, KEY_ALIASES};
+use crate::config::keys::{ValueKind, KEYS, KEY_ALIASES};
 use crate::config::{RunArgs, RunConfig};
 use crate::tui::UiOptions;
 
@@ -83,7 +83,7 @@ fn run_args(cmd: Command) -> Command {
                 .action(ArgAction::Set)
                 .num_args(1)
                 // negative numbers reach the key's own check (which names the key) instead of clap
-                .allow_hyphen_values(matches!(key.kind, Kind::Float | Kind::Int | Kind::OptInt)),
+                .allow_hyphen_values(matches!(key.kind, ValueKind::Float | ValueKind::Int | ValueKind::OptInt)),
         );
     }
     for (alias, real) in KEY_ALIASES {

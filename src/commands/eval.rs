@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::BadInput;
-use crate::config::{Resolved, RunConfig, Source};
+use crate::config::{reconcile, Resolved, RunConfig};
 use crate::data::prepare::default_cache_dir;
 use crate::data::{prepare_validation, tokenizer, Progress, Tokenizer, TokenizerSpec};
 use crate::events::{EvalRecord, Event};
@@ -18,7 +18,7 @@ use crate::sinks::human::{describe, StderrLog};
 use crate::sinks::Sink;
 use crate::train::checkpoint::{TrainerState, RUN_CONFIG, TOKENIZER, TRAINER_STATE};
 use crate::train::run::data_config;
-use crate::train::{device, step::evaluate};
+use crate::train::{device, evaluate::evaluate};
 
 /// The checkpoint's own tokenizer.json when it carries one, else the configured tokenizer
 /// (`gpt2` for an HF GPT-2 directory).
@@ -43,51 +43,42 @@ fn report(p: &Progress) {
     }));
 }
 
-/// The settings that say what a model is scored on: taken from the run's saved
-/// `difflab_config.json` unless a flag (or preset) sets them.
-const DATA_KEYS: [&str; 6] = ["dataset", "dataset_config", "subset_ratio", "tokenizer", "block_size", "eval_split"];
-
-/// The configuration an evaluation uses: the run's own data, tokenizer and block size (when the
-/// directory is difflab's), with explicit flags winning. Returns it and where it came from.
+/// The configuration an evaluation uses: the run's own saved settings (data, tokenizer, block
+/// size, eval blocks, batch) when the directory is difflab's, with the flags and preset given
+/// on top. Returns it and where it came from, naming each setting a flag changed.
 fn eval_config(resolved: &Resolved, dir: &Path) -> anyhow::Result<(RunConfig, String)> {
     let saved_path = dir.join(RUN_CONFIG);
     let Ok(text) = std::fs::read_to_string(&saved_path) else {
         return Ok((resolved.config.clone(), "the flags (no difflab_config.json in the directory)".into()));
     };
-    let saved: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        BadInput(format!(
-            "{} is not valid JSON ({e}); pass --dataset, --tokenizer and --block_size",
-            saved_path.display()
-        ))
-    })?;
-    let mut config = serde_json::to_value(&resolved.config)?;
-    let mut from_flags = vec![];
-    for key in DATA_KEYS {
-        let explicit = resolved.origins.get(key).is_some_and(|o| *o != Source::Default);
-        if explicit {
-            from_flags.push(key);
-        } else if !saved[key].is_null() {
-            config[key] = saved[key].clone();
-        }
-    }
-    let config: RunConfig = serde_json::from_value(config)?;
-    let origin = if from_flags.is_empty() {
+    let bad = |e: String| {
+        BadInput(format!("{} is not valid ({e}); pass --dataset, --tokenizer and --block_size", saved_path.display()))
+    };
+    let saved = match serde_json::from_str::<serde_json::Value>(&text).map_err(|e| bad(e.to_string()))? {
+        serde_json::Value::Object(m) => m,
+        other => return Err(bad(format!("it holds {other}, not settings")).into()),
+    };
+    // an evaluation may score a run on anything asked for: every explicit flag counts
+    let reconciled = reconcile(&saved, resolved, |_| true).map_err(|e| bad(e.to_string()))?;
+    let origin = if reconciled.overridden.is_empty() {
         "the run's own settings".to_string()
     } else {
-        format!("the run's own settings, {} from the flags", from_flags.join(", "))
+        format!("the run's own settings, {} from the flags", reconciled.overridden.join(", "))
     };
-    Ok((config, origin))
+    Ok((reconciled.config, origin))
 }
 
 pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
+    super::print_warnings(&resolved.warnings);
     let dir = PathBuf::from(resolved.config.checkpoint.clone().unwrap_or_else(|| resolved.config.output_dir.clone()));
     if !dir.join("config.json").is_file() {
         return Err(BadInput(format!("{} holds no config.json: give --checkpoint a checkpoint-N directory, a finished output_dir or an HF GPT-2 directory", dir.display())).into());
     }
     let (cfg, origin) = eval_config(resolved, &dir)?;
     let cfg = &cfg;
-    let device = device::select(cfg.device)?;
-    let (model_cfg, weights) = load_pretrained(&dir, &device)?;
+    let placement = device::placement(cfg, 1)?;
+    let device = &placement.device;
+    let (model_cfg, weights) = load_pretrained(&dir, device)?;
     let cache = default_cache_dir();
     let tokenizer = tokenizer_for(&dir, &cfg.tokenizer_spec(), &cache)?;
     if tokenizer.vocab_size() > model_cfg.vocab_size {
@@ -124,7 +115,7 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
         cfg.eval_split.name(),
         cfg.tokenizer_spec(),
     );
-    let gpt = Trainable::new(&model_cfg, weights)?.detached()?;
+    let gpt = Trainable::new(&model_cfg, weights, &placement)?.detached()?;
     let started = Instant::now();
     let (loss, predictions) = evaluate(
         &gpt,
@@ -132,7 +123,7 @@ pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
         block_size,
         crate::config::eval_batch_size(cfg.micro_batch_size, block_size),
         max,
-        &device,
+        device,
     )
     .with_context(|| format!("evaluating {}", dir.display()))?;
     if predictions == 0 {

@@ -60,7 +60,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
-    let gpt = Trainable::new(&cfg, weights)?.detached()?;
+    let gpt = Trainable::on_weights(&cfg, weights)?.detached()?;
     let step: Option<u64> = std::fs::read_to_string(dir.join(TRAINER_STATE))
         .ok()
         .and_then(|t| serde_json::from_str::<TrainerState>(&t).ok())

@@ -8,12 +8,14 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::Serialize;
 
-use crate::engine::Engine;
+use crate::dist::World;
+use crate::engine::Placement;
 use crate::model::gpt::next_token_loss;
 use crate::model::hf::load_pretrained;
 use crate::model::Trainable;
-use crate::optim::{self, AdamW, AdamWConfig};
-use crate::train::step::{forward_backward, Accumulated, MicroBatch};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::train::micro::MicroBatch;
+use crate::train::step;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Tolerances {
@@ -88,25 +90,17 @@ fn within(problems: &mut Vec<String>, what: &str, value: f64, tolerance: f64) {
     }
 }
 
-pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<VariantReport> {
-    let tol = Tolerances::for_dtype(dtype);
-    let load = |f: &str| -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
-        Ok(candle_core::safetensors::load(dir.join(f), device)?)
-    };
-    let (cfg, weights) = load_pretrained(&dir.join("model"), device)?;
-    let r = load("reference.safetensors")?;
-    let engine = Engine::choose(device, dtype, 0.0);
-    let model = Trainable::new(&cfg, weights)?.with_dtype(dtype)?.with_engine(engine);
-    let out = model.detached()?.forward(&r["input_ids"], None)?;
-    let logits_max_abs = max_abs(&out.logits, &r["logits"])?;
-    let scalar = |t: &Tensor| -> anyhow::Result<f64> {
-        Ok(t.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_scalar::<f64>()?)
-    };
-    let loss_abs = (scalar(&next_token_loss(&out.logits, &r["input_ids"])?)? - scalar(&r["loss"])?).abs();
+/// The reference's training recipe, as its `train_log.json` states it.
+struct Recipe {
+    log: serde_json::Value,
+    lr: f64,
+    max_norm: f64,
+    adam: AdamWConfig,
+    /// As many optimizer steps as the log lists.
+    steps: usize,
+}
 
-    // the reference's training steps, as many as its log lists, with the recipe it states
-    let batches = load("train_batches.safetensors")?;
-    let want_grads = load("grads_step0.safetensors")?;
+fn reference_recipe(dir: &Path, batches: usize) -> anyhow::Result<Recipe> {
     let log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("train_log.json"))?)?;
     let num = |v: &serde_json::Value, what: &str| {
         v.as_f64().ok_or_else(|| anyhow::anyhow!("{}: train_log.json has no number `{what}`", dir.display()))
@@ -119,44 +113,62 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
         weight_decay: num(&log["weight_decay"], "weight_decay")?,
     };
     let steps = log["steps"].as_array().map_or(0, Vec::len);
-    if steps == 0 || steps > batches["batches"].dim(0)? {
-        anyhow::bail!(
-            "{}: train_log.json lists {steps} steps for {} batches",
-            dir.display(),
-            batches["batches"].dim(0)?
-        );
+    if steps == 0 || steps > batches {
+        anyhow::bail!("{}: train_log.json lists {steps} steps for {batches} batches", dir.display());
     }
+    Ok(Recipe { log, lr, max_norm, adam, steps })
+}
+
+pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<VariantReport> {
+    let tol = Tolerances::for_dtype(dtype);
+    let load = |f: &str| -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+        Ok(candle_core::safetensors::load(dir.join(f), device)?)
+    };
+    let (cfg, weights) = load_pretrained(&dir.join("model"), device)?;
+    let r = load("reference.safetensors")?;
+    // bf16 compute on the CPU too: this is the check of the arithmetic, not a training run
+    let placement = Placement::of(device, dtype);
+    let model = Trainable::new(&cfg, weights, &placement)?;
+    let out = model.detached()?.forward(&r["input_ids"], None)?;
+    let logits_max_abs = max_abs(&out.logits, &r["logits"])?;
+    let scalar = |t: &Tensor| -> anyhow::Result<f64> {
+        Ok(t.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_scalar::<f64>()?)
+    };
+    let loss_abs = (scalar(&next_token_loss(&out.logits, &r["input_ids"])?)? - scalar(&r["loss"])?).abs();
+
+    // the reference's training steps, as many as its log lists, with the recipe it states
+    let batches = load("train_batches.safetensors")?;
+    let want_grads = load("grads_step0.safetensors")?;
+    let Recipe { log, lr, max_norm, adam, steps } = reference_recipe(dir, batches["batches"].dim(0)?)?;
+    let num = |v: &serde_json::Value, what: &str| {
+        v.as_f64().ok_or_else(|| anyhow::anyhow!("{}: train_log.json has no number `{what}`", dir.display()))
+    };
     let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2)?;
+    let world = World::single();
+    let recipe = step::Recipe {
+        placement: &placement,
+        world: &*world,
+        micro_batches: 1,
+        checkpointing: false,
+        dropout: 0.0,
+        seed: 0,
+    };
     let mut problems = vec![];
-    let (mut grad_rel_worst, mut grad_worst_tensor) = (0.0f64, String::new());
+    let (mut grad_rel_worst, mut grad_worst_tensor) = (f64::NAN, String::new());
     let (mut train_loss_abs_worst, mut grad_norm_rel_worst) = (0.0f64, 0.0f64);
     for s in 0..steps {
         let batch = batches["batches"].i(s)?;
         let t = batch.dim(1)? - 1;
         let (x, y) = (batch.narrow(1, 0, t)?, batch.narrow(1, 1, t)?);
-        let mut acc = Accumulated::default();
-        let step =
-            forward_backward(engine, &model, &MicroBatch { ids: &x, targets: Some(&y) }, 1.0, None, false, &mut acc)?;
-        let grads: BTreeMap<String, Tensor> = acc.into_grads(&cfg)?;
+        let g =
+            step::gradients(&model, &recipe, s as u64, &[(0, MicroBatch { ids: &x, targets: Some(&y) })], &mut || {})?;
+        let grads: &BTreeMap<String, Tensor> = &g.grads;
         if s == 0 {
-            let ours: Vec<&String> = grads.keys().collect();
-            let mut theirs: Vec<&String> = want_grads.keys().collect();
-            theirs.sort();
-            if ours != theirs {
-                problems.push(format!("gradient names differ: ours {ours:?}, the reference's {theirs:?}"));
-            }
-            for (name, g) in &grads {
-                let Some(want) = want_grads.get(name) else { continue };
-                let e = rel(g, want)?;
-                if e.is_nan() || e > grad_rel_worst || grad_worst_tensor.is_empty() {
-                    grad_worst_tensor = name.clone();
-                }
-                grad_rel_worst = worse(grad_rel_worst, e);
-            }
+            (grad_rel_worst, grad_worst_tensor) = compare_grads(grads, &want_grads, &mut problems)?;
         }
         let entry = &log["steps"][s];
-        train_loss_abs_worst = worse(train_loss_abs_worst, (step.loss - num(&entry["loss"], "steps[].loss")?).abs());
-        let update = optim::step(&mut opt, &grads, lr, max_norm)?;
+        train_loss_abs_worst = worse(train_loss_abs_worst, (g.loss - num(&entry["loss"], "steps[].loss")?).abs());
+        let update = step::apply(&mut opt, &g, lr, max_norm)?;
         let want_norm = num(&entry["grad_norm_before_clip"], "steps[].grad_norm_before_clip")?;
         grad_norm_rel_worst =
             worse(grad_norm_rel_worst, (update.grad_norm - want_norm).abs() / want_norm.abs().max(1e-12));
@@ -198,6 +210,31 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
         pass: problems.is_empty(),
         problems,
     })
+}
+
+/// The worst relative error of step 0's gradients against the reference's, and its tensor; a
+/// difference in the names is a problem.
+fn compare_grads(
+    grads: &BTreeMap<String, Tensor>,
+    want: &std::collections::HashMap<String, Tensor>,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<(f64, String)> {
+    let ours: Vec<&String> = grads.keys().collect();
+    let mut theirs: Vec<&String> = want.keys().collect();
+    theirs.sort();
+    if ours != theirs {
+        problems.push(format!("gradient names differ: ours {ours:?}, the reference's {theirs:?}"));
+    }
+    let (mut worst, mut tensor) = (0.0f64, String::new());
+    for (name, grad) in grads {
+        let Some(want) = want.get(name) else { continue };
+        let e = rel(grad, want)?;
+        if e.is_nan() || e > worst || tensor.is_empty() {
+            tensor = name.clone();
+        }
+        worst = worse(worst, e);
+    }
+    Ok((worst, tensor))
 }
 
 /// Every variant under `golden_dir`.

@@ -1,7 +1,6 @@
 //! A run without the TUI: JSON markers on stdout, human lines on stderr, the run directory's
 //! files, controls through the run directory's inbox, and Ctrl-C / SIGTERM handling.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -10,10 +9,9 @@ use crate::config::{DeviceSpec, Resolved, RunConfig};
 use crate::data::prepare::default_cache_dir;
 use crate::dist::{self, World};
 use crate::events::{Event, Level};
+use crate::session::{Console, Observed, RunSession};
 use crate::signals::Interrupts;
-use crate::sinks::{self, human::StderrLog, Sinks, StdoutMarkers};
-use crate::train::remote::Inbox;
-use crate::train::{self, checkpoint, output_dir, parse_injections, RunSpec, StopSignal};
+use crate::train::{self, checkpoint, parse_injections, RunSpec, StopSignal};
 
 pub fn spec(resolved: &Resolved, world: World) -> RunSpec {
     RunSpec {
@@ -44,7 +42,7 @@ fn gpu_world(config: &mut RunConfig, rank: usize, size: usize) -> anyhow::Result
     let candle_core::Device::Cuda(device) = train::device::select(config.device)? else {
         anyhow::bail!("cuda:{local} is not a CUDA device")
     };
-    let dir = PathBuf::from(&config.output_dir);
+    let dir = std::path::PathBuf::from(&config.output_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating output_dir {}", dir.display()))?;
     let nccl = dist::nccl::NcclWorld::initialize(&device, rank, size, &dir)?;
     Ok(World(std::sync::Arc::new(nccl)))
@@ -62,49 +60,34 @@ pub fn install_signal_handlers(stop: &StopSignal) -> std::io::Result<()> {
     Interrupts::set_flag(stop.flag())
 }
 
-/// The run directory's sinks plus stdout and stderr.
-pub fn all_sinks(output_dir: &std::path::Path, config: &crate::config::RunConfig) -> anyhow::Result<Sinks> {
-    let mut sinks = sinks::file_sinks(output_dir, config)
-        .with_context(|| format!("opening the outputs in {}", output_dir.display()))?;
-    sinks.push("stdout", Box::new(StdoutMarkers));
-    sinks.push("stderr", Box::new(StderrLog::new()));
-    Ok(sinks)
+/// The run `resolved` names, made ready to start: resumed from its checkpoint's settings (the
+/// lines saying so, and what a flag overrides, added to its warnings), else its folder named.
+pub fn prepare(resolved: &Resolved) -> anyhow::Result<Resolved> {
+    let mut resolved = resolved.clone();
+    let lines = checkpoint::reconcile_resume(&mut resolved)?;
+    resolved.warnings.extend(lines);
+    if resolved.config.resume_from_checkpoint.is_none() {
+        super::name_run(&mut resolved)?;
+    }
+    Ok(resolved)
 }
 
 pub fn train(resolved: &Resolved) -> anyhow::Result<ExitCode> {
-    let mut resolved = resolved.clone();
-    super::name_run(&mut resolved)?;
-    checkpoint::reconcile_resume(&mut resolved)?;
+    let mut resolved = prepare(resolved)?;
+    super::print_warnings(&resolved.warnings);
     let world = world_of(&mut resolved.config)?;
-    let resolved = &resolved;
     let stop = StopSignal::default();
     install_signal_handlers(&stop).context("installing signal handlers")?;
-    if !world.is_root() {
-        // the other ranks compute; rank 0 owns the folder, writes every file and takes the
-        // controls, which reach the others through the trainer's broadcast at each step
-        let handle = train::spawn_with(spec(resolved, world), stop);
-        for event in handle.events.iter() {
-            if let Event::Message { level: Level::Error, text } = event {
-                eprintln!("[error] {text}");
-            }
-        }
-        handle.join()?;
-        return Ok(ExitCode::SUCCESS);
+    let root = world.is_root();
+    let session = RunSession::start(spec(&resolved, world), stop, Console::Print)?;
+    let outcome = session.run(&mut |seen| match seen {
+        Observed::SinkFailed(e) => eprintln!("[warning] {e}"),
+        // the other ranks print nothing but their errors
+        Observed::Event(Event::Message { level: Level::Error, text }) if !root => eprintln!("[error] {text}"),
+        Observed::Event(_) => {}
+    });
+    match outcome.error {
+        Some(e) => Err(e.into()),
+        None => Ok(ExitCode::SUCCESS),
     }
-    let out = PathBuf::from(&resolved.config.output_dir);
-    // held until the run ends: no other process trains into this folder meanwhile
-    let _claim = output_dir::claim(&resolved.config)?;
-    let mut sinks = all_sinks(&out, &resolved.config)?;
-    let handle = train::spawn_with(spec(resolved, world), stop);
-    let inbox = Inbox::start(&out, handle.controls.clone()).context("opening the control inbox")?;
-    for event in handle.events.iter() {
-        sinks.handle(&event);
-    }
-    sinks.finish();
-    drop(inbox);
-    for e in &sinks.errors {
-        eprintln!("[warning] {e}");
-    }
-    handle.join()?;
-    Ok(ExitCode::SUCCESS)
 }

@@ -12,30 +12,29 @@ use std::time::Duration;
 use anyhow::Context;
 use crossbeam_channel::Sender;
 
-use super::{headless, resolve_run, BadInput};
+use super::{headless, BadInput};
 use crate::app::dashboard::Status;
-use crate::app::overlay::{Kind, Overlay};
+use crate::app::overlay::{Overlay, OverlayKind};
 use crate::app::{App, Command, Dashboard, Mode, Msg, Picker};
 use crate::config::{PresetLibrary, RunArgs, RunConfig};
 use crate::data::prepare::default_cache_dir;
 use crate::events::{ControlMsg, ControlOrigin, Event, Level};
-use crate::sinks::{self, metrics::METRICS_FILE};
-use crate::sweep::compare::Run;
-use crate::sweep::lr_find::{Curve, LrFindEvent, Suggestions};
-use crate::sweep::study::StudyHandle;
-use crate::sweep::SweepHandle;
-use crate::train::remote::{self, Inbox};
-use crate::train::{self, output_dir, StopSignal, TrainError};
-use crate::tui::{self, Input, Session, UiOptions};
+use crate::research::compare::RunLog;
+use crate::research::lr_find::{Curve, LrFindEvent, Suggestions};
+use crate::research::study::StudyHandle;
+use crate::research::sweep::SweepHandle;
+use crate::session::{Console, Observed, RunSession};
+use crate::sinks::metrics::METRICS_FILE;
+use crate::train::remote;
+use crate::train::{StopSignal, TrainError};
+use crate::tui::{self, Host, Input, UiOptions};
 
-/// A run this process trains: its controls, inbox, and the thread that feeds its events
-/// through the file sinks to the UI (it returns what the sinks could not write).
+/// A run this process trains: its controls, and the thread that runs its session, passing
+/// each event to the UI.
 struct OwnedRun {
-    _claim: output_dir::Claim,
     controls: Sender<ControlMsg>,
-    _inbox: Inbox,
     output_dir: PathBuf,
-    forwarder: JoinHandle<Vec<String>>,
+    forwarder: JoinHandle<()>,
 }
 
 /// Where the dashboard's events come from and its controls go.
@@ -51,7 +50,7 @@ struct Lab {
     stop: StopSignal,
 }
 
-impl Session for Lab {
+impl Host for Lab {
     fn perform(&mut self, command: Command, inputs: &Sender<Input>) -> Vec<Msg> {
         match command {
             Command::StopSweep => {
@@ -106,7 +105,7 @@ impl Session for Lab {
                 vec![Msg::Watching { title, live, dir: shown }]
             }
             Command::Compare(dirs) => {
-                match dirs.iter().map(|d| crate::sweep::compare::load(d)).collect::<Result<Vec<_>, _>>() {
+                match dirs.iter().map(|d| crate::research::compare::load(d)).collect::<Result<Vec<_>, _>>() {
                     Ok(runs) => vec![Msg::Compared(runs)],
                     Err(e) => vec![Msg::StartFailed(e.to_string())],
                 }
@@ -122,26 +121,35 @@ fn start_procedure(args: &RunArgs, tx: &Sender<Input>) -> anyhow::Result<Option<
     if args.preset.is_none() {
         return Ok(None);
     }
-    let resolved = resolve_run(args)?;
+    let resolved = args.resolve()?;
     if resolved.sweep.is_some() {
-        let (base, preset, plan) = super::procedure::plan(args)?;
-        let handle = crate::sweep::spawn(base.clone(), preset, plan, default_cache_dir());
+        let super::procedure::Planned { base, preset, plan, warnings } = super::procedure::plan(args)?;
+        warn(tx, &warnings);
+        let handle = crate::research::sweep::spawn(base.clone(), preset, plan, default_cache_dir());
         let stop = handle.stop.clone();
         forward(handle.events.clone(), tx.clone(), Msg::Sweep);
         let title = format!("sweep -> {}", base.output_dir);
-        return Ok(Some((stop, Msg::ProcedureStarted { kind: Kind::Sweep, title, arms: vec![] })));
+        return Ok(Some((stop, Msg::ProcedureStarted { kind: OverlayKind::Sweep, title, arms: vec![] })));
     }
     if resolved.study.is_some() {
         let study_args =
             super::procedure::StudyArgs { run: args.clone(), arms: vec![], seeds: None, ui: UiOptions::default() };
         let prepared = super::procedure::prepare(&study_args)?;
+        warn(tx, &prepared.warnings);
         let (title, arms) = (format!("study -> {}", prepared.root.display()), prepared.labels());
         let handle = prepared.spawn();
         let stop = handle.stop.clone();
         forward(handle.events.clone(), tx.clone(), Msg::Study);
-        return Ok(Some((stop, Msg::ProcedureStarted { kind: Kind::Study, title, arms })));
+        return Ok(Some((stop, Msg::ProcedureStarted { kind: OverlayKind::Study, title, arms })));
     }
     Ok(None)
+}
+
+/// Shows warnings in the UI's log (the terminal is the TUI's: nothing is printed).
+fn warn(tx: &Sender<Input>, warnings: &[String]) {
+    for w in warnings {
+        let _ = tx.send(Input::app(Msg::Warning(w.clone())));
+    }
 }
 
 /// Passes a procedure's events to the UI until it ends or the UI is gone.
@@ -155,39 +163,31 @@ fn forward<E: Send + 'static>(events: crossbeam_channel::Receiver<E>, tx: Sender
     });
 }
 
-/// Starts the run `args` names, with its file sinks and control inbox.
+/// Starts the run `args` names (its session: folder, sinks, control inbox), its events passed
+/// to the UI, with the resolution's warnings.
 fn start_run(args: &RunArgs, tx: &Sender<Input>, stop: &StopSignal) -> anyhow::Result<(OwnedRun, String)> {
-    let mut resolved = resolve_run(args)?;
-    super::name_run(&mut resolved)?;
-    train::checkpoint::reconcile_resume(&mut resolved)?;
-    let out = PathBuf::from(&resolved.config.output_dir);
-    let claim = output_dir::claim(&resolved.config)?;
-    let mut sinks = sinks::file_sinks(&out, &resolved.config)
-        .with_context(|| format!("opening the outputs in {}", out.display()))?;
-    let handle = train::spawn_with(headless::spec(&resolved, crate::dist::World::single()), stop.clone());
-    let inbox = Inbox::start(&out, handle.controls.clone())?;
-    let controls = handle.controls.clone();
+    let resolved = headless::prepare(&args.resolve()?)?;
+    warn(tx, &resolved.warnings);
+    let output_dir = PathBuf::from(&resolved.config.output_dir);
+    let session =
+        RunSession::start(headless::spec(&resolved, crate::dist::World::single()), stop.clone(), Console::Quiet)?;
+    let controls = session.controls();
     let tx = tx.clone();
     let forwarder = std::thread::Builder::new()
         .name("difflab-forward".into())
         .spawn(move || {
-            for e in handle.events.iter() {
-                sinks.handle(&e);
-                for w in sinks.errors.drain(..) {
-                    let _ = tx.send(Input::app(Msg::Warning(w)));
-                }
-                if tx.send(Input::app(Msg::Event(e))).is_err() {
-                    return vec![];
-                }
-            }
-            sinks.finish();
-            let result = handle.join().map(|_| ()).map_err(|e| e.to_string());
-            let _ = tx.send(Input::app(Msg::TrainerDone(result)));
-            sinks.errors
+            let outcome = session.run(&mut |seen| {
+                let msg = match seen {
+                    Observed::Event(e) => Msg::Event(e.clone()),
+                    Observed::SinkFailed(e) => Msg::Warning(e.to_string()),
+                };
+                let _ = tx.send(Input::app(msg));
+            });
+            let _ = tx.send(Input::app(Msg::TrainerDone(outcome.error.map_or(Ok(()), |e| Err(e.to_string())))));
         })
         .context("starting the event thread")?;
     let title = resolved.preset.clone().unwrap_or_else(|| "run".into());
-    Ok((OwnedRun { _claim: claim, controls, _inbox: inbox, output_dir: out, forwarder }, title))
+    Ok((OwnedRun { controls, output_dir, forwarder }, title))
 }
 
 /// Tails a run's metrics.jsonl: its history first, then each new complete line.
@@ -252,7 +252,7 @@ pub fn lab(run: RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let procedure = start_procedure(&run, &tx)?;
     let app = if let Some((stop, started)) = procedure {
         lab.backend = Backend::Sweep(stop);
-        let mut app = App::overlay(Overlay::new(Kind::Sweep, "starting"), !ui.no_mouse, ui.ascii);
+        let mut app = App::overlay(Overlay::new(OverlayKind::Sweep, "starting"), !ui.no_mouse, ui.ascii);
         app.update(started);
         app
     } else if run.preset.is_some() {
@@ -268,7 +268,7 @@ pub fn lab(run: RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
             .collect();
         let measured = crate::train::throughput::load(&default_cache_dir());
         let root = runs_root(&run.flags);
-        let runs = crate::sweep::compare::list_runs(&root, RUN_LIST_LIMIT);
+        let runs = crate::research::runs::list_runs(&root, RUN_LIST_LIMIT);
         let picker = Picker::new(presets, run.flags.clone()).with_measured(&measured).with_runs(root, runs);
         App::picker(picker, !ui.no_mouse, ui.ascii)
     };
@@ -276,9 +276,7 @@ pub fn lab(run: RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
     // after the alternate screen is gone: one line on what happened
     if let (Some(d), Backend::Owned(run)) = (app.dash(), lab.backend) {
         if d.finished() {
-            for e in run.forwarder.join().unwrap_or_default() {
-                eprintln!("[warning] {e}");
-            }
+            let _ = run.forwarder.join();
         }
         let status = match &d.status {
             Status::Finished { status } => status.to_string(),
@@ -324,7 +322,7 @@ pub fn watch(dir: &Path, ui: UiOptions) -> anyhow::Result<ExitCode> {
 pub fn study(handle: StudyHandle, root: &Path, arms: Vec<String>, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tui::channel();
     forward(handle.events.clone(), tx.clone(), Msg::Study);
-    let mut overlay = Overlay::new(Kind::Study, &format!("study -> {}", root.display()));
+    let mut overlay = Overlay::new(OverlayKind::Study, &format!("study -> {}", root.display()));
     overlay.arms = arms;
     let app = App::overlay(overlay, !ui.no_mouse, ui.ascii);
     let mut lab = Lab { backend: Backend::Sweep(handle.stop.clone()), stop: StopSignal::default() };
@@ -335,7 +333,11 @@ pub fn study(handle: StudyHandle, root: &Path, arms: Vec<String>, ui: UiOptions)
 pub fn sweep(handle: SweepHandle, base: &RunConfig, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tui::channel();
     forward(handle.events.clone(), tx.clone(), Msg::Sweep);
-    let app = App::overlay(Overlay::new(Kind::Sweep, &format!("sweep -> {}", base.output_dir)), !ui.no_mouse, ui.ascii);
+    let app = App::overlay(
+        Overlay::new(OverlayKind::Sweep, &format!("sweep -> {}", base.output_dir)),
+        !ui.no_mouse,
+        ui.ascii,
+    );
     let mut lab = Lab { backend: Backend::Sweep(handle.stop.clone()), stop: StopSignal::default() };
     Ok(tui::run(app, &mut lab, tx, rx)?.1)
 }
@@ -361,7 +363,7 @@ pub fn lr_find(
         }
     });
     let app = App::overlay(
-        Overlay::new(Kind::LrFind, &format!("LR range test -> {}/lr_find", cfg.output_dir)),
+        Overlay::new(OverlayKind::LrFind, &format!("LR range test -> {}/lr_find", cfg.output_dir)),
         !ui.no_mouse,
         ui.ascii,
     );
@@ -370,7 +372,7 @@ pub fn lr_find(
 }
 
 /// Finished runs, overlaid.
-pub fn compare(runs: Vec<Run>, ui: UiOptions) -> anyhow::Result<ExitCode> {
+pub fn compare(runs: Vec<RunLog>, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tui::channel();
     let app = App::overlay(Overlay::from_runs(&runs), !ui.no_mouse, ui.ascii);
     let mut lab = Lab { backend: Backend::None, stop: StopSignal::default() };

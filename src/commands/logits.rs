@@ -29,7 +29,7 @@ pub fn run(checkpoint: &Path, ids: Option<&str>, text: Option<&str>) -> anyhow::
             BadInput(format!("need 1..={} ids below the vocabulary size {}", cfg.n_positions, cfg.vocab_size)).into()
         );
     }
-    let model = Trainable::new(&cfg, weights)?.detached()?;
+    let model = Trainable::on_weights(&cfg, weights)?.detached()?;
     let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu)?;
     let logits = model.forward(&input, None)?.logits; // (1, T, V)
     let rows: Vec<Vec<f32>> = logits.squeeze(0)?.to_vec2()?;

@@ -22,34 +22,27 @@ use cli::Invocation;
 
 pub const EXIT_BAD_INPUT: u8 = 2;
 
-/// Bad input, as opposed to a failure: the exit code 2 class.
+/// Bad input, as opposed to a failure: the exit code 2 class. The first error of the chain
+/// that knows which it is decides (each library error type classifies its own variants).
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     use crate::data::DataError;
     use crate::model::hf::CheckpointError;
+    use crate::session::SessionError;
     use crate::train::{device::DeviceError, TrainError};
-    for cause in err.chain() {
-        if cause.is::<ConfigError>()
-            || cause.is::<DeviceError>()
-            || cause.is::<bench::BenchError>()
-            || cause.is::<BadInput>()
-        {
-            return EXIT_BAD_INPUT;
+    let bad_input = |cause: &(dyn std::error::Error + 'static)| -> Option<bool> {
+        if cause.is::<ConfigError>() || cause.is::<DeviceError>() || cause.is::<BadInput>() {
+            return Some(true);
         }
-        if let Some(e) = cause.downcast_ref::<DataError>() {
-            return if matches!(e, DataError::Cache { .. }) { 1 } else { EXIT_BAD_INPUT };
-        }
-        if let Some(e) = cause.downcast_ref::<TrainError>() {
-            return if e.is_user_error() { EXIT_BAD_INPUT } else { 1 };
-        }
-        if let Some(e) = cause.downcast_ref::<CheckpointError>() {
-            let failure = matches!(
-                e,
-                CheckpointError::Write { .. } | CheckpointError::NonFinite { .. } | CheckpointError::Candle(_)
-            );
-            return if failure { 1 } else { EXIT_BAD_INPUT };
-        }
+        (cause.downcast_ref::<bench::BenchError>().map(bench::BenchError::is_bad_input))
+            .or_else(|| cause.downcast_ref::<DataError>().map(DataError::is_bad_input))
+            .or_else(|| cause.downcast_ref::<TrainError>().map(TrainError::is_bad_input))
+            .or_else(|| cause.downcast_ref::<CheckpointError>().map(CheckpointError::is_bad_input))
+            .or_else(|| cause.downcast_ref::<SessionError>().map(SessionError::is_bad_input))
+    };
+    match err.chain().find_map(bad_input) {
+        Some(true) => EXIT_BAD_INPUT,
+        _ => 1,
     }
-    1
 }
 
 /// The error and its causes in one line, each cause once: many errors quote their source in
@@ -97,13 +90,12 @@ pub fn name_run(resolved: &mut Resolved) -> Result<(), BadInput> {
 #[error("{0}")]
 pub struct BadInput(pub String);
 
-/// Preset chain + flags -> a resolved, validated config. Warnings go to stderr.
-pub fn resolve_run(args: &RunArgs) -> Result<Resolved, ConfigError> {
-    let resolved = args.resolve()?;
-    for w in &resolved.warnings {
+/// Warnings of a resolution (accepted misspellings, notes) on stderr, for commands without a
+/// TUI; the lab shows them in its log instead.
+pub fn print_warnings(warnings: &[String]) {
+    for w in warnings {
         eprintln!("{w}");
     }
-    Ok(resolved)
 }
 
 /// "sweep" or "study" when the resolved preset is one of those procedures.
@@ -118,7 +110,7 @@ fn procedure(resolved: &Resolved) -> Option<&'static str> {
 pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
     match invocation {
         Invocation::Train(args) => {
-            let resolved = resolve_run(&args)?;
+            let resolved = args.resolve()?;
             if resolved.config.eval_only {
                 return eval::run(&resolved);
             }
@@ -131,14 +123,14 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             }
             headless::train(&resolved)
         }
-        Invocation::Eval(args) => eval::run(&resolve_run(&args)?),
+        Invocation::Eval(args) => eval::run(&args.resolve()?),
         Invocation::Lab { run, ui } => {
             use std::io::IsTerminal;
             if run.preset.is_none() && run.flags.is_empty() && !std::io::stdout().is_terminal() {
                 return Err(BadInput("no preset given and stdout is not a terminal (the picker needs one); run `difflab --preset demo` or `difflab train --preset demo`".into()).into());
             }
             if !ui.draws() {
-                let resolved = resolve_run(&run)?;
+                let resolved = run.resolve()?;
                 return match procedure(&resolved) {
                     Some("sweep") => sweep::sweep(&run, ui),
                     Some(_) => study::run(&procedure::StudyArgs { run, arms: vec![], seeds: None, ui }),
@@ -173,7 +165,8 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             Ok(if pass { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Invocation::Presets(Some(name)) => {
-            let resolved = resolve_run(&RunArgs { preset: Some(name.clone()), flags: vec![] })?;
+            let resolved = RunArgs { preset: Some(name.clone()), flags: vec![] }.resolve()?;
+            print_warnings(&resolved.warnings);
             let library = PresetLibrary::load();
             let preset = library.get(&name)?;
             println!("{} ({})", preset.name, preset.origin);
@@ -199,7 +192,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
         Invocation::Study(args) => study::run(&args),
         Invocation::LrFind { run, start_lr, end_lr, num_steps, ui } => sweep::lr_find(
             &run,
-            crate::sweep::lr_find::Range { start: start_lr, end: end_lr, steps: num_steps as usize },
+            crate::research::lr_find::Range { start: start_lr, end: end_lr, steps: num_steps as usize },
             ui,
         ),
         Invocation::Compare { dirs, png, ui } => sweep::compare(&dirs, png, ui),

@@ -6,17 +6,26 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use super::{resolve_run, BadInput};
+use super::BadInput;
 use crate::config::keys::parse_flag_value;
-use crate::config::{RunArgs, RunConfig, Source, SweepSpec};
+use crate::config::{Origin, RunArgs, RunConfig, SweepSpec};
 use crate::data::prepare::default_cache_dir;
-use crate::sweep::study::{self, Arm, Plan};
-use crate::sweep::SweepPlan;
+use crate::research::study::{self, Arm, RunPlan};
+use crate::research::sweep::SweepPlan;
 use crate::tui::UiOptions;
+
+/// A sweep ready to start.
+pub struct Planned {
+    pub base: RunConfig,
+    pub preset: Option<String>,
+    pub plan: SweepPlan,
+    /// The resolution's warnings (accepted misspellings, notes), for the caller to show.
+    pub warnings: Vec<String>,
+}
 
 /// The swept key and its values: a flag given a comma list, else the preset's `sweep:` (one
 /// key, or a grid of two). Each trial is checked by resolving the run with its values.
-pub fn plan(args: &RunArgs) -> anyhow::Result<(RunConfig, Option<String>, SweepPlan)> {
+pub fn plan(args: &RunArgs) -> anyhow::Result<Planned> {
     let lists: Vec<&(String, String)> = args.flags.iter().filter(|(_, v)| v.contains(',')).collect();
     if lists.len() > 1 {
         return Err(BadInput(format!(
@@ -29,7 +38,7 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<(RunConfig, Option<String>, SweepP
         preset: args.preset.clone(),
         flags: args.flags.iter().filter(|(_, v)| !v.contains(',')).cloned().collect(),
     };
-    let resolved = resolve_run(&fixed)?;
+    let resolved = fixed.resolve()?;
     let spec = match lists.first() {
         Some((key, list)) => {
             let values = list.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| parse_flag_value(key, v)).collect::<Result<Vec<_>, _>>()?;
@@ -57,11 +66,17 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<(RunConfig, Option<String>, SweepP
     for trial in &trials {
         let mut flags = fixed.flags.clone();
         flags.extend(trial.iter().map(|(k, v)| (k.clone(), v.as_str().map_or(v.to_string(), str::to_string))));
-        resolve_run(&RunArgs { preset: fixed.preset.clone(), flags })
+        RunArgs { preset: fixed.preset.clone(), flags }
+            .resolve()
             .with_context(|| format!("the trial {}", SweepPlan::label(trial)))?;
     }
     let keys = spec.axes.iter().map(|a| a.0.clone()).collect();
-    Ok((resolved.config, resolved.preset, SweepPlan { keys, trials }))
+    Ok(Planned {
+        base: resolved.config,
+        preset: resolved.preset,
+        plan: SweepPlan { keys, trials },
+        warnings: resolved.warnings,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -107,7 +122,7 @@ fn arm_args(base: &RunArgs, spec: &str) -> Result<RunArgs, BadInput> {
         let (key, value) = (key.trim().trim_start_matches("--"), value.trim());
         if key == "preset" {
             args.preset = Some(value.into());
-        } else if ["output_dir", "seed"].contains(&key) {
+        } else if crate::config::keys::is_procedures_own(key) {
             return Err(BadInput(format!(
                 "--arm {spec:?}: {key} is the study's, not an arm's (--output_dir for the study, --seeds for the seeds)"
             )));
@@ -123,7 +138,9 @@ pub struct Prepared {
     pub root: PathBuf,
     pub arms: Vec<Arm>,
     pub seeds: Vec<u64>,
-    pub plans: Vec<Plan>,
+    pub plans: Vec<RunPlan>,
+    /// The resolutions' warnings, each once, for the caller to show.
+    pub warnings: Vec<String>,
 }
 
 impl Prepared {
@@ -138,12 +155,13 @@ impl Prepared {
 
 /// Resolves the arms and seeds and checks every run's folder, before anything runs.
 pub fn prepare(args: &StudyArgs) -> anyhow::Result<Prepared> {
-    let base = resolve_run(&args.run)?;
+    let base = args.run.resolve()?;
+    let mut warnings = base.warnings.clone();
     // a study's folder is the command line's, or a study preset's own; a plain run's preset
     // (`demo`: outputs/demo) names a run's folder, not a study's, so it does not count
     let own_folder = match base.origins.get("output_dir") {
-        Some(Source::CommandLine) => true,
-        Some(Source::Preset(_)) => base.study.is_some(),
+        Some(Origin::CommandLine) => true,
+        Some(Origin::Preset(_)) => base.study.is_some(),
         _ => false,
     };
     let root = PathBuf::from(if own_folder { base.config.output_dir.clone() } else { "outputs/study".into() });
@@ -172,9 +190,10 @@ pub fn prepare(args: &StudyArgs) -> anyhow::Result<Prepared> {
     };
     let mut arms = vec![];
     for (label, arm_args) in specs {
-        let resolved = resolve_run(&arm_args).with_context(|| format!("the arm {label:?}"))?;
+        let resolved = arm_args.resolve().with_context(|| format!("the arm {label:?}"))?;
+        warnings.extend(resolved.warnings.iter().filter(|w| !warnings.contains(w)).cloned().collect::<Vec<_>>());
         let mut config = resolved.config;
-        if !resolved.origins.get("eval_on_start").is_some_and(|o| *o != Source::Default) {
+        if !resolved.origins.get("eval_on_start").is_some_and(|o| *o != Origin::Default) {
             config.eval_on_start = true;
         }
         arms.push(Arm { label, config, preset: resolved.preset });
@@ -186,13 +205,13 @@ pub fn prepare(args: &StudyArgs) -> anyhow::Result<Prepared> {
     };
     let seeds = seeds(&seed_spec, base.config.seed)?;
     study::check_arms(&arms, &seeds).map_err(|e| BadInput(e.to_string()))?;
-    let order = study::order(arms.len(), &seeds);
+    let order = study::plan::order(arms.len(), &seeds);
     let plans = order
         .iter()
         .map(|&(a, s)| study::plan(&study::run_config(&root, &arms[a], s)))
-        .collect::<Result<Vec<Plan>, _>>()
+        .collect::<Result<Vec<RunPlan>, _>>()
         .map_err(|e| BadInput(e.to_string()))?;
-    Ok(Prepared { root, arms, seeds, plans })
+    Ok(Prepared { root, arms, seeds, plans, warnings })
 }
 
 #[cfg(test)]

@@ -4,13 +4,14 @@ use std::process::ExitCode;
 
 use super::procedure::{prepare, StudyArgs};
 use crate::events::Event;
+use crate::research::study::{self, RunPlan, StudyEvent};
 use crate::signals::Interrupts;
 use crate::sinks::human::describe;
-use crate::sweep::study::{self, Plan, StudyEvent};
 
 pub fn run(args: &StudyArgs) -> anyhow::Result<ExitCode> {
     let prepared = prepare(args)?;
-    let reused = prepared.plans.iter().filter(|p| **p == Plan::Reuse).count();
+    super::print_warnings(&prepared.warnings);
+    let reused = prepared.plans.iter().filter(|p| **p == RunPlan::Reuse).count();
     eprintln!(
         "[study] {} arms x {} seeds {:?} = {} runs in {}{}",
         prepared.arms.len(),

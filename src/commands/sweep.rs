@@ -6,16 +6,18 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::procedure::plan;
-use super::{resolve_run, BadInput};
+use super::BadInput;
 use crate::config::RunArgs;
 use crate::data::prepare::default_cache_dir;
+use crate::research::compare;
+use crate::research::lr_find::{self, LrFindEvent, Range};
+use crate::research::sweep::{self, SweepEvent};
 use crate::sinks::human::describe;
-use crate::sweep::lr_find::{self, LrFindEvent, Range};
-use crate::sweep::{self, compare, SweepEvent};
 use crate::tui::UiOptions;
 
 pub fn sweep(args: &RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
-    let (base, preset, plan) = plan(args)?;
+    let super::procedure::Planned { base, preset, plan, warnings } = plan(args)?;
+    super::print_warnings(&warnings);
     let handle = sweep::spawn(base.clone(), preset, plan, default_cache_dir());
     if ui.draws() {
         return super::lab::sweep(handle, &base, ui);
@@ -44,7 +46,9 @@ pub fn sweep(args: &RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
 }
 
 pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<ExitCode> {
-    let cfg = resolve_run(args)?.config;
+    let resolved = args.resolve()?;
+    super::print_warnings(&resolved.warnings);
+    let cfg = resolved.config;
     let (tx, rx) = crossbeam_channel::unbounded();
     let cache = default_cache_dir();
     let worker_cfg = cfg.clone();

@@ -7,6 +7,7 @@
 
 pub mod keys;
 pub mod preset;
+pub mod reconcile;
 pub mod resolve;
 
 use std::fmt;
@@ -19,7 +20,8 @@ use crate::model::GptConfig;
 use crate::optim::ScheduleKind;
 
 pub use preset::{Preset, PresetLibrary, Seeds, StudySpec, SweepSpec};
-pub use resolve::{resolve, Overrides, Resolved, Source};
+pub use reconcile::{reconcile, ReconcileError, Reconciled};
+pub use resolve::{resolve, Origin, Overrides, Resolved};
 
 /// A run as asked for: the preset and the flags as given, `(key, raw value)` pairs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -44,36 +46,21 @@ impl RunArgs {
         resolve(&chain, &flags)
     }
 
-    /// The arguments that resume the run in `dir` as it was set up: every setting of its
-    /// `train_begin` config, given explicitly (so no preset's default can differ from what it
-    /// trained with), then `resume_from_checkpoint latest`.
-    pub fn resuming(dir: &std::path::Path, config: &serde_json::Map<String, serde_json::Value>) -> Self {
-        // what names this session, not the run
-        const NOT_CARRIED: [&str; 6] =
-            ["output_dir", "resume_from_checkpoint", "overwrite_output_dir", "run_name", "eval_only", "checkpoint"];
-        let mut flags: Vec<(String, String)> = config
-            .iter()
-            .filter(|(k, _)| keys::find(k).is_some() && !NOT_CARRIED.contains(&k.as_str()))
-            .filter_map(|(k, v)| {
-                let raw = match v {
-                    serde_json::Value::Null => "none".to_string(),
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Bool(_) | serde_json::Value::Number(_) => v.to_string(),
-                    _ => return None,
-                };
-                Some((k.clone(), raw))
-            })
-            .collect();
-        flags.push(("output_dir".into(), dir.display().to_string()));
-        flags.push(("resume_from_checkpoint".into(), "latest".into()));
+    /// The arguments that resume the run in `dir` from its newest checkpoint: every setting
+    /// then comes from the checkpoint (`train::checkpoint::reconcile_resume`).
+    pub fn resuming(dir: &std::path::Path) -> Self {
+        let flags = vec![
+            ("output_dir".to_string(), dir.display().to_string()),
+            ("resume_from_checkpoint".to_string(), "latest".to_string()),
+        ];
         Self { preset: None, flags }
     }
 }
 
-/// Everything a run needs, resolved: no key is missing. Field names are the keys of `KEYS`.
-/// Missing keys take their defaults when a saved config is read (files of older versions).
+/// Everything a run needs, resolved: no key is missing. Field names are the keys of `KEYS`
+/// (a test holds the two together); `from_map` reads a saved one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub dataset: String,
     pub dataset_config: String,
@@ -123,62 +110,30 @@ pub struct RunConfig {
 }
 
 impl Default for RunConfig {
-    /// The research code's defaults where its README implies them (RoPE on, baseline,
-    /// TensorBoard and figures on, a training subset), HF Trainer's elsewhere (AdamW betas
-    /// 0.9/0.999, eps 1e-8). The model defaults to GPT-2 small's shape. The dataset defaults
-    /// to the offline built-in corpus so a bare run never needs the network.
+    /// The key table's defaults (`keys::KEYS`), the one place they are written.
     fn default() -> Self {
-        Self {
-            dataset: "builtin".into(),
-            dataset_config: "wikitext-103-v1".into(),
-            output_dir: "outputs/run".into(),
-            rope: true,
-            research: false,
-            eval_only: false,
-            checkpoint: None,
-            log_tensorboard: true,
-            log_figures: true,
-            subset_ratio: 1.0,
-            num_train_epochs: 1.0,
-            n_layer: 12,
-            n_head: 12,
-            n_embd: 768,
-            block_size: 1024,
-            batch_size: 64,
-            micro_batch_size: 4,
-            learning_rate: 1e-4,
-            lr_scheduler_type: ScheduleKind::Cosine,
-            warmup_steps: 0,
-            warmup_ratio: 0.0,
-            weight_decay: 0.0,
-            adam_beta2: 0.999,
-            max_grad_norm: 1.0,
-            gradient_checkpointing: false,
-            max_steps: None,
-            eval_steps: 500,
-            save_steps: 500,
-            save_total_limit: Some(3),
-            logging_steps: 10,
-            seed: 42,
-            dropout: 0.0,
-            tokenizer: TokenizerSpec::Auto,
-            device: DeviceSpec::Auto,
-            dtype: Precision::F32,
-            resume_from_checkpoint: None,
-            adam_beta1: 0.9,
-            adam_epsilon: 1e-8,
-            rope_theta: 10_000.0,
-            eval_max_blocks: None,
-            overwrite_output_dir: false,
-            run_name: None,
-            eval_split: Split::Validation,
-            eval_on_start: false,
-            sample_prompt: None,
-        }
+        RunConfig::from_map(keys::defaults())
+            .unwrap_or_else(|e| panic!("the key table's defaults do not make a RunConfig: {e}"))
     }
 }
 
 impl RunConfig {
+    /// Settings as JSON (a saved `difflab_config.json`, or a merge): keys it lacks (a file of an
+    /// older version) take the table's defaults, keys the table does not know are refused.
+    pub fn from_map(map: serde_json::Map<String, serde_json::Value>) -> Result<Self, serde_json::Error> {
+        let mut all = keys::defaults();
+        all.extend(map);
+        serde_json::from_value(serde_json::Value::Object(all))
+    }
+
+    /// The settings as the JSON object they are saved as.
+    pub fn to_map(&self) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        }
+    }
+
     /// The tokenizer with `auto` resolved against the dataset.
     pub fn tokenizer_spec(&self) -> TokenizerSpec {
         self.tokenizer.resolved(&self.dataset)

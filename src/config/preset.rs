@@ -200,9 +200,6 @@ fn parse_sweep(origin: &str, value: Value, warnings: &mut Vec<String>) -> Result
     Ok(SweepSpec { axes })
 }
 
-/// Keys an arm may not set: they are the study's.
-const STUDY_KEYS: [&str; 2] = ["output_dir", "seed"];
-
 fn parse_study(origin: &str, value: Value, warnings: &mut Vec<String>) -> Result<StudySpec, ConfigError> {
     let bad = |what: String| ConfigError::BadStudy { origin: origin.into(), problem: what };
     let Value::Object(mut m) = value else { return Err(bad("`study` must be a mapping".into())) };
@@ -242,8 +239,8 @@ fn parse_study(origin: &str, value: Value, warnings: &mut Vec<String>) -> Result
                 continue;
             }
             let key = canonical_key(&key, &at, warnings);
-            if STUDY_KEYS.contains(&key.as_str()) {
-                return Err(bad(format!("arms[{i}] sets `{key}`, which is the study's (its output_dir, its seeds)")));
+            if super::keys::is_procedures_own(&key) {
+                return Err(bad(format!("arms[{i}] sets `{key}`, which is the study's (its folders, its seeds)")));
             }
             let value = check_value(&at, &key, &value)?;
             values.insert(key, value);

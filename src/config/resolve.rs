@@ -12,18 +12,18 @@ use crate::optim::ScheduleKind;
 
 /// Where a value came from, for error messages.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Source {
+pub enum Origin {
     Default,
     Preset(String),
     CommandLine,
 }
 
-impl std::fmt::Display for Source {
+impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Source::Default => f.write_str("default"),
-            Source::Preset(origin) => f.write_str(origin),
-            Source::CommandLine => f.write_str("command line"),
+            Origin::Default => f.write_str("default"),
+            Origin::Preset(origin) => f.write_str(origin),
+            Origin::CommandLine => f.write_str("command line"),
         }
     }
 }
@@ -35,7 +35,7 @@ pub type Overrides = Vec<(String, Value)>;
 pub struct Resolved {
     pub config: RunConfig,
     /// Which source set each key that is not a default.
-    pub origins: BTreeMap<String, Source>,
+    pub origins: BTreeMap<String, Origin>,
     /// One line each: accepted misspellings and the like.
     pub warnings: Vec<String>,
     /// The preset's name, if one was used.
@@ -48,25 +48,22 @@ pub struct Resolved {
 
 /// Maps an accepted misspelling to its key, with a warning.
 pub fn resolve(chain: &[Preset], flags: &Overrides) -> Result<Resolved, ConfigError> {
-    let mut merged: Map<String, Value> = match serde_json::to_value(RunConfig::default()) {
-        Ok(Value::Object(m)) => m,
-        _ => Map::new(),
-    };
+    let mut merged: Map<String, Value> = super::keys::defaults();
     let mut origins = BTreeMap::new();
     let mut warnings = vec![];
     for preset in chain {
         warnings.extend(preset.warnings.iter().cloned());
         for (key, value) in &preset.values {
             merged.insert(key.clone(), value.clone());
-            origins.insert(key.clone(), Source::Preset(preset.origin.clone()));
+            origins.insert(key.clone(), Origin::Preset(preset.origin.clone()));
         }
     }
     for (key, value) in flags {
         let key = canonical_key(key, "command line", &mut warnings);
         merged.insert(key.clone(), check_value("command line", &key, value)?);
-        origins.insert(key, Source::CommandLine);
+        origins.insert(key, Origin::CommandLine);
     }
-    let origin_of = |key: &str| origins.get(key).cloned().unwrap_or(Source::Default).to_string();
+    let origin_of = |key: &str| origins.get(key).cloned().unwrap_or(Origin::Default).to_string();
 
     // the research code trains on "WikiText-103 (subset by default)": a tenth of the training
     // rows unless subset_ratio is set (presets set it; all of it is --subset_ratio 1.0)
@@ -143,6 +140,13 @@ fn invalid(
 
 /// The invariants a run relies on, each refused with the key, its origin and a fix.
 pub fn validate(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    validate_shape(c, origin_of)?;
+    validate_ranges(c, origin_of)?;
+    validate_the_rest(c, origin_of)
+}
+
+/// Sizes that must be whole and positive, and divide as the model and batch need.
+fn validate_shape(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
     let at_least_one = [
         ("n_layer", c.n_layer),
         ("n_head", c.n_head),
@@ -194,6 +198,11 @@ pub fn validate(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(),
             "change n_embd or n_head so the head size is even, or set rope false",
         ));
     }
+    Ok(())
+}
+
+/// Fractions in their unit interval, rates and scales above 0.
+fn validate_ranges(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
     let unit = |key: &str, v: f64, lo_open: bool| -> Result<(), ConfigError> {
         let ok = if lo_open { v > 0.0 && v <= 1.0 } else { (0.0..1.0).contains(&v) };
         if ok {
@@ -228,6 +237,11 @@ pub fn validate(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(),
             "set weight_decay to 0 or more",
         ));
     }
+    Ok(())
+}
+
+/// Evaluation blocks, the folder, the step limit and the WikiText config.
+fn validate_the_rest(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
     if c.eval_max_blocks == Some(0) {
         return Err(invalid(
             origin_of("eval_max_blocks"),

@@ -1,4 +1,4 @@
-//! Everything between a dataset name and batches of token ids (DESIGN §3).
+//! Everything between a dataset name and batches of token ids.
 //!
 //! `prepare` resolves the dataset (WikiText through the HF cache, local files, or the built-in
 //! corpus), loads or trains the tokenizer, and returns both splits as memory-mapped token
@@ -122,6 +122,12 @@ pub enum DataError {
 }
 
 impl DataError {
+    /// Bad input (exit 2: a missing dataset, a malformed file), or a failure of difflab's own
+    /// cache (exit 1).
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, DataError::Cache { .. })
+    }
+
     pub fn unreadable(path: &Path, e: impl std::fmt::Display) -> Self {
         DataError::Unreadable { path: path.to_path_buf(), reason: e.to_string() }
     }

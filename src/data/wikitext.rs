@@ -1,5 +1,5 @@
 //! WikiText from `Salesforce/wikitext` (Parquet on `main`, pinned), one row per line of the
-//! original `wiki.*.tokens` files (data-formats.md §2).
+//! original `wiki.*.tokens` files.
 
 use std::path::PathBuf;
 
@@ -14,7 +14,7 @@ pub const REVISION: &str = "b08601e04326c79dfdd32d625aee71d232d685c3";
 pub const CONFIGS: [&str; 4] = ["wikitext-103-v1", "wikitext-103-raw-v1", "wikitext-2-v1", "wikitext-2-raw-v1"];
 
 /// GPT-2 BPE tokens in each config's train split, for step estimates before any download
-/// (wikitext-103-raw-v1: 117,920,140, data-formats.md §2.3; the non-raw variant is within a
+/// (wikitext-103-raw-v1: 117,920,140, counted with the GPT-2 tokenizer; the non-raw variant is within a
 /// few percent). WikiText-2 is ~2% of it.
 pub fn gpt2_train_tokens(config: &str) -> Option<u64> {
     match config {

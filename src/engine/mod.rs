@@ -1,5 +1,6 @@
-//! Which engine computes a run's steps, chosen once per run and named where the user sees it
-//! (`train_begin`, the headless start line, the dashboard header), and the CPU kernels.
+//! Where and how a run computes (`Placement`: device, compute dtype, engine, processes), chosen
+//! once per run and named where the user sees it (`train_begin`, the headless start line, the
+//! dashboard header), and the CPU kernels.
 
 pub mod cpu;
 
@@ -26,8 +27,9 @@ pub enum Engine {
 
 impl Engine {
     /// The engine for a run on `device` computing in `dtype` with `dropout`. Every combination
-    /// maps to exactly one engine; callers refuse the ones they do not train (bf16 on the CPU).
-    pub fn choose(device: &Device, dtype: DType, dropout: f64) -> Engine {
+    /// maps to exactly one engine; `train::placement` refuses the ones it does not train (bf16
+    /// on the CPU).
+    fn choose(device: &Device, dtype: DType, dropout: f64) -> Engine {
         match (device.is_cpu(), dtype, dropout > 0.0) {
             (true, DType::F32, false) => Engine::CpuStep,
             (true, DType::F32, true) => Engine::CpuAutograd,
@@ -50,17 +52,6 @@ impl Engine {
             Engine::Autograd => "autograd",
         }
     }
-
-    /// One line for logs and headers: the name and what it means.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Engine::CpuStep => "cpu-step (written-out f32 step, fused CPU kernels, no autograd)",
-            Engine::CpuAutograd => {
-                "cpu-autograd (candle autograd over fused CPU ops; attention composed for its dropout)"
-            }
-            Engine::Autograd => "autograd (candle autograd over composed ops)",
-        }
-    }
 }
 
 impl fmt::Display for Engine {
@@ -79,10 +70,34 @@ pub enum Kernels {
     Composed,
 }
 
-impl Kernels {
-    /// The kernels for parameters on `device` in `dtype` (f32 on the CPU: fused).
-    pub fn for_device(device: &Device, dtype: DType) -> Kernels {
-        Engine::choose(device, dtype, 0.0).kernels()
+/// Where and how a run computes, decided once (`train::placement` for a run, `of` for a model
+/// used where its weights are) and passed to everything that builds or steps a model.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub device: Device,
+    /// The activations' dtype; parameters and optimizer state stay f32.
+    pub dtype: DType,
+    pub engine: Engine,
+    /// Processes training together (1 unless launched by mpirun).
+    pub world_size: usize,
+}
+
+impl Placement {
+    /// The engine for computing in `dtype` on `device` with `dropout`, in a world of `world_size`.
+    pub fn new(device: Device, dtype: DType, dropout: f64, world_size: usize) -> Placement {
+        let engine = Engine::choose(&device, dtype, dropout);
+        Placement { device, dtype, engine, world_size }
+    }
+
+    /// One process computing in the weights' own dtype on their device, without dropout: for
+    /// inference and for gradient checks in f64.
+    pub fn of(device: &Device, dtype: DType) -> Placement {
+        Placement::new(device.clone(), dtype, 0.0, 1)
+    }
+
+    /// The kernels the model's ops use.
+    pub fn kernels(&self) -> Kernels {
+        self.engine.kernels()
     }
 }
 
@@ -98,6 +113,7 @@ mod tests {
         assert_eq!(Engine::choose(&cpu, DType::F64, 0.0), Engine::Autograd);
         assert_eq!(Engine::choose(&cpu, DType::BF16, 0.1), Engine::Autograd);
         assert_eq!(Engine::CpuAutograd.kernels(), Kernels::FusedCpu);
+        assert_eq!(Placement::of(&cpu, DType::F64).kernels(), Kernels::Composed);
         assert_eq!(serde_json::to_string(&Engine::CpuStep).unwrap(), "\"cpu-step\"");
     }
 }

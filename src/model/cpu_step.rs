@@ -24,7 +24,7 @@ use crate::engine::cpu::ops::slice;
 
 /// One block's parameters (or gradients), indexed by the constants below, in
 /// `BLOCK_NAMES` order.
-struct Block<T>([T; 12]);
+struct PerBlock<T>([T; 12]);
 
 const BLOCK_NAMES: [&str; 12] = [
     "ln_1.weight",
@@ -54,7 +54,7 @@ const MLP_W: usize = 10;
 const MLP_B: usize = 11;
 
 /// Mutable views of two distinct fields of a gradient block.
-fn pair(g: &mut Block<Vec<f32>>, a: usize, b: usize) -> (&mut [f32], &mut [f32]) {
+fn pair(g: &mut PerBlock<Vec<f32>>, a: usize, b: usize) -> (&mut [f32], &mut [f32]) {
     let (lo, hi) = g.0.split_at_mut(b);
     (&mut lo[a], &mut hi[0])
 }
@@ -63,16 +63,16 @@ fn pair(g: &mut Block<Vec<f32>>, a: usize, b: usize) -> (&mut [f32], &mut [f32])
 struct Weights<'a> {
     wte: &'a [f32],
     wpe: Option<&'a [f32]>,
-    h: Vec<Block<&'a [f32]>>,
+    h: Vec<PerBlock<&'a [f32]>>,
     ln_f_w: &'a [f32],
     ln_f_b: &'a [f32],
 }
 
 /// Gradient buffers, the same shapes.
-struct Grads {
+struct GradBuffers {
     wte: Vec<f32>,
     wpe: Option<Vec<f32>>,
-    h: Vec<Block<Vec<f32>>>,
+    h: Vec<PerBlock<Vec<f32>>>,
     ln_f_w: Vec<f32>,
     ln_f_b: Vec<f32>,
 }
@@ -91,14 +91,14 @@ struct Acts {
     g: Vec<f32>,
 }
 
-pub struct Outcome {
+pub struct MicroOutcome {
     pub loss: f64,
     pub diff_norms: Option<Vec<f32>>,
 }
 
 /// Gradient buffers summed over the micro-batches of a step: each backward adds into them,
 /// so accumulation costs nothing and they are made once per optimizer step.
-pub struct HostGrads(Grads);
+pub struct HostGrads(GradBuffers);
 
 impl HostGrads {
     /// Every gradient buffer, in a fixed order (the same on every process).
@@ -159,7 +159,7 @@ pub fn forward_backward(
     scale: f64,
     checkpointing: bool,
     grads: &mut Option<HostGrads>,
-) -> Result<Outcome> {
+) -> Result<MicroOutcome> {
     let (b, t) = ids.dims2()?;
     let ids: Vec<u32> = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
     let targets: Option<Vec<u32>> =
@@ -184,7 +184,7 @@ pub fn forward_backward(
                     BLOCK_NAMES.iter().map(|n| get(&format!("transformer.h.{i}.{n}"))).collect::<Result<_>>()?;
                 let fields: [&[f32]; 12] =
                     fields.try_into().map_err(|_| candle_core::Error::Msg("block fields".into()))?;
-                Ok(Block(fields))
+                Ok(PerBlock(fields))
             })
             .collect::<Result<_>>()?,
         ln_f_w: get("transformer.ln_f.weight")?,
@@ -237,7 +237,7 @@ impl Step<'_> {
     }
 
     /// Runs block `p` from `x_in`, filling every activation (the probabilities if `keep_probs`).
-    fn block_forward(&self, p: &Block<&[f32]>, x_in: Vec<f32>, keep_probs: bool) -> (Acts, Vec<f32>) {
+    fn block_forward(&self, p: &PerBlock<&[f32]>, x_in: Vec<f32>, keep_probs: bool) -> (Acts, Vec<f32>) {
         let (n, c) = (self.n(), self.cfg.n_embd);
         let d = self.dims();
         let mut a = Acts { x_in, ..Default::default() };
@@ -269,7 +269,7 @@ impl Step<'_> {
     }
 
     /// `dx_in` from `dx_out`, adding into the block's gradients `g`.
-    fn block_backward(&self, p: &Block<&[f32]>, a: &Acts, dx_out: &[f32], g: &mut Block<Vec<f32>>) -> Vec<f32> {
+    fn block_backward(&self, p: &PerBlock<&[f32]>, a: &Acts, dx_out: &[f32], g: &mut PerBlock<Vec<f32>>) -> Vec<f32> {
         let (n, c) = (self.n(), self.cfg.n_embd);
         // MLP: dx_out flows to the residual and into mlp.c_proj
         let mut d_g = vec![0f32; n * 4 * c];
@@ -300,23 +300,11 @@ impl Step<'_> {
         dx_in
     }
 
-    fn run(
-        &self,
-        ids: &[u32],
-        targets: Option<&[u32]>,
-        scale: f32,
-        checkpointing: bool,
-        g: &mut Grads,
-    ) -> Result<Outcome> {
+    /// `e = wte[ids]`, and the blocks' input: `d` (differential) or `e`, plus `wpe`; with the
+    /// differential path, `||d_t||` per row.
+    fn embed(&self, ids: &[u32]) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
         let (b, t, c, cfg) = (self.b, self.t, self.cfg.n_embd, self.cfg);
-        let n = b * t;
-        let v = cfg.vocab_size;
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
-            candle_core::bail!("token id {bad} is outside the vocabulary of {v}")
-        }
-
-        // ---- embeddings: e = wte[ids]; x0 = d (differential) or e, plus wpe
-        let mut e = vec![0f32; n * c];
+        let mut e = vec![0f32; b * t * c];
         e.par_chunks_mut(c)
             .zip(ids.par_iter())
             .for_each(|(row, &id)| row.copy_from_slice(&self.w.wte[id as usize * c..(id as usize + 1) * c]));
@@ -341,6 +329,56 @@ impl Step<'_> {
                 .enumerate()
                 .for_each(|(r, row)| row.iter_mut().zip(&wpe[(r % t) * c..(r % t + 1) * c]).for_each(|(x, p)| *x += p));
         }
+        (e, x0, diff_norms)
+    }
+
+    /// The embeddings' gradients from `dx`, the gradient at the blocks' input, and (differential)
+    /// `d_e_top`, the gradient of the token embedding added back after the last block.
+    fn embed_backward(&self, ids: &[u32], dx: Vec<f32>, d_e_top: Option<Vec<f32>>, g: &mut GradBuffers) {
+        let (b, t, c, cfg) = (self.b, self.t, self.cfg.n_embd, self.cfg);
+        if let Some(dwpe) = g.wpe.as_mut() {
+            for (r, row) in dx.chunks(c).enumerate() {
+                dwpe[(r % t) * c..(r % t + 1) * c].iter_mut().zip(row).for_each(|(a, x)| *a += x);
+            }
+        }
+        let mut d_e = if cfg.differential {
+            // d_t = e_t - e_(t-1): de_t = dd_t - dd_(t+1)
+            let mut de = dx.clone();
+            for bi in 0..b {
+                for pos in 0..t - 1 {
+                    let cur = &mut de[(bi * t + pos) * c..(bi * t + pos + 1) * c];
+                    let next_dd = &dx[(bi * t + pos + 1) * c..(bi * t + pos + 2) * c];
+                    cur.iter_mut().zip(next_dd).for_each(|(x, n)| *x -= n);
+                }
+            }
+            de
+        } else {
+            dx
+        };
+        if let Some(top) = d_e_top {
+            add_into(&mut d_e, &top);
+        }
+        for (row, &id) in d_e.chunks(c).zip(ids) {
+            g.wte[id as usize * c..(id as usize + 1) * c].iter_mut().zip(row).for_each(|(a, x)| *a += x);
+        }
+    }
+
+    fn run(
+        &self,
+        ids: &[u32],
+        targets: Option<&[u32]>,
+        scale: f32,
+        checkpointing: bool,
+        g: &mut GradBuffers,
+    ) -> Result<MicroOutcome> {
+        let (b, t, c, cfg) = (self.b, self.t, self.cfg.n_embd, self.cfg);
+        let n = b * t;
+        let v = cfg.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {v}")
+        }
+
+        let (e, x0, diff_norms) = self.embed(ids);
 
         // ---- blocks (keeping activations, or only block inputs under checkpointing)
         let mut acts: Vec<Acts> = Vec::with_capacity(cfg.n_layer);
@@ -396,41 +434,16 @@ impl Step<'_> {
             *a = Acts::default(); // free this block's activations now
         }
 
-        // ---- embeddings backward
-        if let Some(dwpe) = g.wpe.as_mut() {
-            for (r, row) in dx.chunks(c).enumerate() {
-                dwpe[(r % t) * c..(r % t + 1) * c].iter_mut().zip(row).for_each(|(a, x)| *a += x);
-            }
-        }
-        let mut d_e = if cfg.differential {
-            // d_t = e_t - e_(t-1): de_t = dd_t - dd_(t+1)
-            let mut de = dx.clone();
-            for bi in 0..b {
-                for pos in 0..t - 1 {
-                    let cur = &mut de[(bi * t + pos) * c..(bi * t + pos + 1) * c];
-                    let next_dd = &dx[(bi * t + pos + 1) * c..(bi * t + pos + 2) * c];
-                    cur.iter_mut().zip(next_dd).for_each(|(x, n)| *x -= n);
-                }
-            }
-            de
-        } else {
-            dx
-        };
-        if let Some(top) = d_e_top {
-            add_into(&mut d_e, &top);
-        }
-        for (row, &id) in d_e.chunks(c).zip(ids) {
-            g.wte[id as usize * c..(id as usize + 1) * c].iter_mut().zip(row).for_each(|(a, x)| *a += x);
-        }
-        Ok(Outcome { loss: loss as f64, diff_norms })
+        self.embed_backward(ids, dx, d_e_top, g);
+        Ok(MicroOutcome { loss: loss as f64, diff_norms })
     }
 
-    fn zero_grads(&self) -> Grads {
+    fn zero_grads(&self) -> GradBuffers {
         let w = self.w;
-        Grads {
+        GradBuffers {
             wte: vec![0f32; w.wte.len()],
             wpe: w.wpe.map(|p| vec![0f32; p.len()]),
-            h: w.h.iter().map(|p| Block(p.0.map(|f| vec![0f32; f.len()]))).collect(),
+            h: w.h.iter().map(|p| PerBlock(p.0.map(|f| vec![0f32; f.len()]))).collect(),
             ln_f_w: vec![0f32; w.ln_f_w.len()],
             ln_f_b: vec![0f32; w.ln_f_b.len()],
         }

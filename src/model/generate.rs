@@ -250,7 +250,7 @@ mod tests {
             dropout: 0.0,
         };
         let weights = init_weights(&cfg, 7, &Device::Cpu).unwrap();
-        Trainable::new(&cfg, weights).unwrap().detached().unwrap()
+        Trainable::on_weights(&cfg, weights).unwrap().detached().unwrap()
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::dropout::{maybe_dropout, Dropout};
 use super::ops;
 use super::rope::RotaryTables;
 use crate::engine::cpu::attention::{CausalAttention, Rope};
-use crate::engine::Kernels;
+use crate::engine::{Kernels, Placement};
 
 /// HF's Conv1D: `y = x · W + b` with `W` stored `[in, out]`.
 #[derive(Debug, Clone)]
@@ -202,7 +202,9 @@ pub struct Output {
 }
 
 impl Gpt {
-    pub fn load(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+    /// The model from `vb` (names = checkpoint keys), computing as `placement` says: activations
+    /// in its dtype (parameters keep theirs), ops on its engine's kernels.
+    pub fn load(vb: VarBuilder, cfg: &GptConfig, placement: &Placement) -> Result<Self> {
         let vb_t = vb.pp("transformer");
         let c = cfg.n_embd;
         let h = (0..cfg.n_layer).map(|i| Block::load(vb_t.pp("h").pp(i), cfg)).collect::<Result<Vec<_>>>()?;
@@ -212,25 +214,13 @@ impl Gpt {
             h,
             ln_f: LayerNorm::load(vb_t.pp("ln_f"), c, cfg.layer_norm_epsilon)?,
             cfg: cfg.clone(),
-            dtype: DType::F32,
-            kernels: Kernels::Composed,
+            dtype: placement.dtype,
+            kernels: placement.kernels(),
         })
-    }
-
-    /// Compute activations in `dtype` (bf16 on CUDA); parameters stay f32.
-    pub fn with_dtype(mut self, dtype: DType) -> Self {
-        self.dtype = dtype;
-        self
     }
 
     pub fn dtype(&self) -> DType {
         self.dtype
-    }
-
-    /// Runs every op on `kernels` (the engine's choice; composed until set).
-    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
-        self.kernels = kernels;
-        self
     }
 
     pub fn kernels(&self) -> Kernels {

@@ -58,6 +58,14 @@ pub enum CheckpointError {
     Candle(#[from] candle_core::Error),
 }
 
+impl CheckpointError {
+    /// Bad input (exit 2: a missing, damaged or foreign checkpoint), or a failure to write one
+    /// or of the tensors themselves (exit 1).
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, CheckpointError::Write { .. } | CheckpointError::NonFinite { .. } | CheckpointError::Candle(_))
+    }
+}
+
 fn crc_of(path: &Path) -> Result<String, CheckpointError> {
     let bytes = fs::read(path).map_err(|source| CheckpointError::Read { path: path.to_path_buf(), source })?;
     Ok(format!("{:08x}", crc32c::crc32c(&bytes)))

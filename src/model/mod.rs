@@ -1,4 +1,4 @@
-//! The model of DESIGN §1: GPT-2 with learned positions or RoPE, and the differential
+//! The model: GPT-2 with learned positions or RoPE, and the differential
 //! variant with either; its parameters, initialisation, diagnostics and the HF checkpoint.
 
 pub mod config;
@@ -18,7 +18,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
-use crate::engine::{Engine, Kernels};
+use crate::engine::Placement;
 pub use config::GptConfig;
 pub use gpt::Gpt;
 
@@ -27,47 +27,38 @@ pub use gpt::Gpt;
 pub struct Trainable {
     pub vars: BTreeMap<String, Var>,
     pub gpt: Gpt,
-    /// Activation dtype (f32; bf16 on CUDA). Parameters keep theirs.
-    compute: Option<DType>,
+    /// Where and how it computes (activations in its dtype; parameters keep theirs).
+    placement: Placement,
 }
 
 impl Trainable {
-    pub fn new(cfg: &GptConfig, weights: BTreeMap<String, Tensor>) -> Result<Self> {
+    pub fn new(cfg: &GptConfig, weights: BTreeMap<String, Tensor>, placement: &Placement) -> Result<Self> {
         let vars = weights
             .into_iter()
             .map(|(name, t)| Ok((name, Var::from_tensor(&t)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
         // A Var's tensor keeps the Var's id, so gradients of the model's ops reach the Vars.
-        let gpt = build(cfg, vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())))?;
-        Ok(Self { vars, gpt, compute: None })
+        let gpt = build(cfg, vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())), placement)?;
+        Ok(Self { vars, gpt, placement: placement.clone() })
     }
 
-    /// Computes activations in `dtype` (bf16 on CUDA) over the same (f32) parameters, on the
-    /// kernels for that dtype (the engine's `with_engine` may set them explicitly).
-    pub fn with_dtype(mut self, dtype: DType) -> Result<Self> {
-        if dtype != self.gpt.dtype() {
-            let kernels = Kernels::for_device(self.gpt.device(), dtype);
-            self.gpt = self.gpt.with_dtype(dtype).with_kernels(kernels);
-            self.compute = Some(dtype);
-        }
-        Ok(self)
+    /// Placed where its weights are, computing in their dtype (`Placement::of`): inference, and
+    /// gradient checks in f64.
+    pub fn on_weights(cfg: &GptConfig, weights: BTreeMap<String, Tensor>) -> Result<Self> {
+        let first = weights.values().next();
+        let device = first.map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        let dtype = first.map(|t| t.dtype()).unwrap_or(DType::F32);
+        Self::new(cfg, weights, &Placement::of(&device, dtype))
     }
 
-    /// Runs the model's ops on the kernels of `engine`.
-    pub fn with_engine(mut self, engine: Engine) -> Self {
-        self.gpt = self.gpt.with_kernels(engine.kernels());
-        self
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// A model over the same storage that records no graph: for evaluation (candle has no
     /// `no_grad`, and a graph built during eval would hold every activation).
     pub fn detached(&self) -> Result<Gpt> {
-        let gpt = build(self.gpt.config(), self.vars.iter().map(|(k, v)| (k.clone(), v.as_detached_tensor())))?;
-        let gpt = match self.compute {
-            Some(dtype) => gpt.with_dtype(dtype),
-            None => gpt,
-        };
-        Ok(gpt.with_kernels(self.gpt.kernels()))
+        build(self.gpt.config(), self.vars.iter().map(|(k, v)| (k.clone(), v.as_detached_tensor())), &self.placement)
     }
 
     /// The current weights (detached; shares storage with the Vars until the next update).
@@ -88,13 +79,9 @@ impl Trainable {
     }
 }
 
-fn build(cfg: &GptConfig, tensors: impl Iterator<Item = (String, Tensor)>) -> Result<Gpt> {
+fn build(cfg: &GptConfig, tensors: impl Iterator<Item = (String, Tensor)>, placement: &Placement) -> Result<Gpt> {
     let map: HashMap<String, Tensor> = tensors.collect();
-    let first = map.values().next();
-    let device = first.map(|t| t.device().clone()).unwrap_or(Device::Cpu);
-    let dtype = first.map(|t| t.dtype()).unwrap_or(DType::F32);
-    // Parameters keep their dtype (f32 for training; f64 for gradient checks), and the ops run
-    // on the kernels for it: fused for f32 on the CPU, composed elsewhere.
-    let gpt = Gpt::load(VarBuilder::from_tensors(map, dtype, &device), cfg)?.with_dtype(dtype);
-    Ok(gpt.with_kernels(Kernels::for_device(&device, dtype)))
+    // parameters keep their dtype (f32 for training; f64 for gradient checks)
+    let dtype = map.values().next().map_or(DType::F32, |t| t.dtype());
+    Gpt::load(VarBuilder::from_tensors(map, dtype, &placement.device), cfg, placement)
 }

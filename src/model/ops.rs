@@ -1,8 +1,8 @@
 //! Layer primitives that keep the autograd graph.
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm`, `rms_norm` and `rope*` kernels have no
-//! backward and cut the graph without an error (shared/docs/reference/candle-training.md §1.2),
-//! so every primitive here is built from ops that have one. Each takes the `Kernels` the run's
+//! backward and cut the graph without an error (their `CustomOp`s define no `bwd`), so every
+//! primitive here is built from ops that have one. Each takes the `Kernels` the run's
 //! engine chose: the fused CPU ops (`engine::cpu::ops`, with their own backward) or the
 //! composed chain.
 
@@ -36,7 +36,7 @@ pub fn layer_norm(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: 
         return xs.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,
-            fused::LayerNorm { eps: eps as f32 },
+            fused::LayerNormOp { eps: eps as f32 },
         );
     }
     composed_layer_norm(xs, weight, bias, eps)

@@ -15,7 +15,8 @@ use rand_distr::{Distribution, Normal};
 use super::config::GptConfig;
 use crate::fingerprint::fnv1a;
 
-/// How a fresh parameter is initialised (GPT-2, per DESIGN §1).
+/// How a fresh parameter is initialised (GPT-2's: normal(0, 0.02), the residual projections
+/// scaled by 1/sqrt(2 n_layer), biases 0, LayerNorm weights 1).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
     Normal { std: f64 },

@@ -70,7 +70,7 @@ fn fresh_moments(var: &Var) -> Result<Moments> {
 }
 
 impl AdamW {
-    /// `decays(name, var)` says which parameters get weight decay (2-D ones, per DESIGN §2).
+    /// `decays(name, var)` says which parameters get weight decay (the 2-D ones: embeddings and matrices, never biases or LayerNorm).
     pub fn new(vars: &BTreeMap<String, Var>, cfg: AdamWConfig, decays: impl Fn(&str, &Var) -> bool) -> Result<Self> {
         let slots = vars
             .iter()
@@ -104,7 +104,7 @@ impl AdamW {
                 Moments::Packed(mv) if cpu::applies(&[g, theta]) => {
                     mv.inplace_op2(
                         g,
-                        &cpu::Moments { beta1: beta1 as f32, beta2: beta2 as f32, grad_scale: grad_scale as f32 },
+                        &cpu::MomentUpdate { beta1: beta1 as f32, beta2: beta2 as f32, grad_scale: grad_scale as f32 },
                     )?;
                     theta.inplace_op2(
                         mv,

@@ -55,13 +55,13 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
 
 /// The packed moments `[m | v]` of one parameter: `m = b1 m + (1-b1) g s`,
 /// `v = b2 v + (1-b2) (g s)^2`, `s` the clipping factor.
-pub struct Moments {
+pub struct MomentUpdate {
     pub beta1: f32,
     pub beta2: f32,
     pub grad_scale: f32,
 }
 
-impl InplaceOp2 for Moments {
+impl InplaceOp2 for MomentUpdate {
     fn name(&self) -> &'static str {
         "difflab-adamw-moments"
     }

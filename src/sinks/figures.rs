@@ -315,21 +315,29 @@ pub fn chart(
     chart_with(title, x_axis, y_label, lines, Extras { threshold, ..Default::default() })
 }
 
-pub fn chart_with(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, extras: Extras) -> std::io::Result<Png> {
-    let threshold = extras.threshold;
+/// The axes' ranges: the points' (a threshold and bands included), the y range padded; a
+/// category axis half a column wider than its columns each side.
+fn ranges(x_axis: XAxis, lines: &[Line], extras: &Extras) -> ((f64, f64), (f64, f64)) {
     let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));
     let (x_lo, x_hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
     let band_ys = extras.bands.iter().flat_map(|b| b.points.iter().flat_map(|p| [p.1, p.2]));
-    let ys = lines.iter().flat_map(|l| l.points.iter().map(|p| p.1)).chain(threshold.map(|t| t.0)).chain(band_ys);
+    let ys =
+        lines.iter().flat_map(|l| l.points.iter().map(|p| p.1)).chain(extras.threshold.map(|t| t.0)).chain(band_ys);
     let (y_lo, y_hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| (a.min(y), b.max(y)));
-    let (x_lo, x_hi) = match x_axis {
+    let x = match x_axis {
         // a column's points sit at its index: half a column of room each side
         XAxis::Categories => (-0.5, extras.categories.len().max(1) as f64 - 0.5),
         _ if x_lo.is_finite() => (x_lo.min(x_hi - 1.0), x_hi),
         _ => (0.0, 1.0),
     };
+    let y = if y_lo.is_finite() { padded(y_lo, y_hi) } else { (0.0, 1.0) };
+    (x, y)
+}
+
+pub fn chart_with(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, extras: Extras) -> std::io::Result<Png> {
+    let threshold = extras.threshold;
+    let ((x_lo, x_hi), (y_lo, y_hi)) = ranges(x_axis, &lines, &extras);
     let categories = extras.categories.clone();
-    let (y_lo, y_hi) = if y_lo.is_finite() { padded(y_lo, y_hi) } else { (0.0, 1.0) };
     // one number format per axis: scientific when the values are small (learning rates)
     let sci = y_hi.abs().max(y_lo.abs()) < 1e-2;
     render(|root| {

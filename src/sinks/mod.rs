@@ -1,4 +1,4 @@
-//! Sinks: consumers of the trainer's events, each writing one output (DESIGN §4, §6). The
+//! Sinks: consumers of the trainer's events, each writing one output. The
 //! headless runner and the TUI feed every event to the same `Sinks`.
 
 pub mod figures;

@@ -1,6 +1,7 @@
 //! TensorBoard event files, written by hand: TFRecord framing (length, masked CRC-32C of the
 //! length, an `Event` proto, masked CRC-32C of the data), `brain.Event:2` first. About a
-//! hundred lines instead of a stale crate or a `protoc` build step (data-formats.md §5).
+//! hundred lines instead of a stale crate or a `protoc` build step; TensorBoard's own reader
+//! reads them back in the tests (`scripts/check_tensorboard.py`).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -174,7 +175,7 @@ pub fn image(tag: &str, png: &figures::Png) -> SummaryValue {
 }
 
 /// The run's scalars, the diff-norm histogram and (with `log_figures`) the figures, under the
-/// tags of DESIGN §4, in `output_dir/runs/`.
+/// tags the research code logs (README: Outputs), in `output_dir/runs/`.
 pub struct TensorBoard {
     writer: EventWriter,
     figures: Option<History>,

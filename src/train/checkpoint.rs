@@ -14,7 +14,8 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic_file;
-use crate::config::{Resolved, RunConfig, Source};
+use crate::config::keys::OnResume;
+use crate::config::{reconcile, Origin, ReconcileError, Resolved, RunConfig};
 use crate::model::hf::{self as model_ckpt, CheckpointError, CONFIG_FILE, WEIGHTS_FILE};
 use crate::model::GptConfig;
 use crate::train::TrainError;
@@ -52,6 +53,42 @@ pub struct TrainerState {
     /// The processes that trained it (0 in checkpoints of older versions).
     #[serde(default)]
     pub world_size: usize,
+    /// The sum and number of the training losses of every step applied so far, so the run's
+    /// mean train loss is the same whether or not it was resumed (0 in older checkpoints).
+    #[serde(default)]
+    pub train_loss_sum: f64,
+    #[serde(default)]
+    pub train_loss_steps: u64,
+    /// The steps since the last progress marker, so the first marker after a resume averages
+    /// the same steps an unbroken run's would.
+    #[serde(default)]
+    pub progress_window: ProgressWindow,
+}
+
+/// Losses and throughput since the last progress marker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProgressWindow {
+    pub loss_sum: f64,
+    pub steps: u64,
+    pub seconds: f64,
+    pub tokens: u64,
+}
+
+impl ProgressWindow {
+    pub fn add(&mut self, loss: f64, seconds: f64, tokens: u64) {
+        self.loss_sum += loss;
+        self.steps += 1;
+        self.seconds += seconds;
+        self.tokens += tokens;
+    }
+
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.steps.max(1) as f64
+    }
+
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
 }
 
 impl TrainerState {
@@ -74,6 +111,9 @@ impl TrainerState {
             data_offset: 0,
             difflab_version: env!("CARGO_PKG_VERSION").into(),
             world_size: 1,
+            train_loss_sum: 0.0,
+            train_loss_steps: 0,
+            progress_window: ProgressWindow::default(),
         }
     }
 }
@@ -230,61 +270,77 @@ pub fn rotate(output_dir: &Path, limit: Option<u64>, keep: Option<u64>) -> Vec<P
         .collect()
 }
 
-/// Settings a resumed run must share with its checkpoint: the model's shape and variant, the
-/// data and its tokenizer, the blocks and batches, the seed (the data order and dropout masks
-/// are functions of it).
-pub const RESUME_KEYS: [&str; 13] = [
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "rope",
-    "rope_theta",
-    "research",
-    "tokenizer",
-    "dataset",
-    "dataset_config",
-    "subset_ratio",
-    "block_size",
-    "batch_size",
-    "seed",
-];
-
-/// For a run that resumes: each of `RESUME_KEYS` set by a flag or a preset must equal the
-/// checkpoint's (a contradiction is refused, naming every key); the ones left at their
-/// defaults take the checkpoint's, so `train_begin` records what is really trained.
-pub fn reconcile_resume(resolved: &mut Resolved) -> Result<(), TrainError> {
-    let Some(spec) = resolved.config.resume_from_checkpoint.clone() else { return Ok(()) };
+/// A resumed run is the run in its checkpoint: every setting comes from the checkpoint's
+/// `difflab_config.json`, the output folder is the one that holds the checkpoint, and a flag
+/// or preset may change only the keys the table marks `MayChange` (a longer `max_steps`, the
+/// eval cadence, the device, ...), each such change returned as a line to show at start; one
+/// that contradicts another key is refused, naming every such key. A checkpoint without the
+/// file (an HF model directory) is resumed with the settings given.
+pub fn reconcile_resume(resolved: &mut Resolved) -> Result<Vec<String>, TrainError> {
+    let Some(spec) = resolved.config.resume_from_checkpoint.clone() else { return Ok(vec![]) };
     let dir = resolve(&spec, Path::new(&resolved.config.output_dir))?;
+    if !dir.is_dir() {
+        return Err(CheckpointError::Read {
+            path: dir,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such checkpoint directory"),
+        }
+        .into());
+    }
     let path = dir.join(RUN_CONFIG);
-    let Ok(text) = fs::read_to_string(&path) else { return Ok(()) }; // not a difflab checkpoint
-    let saved: serde_json::Value = serde_json::from_str(&text).map_err(|e| CheckpointError::Damaged {
-        path: path.clone(),
-        what: RUN_CONFIG,
-        reason: e.to_string(),
-    })?;
-    let mut config = serde_json::to_value(&resolved.config).unwrap_or_default();
-    let mut contradictions = vec![];
-    for key in RESUME_KEYS {
-        let (ours, theirs) = (&config[key], &saved[key]);
-        if theirs.is_null() || ours == theirs {
-            continue;
+    let Ok(text) = fs::read_to_string(&path) else { return Ok(vec![]) }; // not a difflab checkpoint
+    let damaged = |reason: String| CheckpointError::Damaged { path: path.clone(), what: RUN_CONFIG, reason };
+    let saved = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Object(m)) => m,
+        Ok(other) => return Err(damaged(format!("holds {other}, not settings")).into()),
+        Err(e) => return Err(damaged(e.to_string()).into()),
+    };
+    let may_change = |k: &crate::config::keys::KeySpec| k.on_resume == OnResume::MayChange;
+    let reconciled = match reconcile(&saved, resolved, may_change) {
+        Ok(r) => r,
+        Err(ReconcileError::Contradicts(lines)) => {
+            return Err(TrainError::ResumeContradicts { dir, contradictions: lines.join("; ") })
         }
-        match resolved.origins.get(key) {
-            Some(origin) if *origin != Source::Default => {
-                contradictions.push(format!("{key} = {ours} ({origin}) but the checkpoint has {theirs}"))
-            }
-            _ => config[key] = theirs.clone(),
-        }
+        Err(ReconcileError::Damaged(reason)) => return Err(damaged(reason).into()),
+    };
+    // the run's own folder: where its checkpoint is
+    let home = run_folder(&dir);
+    let given = &resolved.config.output_dir;
+    let explicit = resolved.origins.get("output_dir").is_some_and(|o| *o != Origin::Default);
+    if explicit && !same_folder(Path::new(given), &home) {
+        return Err(TrainError::ResumeContradicts {
+            dir: dir.clone(),
+            contradictions: format!(
+                "output_dir = {given:?} but the checkpoint belongs to the run in {:?}, where a resumed run goes on",
+                home.display().to_string()
+            ),
+        });
     }
-    if !contradictions.is_empty() {
-        return Err(TrainError::ResumeContradicts { dir, contradictions: contradictions.join("; ") });
+    let mut config = reconciled.config;
+    config.output_dir = home.display().to_string();
+    config.resume_from_checkpoint = Some(dir.display().to_string());
+    resolved.config = config;
+    let mut lines = vec![format!(
+        "resuming the run in {} from {} with its own settings",
+        home.display(),
+        dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned())
+    )];
+    lines.extend(reconciled.overrides.iter().map(|o| format!("resume: {o}")));
+    Ok(lines)
+}
+
+/// The folder of the run a checkpoint belongs to: the one that holds it.
+fn run_folder(checkpoint: &Path) -> PathBuf {
+    match checkpoint.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     }
-    resolved.config = serde_json::from_value(config).map_err(|e| CheckpointError::Damaged {
-        path,
-        what: RUN_CONFIG,
-        reason: e.to_string(),
-    })?;
-    Ok(())
+}
+
+fn same_folder(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// What a resumed run starts from.

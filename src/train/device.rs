@@ -1,8 +1,10 @@
-//! Device selection: `auto | cpu | cuda | cuda:N`.
+//! Where a run computes: device selection (`auto | cpu | cuda | cuda:N`) and the run's
+//! `Placement`, decided here once.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
-use crate::config::DeviceSpec;
+use crate::config::{DeviceSpec, Precision, RunConfig};
+use crate::engine::Placement;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -10,6 +12,21 @@ pub enum DeviceError {
     NoCudaBuild(String),
     #[error("device {spec:?}: {reason}")]
     Unavailable { spec: String, reason: String },
+    #[error("dtype bf16 needs a CUDA device; on the CPU difflab trains in f32 (set --dtype f32)")]
+    Bf16OnCpu,
+}
+
+/// The run's placement: the device its `device` setting names, its dtype, the engine for those
+/// and its dropout, and the processes it is one of. bf16 is refused on the CPU (nothing there
+/// computes it faster than f32, and the fused kernels are f32).
+pub fn placement(cfg: &RunConfig, world_size: usize) -> Result<Placement, DeviceError> {
+    let device = select(cfg.device)?;
+    let dtype = match cfg.dtype {
+        Precision::Bf16 if device.is_cpu() => return Err(DeviceError::Bf16OnCpu),
+        Precision::Bf16 => DType::BF16,
+        Precision::F32 => DType::F32,
+    };
+    Ok(Placement::new(device, dtype, cfg.dropout, world_size))
 }
 
 /// Resolves a device setting. `auto` is CUDA 0 when this build has CUDA and a GPU answers,

@@ -1,9 +1,11 @@
-//! The training run of DESIGN §2 on its own thread. It owns model, optimizer and data, and
+//! The training run on its own thread. It owns model, optimizer and data, and
 //! talks to the rest only through typed messages: `Event`s out, `ControlMsg`s in.
 
 pub mod checkpoint;
 pub mod controls;
 pub mod device;
+pub mod evaluate;
+pub mod micro;
 pub mod output_dir;
 pub mod remote;
 pub mod run;
@@ -93,24 +95,25 @@ pub enum TrainError {
 }
 
 impl TrainError {
-    /// Bad input (exit code 2) rather than a failure (exit code 1).
-    pub fn is_user_error(&self) -> bool {
-        use crate::data::DataError as D;
-        use crate::model::hf::CheckpointError as C;
+    /// Bad input (exit code 2) rather than a failure (exit code 1): each wrapped error says
+    /// which it is.
+    pub fn is_bad_input(&self) -> bool {
         match self {
-            TrainError::Data(D::Cache { .. }) => false,
-            TrainError::Data(_)
-            | TrainError::Device(_)
+            TrainError::Data(e) => e.is_bad_input(),
+            TrainError::Checkpoint(e) => e.is_bad_input(),
+            TrainError::OutputDir(e) => e.is_bad_input(),
+            TrainError::Device(_)
             | TrainError::Unsupported(_)
             | TrainError::TooFewBlocks { .. }
             | TrainError::LrRange { .. }
             | TrainError::OptimizerState { .. }
             | TrainError::ResumeContradicts { .. }
             | TrainError::TooBig { .. } => true,
-            TrainError::Checkpoint(C::Write { .. } | C::NonFinite { .. } | C::Candle(_)) => false,
-            TrainError::Checkpoint(_) => true,
-            TrainError::OutputDir(e) => e.is_user_error(),
-            _ => false,
+            TrainError::Dist(_)
+            | TrainError::Panicked(_)
+            | TrainError::Diverged { .. }
+            | TrainError::Candle(_)
+            | TrainError::Io { .. } => false,
         }
     }
 }

@@ -41,7 +41,7 @@ pub enum OutputDirError {
 
 impl OutputDirError {
     /// Bad input (exit 2), or a failure of the file system (exit 1).
-    pub fn is_user_error(&self) -> bool {
+    pub fn is_bad_input(&self) -> bool {
         !matches!(self, OutputDirError::Io { .. })
     }
 }

@@ -1,410 +1,186 @@
-//! One micro-batch forward and backward (plain, or with gradient checkpointing), and
-//! evaluation without a graph.
+//! One optimizer step, the one every caller takes (train, lr-find, bench, golden-check): which
+//! blocks it trains on, this process's micro-batches forward and backward (side by side where
+//! the engine allows), the gradients and loss summed over the processes, then the global norm,
+//! clipping and AdamW. `gradients` and `apply` are its two halves, so a caller can look at the
+//! gradients in between (golden-check compares them, the trainer's fault injection spoils them).
 
-use candle_core::{Device, Result, Tensor, Var};
+use std::time::Instant;
 
-use crate::data::{Batcher, TokenStream};
+use candle_core::{Device, Result, Tensor};
+
+use super::micro::{forward_backward_all, Accumulated, MicroBatch};
+use crate::data::{Batcher, EpochOrder};
 use crate::dist::Collective;
-use crate::engine::Engine;
+use crate::engine::Placement;
 use crate::model::dropout::Dropout;
-use crate::model::{cpu_step, Gpt, Trainable};
-use crate::optim::grads::{accumulate, Grads};
+use crate::model::Trainable;
+use crate::optim::grads::Grads;
+use crate::optim::{self, AdamW, Update};
 
-pub struct MicroStep {
-    /// The micro-batch's mean token loss (unscaled).
+/// How a run's steps are computed: the same for every step.
+pub struct Recipe<'a> {
+    pub placement: &'a Placement,
+    pub world: &'a dyn Collective,
+    /// Micro-batches in a step over all processes; each one's loss is scaled by one over this,
+    /// so the sum over processes is the one-process step.
+    pub micro_batches: usize,
+    pub checkpointing: bool,
+    pub dropout: f64,
+    pub seed: u64,
+}
+
+/// A step's gradients and loss, summed over the processes.
+pub struct Gradients {
+    pub grads: Grads,
+    /// The step's mean token loss over all its micro-batches.
     pub loss: f64,
-    /// `||d_t||` for every (b, t), differential models only.
+    /// `||d_t||` for every token of this process's share (differential models only).
     pub diff_norms: Option<Vec<f32>>,
+    /// Seconds spent summing over the processes.
+    pub reduce_seconds: f64,
 }
 
-/// Gradients summed over the micro-batches of one optimizer step.
-#[derive(Default)]
-pub enum Accumulated {
-    #[default]
-    Empty,
-    /// The written-out CPU step's buffers, added into in place.
-    Host(cpu_step::HostGrads),
-    /// Autograd's gradients, summed as tensors.
-    Tensors(Grads),
-}
-
-impl Accumulated {
-    /// Sums the gradients over the processes of `world`, in place.
-    pub fn all_reduce(&mut self, world: &dyn Collective) -> Result<()> {
-        let fail = |e: crate::dist::DistError| candle_core::Error::Msg(e.to_string());
-        match self {
-            Accumulated::Empty => candle_core::bail!("no gradients to sum: this process had no micro-batch"),
-            Accumulated::Host(h) => {
-                for buf in h.buffers_mut() {
-                    world.all_reduce_sum(buf).map_err(fail)?;
-                }
-            }
-            Accumulated::Tensors(grads) => {
-                for g in grads.values_mut() {
-                    *g = world.all_reduce_tensor(g).map_err(fail)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    pub fn into_grads(self, cfg: &crate::model::GptConfig) -> Result<Grads> {
-        match self {
-            Accumulated::Empty => Ok(Grads::new()),
-            Accumulated::Host(h) => h.into_tensors(cfg),
-            Accumulated::Tensors(g) => Ok(g),
-        }
-    }
-
-    fn add(&mut self, grads: Grads) -> Result<()> {
-        match self {
-            Accumulated::Tensors(acc) => accumulate(acc, grads),
-            _ => {
-                *self = Accumulated::Tensors(grads);
-                Ok(())
-            }
-        }
-    }
-}
-
-/// Single-threaded workers that run whole micro-batches side by side (see `forward_backward_all`),
-/// one per thread of the global pool, made once.
-fn workers() -> &'static [rayon::ThreadPool] {
-    static WORKERS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    WORKERS.get_or_init(|| {
-        (0..rayon::current_num_threads())
-            .filter_map(|i| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .thread_name(move |_| format!("difflab-micro-{i}"))
-                    .build()
-                    .ok()
-            })
-            .collect()
-    })
-}
-
-/// Extra memory a second side-by-side worker may take (its gradient sums and one
-/// micro-batch's activations) for `forward_backward_all` to use it.
-const WORKER_MEMORY_LIMIT: u64 = 256 << 20;
-
-/// How many micro-batches `forward_backward_all` runs side by side for this model and
-/// micro-batch shape on `engine`: one per thread when the written-out CPU step runs small
-/// matrices (a worker's extra memory within `WORKER_MEMORY_LIMIT`), else 1.
-pub fn side_by_side(
-    engine: Engine,
-    cfg: &crate::model::GptConfig,
-    micro: (usize, usize),
-    checkpointing: bool,
-) -> usize {
-    let params = cfg.num_parameters() as u64;
-    let extra = 4 * params + cfg.training_bytes(micro.0, micro.1, checkpointing).saturating_sub(16 * params);
-    if engine == Engine::CpuStep && extra <= WORKER_MEMORY_LIMIT {
-        workers().len().clamp(1, max_workers())
-    } else {
-        1
-    }
-}
-
-/// `DIFFLAB_MICRO_WORKERS=N` caps the micro-batches run side by side (1: one at a time, each
-/// split across all threads, as before; for comparing the two).
-fn max_workers() -> usize {
-    // read once: this is asked every step and every evaluation
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
-        std::env::var("DIFFLAB_MICRO_WORKERS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|n| *n > 0)
-            .unwrap_or(usize::MAX)
-    })
-}
-
-/// Forward and backward of the micro-batches in `batches`, gradients of `loss * scale` added
-/// into `acc`, in groups of `side_by_side(..)`: micro-batch `i` of a group runs on worker `i`
-/// with single-threaded kernels, each worker sums its own gradients, and the sums are added
-/// in worker order at the end (so a run's numbers do not depend on timing). At the small
-/// matrices of the sanity shapes, splitting every matmul across two cores costs more than it
-/// gains; a core per micro-batch keeps both busy. `between` runs before each group (the
-/// trainer polls its controls there). One group of one is `forward_backward`.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_backward_all(
-    engine: Engine,
+/// Forward and backward over `batches`, this process's micro-batches of `step` with their index
+/// in the step (which seeds their dropout masks), and the gradients of the step's mean loss
+/// summed over the processes. `between` runs before each micro-batch, or group of them run side
+/// by side (the trainer polls its controls there).
+pub fn gradients(
     model: &Trainable,
-    batches: &[MicroBatch],
-    scale: f64,
-    dropout_seeds: &dyn Fn(usize) -> Option<Dropout>,
-    checkpointing: bool,
-    acc: &mut Accumulated,
+    recipe: &Recipe,
+    step: u64,
+    batches: &[(usize, MicroBatch)],
     between: &mut dyn FnMut(),
-) -> Result<Vec<MicroStep>> {
-    let Some(first) = batches.first() else { return Ok(vec![]) };
-    let micro = first.ids.dims2()?;
-    let width = side_by_side(engine, model.gpt.config(), micro, checkpointing).min(batches.len());
-    let mut steps = Vec::with_capacity(batches.len());
-    if width <= 1 {
-        for (i, batch) in batches.iter().enumerate() {
-            between();
-            let mut dropout = dropout_seeds(i);
-            steps.push(forward_backward(engine, model, batch, scale, dropout.as_mut(), checkpointing, acc)?);
-        }
-        return Ok(steps);
-    }
-    if dropout_seeds(0).is_some_and(|d| d.is_active()) {
-        candle_core::bail!("the cpu-step engine has no dropout; a run with dropout takes cpu-autograd")
-    }
-    let cfg = model.gpt.config();
-    let mut parts: Vec<Option<cpu_step::HostGrads>> = (0..width).map(|_| None).collect();
-    if let Accumulated::Host(h) = std::mem::take(acc) {
-        parts[0] = Some(h);
-    }
-    for group in batches.chunks(width) {
-        between();
-        let outs: Vec<Result<cpu_step::Outcome>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = group
-                .iter()
-                .zip(parts.iter_mut())
-                .zip(workers())
-                .map(|((batch, part), pool)| {
-                    scope.spawn(move || {
-                        pool.install(|| {
-                            cpu_step::forward_backward(
-                                cfg,
-                                &model.vars,
-                                batch.ids,
-                                batch.targets,
-                                scale,
-                                checkpointing,
-                                part,
-                            )
-                        })
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a micro-batch worker panicked".into())))
-                })
-                .collect()
-        });
-        for out in outs {
-            let out = out?;
-            steps.push(MicroStep { loss: out.loss, diff_norms: out.diff_norms });
+) -> Result<Gradients> {
+    let scale = 1.0 / recipe.micro_batches as f64;
+    let micro: Vec<MicroBatch> = batches.iter().map(|(_, b)| *b).collect();
+    let dropout = |k: usize| dropout_for(recipe.dropout, recipe.seed, step, batches[k].0);
+    let mut acc = Accumulated::default();
+    let outs = forward_backward_all(
+        recipe.placement.engine,
+        model,
+        &micro,
+        scale,
+        &dropout,
+        recipe.checkpointing,
+        &mut acc,
+        between,
+    )?;
+    let (mut loss, mut diff_norms) = (0.0, None::<Vec<f32>>);
+    for out in outs {
+        loss += out.loss * scale;
+        if let Some(norms) = out.diff_norms {
+            diff_norms.get_or_insert_with(Vec::new).extend(norms);
         }
     }
-    let mut parts = parts.into_iter().flatten();
-    if let Some(mut sum) = parts.next() {
-        for p in parts {
-            sum.add(p);
+    // each process's share is scaled by one over all micro-batches: the sum is the whole step
+    let started = Instant::now();
+    if recipe.world.world_size() > 1 {
+        acc.all_reduce(recipe.world)?;
+        let mut sum = [loss];
+        recipe.world.all_reduce_sum_f64(&mut sum).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        loss = sum[0];
+    }
+    let reduce_seconds = started.elapsed().as_secs_f64();
+    Ok(Gradients { grads: acc.into_grads(model.gpt.config())?, loss, diff_norms, reduce_seconds })
+}
+
+/// AdamW at `lr` on `g`, clipped to `max_grad_norm`, unless the loss or the gradient norm is
+/// not finite: then nothing changes and `applied` is false.
+pub fn apply(opt: &mut AdamW, g: &Gradients, lr: f64, max_grad_norm: f64) -> Result<Update> {
+    if !g.loss.is_finite() {
+        return Ok(Update { grad_norm: f64::NAN, applied: false });
+    }
+    optim::step(opt, &g.grads, lr, max_grad_norm)
+}
+
+/// The dropout masks of micro-batch `index` of `step`: a stream of its own, so that a share of
+/// the micro-batches on each of several processes draws the masks one process would.
+pub fn dropout_for(p: f64, seed: u64, step: u64, index: usize) -> Option<Dropout> {
+    let stream = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    Some(Dropout::new(p as f32, stream)).filter(Dropout::is_active)
+}
+
+/// Which blocks each step trains on: a seeded shuffle per epoch, `batch_size` consecutive
+/// blocks of it per step, cut into micro-batches of which each process takes every
+/// world-size-th. Step `s` always gets the same blocks, so a resumed run sees what an unbroken
+/// one would.
+pub struct BlockSchedule {
+    blocks: usize,
+    batch_size: usize,
+    micro_batch_size: usize,
+    seed: u64,
+    order: Option<EpochOrder>,
+}
+
+impl BlockSchedule {
+    pub fn new(train_blocks: usize, batch_size: usize, micro_batch_size: usize, seed: u64) -> Self {
+        Self { blocks: train_blocks, batch_size, micro_batch_size, seed, order: None }
+    }
+
+    pub fn steps_per_epoch(&self) -> u64 {
+        (self.blocks / self.batch_size.max(1)) as u64
+    }
+
+    /// This process's micro-batches of `step`: `(index in the step, block numbers)`.
+    pub fn micro_batches(&mut self, step: u64, rank: usize, world_size: usize) -> Vec<(usize, Vec<usize>)> {
+        let per_epoch = self.steps_per_epoch().max(1);
+        let epoch = step / per_epoch;
+        if self.order.as_ref().is_none_or(|o| o.epoch != epoch) {
+            self.order = Some(EpochOrder::new(self.blocks, self.seed, epoch));
         }
-        *acc = Accumulated::Host(sum);
-    }
-    Ok(steps)
-}
-
-/// A micro-batch: token ids `(B, T)`, and explicit targets `(B, T)` or none (then each block
-/// is its own label, shifted inside the loss, as HF: `T - 1` predictions per block).
-pub struct MicroBatch<'a> {
-    pub ids: &'a Tensor,
-    pub targets: Option<&'a Tensor>,
-}
-
-fn loss_of(gpt: &Gpt, hidden: &Tensor, batch: &MicroBatch) -> Result<Tensor> {
-    match batch.targets {
-        None => gpt.next_token_loss(hidden, batch.ids),
-        Some(t) => gpt.loss(hidden, t),
+        let offset = ((step % per_epoch) as usize) * self.batch_size;
+        let Some(order) = &self.order else { return vec![] };
+        order
+            .blocks(offset, self.batch_size)
+            .chunks(self.micro_batch_size)
+            .enumerate()
+            .filter(|(i, _)| i % world_size == rank)
+            .map(|(i, blocks)| (i, blocks.to_vec()))
+            .collect()
     }
 }
 
-/// Forward and backward of one micro-batch on `engine`; gradients of `loss * scale` (`scale` =
-/// 1 / accumulation steps) are added into `acc`. `cpu-step` runs the written-out step
-/// (`cpu_step`), the others candle's autograd over the kernels the model was built with.
-pub fn forward_backward(
-    engine: Engine,
-    model: &Trainable,
-    batch: &MicroBatch,
-    scale: f64,
-    dropout: Option<&mut Dropout>,
-    checkpointing: bool,
-    acc: &mut Accumulated,
-) -> Result<MicroStep> {
-    if engine == Engine::CpuStep {
-        if dropout.as_ref().is_some_and(|d| d.is_active()) {
-            candle_core::bail!("the cpu-step engine has no dropout; a run with dropout takes cpu-autograd")
-        }
-        let mut host = match std::mem::take(acc) {
-            Accumulated::Host(h) => Some(h),
-            _ => None,
-        };
-        let out = cpu_step::forward_backward(
-            model.gpt.config(),
-            &model.vars,
-            batch.ids,
-            batch.targets,
-            scale,
-            checkpointing,
-            &mut host,
-        )?;
-        if let Some(h) = host {
-            *acc = Accumulated::Host(h);
-        }
-        return Ok(MicroStep { loss: out.loss, diff_norms: out.diff_norms });
+/// The token ids of `micro_batches` on `device`.
+pub fn load(batcher: &Batcher, micro_batches: &[(usize, Vec<usize>)], device: &Device) -> Result<Vec<(usize, Tensor)>> {
+    micro_batches.iter().map(|(i, blocks)| Ok((*i, batcher.batch(blocks, device)?))).collect()
+}
+
+/// `load`'s tensors as micro-batches whose blocks are their own labels.
+pub fn as_batches(ids: &[(usize, Tensor)]) -> Vec<(usize, MicroBatch<'_>)> {
+    ids.iter().map(|(i, ids)| (*i, MicroBatch { ids, targets: None })).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_step_gets_the_same_blocks_and_processes_share_them() {
+        let mut one = BlockSchedule::new(40, 8, 2, 7);
+        let all: Vec<usize> = one.micro_batches(6, 0, 1).into_iter().flat_map(|(_, b)| b).collect();
+        assert_eq!(all.len(), 8);
+        // a fresh schedule (a resumed run) gives step 6 the same blocks
+        let again: Vec<usize> =
+            BlockSchedule::new(40, 8, 2, 7).micro_batches(6, 0, 1).into_iter().flat_map(|(_, b)| b).collect();
+        assert_eq!(all, again);
+        // two processes take alternate micro-batches, together the whole batch
+        let (r0, r1) = (one.micro_batches(6, 0, 2), one.micro_batches(6, 1, 2));
+        assert_eq!(r0.iter().map(|m| m.0).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(r1.iter().map(|m| m.0).collect::<Vec<_>>(), [1, 3]);
+        let mut joined: Vec<(usize, Vec<usize>)> = r0.into_iter().chain(r1).collect();
+        joined.sort();
+        assert_eq!(joined.into_iter().flat_map(|(_, b)| b).collect::<Vec<_>>(), all);
+        // step 5 is the sixth batch of epoch 1 (5 steps an epoch): another shuffle than epoch 0
+        assert_eq!(one.steps_per_epoch(), 5);
     }
-    let (step, grads) = if checkpointing {
-        checkpointed(model, batch, scale, dropout)?
-    } else {
-        autograd(model, batch, scale, dropout)?
-    };
-    acc.add(grads)?;
-    Ok(step)
-}
 
-fn autograd(
-    model: &Trainable,
-    batch: &MicroBatch,
-    scale: f64,
-    dropout: Option<&mut Dropout>,
-) -> Result<(MicroStep, Grads)> {
-    let (hidden, diff_norms) = model.gpt.forward_hidden(batch.ids, dropout)?;
-    let loss = loss_of(&model.gpt, &hidden, batch)?;
-    let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    let grads = model.named_grads((loss * scale)?.backward()?);
-    Ok((MicroStep { loss: value, diff_norms: norms(diff_norms)? }, grads))
-}
-
-fn norms(t: Option<Tensor>) -> Result<Option<Vec<f32>>> {
-    t.map(|t| t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()
-}
-
-/// Gradient checkpointing: the forward keeps only each block's input; the backward
-/// recomputes one block at a time and pulls the gradient through it (a vector-Jacobian
-/// product), so peak memory holds one block's activations instead of all of them.
-/// Dropout masks are replayed from a copy of the generator taken before each block.
-fn checkpointed(
-    model: &Trainable,
-    batch: &MicroBatch,
-    scale: f64,
-    mut dropout: Option<&mut Dropout>,
-) -> Result<(MicroStep, Grads)> {
-    let gpt = &model.gpt;
-    let ids = batch.ids;
-    let (_, seq_len) = ids.dims2()?;
-    let ctx = gpt.seq_context(seq_len)?;
-    let emb = gpt.embed(ids, dropout.as_deref_mut())?;
-    let mut xs = emb.xs.detach();
-    let mut saved = Vec::with_capacity(gpt.blocks().len());
-    for block in gpt.blocks() {
-        saved.push((xs.clone(), dropout.as_deref().cloned()));
-        xs = block.forward(&xs, &ctx, dropout.as_deref_mut())?.detach();
+    #[test]
+    fn dropout_streams_differ_by_step_and_micro_batch() {
+        assert!(dropout_for(0.0, 1, 2, 3).is_none());
+        let mut a = dropout_for(0.5, 1, 2, 3).unwrap();
+        let mut b = dropout_for(0.5, 1, 2, 4).unwrap();
+        let ones = Tensor::ones(64, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let (ma, mb) = (a.apply(&ones).unwrap(), b.apply(&ones).unwrap());
+        assert_ne!(ma.to_vec1::<f32>().unwrap(), mb.to_vec1::<f32>().unwrap());
     }
-    // top segment: ln_f, head and loss, with the last block's output as a leaf
-    let top = Var::from_tensor(&xs)?;
-    let hidden = gpt.final_hidden(top.as_tensor(), emb.tokens.as_ref())?;
-    let loss = loss_of(gpt, &hidden, batch)?;
-    let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    let store = (loss * scale)?.backward()?;
-    let mut upstream = store.get(top.as_tensor()).cloned();
-    let mut grads = model.named_grads(store);
-    for (block, (input, mut rng)) in gpt.blocks().iter().zip(saved).rev() {
-        let Some(g) = upstream.take() else { break };
-        let leaf = Var::from_tensor(&input)?;
-        let ys = block.forward(leaf.as_tensor(), &ctx, rng.as_mut())?;
-        let store = (ys * g)?.sum_all()?.backward()?;
-        upstream = store.get(leaf.as_tensor()).cloned();
-        accumulate(&mut grads, model.named_grads(store))?;
-    }
-    if let Some(g) = upstream {
-        accumulate(&mut grads, model.named_grads((emb.xs * g)?.sum_all()?.backward()?))?;
-    }
-    Ok((MicroStep { loss: value, diff_norms: norms(emb.diff_norms)? }, grads))
-}
-
-/// Mean next-token loss over the first `max_blocks` blocks of `stream` (all by default),
-/// in batches of `batch`, with a graph-free model. Returns `(loss, predictions)`.
-pub fn evaluate(
-    gpt: &Gpt,
-    stream: &TokenStream,
-    block_size: usize,
-    batch: usize,
-    max_blocks: Option<usize>,
-    device: &Device,
-) -> Result<(f64, u64)> {
-    let part = evaluate_part(gpt, stream, block_size, batch, max_blocks, device, (0, 1))?;
-    Ok((part.mean(), part.blocks * (block_size as u64 - 1)))
-}
-
-/// One process's share of an evaluation: the sum of its blocks' mean losses, and their count.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EvalPart {
-    pub loss_sum: f64,
-    pub blocks: u64,
-}
-
-impl EvalPart {
-    /// The token mean: every block has `block_size - 1` predictions, so the mean of block
-    /// means is the mean over tokens.
-    pub fn mean(&self) -> f64 {
-        if self.blocks > 0 {
-            self.loss_sum / self.blocks as f64
-        } else {
-            f64::NAN
-        }
-    }
-}
-
-/// The batches of an evaluation that fall to `rank` of `world` (every world-th batch), summed.
-pub fn evaluate_part(
-    gpt: &Gpt,
-    stream: &TokenStream,
-    block_size: usize,
-    batch: usize,
-    max_blocks: Option<usize>,
-    device: &Device,
-    (rank, world): (usize, usize),
-) -> Result<EvalPart> {
-    let blocks = max_blocks.map_or(stream.num_blocks(block_size), |m| m.min(stream.num_blocks(block_size)));
-    let batcher = Batcher { stream, block_size };
-    let mine: Vec<(usize, usize)> = (0..blocks)
-        .step_by(batch.max(1))
-        .enumerate()
-        .filter(|(index, _)| index % world == rank)
-        .map(|(_, start)| (start, batch.min(blocks - start)))
-        .collect();
-    let score = |(start, n): (usize, usize)| -> Result<f64> {
-        let ids = batcher.sequential(start, n, device)?;
-        let (hidden, _) = gpt.forward_hidden(&ids, None)?;
-        Ok(gpt.next_token_loss(&hidden, &ids)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64)
-    };
-    // on the CPU, batches side by side on single-threaded workers, as in training (the forward
-    // keeps no activations, so a worker costs one batch's working memory)
-    let width = if device.is_cpu() { workers().len().clamp(1, max_workers()) } else { 1 };
-    let mut part = EvalPart { loss_sum: 0.0, blocks: 0 };
-    for group in mine.chunks(width) {
-        let sums: Vec<Result<f64>> = if group.len() == 1 {
-            vec![score(group[0])]
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = group
-                    .iter()
-                    .zip(workers())
-                    .map(|(b, pool)| {
-                        let score = &score;
-                        scope.spawn(move || pool.install(|| score(*b)))
-                    })
-                    .collect();
-                handles.into_iter().map(join_worker).collect()
-            })
-        };
-        // summed in batch order, whatever finished first
-        for (sum, (_, n)) in sums.into_iter().zip(group) {
-            part.loss_sum += sum?;
-            part.blocks += *n as u64;
-        }
-    }
-    Ok(part)
-}
-
-fn join_worker<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
-    handle.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a worker thread panicked".into())))
 }

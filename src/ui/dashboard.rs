@@ -7,7 +7,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Clear, Paragraph, Widget, Wrap};
 
-use super::plot::{Kind, Layer, Plot};
+use super::plot::{Layer, Plot, PlotKind};
 use super::{block, button_row, centered, put};
 use crate::app::dashboard::{heat_columns, MarkKind, Panel, Status};
 use crate::app::{App, Button, Dashboard, Dialog, Mode};
@@ -184,18 +184,18 @@ fn render_loss(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     let n = points_for(area.width);
     let mut layers = vec![];
     let smooth = d.view.smoothing > 0.0;
-    layers.push(Layer { points: d.loss.envelope(n), color: TRAIN, kind: Kind::Line, faint: smooth });
+    layers.push(Layer { points: d.loss.envelope(n), color: TRAIN, kind: PlotKind::Line, faint: smooth });
     if smooth {
         let sm = d.loss.smoothed(d.view.smoothing);
         let step = sm.len().div_ceil(n.max(1)).max(1);
         layers.push(Layer {
             points: sm.into_iter().step_by(step).collect(),
             color: TRAIN,
-            kind: Kind::Line,
+            kind: PlotKind::Line,
             faint: false,
         });
     }
-    layers.push(Layer { points: d.eval.envelope(n), color: EVAL, kind: Kind::Points, faint: false });
+    layers.push(Layer { points: d.eval.envelope(n), color: EVAL, kind: PlotKind::Points, faint: false });
     let last = match (d.last_loss, d.eval_loss) {
         (Some(l), Some(e)) => format!(" train {l:.4}  eval {e:.4}{} ", if d.eval_partial { " (partial)" } else { "" }),
         (Some(l), None) => format!(" train {l:.4} "),
@@ -231,7 +231,7 @@ fn render_lr(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         layers: vec![Layer {
             points: d.lr.envelope(points_for(area.width)),
             color: LR,
-            kind: Kind::Line,
+            kind: PlotKind::Line,
             faint: false,
         }],
         hlines: vec![],
@@ -257,7 +257,7 @@ fn render_grad(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         layers: vec![Layer {
             points: d.grad_norm.envelope(points_for(area.width)),
             color: GRAD,
-            kind: Kind::Line,
+            kind: PlotKind::Line,
             faint: false,
         }],
         hlines: clip.map(|c| vec![(c, Color::Red)]).unwrap_or_default(),

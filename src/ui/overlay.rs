@@ -7,9 +7,9 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Paragraph, Widget};
 
-use super::plot::{Kind, Layer, Plot};
+use super::plot::{Layer, Plot, PlotKind};
 use super::{block, put};
-use crate::app::overlay::{Kind as View, Overlay};
+use crate::app::overlay::{Overlay, OverlayKind as View};
 use crate::app::App;
 
 pub const COLORS: [Color; 8] = [
@@ -37,24 +37,53 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
     ]))
     .render(rows[0], buf);
 
-    let n = (rows[1].width as usize).saturating_sub(10) * 2;
+    (&curves(o, app, rows[1].width)).render(rows[1], buf);
+
+    let bottom = Layout::default()
+        .direction(Direction::Horizontal)
+        .constraints([Constraint::Percentage(60), Constraint::Percentage(40)])
+        .split(rows[2]);
+    results(o, app, bottom[0], buf);
+    let log = block(" events ", Color::Gray, app.ascii);
+    let inner = log.inner(bottom[1]);
+    log.render(bottom[1], buf);
+    let h = inner.height as usize;
+    for (i, line) in o.log.iter().rev().take(h).rev().enumerate() {
+        put(buf, inner.x, inner.y + i as u16, line, inner.width as usize, Style::default().fg(Color::Gray));
+    }
+    let hint = if o.finished {
+        "[q] quit  [y] log-y"
+    } else if o.kind == View::Sweep {
+        "[q] stop the sweep  [y] log-y"
+    } else if o.kind == View::Study {
+        "[q] stop the study (runs so far are kept; run it again to resume)  [y] log-y"
+    } else {
+        "[q] quit  [y] log-y"
+    };
+    put(buf, rows[3].x, rows[3].y, hint, rows[3].width as usize, Style::default().fg(Color::DarkGray));
+}
+
+/// The curves: each run's train loss and eval points (a study's arm bands beneath), LR-test and
+/// study lines faint.
+fn curves(o: &Overlay, app: &App, width: u16) -> Plot {
+    let n = (width as usize).saturating_sub(10) * 2;
     let mut layers = vec![];
     // a study's arm bands under its curves: the lowest and highest eval loss over seeds
     for (group, low, high) in o.bands() {
         let color = COLORS[group % COLORS.len()];
-        layers.push(Layer { points: low, color, kind: Kind::Line, faint: true });
-        layers.push(Layer { points: high, color, kind: Kind::Line, faint: true });
+        layers.push(Layer { points: low, color, kind: PlotKind::Line, faint: true });
+        layers.push(Layer { points: high, color, kind: PlotKind::Line, faint: true });
     }
     for (i, c) in o.curves.iter().enumerate() {
         let color = COLORS[c.group % COLORS.len()];
         layers.push(Layer {
             points: c.loss.envelope(n),
             color,
-            kind: Kind::Line,
+            kind: PlotKind::Line,
             faint: (o.kind == View::LrFind && i == 0) || o.kind == View::Study,
         });
         if !c.eval.is_empty() {
-            layers.push(Layer { points: c.eval.envelope(n), color, kind: Kind::Points, faint: false });
+            layers.push(Layer { points: c.eval.envelope(n), color, kind: PlotKind::Points, faint: false });
         }
     }
     let legend: Vec<String> = o.curves.iter().enumerate().map(|(i, c)| format!("{}:{}", i + 1, c.label)).collect();
@@ -67,7 +96,7 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
         ),
         _ => format!(" loss{}  {} ", if o.log_y { " (log)" } else { "" }, legend.join("  ")),
     };
-    let plot = Plot {
+    Plot {
         title,
         layers,
         hlines: vec![],
@@ -84,16 +113,14 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
             .filter_map(|c| c.loss.buckets().first().map(|b| b.max))
             .reduce(f64::max)
             .map(|m| m * 1.2),
-    };
-    (&plot).render(rows[1], buf);
+    }
+}
 
-    let bottom = Layout::default()
-        .direction(Direction::Horizontal)
-        .constraints([Constraint::Percentage(60), Constraint::Percentage(40)])
-        .split(rows[2]);
+/// The results table, the rows that stand for curves in their colours.
+fn results(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
     let table = block(" results ", Color::Gray, app.ascii);
-    let inner = table.inner(bottom[0]);
-    table.render(bottom[0], buf);
+    let inner = table.inner(area);
+    table.render(area, buf);
     for (i, line) in o.table.iter().enumerate().take(inner.height as usize) {
         // the rows that stand for curves (a finished study's: for arms) take their colours;
         // a finished study's table has a provenance line and a header first, a sweep's a header
@@ -116,21 +143,4 @@ pub fn render(o: &Overlay, app: &App, area: Rect, buf: &mut Buffer) {
         };
         put(buf, inner.x, inner.y + i as u16, line, inner.width as usize, Style::default().fg(color));
     }
-    let log = block(" events ", Color::Gray, app.ascii);
-    let inner = log.inner(bottom[1]);
-    log.render(bottom[1], buf);
-    let h = inner.height as usize;
-    for (i, line) in o.log.iter().rev().take(h).rev().enumerate() {
-        put(buf, inner.x, inner.y + i as u16, line, inner.width as usize, Style::default().fg(Color::Gray));
-    }
-    let hint = if o.finished {
-        "[q] quit  [y] log-y"
-    } else if o.kind == View::Sweep {
-        "[q] stop the sweep  [y] log-y"
-    } else if o.kind == View::Study {
-        "[q] stop the study (runs so far are kept; run it again to resume)  [y] log-y"
-    } else {
-        "[q] quit  [y] log-y"
-    };
-    put(buf, rows[3].x, rows[3].y, hint, rows[3].width as usize, Style::default().fg(Color::DarkGray));
 }

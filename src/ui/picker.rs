@@ -9,7 +9,9 @@ use ratatui::widgets::{Paragraph, Widget, Wrap};
 use super::{block, button_row, put};
 use crate::app::picker::{Field, Tab};
 use crate::app::{App, Button, Picker};
+use crate::config::RunConfig;
 use crate::data::TokenizerSpec;
+use crate::events::RunStatus;
 use crate::sinks::human::si;
 
 fn areas(area: Rect) -> (Rect, Rect, Rect, Rect) {
@@ -97,13 +99,16 @@ fn render_runs(p: &Picker, app: &App, area: Rect, buf: &mut Buffer) {
                 name.chars().rev().take(name_w - 2).collect::<Vec<_>>().into_iter().rev().collect::<String>()
             );
         }
-        let line =
-            format!("{cursor}{mark}{name:<name_w$} {:<12} {steps:>13} {eval:>10} {:>12}", r.status, when(r.modified));
-        let style = match (selected, r.status.as_str()) {
+        let line = format!(
+            "{cursor}{mark}{name:<name_w$} {:<12} {steps:>13} {eval:>10} {:>12}",
+            r.status.as_str(),
+            when(r.modified)
+        );
+        let style = match (selected, r.status) {
             (true, _) => Style::default().fg(Color::Black).bg(Color::Cyan),
-            (false, "diverged" | "failed") => Style::default().fg(Color::Red),
-            (false, "running") => Style::default().fg(Color::Green),
-            (false, "interrupted" | "stopped") => Style::default().fg(Color::Yellow),
+            (false, RunStatus::Diverged | RunStatus::Failed) => Style::default().fg(Color::Red),
+            (false, RunStatus::Running) => Style::default().fg(Color::Green),
+            (false, RunStatus::Interrupted | RunStatus::Stopped) => Style::default().fg(Color::Yellow),
             _ => Style::default(),
         };
         put(buf, inner.x, inner.y + 1 + (i - first) as u16, &line, w, style);
@@ -132,83 +137,7 @@ fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
     match &e.config {
         Err(err) => lines.push(Line::from(Span::styled(err.clone(), Style::default().fg(Color::Red)))),
         Ok(c) => {
-            // the vocabulary (and so the parameter count) is known before the tokenizer loads
-            // for gpt2 and byte only; a trained BPE may stop short of its N
-            let tokenizer = c.tokenizer_spec();
-            let size = match (tokenizer.known_vocab_size(), &tokenizer) {
-                (Some(v), _) => format!("~{} params (vocabulary {v})", si(c.model_config(v).num_parameters() as f64)),
-                (None, TokenizerSpec::Bpe(n)) => {
-                    format!("<= {} params (BPE vocabulary <= {n})", si(c.model_config(*n).num_parameters() as f64))
-                }
-                (None, _) => "params known after the tokenizer loads".into(),
-            };
-            let variant = c.model_config(0).variant_name();
-            let data = format!("{} (subset {})", c.data_name(), c.subset_ratio);
-            let edit = |f: Field, value: String| -> Span<'static> {
-                match &p.editing {
-                    Some((ef, text)) if *ef == f => {
-                        Span::styled(format!("{text}_"), Style::default().fg(Color::Black).bg(Color::Yellow))
-                    }
-                    _ => Span::styled(value, Style::default().fg(Color::Yellow)),
-                }
-            };
-            let rows: Vec<(&str, Vec<Span<'static>>)> = vec![
-                (
-                    "model",
-                    vec![Span::raw(format!("{} layers x {} wide, {} heads, {size}", c.n_layer, c.n_embd, c.n_head))],
-                ),
-                ("variant", vec![Span::raw(variant)]),
-                ("data", vec![Span::raw(data)]),
-                ("tokenizer", vec![Span::raw(tokenizer.to_string())]),
-                (
-                    "sequence",
-                    vec![Span::raw(format!(
-                        "block {} | batch {} = {} x {} micro",
-                        c.block_size,
-                        c.batch_size,
-                        c.accumulation_steps(),
-                        c.micro_batch_size
-                    ))],
-                ),
-                (
-                    "learning rate",
-                    vec![
-                        edit(Field::LearningRate, p.shown(Field::LearningRate)),
-                        Span::styled("   [l] edit", Style::default().fg(Color::DarkGray)),
-                    ],
-                ),
-                (
-                    "schedule",
-                    vec![Span::raw(format!(
-                        "{} | warmup {} steps / ratio {}",
-                        c.lr_scheduler_type, c.warmup_steps, c.warmup_ratio
-                    ))],
-                ),
-                (
-                    "steps",
-                    vec![
-                        edit(Field::MaxSteps, p.shown(Field::MaxSteps)),
-                        Span::raw(epochs_note(&p.shown(Field::MaxSteps), c.num_train_epochs)),
-                        Span::styled("   [s] edit", Style::default().fg(Color::DarkGray)),
-                    ],
-                ),
-                (
-                    "output",
-                    vec![
-                        edit(Field::OutputDir, p.shown(Field::OutputDir)),
-                        Span::styled("   [o] edit", Style::default().fg(Color::DarkGray)),
-                    ],
-                ),
-                (
-                    "seed",
-                    vec![
-                        edit(Field::Seed, p.shown(Field::Seed)),
-                        Span::styled("   [r] edit", Style::default().fg(Color::DarkGray)),
-                    ],
-                ),
-                ("time", vec![Span::raw(e.estimate.clone().unwrap_or_else(|| "steps known once the data is".into()))]),
-            ];
-            let mut rows = rows;
+            let mut rows = settings_rows(p, c, e.estimate.clone());
             if let Some(procedure) = &e.procedure {
                 // "sweep learning_rate in [..] = 4 trials x 150 steps": what enter will run
                 let (kind, rest) = procedure.split_once(' ').unwrap_or((procedure.as_str(), ""));
@@ -232,6 +161,57 @@ fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
         lines.push(Line::from(Span::styled(err.clone(), Style::default().fg(Color::Red))));
     }
     lines
+}
+
+/// The selected preset's settings, a row each, the editable ones shown as edited.
+fn settings_rows(p: &Picker, c: &RunConfig, estimate: Option<String>) -> Vec<(&'static str, Vec<Span<'static>>)> {
+    // the vocabulary (and so the parameter count) is known before the tokenizer loads for gpt2
+    // and byte only; a trained BPE may stop short of its N
+    let tokenizer = c.tokenizer_spec();
+    let size = match (tokenizer.known_vocab_size(), &tokenizer) {
+        (Some(v), _) => format!("~{} params (vocabulary {v})", si(c.model_config(v).num_parameters() as f64)),
+        (None, TokenizerSpec::Bpe(n)) => {
+            format!("<= {} params (BPE vocabulary <= {n})", si(c.model_config(*n).num_parameters() as f64))
+        }
+        (None, _) => "params known after the tokenizer loads".into(),
+    };
+    let edit = |f: Field, hint: &str| -> Vec<Span<'static>> {
+        let value = match &p.editing {
+            Some((ef, text)) if *ef == f => {
+                Span::styled(format!("{text}_"), Style::default().fg(Color::Black).bg(Color::Yellow))
+            }
+            _ => Span::styled(p.shown(f), Style::default().fg(Color::Yellow)),
+        };
+        vec![value, Span::styled(format!("   [{hint}] edit"), Style::default().fg(Color::DarkGray))]
+    };
+    let mut steps = edit(Field::MaxSteps, "s");
+    steps.insert(1, Span::raw(epochs_note(&p.shown(Field::MaxSteps), c.num_train_epochs)));
+    let raw = |s: String| vec![Span::raw(s)];
+    vec![
+        ("model", raw(format!("{} layers x {} wide, {} heads, {size}", c.n_layer, c.n_embd, c.n_head))),
+        ("variant", raw(c.model_config(0).variant_name())),
+        ("data", raw(format!("{} (subset {})", c.data_name(), c.subset_ratio))),
+        ("tokenizer", raw(tokenizer.to_string())),
+        (
+            "sequence",
+            raw(format!(
+                "block {} | batch {} = {} x {} micro",
+                c.block_size,
+                c.batch_size,
+                c.accumulation_steps(),
+                c.micro_batch_size
+            )),
+        ),
+        ("learning rate", edit(Field::LearningRate, "l")),
+        (
+            "schedule",
+            raw(format!("{} | warmup {} steps / ratio {}", c.lr_scheduler_type, c.warmup_steps, c.warmup_ratio)),
+        ),
+        ("steps", steps),
+        ("output", edit(Field::OutputDir, "o")),
+        ("seed", edit(Field::Seed, "r")),
+        ("time", raw(estimate.unwrap_or_else(|| "steps known once the data is".into()))),
+    ]
 }
 
 pub fn render(p: &Picker, app: &App, area: Rect, buf: &mut Buffer) {

@@ -10,7 +10,7 @@ use ratatui::widgets::Widget;
 use super::{block, put};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum PlotKind {
     Line,
     Points,
 }
@@ -19,7 +19,7 @@ pub enum Kind {
 pub struct Layer {
     pub points: Vec<(f64, f64)>,
     pub color: Color,
-    pub kind: Kind,
+    pub kind: PlotKind,
     /// Drawn dim (the raw line under a smoothed one).
     pub faint: bool,
 }
@@ -263,9 +263,9 @@ impl Widget for &Plot {
         }
         for layer in &self.layers {
             let ch = match (layer.kind, layer.faint) {
-                (Kind::Points, _) => 'o',
-                (Kind::Line, true) => '.',
-                (Kind::Line, false) => '*',
+                (PlotKind::Points, _) => 'o',
+                (PlotKind::Line, true) => '.',
+                (PlotKind::Line, false) => '*',
             };
             let dots: Vec<(i64, i64)> = layer
                 .points
@@ -273,7 +273,7 @@ impl Widget for &Plot {
                 .filter_map(|&(x, y)| self.y_of(y).filter(|y| y.is_finite()).map(|y| to_dot(x, y)))
                 .collect();
             match layer.kind {
-                Kind::Points => {
+                PlotKind::Points => {
                     for &(dx, dy) in &dots {
                         canvas.set(dx, dy, layer.color, layer.faint, ch);
                         if !self.ascii {
@@ -283,7 +283,7 @@ impl Widget for &Plot {
                         }
                     }
                 }
-                Kind::Line => {
+                PlotKind::Line => {
                     if dots.len() == 1 {
                         canvas.set(dots[0].0, dots[0].1, layer.color, layer.faint, ch);
                     }

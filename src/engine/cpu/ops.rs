@@ -1,7 +1,7 @@
 //! Fused CPU ops with a real backward, for candle's autograd: causal softmax, LayerNorm,
 //! tanh-GELU, linear and the tied head with its cross-entropy. Each replaces a chain of
 //! composed ops (one allocation and one pass each) by one kernel forward and one backward.
-//! candle's own fused kernels have no backward and cut the graph (candle-training.md §1.2);
+//! candle's own fused kernels have no backward and cut the graph (their ops define no `bwd`);
 //! these are `CustomOp`s whose `bwd` is another kernel, so gradients flow. `ops` uses them for
 //! contiguous f32 on the CPU and the composed versions elsewhere (CUDA, f64 gradient checks);
 //! tests hold the two equal. The kernels themselves are in `kernels` and `head`.
@@ -67,11 +67,11 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
-pub struct LayerNorm {
+pub struct LayerNormOp {
     pub eps: f32,
 }
 
-impl CustomOp3 for LayerNorm {
+impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "difflab-layer-norm"
     }

@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::events::{ControlAction, Event};
+use crate::config::keys::{self, OnResume, Role};
+use crate::events::{ControlAction, Event, RunStatus};
 use crate::series::Series;
 use crate::sinks::figures::{self, Extras, Line, XAxis};
 use crate::sinks::metrics::{self, METRICS_FILE};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Run {
+pub struct RunLog {
     pub dir: PathBuf,
     pub name: String,
     /// `(step, loss)`, last value per step.
@@ -21,7 +22,7 @@ pub struct Run {
     pub eval: Vec<(f64, f64)>,
     pub final_eval_loss: Option<f64>,
     pub final_perplexity: Option<f64>,
-    pub status: Option<String>,
+    pub status: Option<RunStatus>,
     pub config: serde_json::Map<String, serde_json::Value>,
     /// Training tokens the run has seen: its last step x tokens per step.
     pub tokens_seen: Option<u64>,
@@ -47,7 +48,7 @@ fn last_per_step(points: Vec<(u64, f64)>) -> Vec<(f64, f64)> {
 
 /// The runs a path names: the run itself, or every run inside a sweep's or study's folder
 /// (`<sweep>/<trial>`, `<study>/<arm>/seed-<s>`), in path order.
-pub fn load_all(dir: &Path) -> Result<Vec<Run>, CompareError> {
+pub fn load_all(dir: &Path) -> Result<Vec<RunLog>, CompareError> {
     if dir.join(METRICS_FILE).is_file() {
         return Ok(vec![load(dir)?]);
     }
@@ -80,7 +81,7 @@ pub fn load_all(dir: &Path) -> Result<Vec<Run>, CompareError> {
         .collect()
 }
 
-pub fn load(dir: &Path) -> Result<Run, CompareError> {
+pub fn load(dir: &Path) -> Result<RunLog, CompareError> {
     let path = dir.join(METRICS_FILE);
     if !path.is_file() {
         return Err(CompareError::NotARun(dir.to_path_buf()));
@@ -111,14 +112,14 @@ pub fn load(dir: &Path) -> Result<Run, CompareError> {
             }
             Event::TrainEnd(end) => {
                 steps = steps.max(end.step);
-                status = Some(end.status.to_string())
+                status = Some(end.status)
             }
             _ => {}
         }
     }
     let eval = last_per_step(eval);
     let final_eval_loss = eval.last().map(|e| e.1);
-    Ok(Run {
+    Ok(RunLog {
         name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string()),
         dir: dir.to_path_buf(),
         loss: last_per_step(loss),
@@ -133,11 +134,12 @@ pub fn load(dir: &Path) -> Result<Run, CompareError> {
     })
 }
 
-/// Config keys whose values are not the same in every run (`output_dir` aside), with each run's value.
-pub fn differing_keys(runs: &[Run]) -> BTreeMap<String, Vec<serde_json::Value>> {
+/// Config keys whose values are not the same in every run, with each run's value; the keys
+/// that say how a run was started (its folder, a resume), not what it is, left aside.
+pub fn differing_keys(runs: &[RunLog]) -> BTreeMap<String, Vec<serde_json::Value>> {
     let keys: BTreeSet<&String> = runs.iter().flat_map(|r| r.config.keys()).collect();
     keys.into_iter()
-        .filter(|k| k.as_str() != "output_dir")
+        .filter(|k| keys::find(k).is_none_or(|key| key.on_resume != OnResume::Invocation))
         .filter_map(|k| {
             let values: Vec<serde_json::Value> =
                 runs.iter().map(|r| r.config.get(k).cloned().unwrap_or(serde_json::Value::Null)).collect();
@@ -147,7 +149,7 @@ pub fn differing_keys(runs: &[Run]) -> BTreeMap<String, Vec<serde_json::Value>> 
 }
 
 /// The comparison table as text: one row per run, differences against the first.
-pub fn table(runs: &[Run]) -> String {
+pub fn table(runs: &[RunLog]) -> String {
     let w = runs.iter().map(|r| r.name.chars().count()).max().unwrap_or(3).max(12);
     let mut out = format!("{:<w$} {:>12} {:>10} {:>12} {:>10}  status\n", "run", "eval loss", "ppl", "d loss", "d ppl");
     let base = runs.first().and_then(|r| r.final_eval_loss);
@@ -168,22 +170,19 @@ pub fn table(runs: &[Run]) -> String {
             fmt(r.final_perplexity, 2),
             d_loss.map_or("-".into(), |d| format!("{d:+.4}")),
             d_ppl.map_or("-".into(), |d| format!("{d:+.2}")),
-            r.status.clone().unwrap_or_else(|| "running".into())
+            r.status.unwrap_or(RunStatus::Running)
         ));
     }
     out
 }
 
-/// Settings that decide what a loss is measured on: runs differing in them are not comparable.
-const DATA_KEYS: [&str; 7] =
-    ["dataset", "dataset_config", "subset_ratio", "tokenizer", "block_size", "eval_split", "eval_max_blocks"];
-
 /// Why the runs' losses cannot be set side by side, if they cannot: other data, tokenizer or
 /// eval split, or different numbers of training tokens.
-pub fn not_comparable(runs: &[Run]) -> Vec<String> {
+pub fn not_comparable(runs: &[RunLog]) -> Vec<String> {
     let diff = differing_keys(runs);
-    let mut why: Vec<String> =
-        DATA_KEYS.iter().filter_map(|k| diff.get(*k).map(|vs| format!("{k} differs ({})", join(vs)))).collect();
+    let mut why: Vec<String> = keys::with_role(Role::Data)
+        .filter_map(|k| diff.get(k).map(|vs| format!("{k} differs ({})", join(vs))))
+        .collect();
     let tokens: Vec<Option<u64>> = runs.iter().map(|r| r.tokens_seen).collect();
     if tokens.windows(2).any(|w| w[0] != w[1]) {
         let seen: Vec<String> = tokens.iter().map(|t| t.map_or("?".into(), |t| t.to_string())).collect();
@@ -196,7 +195,7 @@ fn join(values: &[serde_json::Value]) -> String {
     values.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" | ")
 }
 
-pub fn differences_text(runs: &[Run]) -> String {
+pub fn differences_text(runs: &[RunLog]) -> String {
     let diff = differing_keys(runs);
     let mut out = String::new();
     for why in not_comparable(runs) {
@@ -216,7 +215,7 @@ pub fn differences_text(runs: &[Run]) -> String {
 
 /// The overlay as a PNG: each run's train loss as a line and its evaluations as points, in
 /// one colour per run, with LR changes and pauses marked.
-pub fn figure(runs: &[Run]) -> std::io::Result<figures::Png> {
+pub fn figure(runs: &[RunLog]) -> std::io::Result<figures::Png> {
     let labels: Vec<(String, String)> =
         runs.iter().map(|r| (format!("{} train", r.name), format!("{} eval", r.name))).collect();
     let mut lines = vec![];
@@ -245,15 +244,15 @@ pub fn figure(runs: &[Run]) -> std::io::Result<figures::Png> {
 mod tests {
     use super::*;
 
-    fn run(name: &str, cfg: serde_json::Value, eval: f64) -> Run {
-        Run {
+    fn run(name: &str, cfg: serde_json::Value, eval: f64) -> RunLog {
+        RunLog {
             dir: name.into(),
             name: name.into(),
             loss: vec![],
             eval: vec![(10.0, eval)],
             final_eval_loss: Some(eval),
             final_perplexity: Some(eval.exp()),
-            status: Some("completed".into()),
+            status: Some(RunStatus::Completed),
             config: cfg.as_object().unwrap().clone(),
             tokens_seen: Some(1000),
             steps: 10,
@@ -282,81 +281,4 @@ mod tests {
         assert!(t.contains(&format!("{:+.2}", 2.5f64.exp() - 3f64.exp())), "{t}");
         assert_eq!(last_per_step(vec![(1, 1.0), (2, 2.0), (2, 3.0), (1, 4.0)]), vec![(1.0, 4.0), (2.0, 3.0)]);
     }
-}
-
-/// A run found under an outputs folder, as the picker's run list shows it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PastRun {
-    pub dir: PathBuf,
-    /// The path below the outputs folder: `demo`, `demo-lr-sweep/lr-1e-3`, `study/arm/seed-1`.
-    pub name: String,
-    /// `completed`, `stopped`, `diverged`, ... or `running` (a trainer holds it now) or
-    /// `interrupted` (no end recorded and no trainer).
-    pub status: String,
-    pub steps: u64,
-    pub max_steps: Option<u64>,
-    pub final_eval_loss: Option<f64>,
-    /// When its metrics were last written, seconds since the Unix epoch.
-    pub modified: f64,
-    /// The newest checkpoint's step, if it has one (what a resume starts from).
-    pub checkpoint: Option<u64>,
-    pub config: serde_json::Map<String, serde_json::Value>,
-}
-
-impl PastRun {
-    /// Resuming makes sense for a run that ended early and has a checkpoint, and no trainer now.
-    pub fn resumable(&self) -> bool {
-        self.checkpoint.is_some() && self.status != "completed" && self.status != "running"
-    }
-}
-
-/// Runs under `root` (up to three folders down: runs, sweep trials, study seeds), newest first,
-/// at most `limit` of them (the newest by modification time are read).
-pub fn list_runs(root: &Path, limit: usize) -> Vec<PastRun> {
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = vec![];
-    let mut stack = vec![(root.to_path_buf(), 0usize)];
-    while let Some((dir, depth)) = stack.pop() {
-        let metrics = dir.join(METRICS_FILE);
-        if let Ok(meta) = std::fs::metadata(&metrics) {
-            found.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), dir));
-            continue;
-        }
-        if depth < 3 {
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-            // checkpoints and TensorBoard folders hold no runs
-            stack.extend(
-                entries
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.is_dir())
-                    .filter(|p| p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with("checkpoint-")))
-                    .map(|p| (p, depth + 1)),
-            );
-        }
-    }
-    found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-    found
-        .into_iter()
-        .take(limit)
-        .filter_map(|(modified, dir)| {
-            let run = load(&dir).ok()?;
-            let live = crate::train::remote::is_live(&dir);
-            let status = match (&run.status, live) {
-                (_, true) => "running".to_string(),
-                (Some(s), false) => s.clone(),
-                (None, false) => "interrupted".to_string(),
-            };
-            Some(PastRun {
-                name: dir.strip_prefix(root).map(|p| p.display().to_string()).unwrap_or_else(|_| run.name.clone()),
-                status,
-                steps: run.steps,
-                max_steps: run.config.get("max_steps").and_then(|v| v.as_u64()),
-                final_eval_loss: run.final_eval_loss,
-                modified: modified.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
-                checkpoint: crate::train::checkpoint::list(&dir).last().map(|c| c.0),
-                config: run.config,
-                dir,
-            })
-        })
-        .collect()
 }

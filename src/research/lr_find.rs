@@ -296,17 +296,18 @@ mod tests {
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use crossbeam_channel::Sender;
 
 use crate::config::RunConfig;
-use crate::data::{Batcher, EpochOrder};
+use crate::data::Batcher;
+use crate::dist::World;
 use crate::events::Event;
 use crate::model::Trainable;
-use crate::optim::{self, AdamW};
+use crate::optim::AdamW;
 use crate::sinks::figures::{self, Line, XAxis};
-use crate::train::run::{adamw_config, placement, prepare_data, starting_model};
-use crate::train::step::{forward_backward, Accumulated, MicroBatch};
+use crate::train::device::placement;
+use crate::train::run::{adamw_config, prepare_data, starting_model};
+use crate::train::step::{self, BlockSchedule, Recipe};
 use crate::train::TrainError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -335,7 +336,7 @@ pub fn run(
     if !(range.start > 0.0 && range.end > range.start && range.steps >= 6) {
         return Err(TrainError::LrRange { start: range.start, end: range.end, steps: range.steps });
     }
-    let (device, dtype, engine) = placement(cfg)?;
+    let placement = placement(cfg, 1)?;
     // preparation progress, forwarded live
     let (etx, erx) = crossbeam_channel::unbounded::<Event>();
     let data = std::thread::scope(|s| {
@@ -348,47 +349,38 @@ pub fn run(
         drop(etx);
         data
     })?;
-    let start = starting_model(cfg, data.tokenizer.vocab_size(), &device)?;
-    let (model_cfg, weights) = (start.model, start.weights);
+    let start = starting_model(cfg, data.tokenizer.vocab_size(), &placement.device)?;
     // a copy: `weights` are fresh tensors, so the run's checkpoint is never written
-    let model = Trainable::new(&model_cfg, weights)?.with_dtype(dtype)?.with_engine(engine);
+    let model = Trainable::new(&start.model, start.weights, &placement)?;
     let mut opt = AdamW::new(&model.vars, adamw_config(cfg), |_, v| v.rank() >= 2)?;
     let blocks = data.train.num_blocks(cfg.block_size);
-    if blocks < cfg.batch_size {
+    let mut schedule = BlockSchedule::new(blocks, cfg.batch_size, cfg.micro_batch_size, cfg.seed);
+    if schedule.steps_per_epoch() == 0 {
         return Err(TrainError::TooFewBlocks { blocks, block_size: cfg.block_size, batch_size: cfg.batch_size });
     }
     let batcher = Batcher { stream: &data.train, block_size: cfg.block_size };
-    let per_epoch = blocks / cfg.batch_size;
+    let world = World::single();
+    let recipe = Recipe {
+        placement: &placement,
+        world: &*world,
+        micro_batches: cfg.accumulation_steps(),
+        checkpointing: cfg.gradient_checkpointing,
+        dropout: cfg.dropout,
+        seed: cfg.seed,
+    };
     let mut curve = Curve::new(beta_for(range.steps));
-    let accumulation = cfg.accumulation_steps();
     for i in 0..range.steps {
         let lr = lr_at(i, range.steps, range.start, range.end);
-        let order = EpochOrder::new(blocks, cfg.seed, (i / per_epoch) as u64);
-        let offset = (i % per_epoch) * cfg.batch_size;
-        let mut acc = Accumulated::default();
-        let mut loss = 0.0;
-        for micro in order.blocks(offset, cfg.batch_size).chunks(cfg.micro_batch_size) {
-            let ids: Tensor = batcher.batch(micro, &device)?;
-            let out = forward_backward(
-                engine,
-                &model,
-                &MicroBatch { ids: &ids, targets: None },
-                1.0 / accumulation as f64,
-                None,
-                cfg.gradient_checkpointing,
-                &mut acc,
-            )?;
-            loss += out.loss / accumulation as f64;
-        }
-        let grads = acc.into_grads(&model_cfg)?;
-        let go_on = curve.push(lr, loss);
+        let ids = step::load(&batcher, &schedule.micro_batches(i as u64, 0, 1), &placement.device)?;
+        let g = step::gradients(&model, &recipe, i as u64, &step::as_batches(&ids), &mut || {})?;
+        let go_on = curve.push(lr, g.loss);
         if let Some(&smoothed) = curve.smoothed.last() {
-            let _ = tx.send(LrFindEvent::Point { lr, loss, smoothed });
+            let _ = tx.send(LrFindEvent::Point { lr, loss: g.loss, smoothed });
         }
         if !go_on {
             break;
         }
-        if !optim::step(&mut opt, &grads, lr, cfg.max_grad_norm)?.applied {
+        if !step::apply(&mut opt, &g, lr, cfg.max_grad_norm)?.applied {
             curve.stopped.get_or_insert_with(|| format!("non-finite gradient at LR {lr:.2e}"));
             break;
         }

@@ -5,22 +5,20 @@
 //! A sweep runs on its own thread and talks to the headless printer or the TUI through typed
 //! `SweepEvent`s, as a single run does through `Event`s.
 
-pub mod compare;
-pub mod divergence;
-pub mod lr_find;
-pub mod study;
-
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use serde::Serialize;
 
+use super::compare;
+use super::divergence::{Monitor, Verdict};
+use super::study;
 use crate::config::RunConfig;
 use crate::events::{Control, ControlMsg, ControlOrigin, Event, RunStatus};
+use crate::session::{Console, Observed, RunSession};
 use crate::sinks;
 use crate::train::{self, RunSpec, StopSignal};
-use divergence::{Monitor, Verdict};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrialResult {
@@ -32,14 +30,14 @@ pub struct TrialResult {
     pub eval_loss: Option<f64>,
     pub perplexity: Option<f64>,
     pub steps: u64,
-    /// "completed", "lagging", "diverged", "stalled", "stopped", "failed" or "skipped".
-    pub status: String,
+    /// Completed, lagging, diverged, stalled, stopped, failed or skipped.
+    pub status: RunStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Summary {
+pub struct SweepSummary {
     pub key: String,
     /// What the trials' eval figures were computed on (`RunConfig::evaluated_on`).
     pub evaluated_on: String,
@@ -61,7 +59,7 @@ pub enum SweepEvent {
     TrialStart { index: usize, of: usize, label: String },
     Train { index: usize, event: Event },
     TrialEnd(TrialResult),
-    Done(Summary),
+    Done(SweepSummary),
 }
 
 /// `learning_rate-0.001` style directory names.
@@ -115,14 +113,14 @@ pub fn mark_lagging(key: &str, trials: &mut [TrialResult]) {
     }
     let best = trials
         .iter()
-        .filter(|t| t.status == "completed")
+        .filter(|t| t.status == RunStatus::Completed)
         .filter_map(|t| Some((t.best_loss?, t.value.as_f64()?)))
         .min_by(|a, b| a.0.total_cmp(&b.0));
     let Some((best_loss, best_lr)) = best else { return };
-    for t in trials.iter_mut().filter(|t| t.status == "completed") {
+    for t in trials.iter_mut().filter(|t| t.status == RunStatus::Completed) {
         if let (Some(loss), Some(lr)) = (t.best_loss, t.value.as_f64()) {
             if lr > best_lr && loss > LAG_RATIO * best_loss {
-                t.status = "lagging".into();
+                t.status = RunStatus::Lagging;
                 t.note = Some(format!(
                     "best loss {loss:.4} is {:.1}x the best trial's {best_loss:.4} (learning_rate {best_lr:e})",
                     loss / best_loss
@@ -150,7 +148,7 @@ pub fn suggest(key: &str, trials: &[TrialResult]) -> Option<Suggestion> {
         return None;
     }
     let stable: Vec<&TrialResult> =
-        trials.iter().filter(|t| t.status == "completed" && t.value.as_f64().is_some()).collect();
+        trials.iter().filter(|t| t.status == RunStatus::Completed && t.value.as_f64().is_some()).collect();
     let lr = |t: &TrialResult| t.value.as_f64().unwrap_or(f64::NAN);
     let highest_stable = stable.iter().map(|t| lr(t)).max_by(f64::total_cmp)?;
     let finite = |x: Option<f64>| x.filter(|v| v.is_finite());
@@ -175,11 +173,11 @@ pub fn suggest(key: &str, trials: &[TrialResult]) -> Option<Suggestion> {
 pub struct SweepHandle {
     pub events: Receiver<SweepEvent>,
     pub stop: StopSignal,
-    thread: JoinHandle<Summary>,
+    thread: JoinHandle<SweepSummary>,
 }
 
 impl SweepHandle {
-    pub fn join(self) -> Option<Summary> {
+    pub fn join(self) -> Option<SweepSummary> {
         self.thread.join().ok()
     }
 }
@@ -209,7 +207,7 @@ pub fn with_values(base: &RunConfig, trial: &[(String, serde_json::Value)], dir:
 }
 
 /// Verdicts a finished trial keeps when the sweep runs again.
-const ENDED: [&str; 4] = ["completed", "lagging", "diverged", "stalled"];
+const ENDED: [RunStatus; 4] = [RunStatus::Completed, RunStatus::Lagging, RunStatus::Diverged, RunStatus::Stalled];
 
 /// The trials an earlier session of this sweep ended, from its `summary.json`.
 fn earlier_trials(root: &Path) -> Vec<serde_json::Value> {
@@ -232,11 +230,11 @@ fn reused(
         return None;
     }
     let plan = study::plan(cfg).ok()?;
-    let from_summary =
-        earlier.iter().find(|t| t["label"] == label && ENDED.contains(&t["status"].as_str().unwrap_or("")));
-    if let (Some(t), study::Plan::Reuse | study::Plan::Fresh { .. }) = (from_summary, &plan) {
+    let status_of = |t: &serde_json::Value| serde_json::from_value::<RunStatus>(t["status"].clone()).ok();
+    let from_summary = earlier.iter().find(|t| t["label"] == label && status_of(t).is_some_and(|s| ENDED.contains(&s)));
+    if let (Some(t), study::RunPlan::Reuse | study::RunPlan::Fresh { .. }) = (from_summary, &plan) {
         let f = |k: &str| t[k].as_f64();
-        let status = t["status"].as_str().unwrap_or("completed");
+        let status = status_of(t).unwrap_or(RunStatus::Completed);
         return Some(TrialResult {
             label: label.into(),
             value: value.clone(),
@@ -247,15 +245,15 @@ fn reused(
             perplexity: f("perplexity"),
             steps: t["steps"].as_u64().unwrap_or(0),
             // lagging is judged against the other trials again
-            status: if status == "lagging" { "completed".into() } else { status.into() },
-            note: Some(match t["note"].as_str().filter(|_| status != "lagging") {
+            status: if status == RunStatus::Lagging { RunStatus::Completed } else { status },
+            note: Some(match t["note"].as_str().filter(|_| status != RunStatus::Lagging) {
                 Some(n) => format!("{n} (reused from an earlier session)"),
                 None => "reused from an earlier session".into(),
             }),
         });
     }
     // finished, but the sweep ended before its summary: the numbers from the trial's log
-    if plan != study::Plan::Reuse {
+    if plan != study::RunPlan::Reuse {
         return None;
     }
     let run = compare::load(dir).ok()?;
@@ -268,7 +266,7 @@ fn reused(
         eval_loss: run.final_eval_loss,
         perplexity: run.final_perplexity,
         steps: run.steps,
-        status: "completed".into(),
+        status: RunStatus::Completed,
         note: Some("reused from its finished log".into()),
     })
 }
@@ -280,7 +278,7 @@ fn run(
     cache_dir: PathBuf,
     tx: Sender<SweepEvent>,
     stop: StopSignal,
-) -> Summary {
+) -> SweepSummary {
     let root = PathBuf::from(&base.output_dir);
     let earlier = earlier_trials(&root);
     let key = plan.key();
@@ -299,7 +297,7 @@ fn run(
             eval_loss: None,
             perplexity: None,
             steps: 0,
-            status: "skipped".into(),
+            status: RunStatus::Skipped,
             note: None,
         };
         if stop.requested() {
@@ -315,7 +313,7 @@ fn run(
                 None => trial(cfg, preset.clone(), &cache_dir, index, &tx, &stop, &mut result),
             },
             Err(e) => {
-                result.status = "failed".into();
+                result.status = RunStatus::Failed;
                 result.note = Some(e);
             }
         }
@@ -324,7 +322,7 @@ fn run(
     }
     mark_lagging(&key, &mut trials);
     let suggestion = suggest(&key, &trials);
-    let summary = Summary {
+    let summary = SweepSummary {
         key,
         evaluated_on: base.evaluated_on(),
         trials,
@@ -351,29 +349,18 @@ fn trial(
     stop: &StopSignal,
     result: &mut TrialResult,
 ) {
-    let dir = PathBuf::from(&cfg.output_dir);
     // interrupted after a checkpoint: on from it; left without one: cleared; another run's: refused
     match study::plan(&cfg) {
-        Ok(study::Plan::Resume) => cfg.resume_from_checkpoint = Some("latest".into()),
-        Ok(study::Plan::Fresh { clear }) => cfg.overwrite_output_dir = clear,
+        Ok(study::RunPlan::Resume) => cfg.resume_from_checkpoint = Some("latest".into()),
+        Ok(study::RunPlan::Fresh { clear }) => cfg.overwrite_output_dir = clear,
         // finished with these settings but not reusable (no verdict): run it again
-        Ok(study::Plan::Reuse) => cfg.overwrite_output_dir = true,
+        Ok(study::RunPlan::Reuse) => cfg.overwrite_output_dir = true,
         Err(e) => {
-            result.status = "failed".into();
+            result.status = RunStatus::Failed;
             result.note = Some(e.to_string());
             return;
         }
     }
-    // the trial's folder is its own, as any run's (one run per output_dir)
-    let _claim = match train::output_dir::claim(&cfg) {
-        Ok(claim) => claim,
-        Err(e) => {
-            result.status = "failed".into();
-            result.note = Some(e.to_string());
-            return;
-        }
-    };
-    let mut sinks = sinks::file_sinks(&dir, &cfg).unwrap_or_default();
     let spec = RunSpec {
         config: cfg,
         preset,
@@ -382,12 +369,23 @@ fn trial(
         world: Default::default(),
     };
     // the sweep's stop flag is this trial's too: stopping the sweep stops the running trial
-    let handle = train::spawn_with(spec, stop.clone());
+    let session = match RunSession::start(spec, stop.clone(), Console::Quiet) {
+        Ok(session) => session,
+        Err(e) => {
+            result.status = RunStatus::Failed;
+            result.note = Some(e.to_string());
+            return;
+        }
+    };
+    let controls = session.controls();
+    let stop_trial = || {
+        let _ = controls.send(ControlMsg { control: Control::Stop { save: false }, origin: ControlOrigin::Sweep });
+    };
     let mut monitor: Option<Monitor> = None;
     let mut verdict = Verdict::Ok;
-    for event in handle.events.iter() {
-        sinks.handle(&event);
-        match &event {
+    let outcome = session.run(&mut |seen| {
+        let Observed::Event(event) = seen else { return };
+        match event {
             Event::TrainBegin(b) => {
                 let logged = (b.total_steps / b.config["logging_steps"].as_u64().unwrap_or(1).max(1)) as usize;
                 monitor = Some(Monitor::for_steps(logged));
@@ -399,17 +397,13 @@ fn trial(
                 if let (Some(m), Verdict::Ok) = (monitor.as_mut(), verdict) {
                     verdict = m.observe(p.loss);
                     if verdict != Verdict::Ok {
-                        let _ = handle
-                            .controls
-                            .send(ControlMsg { control: Control::Stop { save: false }, origin: ControlOrigin::Sweep });
+                        stop_trial();
                     }
                 }
             }
             Event::Skipped(_) if verdict == Verdict::Ok => {
                 verdict = Verdict::Diverged;
-                let _ = handle
-                    .controls
-                    .send(ControlMsg { control: Control::Stop { save: false }, origin: ControlOrigin::Sweep });
+                stop_trial();
             }
             Event::Evaluate(e) => {
                 result.eval_loss = Some(e.eval_loss);
@@ -417,26 +411,21 @@ fn trial(
             }
             _ => {}
         }
-        let _ = tx.send(SweepEvent::Train { index, event });
-    }
-    sinks.finish();
-    let joined = handle.join();
-    result.status = match (verdict, &joined) {
-        (Verdict::Diverged, _) => "diverged",
-        (Verdict::Stalled, _) => "stalled",
-        (Verdict::Ok, Err(train::TrainError::Diverged { .. })) => "diverged",
-        (Verdict::Ok, Err(_)) => "failed",
-        (Verdict::Ok, Ok(end)) if end.status == RunStatus::Stopped => "stopped",
-        (Verdict::Ok, Ok(_)) => "completed",
-    }
-    .into();
-    if let Err(e) = joined {
+        let _ = tx.send(SweepEvent::Train { index, event: event.clone() });
+    });
+    result.status = match (verdict, &outcome.error) {
+        (Verdict::Diverged, _) => RunStatus::Diverged,
+        (Verdict::Stalled, _) => RunStatus::Stalled,
+        (Verdict::Ok, Some(train::TrainError::Diverged { .. })) => RunStatus::Diverged,
+        (Verdict::Ok, _) => outcome.status,
+    };
+    if let Some(e) = outcome.error {
         result.note = Some(e.to_string());
     }
 }
 
 /// The sweep table as text.
-pub fn table(s: &Summary) -> String {
+pub fn table(s: &SweepSummary) -> String {
     // the value and its status first: what a narrow terminal still shows
     let mut out = format!(
         "{:<14} {:<10} {:>10} {:>10} {:>10} {:>9} {:>6}\n",
@@ -490,6 +479,7 @@ mod tests {
     use super::*;
 
     fn t(v: f64, status: &str) -> TrialResult {
+        let status = status.parse().unwrap();
         TrialResult {
             label: String::new(),
             value: serde_json::json!(v),
@@ -499,7 +489,7 @@ mod tests {
             eval_loss: None,
             perplexity: None,
             steps: 0,
-            status: status.into(),
+            status,
             note: None,
         }
     }
@@ -547,7 +537,7 @@ mod tests {
     fn the_table_labels_train_and_eval_columns_and_keeps_the_hint_apart() {
         let trials = vec![evaluated(1e-2, "completed", 1.74), evaluated(1e-3, "completed", 3.73)];
         let sg = suggest("learning_rate", &trials).unwrap();
-        let summary = Summary {
+        let summary = SweepSummary {
             key: "learning_rate".into(),
             evaluated_on: "builtin".into(),
             trials,

@@ -1,0 +1,143 @@
+//! A study in words and pictures: the text table, `study.json` and the figures.
+
+use std::path::Path;
+
+use super::stats::{bands, Stat, StudySummary};
+use crate::sinks::figures::{self, Band, Extras, Line, XAxis};
+
+/// The study as text: the arms' table, the differences, the settings that differ.
+pub fn table(s: &StudySummary) -> String {
+    let mut out = format!("evaluated on {}; seeds {:?}\n", s.evaluated_on, s.seeds);
+    let w = s.arms.iter().map(|a| a.label.chars().count()).max().unwrap_or(3).max(3);
+    out.push_str(&format!(
+        "{:<w$}  {:>5}  {:>17}  {:>17}  {:>15}  {:>12}\n",
+        "arm", "seeds", "final eval loss", "best eval loss", "final ppl", "tokens seen"
+    ));
+    let stat = |x: &Option<Stat>, d: usize| x.as_ref().map_or("-".into(), |s| s.text(d));
+    for a in &s.arms {
+        let tokens = match a.tokens_seen {
+            Some((lo, hi)) if lo == hi => lo.to_string(),
+            Some((lo, hi)) => format!("{lo}-{hi}"),
+            None => "-".into(),
+        };
+        out.push_str(&format!(
+            "{:<w$}  {:>5}  {:>17}  {:>17}  {:>15}  {:>12}\n",
+            a.label,
+            a.seeds_finished,
+            stat(&a.final_eval_loss, 4),
+            stat(&a.best_eval_loss, 4),
+            stat(&a.final_perplexity, 2),
+            tokens
+        ));
+    }
+    for d in &s.differences {
+        let mean = d.mean.map_or("-".into(), |m| format!("{m:+.4}"));
+        let interval = d.interval.map_or(String::new(), |(lo, hi)| format!(", 95% CI [{lo:+.4}, {hi:+.4}]"));
+        out.push_str(&format!(
+            "{} - {} (final eval loss, paired by seed): {mean}{interval}; {}\n",
+            d.arm, d.against, d.note
+        ));
+    }
+    let tokens: Vec<(u64, u64)> = s.arms.iter().filter_map(|a| a.tokens_seen).collect();
+    if tokens.windows(2).any(|w| w[0] != w[1]) || tokens.iter().any(|(lo, hi)| lo != hi) {
+        out.push_str(
+            "the runs saw different numbers of training tokens: their losses are not comparable as they stand\n",
+        );
+    }
+    if !s.differing_keys.is_empty() {
+        let keys: Vec<String> = s
+            .differing_keys
+            .iter()
+            .map(|(k, vs)| format!("{k} ({})", vs.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" | ")))
+            .collect();
+        out.push_str(&format!("the arms differ in: {}\n", keys.join(", ")));
+    }
+    for r in s.runs.iter().filter(|r| !r.finished()) {
+        out.push_str(&format!(
+            "{} seed {}: {}{}\n",
+            r.arm,
+            r.seed,
+            r.status,
+            r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// `study.json` and the figures under `<root>/figures/`.
+pub fn write(root: &Path, s: &StudySummary) -> std::io::Result<()> {
+    std::fs::create_dir_all(root.join("figures"))?;
+    let json = serde_json::to_string_pretty(s).map_err(std::io::Error::other)?;
+    crate::atomic_file::write(&root.join("study.json"), json.as_bytes())?;
+    for (name, png) in render(s)? {
+        crate::atomic_file::write(&root.join("figures").join(format!("{name}.png")), &png.bytes)?;
+    }
+    Ok(())
+}
+
+fn render(s: &StudySummary) -> std::io::Result<Vec<(&'static str, figures::Png)>> {
+    let mut bands = bands(s);
+    // the untrained model's loss (ln V) would flatten every later difference: it is left out
+    // of the chart and quoted in its title
+    let start: Vec<f64> = bands.iter().filter_map(|(_, b)| b.first().filter(|p| p.0 == 0.0).map(|p| p.1)).collect();
+    if bands.iter().all(|(_, b)| b.len() > 2) {
+        bands.iter_mut().for_each(|(_, b)| b.retain(|p| p.0 > 0.0));
+    }
+    let start_note = match start.first() {
+        Some(first) if bands.iter().all(|(_, b)| b.first().is_some_and(|p| p.0 > 0.0)) => {
+            format!(" (step 0, left out: {first:.2})")
+        }
+        _ => String::new(),
+    };
+    let labels: Vec<String> = bands.iter().map(|(l, _)| format!("{l} (mean, band: min-max over seeds)")).collect();
+    let lines: Vec<Line> = bands
+        .iter()
+        .zip(&labels)
+        .enumerate()
+        .map(|(i, ((_, b), label))| Line {
+            label,
+            points: b.iter().map(|p| (p.0, p.1)).collect(),
+            color: figures::PALETTE[i % figures::PALETTE.len()],
+            markers: false,
+        })
+        .collect();
+    let extras = Extras {
+        bands: bands
+            .iter()
+            .enumerate()
+            .map(|(i, (_, b))| Band {
+                points: b.iter().map(|p| (p.0, p.2, p.3)).collect(),
+                color: figures::PALETTE[i % figures::PALETTE.len()],
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let title = format!("eval loss over {} seeds{start_note}", s.seeds.len());
+    let curves = figures::chart_with(&title, XAxis::Steps, "eval loss (nats per token)", lines, extras)?;
+    // the final loss of every seed, one column per arm
+    let arms: Vec<String> = s.arms.iter().map(|a| a.label.clone()).collect();
+    let seed_labels: Vec<String> = s.seeds.iter().map(|seed| format!("seed {seed}")).collect();
+    let points: Vec<Line> = s
+        .seeds
+        .iter()
+        .zip(&seed_labels)
+        .enumerate()
+        .map(|(i, (seed, label))| Line {
+            label,
+            points: s
+                .arms
+                .iter()
+                .enumerate()
+                .filter_map(|(a, arm)| {
+                    let r = s.runs.iter().find(|r| r.arm == arm.label && r.seed == *seed && r.finished())?;
+                    Some((a as f64, r.final_eval_loss?))
+                })
+                .collect(),
+            color: figures::PALETTE[i % figures::PALETTE.len()],
+            markers: true,
+        })
+        .collect();
+    let extras = Extras { categories: arms, ..Default::default() };
+    let finals = figures::chart_with("final eval loss per seed", XAxis::Categories, "eval loss", points, extras)?;
+    Ok(vec![("study_eval_loss", curves), ("study_final_loss", finals)])
+}

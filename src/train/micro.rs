@@ -1,0 +1,321 @@
+//! The forward and backward of micro-batches (plain, or with gradient checkpointing), one at a
+//! time or side by side on single-threaded workers, their gradients summed.
+
+use candle_core::{Result, Tensor, Var};
+
+use crate::dist::Collective;
+use crate::engine::Engine;
+use crate::model::dropout::Dropout;
+use crate::model::{cpu_step, Gpt, Trainable};
+use crate::optim::grads::{accumulate, Grads};
+
+pub struct MicroStep {
+    /// The micro-batch's mean token loss (unscaled).
+    pub loss: f64,
+    /// `||d_t||` for every (b, t), differential models only.
+    pub diff_norms: Option<Vec<f32>>,
+}
+
+/// Gradients summed over the micro-batches of one optimizer step.
+#[derive(Default)]
+pub enum Accumulated {
+    #[default]
+    Empty,
+    /// The written-out CPU step's buffers, added into in place.
+    Host(cpu_step::HostGrads),
+    /// Autograd's gradients, summed as tensors.
+    Tensors(Grads),
+}
+
+impl Accumulated {
+    /// Sums the gradients over the processes of `world`, in place.
+    pub fn all_reduce(&mut self, world: &dyn Collective) -> Result<()> {
+        let fail = |e: crate::dist::DistError| candle_core::Error::Msg(e.to_string());
+        match self {
+            Accumulated::Empty => candle_core::bail!("no gradients to sum: this process had no micro-batch"),
+            Accumulated::Host(h) => {
+                for buf in h.buffers_mut() {
+                    world.all_reduce_sum(buf).map_err(fail)?;
+                }
+            }
+            Accumulated::Tensors(grads) => {
+                for g in grads.values_mut() {
+                    *g = world.all_reduce_tensor(g).map_err(fail)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn into_grads(self, cfg: &crate::model::GptConfig) -> Result<Grads> {
+        match self {
+            Accumulated::Empty => Ok(Grads::new()),
+            Accumulated::Host(h) => h.into_tensors(cfg),
+            Accumulated::Tensors(g) => Ok(g),
+        }
+    }
+
+    fn add(&mut self, grads: Grads) -> Result<()> {
+        match self {
+            Accumulated::Tensors(acc) => accumulate(acc, grads),
+            _ => {
+                *self = Accumulated::Tensors(grads);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Single-threaded workers that run whole micro-batches side by side (see `forward_backward_all`),
+/// one per thread of the global pool, made once.
+pub(super) fn workers() -> &'static [rayon::ThreadPool] {
+    static WORKERS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    WORKERS.get_or_init(|| {
+        (0..rayon::current_num_threads())
+            .filter_map(|i| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(move |_| format!("difflab-micro-{i}"))
+                    .build()
+                    .ok()
+            })
+            .collect()
+    })
+}
+
+/// Extra memory a second side-by-side worker may take (its gradient sums and one
+/// micro-batch's activations) for `forward_backward_all` to use it.
+const WORKER_MEMORY_LIMIT: u64 = 256 << 20;
+
+/// How many micro-batches `forward_backward_all` runs side by side for this model and
+/// micro-batch shape on `engine`: one per thread when the written-out CPU step runs small
+/// matrices (a worker's extra memory within `WORKER_MEMORY_LIMIT`), else 1.
+pub fn side_by_side(
+    engine: Engine,
+    cfg: &crate::model::GptConfig,
+    micro: (usize, usize),
+    checkpointing: bool,
+) -> usize {
+    let params = cfg.num_parameters() as u64;
+    let extra = 4 * params + cfg.training_bytes(micro.0, micro.1, checkpointing).saturating_sub(16 * params);
+    if engine == Engine::CpuStep && extra <= WORKER_MEMORY_LIMIT {
+        workers().len().clamp(1, max_workers())
+    } else {
+        1
+    }
+}
+
+/// `DIFFLAB_MICRO_WORKERS=N` caps the micro-batches run side by side (1: one at a time, each
+/// split across all threads, as before; for comparing the two).
+pub(super) fn max_workers() -> usize {
+    // read once: this is asked every step and every evaluation
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("DIFFLAB_MICRO_WORKERS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(usize::MAX)
+    })
+}
+
+/// Forward and backward of the micro-batches in `batches`, gradients of `loss * scale` added
+/// into `acc`, in groups of `side_by_side(..)`: micro-batch `i` of a group runs on worker `i`
+/// with single-threaded kernels, each worker sums its own gradients, and the sums are added
+/// in worker order at the end (so a run's numbers do not depend on timing). At the small
+/// matrices of the sanity shapes, splitting every matmul across two cores costs more than it
+/// gains; a core per micro-batch keeps both busy. `between` runs before each group (the
+/// trainer polls its controls there). One group of one is `forward_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_all(
+    engine: Engine,
+    model: &Trainable,
+    batches: &[MicroBatch],
+    scale: f64,
+    dropout_seeds: &dyn Fn(usize) -> Option<Dropout>,
+    checkpointing: bool,
+    acc: &mut Accumulated,
+    between: &mut dyn FnMut(),
+) -> Result<Vec<MicroStep>> {
+    let Some(first) = batches.first() else { return Ok(vec![]) };
+    let micro = first.ids.dims2()?;
+    let width = side_by_side(engine, model.gpt.config(), micro, checkpointing).min(batches.len());
+    let mut steps = Vec::with_capacity(batches.len());
+    if width <= 1 {
+        for (i, batch) in batches.iter().enumerate() {
+            between();
+            let mut dropout = dropout_seeds(i);
+            steps.push(forward_backward(engine, model, batch, scale, dropout.as_mut(), checkpointing, acc)?);
+        }
+        return Ok(steps);
+    }
+    if dropout_seeds(0).is_some_and(|d| d.is_active()) {
+        candle_core::bail!("the cpu-step engine has no dropout; a run with dropout takes cpu-autograd")
+    }
+    let cfg = model.gpt.config();
+    let mut parts: Vec<Option<cpu_step::HostGrads>> = (0..width).map(|_| None).collect();
+    if let Accumulated::Host(h) = std::mem::take(acc) {
+        parts[0] = Some(h);
+    }
+    for group in batches.chunks(width) {
+        between();
+        let outs: Vec<Result<cpu_step::MicroOutcome>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = group
+                .iter()
+                .zip(parts.iter_mut())
+                .zip(workers())
+                .map(|((batch, part), pool)| {
+                    scope.spawn(move || {
+                        pool.install(|| {
+                            cpu_step::forward_backward(
+                                cfg,
+                                &model.vars,
+                                batch.ids,
+                                batch.targets,
+                                scale,
+                                checkpointing,
+                                part,
+                            )
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a micro-batch worker panicked".into())))
+                })
+                .collect()
+        });
+        for out in outs {
+            let out = out?;
+            steps.push(MicroStep { loss: out.loss, diff_norms: out.diff_norms });
+        }
+    }
+    let mut parts = parts.into_iter().flatten();
+    if let Some(mut sum) = parts.next() {
+        for p in parts {
+            sum.add(p);
+        }
+        *acc = Accumulated::Host(sum);
+    }
+    Ok(steps)
+}
+
+/// A micro-batch: token ids `(B, T)`, and explicit targets `(B, T)` or none (then each block
+/// is its own label, shifted inside the loss, as HF: `T - 1` predictions per block).
+#[derive(Clone, Copy)]
+pub struct MicroBatch<'a> {
+    pub ids: &'a Tensor,
+    pub targets: Option<&'a Tensor>,
+}
+
+fn loss_of(gpt: &Gpt, hidden: &Tensor, batch: &MicroBatch) -> Result<Tensor> {
+    match batch.targets {
+        None => gpt.next_token_loss(hidden, batch.ids),
+        Some(t) => gpt.loss(hidden, t),
+    }
+}
+
+/// Forward and backward of one micro-batch on `engine`; gradients of `loss * scale` (`scale` =
+/// 1 / accumulation steps) are added into `acc`. `cpu-step` runs the written-out step
+/// (`cpu_step`), the others candle's autograd over the kernels the model was built with.
+pub fn forward_backward(
+    engine: Engine,
+    model: &Trainable,
+    batch: &MicroBatch,
+    scale: f64,
+    dropout: Option<&mut Dropout>,
+    checkpointing: bool,
+    acc: &mut Accumulated,
+) -> Result<MicroStep> {
+    if engine == Engine::CpuStep {
+        if dropout.as_ref().is_some_and(|d| d.is_active()) {
+            candle_core::bail!("the cpu-step engine has no dropout; a run with dropout takes cpu-autograd")
+        }
+        let mut host = match std::mem::take(acc) {
+            Accumulated::Host(h) => Some(h),
+            _ => None,
+        };
+        let out = cpu_step::forward_backward(
+            model.gpt.config(),
+            &model.vars,
+            batch.ids,
+            batch.targets,
+            scale,
+            checkpointing,
+            &mut host,
+        )?;
+        if let Some(h) = host {
+            *acc = Accumulated::Host(h);
+        }
+        return Ok(MicroStep { loss: out.loss, diff_norms: out.diff_norms });
+    }
+    let (step, grads) = if checkpointing {
+        checkpointed(model, batch, scale, dropout)?
+    } else {
+        autograd(model, batch, scale, dropout)?
+    };
+    acc.add(grads)?;
+    Ok(step)
+}
+
+fn autograd(
+    model: &Trainable,
+    batch: &MicroBatch,
+    scale: f64,
+    dropout: Option<&mut Dropout>,
+) -> Result<(MicroStep, Grads)> {
+    let (hidden, diff_norms) = model.gpt.forward_hidden(batch.ids, dropout)?;
+    let loss = loss_of(&model.gpt, &hidden, batch)?;
+    let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let grads = model.named_grads((loss * scale)?.backward()?);
+    Ok((MicroStep { loss: value, diff_norms: norms(diff_norms)? }, grads))
+}
+
+fn norms(t: Option<Tensor>) -> Result<Option<Vec<f32>>> {
+    t.map(|t| t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()
+}
+
+/// Gradient checkpointing: the forward keeps only each block's input; the backward
+/// recomputes one block at a time and pulls the gradient through it (a vector-Jacobian
+/// product), so peak memory holds one block's activations instead of all of them.
+/// Dropout masks are replayed from a copy of the generator taken before each block.
+fn checkpointed(
+    model: &Trainable,
+    batch: &MicroBatch,
+    scale: f64,
+    mut dropout: Option<&mut Dropout>,
+) -> Result<(MicroStep, Grads)> {
+    let gpt = &model.gpt;
+    let ids = batch.ids;
+    let (_, seq_len) = ids.dims2()?;
+    let ctx = gpt.seq_context(seq_len)?;
+    let emb = gpt.embed(ids, dropout.as_deref_mut())?;
+    let mut xs = emb.xs.detach();
+    let mut saved = Vec::with_capacity(gpt.blocks().len());
+    for block in gpt.blocks() {
+        saved.push((xs.clone(), dropout.as_deref().cloned()));
+        xs = block.forward(&xs, &ctx, dropout.as_deref_mut())?.detach();
+    }
+    // top segment: ln_f, head and loss, with the last block's output as a leaf
+    let top = Var::from_tensor(&xs)?;
+    let hidden = gpt.final_hidden(top.as_tensor(), emb.tokens.as_ref())?;
+    let loss = loss_of(gpt, &hidden, batch)?;
+    let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let store = (loss * scale)?.backward()?;
+    let mut upstream = store.get(top.as_tensor()).cloned();
+    let mut grads = model.named_grads(store);
+    for (block, (input, mut rng)) in gpt.blocks().iter().zip(saved).rev() {
+        let Some(g) = upstream.take() else { break };
+        let leaf = Var::from_tensor(&input)?;
+        let ys = block.forward(leaf.as_tensor(), &ctx, rng.as_mut())?;
+        let store = (ys * g)?.sum_all()?.backward()?;
+        upstream = store.get(leaf.as_tensor()).cloned();
+        accumulate(&mut grads, model.named_grads(store))?;
+    }
+    if let Some(g) = upstream {
+        accumulate(&mut grads, model.named_grads((emb.xs * g)?.sum_all()?.backward()?))?;
+    }
+    Ok((MicroStep { loss: value, diff_norms: norms(emb.diff_norms)? }, grads))
+}
