@@ -393,11 +393,12 @@ impl Event {
         matches!(self, Event::TrainBegin(_) | Event::Progress(_) | Event::Evaluate(_) | Event::TrainEnd(_))
     }
 
-    /// What `metrics.jsonl` records: the markers plus controls, checkpoints, skipped steps and
-    /// samples.
+    /// What `metrics.jsonl` records: the markers plus controls, checkpoints, skipped steps,
+    /// samples, and warnings and errors (a refused control, say: a watcher sees them too).
     pub fn is_logged(&self) -> bool {
         self.is_marker()
             || matches!(self, Event::Checkpoint(_) | Event::Control(_) | Event::Skipped(_) | Event::Sample(_))
+            || matches!(self, Event::Message { level: Level::Warning | Level::Error, .. })
     }
 
     pub fn to_json_line(&self) -> String {

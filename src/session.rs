@@ -12,7 +12,8 @@ use std::path::PathBuf;
 
 use crossbeam_channel::Sender;
 
-use crate::events::{ControlMsg, Event, RunStatus, TrainEnd};
+use crate::config::RunConfig;
+use crate::events::{ControlMsg, Event, Level, RunStatus, TrainEnd};
 use crate::sinks::{self, human::StderrLog, Sinks, StdoutMarkers};
 use crate::train::remote::Inbox;
 use crate::train::{self, output_dir, RunSpec, StopSignal, TrainError, TrainHandle};
@@ -30,8 +31,6 @@ pub enum Console {
 pub enum SessionError {
     #[error(transparent)]
     Claim(#[from] TrainError),
-    #[error("opening the outputs in {dir}: {source}")]
-    Outputs { dir: PathBuf, source: std::io::Error },
     #[error("opening the control inbox of {dir}: {source}")]
     Inbox { dir: PathBuf, source: std::io::Error },
 }
@@ -64,33 +63,52 @@ pub struct RunOutcome {
 /// A run that is training.
 pub struct RunSession {
     handle: TrainHandle,
-    sinks: Sinks,
+    stop: StopSignal,
+    /// stdout and stderr, when printing.
+    console: Sinks,
+    /// The folder's files: opened at `train_begin`, when every check of the run has passed, so
+    /// a run refused before it (too big, no data) leaves the folder as it found it.
+    files: Option<Sinks>,
+    config: RunConfig,
     output_dir: PathBuf,
-    _inbox: Option<Inbox>,
-    _claim: Option<output_dir::Claim>,
+    /// Why the folder's files could not be opened (the run is then stopped).
+    outputs_failed: Option<std::io::Error>,
+    inbox: Option<Inbox>,
+    claim: Option<output_dir::Claim>,
 }
 
 impl RunSession {
-    /// Claims the folder, opens the sinks, starts the trainer (stopped by `stop`) and the
-    /// folder's control inbox.
+    /// Claims the folder, starts the trainer (stopped by `stop`) and the folder's control inbox;
+    /// the sinks open when the trainer begins.
     pub fn start(spec: RunSpec, stop: StopSignal, console: Console) -> Result<RunSession, SessionError> {
         let output_dir = PathBuf::from(&spec.config.output_dir);
+        let config = spec.config.clone();
+        let mut printing = Sinks::default();
+        // the other ranks print nothing (their errors reach the caller's monitor)
+        if console == Console::Print && spec.world.is_root() {
+            printing.push("stdout", Box::new(StdoutMarkers));
+            printing.push("stderr", Box::new(StderrLog::new()));
+        }
+        let session = |handle, inbox, claim| RunSession {
+            handle,
+            stop: stop.clone(),
+            console: printing,
+            files: None,
+            config,
+            output_dir: output_dir.clone(),
+            outputs_failed: None,
+            inbox,
+            claim,
+        };
         if !spec.world.is_root() {
-            let handle = train::spawn_with(spec, stop);
-            return Ok(RunSession { handle, sinks: Sinks::default(), output_dir, _inbox: None, _claim: None });
+            return Ok(session(train::spawn_with(spec, stop.clone()), None, None));
         }
         // held until the run ends: no other process trains into this folder meanwhile
         let claim = output_dir::claim(&spec.config)?;
-        let outputs = |source| SessionError::Outputs { dir: output_dir.clone(), source };
-        let mut sinks = sinks::file_sinks(&output_dir, &spec.config).map_err(outputs)?;
-        if console == Console::Print {
-            sinks.push("stdout", Box::new(StdoutMarkers));
-            sinks.push("stderr", Box::new(StderrLog::new()));
-        }
-        let handle = train::spawn_with(spec, stop);
+        let handle = train::spawn_with(spec, stop.clone());
         let inbox = Inbox::start(&output_dir, handle.controls.clone())
             .map_err(|source| SessionError::Inbox { dir: output_dir.clone(), source })?;
-        Ok(RunSession { handle, sinks, output_dir, _inbox: Some(inbox), _claim: Some(claim) })
+        Ok(session(handle, Some(inbox), Some(claim)))
     }
 
     /// Where controls for this run go (the monitor may hold a clone).
@@ -98,25 +116,62 @@ impl RunSession {
         self.handle.controls.clone()
     }
 
-    /// Every event through the sinks, then to `monitor`, until the trainer ends.
+    /// Every event through the sinks, then to `monitor`, until the trainer ends; what the
+    /// control inbox refused goes the same way, as warnings.
     pub fn run(mut self, monitor: &mut dyn FnMut(Observed)) -> RunOutcome {
-        for event in self.handle.events.iter() {
-            let failed_before = self.sinks.errors.len();
-            self.sinks.handle(&event);
-            for e in &self.sinks.errors[failed_before..] {
+        loop {
+            match self.handle.events.recv_timeout(std::time::Duration::from_millis(200)) {
+                Ok(event) => self.pass(&event, monitor),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+            for text in self.inbox.as_ref().map(Inbox::take_refusals).unwrap_or_default() {
+                self.pass(&Event::Message { level: Level::Warning, text }, monitor);
+            }
+        }
+        for sinks in self.files.iter_mut().chain([&mut self.console]) {
+            let failed_before = sinks.errors.len();
+            sinks.finish();
+            for e in &sinks.errors[failed_before..] {
                 monitor(Observed::SinkFailed(e));
             }
-            monitor(Observed::Event(&event));
         }
-        let failed_before = self.sinks.errors.len();
-        self.sinks.finish();
-        for e in &self.sinks.errors[failed_before..] {
-            monitor(Observed::SinkFailed(e));
+        drop(self.inbox.take());
+        // refused before it began: the folder as it was found
+        if let (None, Some(claim)) = (&self.files, self.claim.take()) {
+            claim.release_unused();
         }
         let output_dir = self.output_dir;
-        match self.handle.join() {
+        let joined = match (self.handle.join(), self.outputs_failed) {
+            (Ok(_), Some(source)) => Err(TrainError::Io { path: output_dir.clone(), source }),
+            (joined, _) => joined,
+        };
+        match joined {
             Ok(end) => RunOutcome { status: end.status, end: Some(end), error: None, output_dir },
             Err(e) => RunOutcome { status: RunStatus::Failed, end: None, error: Some(e), output_dir },
         }
+    }
+
+    fn pass(&mut self, event: &Event, monitor: &mut dyn FnMut(Observed)) {
+        if matches!(event, Event::TrainBegin(_)) && self.files.is_none() && self.claim.is_some() {
+            match sinks::file_sinks(&self.output_dir, &self.config) {
+                Ok(files) => self.files = Some(files),
+                Err(e) => {
+                    let text =
+                        format!("cannot open the outputs in {}: {e}; stopping the run", self.output_dir.display());
+                    monitor(Observed::SinkFailed(&text));
+                    self.outputs_failed = Some(e);
+                    self.stop.request();
+                }
+            }
+        }
+        for sinks in self.files.iter_mut().chain([&mut self.console]) {
+            let failed_before = sinks.errors.len();
+            sinks.handle(event);
+            for e in &sinks.errors[failed_before..] {
+                monitor(Observed::SinkFailed(e));
+            }
+        }
+        monitor(Observed::Event(event));
     }
 }

@@ -16,9 +16,20 @@ fn train(home: &std::path::Path, out: &std::path::Path, extra: &[&str]) {
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// Cuts a run back to what a kill after `step` leaves: the log up to it, no end, no later checkpoint.
+/// Cuts a run back to what a kill after `step` leaves: the log up to it, no end, no later
+/// checkpoint, no final model.
 fn interrupt(run: &std::path::Path, step: u64, drop_checkpoint: &str) {
     std::fs::remove_dir_all(run.join(drop_checkpoint)).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "trainer_state.json",
+        "difflab_config.json",
+        "checksums.json",
+    ] {
+        std::fs::remove_file(run.join(f)).unwrap();
+    }
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let marker = format!("\"step\":{},", step + 1);
     let kept: Vec<&str> = text.lines().take_while(|l| !(l.contains(&marker) && l.contains("\"progress\""))).collect();

@@ -288,8 +288,10 @@ fn a_damaged_trainer_state_is_named_as_such() {
     let home = tempfile::tempdir().unwrap();
     let (out, flags) = finished_run(home.path(), "run");
     let ckpt = out.join("checkpoint-20");
-    // no manifest, as in a checkpoint of an older version: the state file's own check speaks
+    // neither manifest nor run settings, as in a checkpoint of an early version (a difflab
+    // folder without its manifest is refused first): the state file's own check speaks
     std::fs::remove_file(ckpt.join("checksums.json")).unwrap();
+    std::fs::remove_file(ckpt.join("difflab_config.json")).unwrap();
     std::fs::write(ckpt.join("trainer_state.json"), b"{ not json").unwrap();
     let o = train(
         home.path(),

@@ -266,7 +266,7 @@ fn sweep_view_80x24() {
         app.update(Msg::Sweep(SweepEvent::TrialEnd(t.clone())));
         trials.push(t);
     }
-    app.update(Msg::Sweep(SweepEvent::Done(SweepSummary {
+    let summary = SweepSummary {
         key: "learning_rate".into(),
         evaluated_on: "builtin, tokenizer byte, validation split (all blocks of 128 tokens)".into(),
         trials,
@@ -274,7 +274,8 @@ fn sweep_view_80x24() {
         recommended: Some(1e-3),
         recommended_by: Some("lowest eval loss 2.7000 among 2 stable trials".into()),
         one_notch_lower: Some(1e-4),
-    })));
+    };
+    app.update(Msg::Sweep(SweepEvent::Done { summary, written: Ok("outputs/sweep/summary.json".into()) }));
     let t = draw(&app, 80, 24);
     assert!(t.backend().to_string().contains("recommended"));
     insta::assert_snapshot!(t.backend());

@@ -270,11 +270,11 @@ impl App {
         let done = match &msg {
             Msg::Sweep(e) => {
                 o.apply_sweep(e);
-                matches!(e, crate::research::sweep::SweepEvent::Done(_))
+                matches!(e, crate::research::sweep::SweepEvent::Done { .. })
             }
             Msg::Study(e) => {
                 o.apply_study(e);
-                matches!(e, crate::research::study::StudyEvent::Done(_))
+                matches!(e, crate::research::study::StudyEvent::Done { .. })
             }
             Msg::LrFind(e) => {
                 o.apply_lr_find(e);

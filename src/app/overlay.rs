@@ -115,7 +115,10 @@ impl Overlay {
                 self.note(format!("{}: {} after {} steps", t.label, t.status, t.steps));
                 self.table = self.trial_rows();
             }
-            SweepEvent::Done(s) => {
+            SweepEvent::Done { summary: s, written } => {
+                if let Err(e) = written {
+                    self.note(e.clone());
+                }
                 self.finished = true;
                 self.status = "done - q to exit".into();
                 self.table = sweeps::table(s).lines().map(str::to_string).collect();
@@ -181,7 +184,10 @@ impl Overlay {
                 self.note(format!("{label}: {} (final eval loss {loss})", result.status));
                 self.table = self.trial_rows();
             }
-            StudyEvent::Done(s) => {
+            StudyEvent::Done { summary: s, written } => {
+                if let Err(e) = written {
+                    self.note(e.clone());
+                }
                 self.finished = true;
                 self.status = "done - q to exit".into();
                 self.table = study::table(s).lines().map(str::to_string).collect();
@@ -264,13 +270,7 @@ impl Overlay {
             let mut eval = Series::default();
             r.eval.iter().for_each(|&(x, y)| eval.push(x, y));
             let group = o.curves.len();
-            o.curves.push(Trace {
-                label: r.name.clone(),
-                loss,
-                eval,
-                status: r.status.map_or_else(String::new, |s| s.to_string()),
-                group,
-            });
+            o.curves.push(Trace { label: r.name.clone(), loss, eval, status: r.status.to_string(), group });
         }
         o.table =
             compare::table(runs).lines().chain(compare::differences_text(runs).lines()).map(str::to_string).collect();

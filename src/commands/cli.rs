@@ -145,11 +145,12 @@ pub fn command() -> Command {
         .subcommand(Command::new("generate").about("Continue a prompt with a saved model (KV cache), with the tokenizer saved beside it")
             .arg(Arg::new("checkpoint").long("checkpoint").required(true).value_name("DIR").help("a checkpoint-N directory or a finished output_dir"))
             .arg(Arg::new("prompt").long("prompt").default_value("").value_name("TEXT").help("text to continue (empty: start from <|endoftext|>)"))
-            .arg(Arg::new("max_new_tokens").long("max_new_tokens").default_value("100").value_name("N"))
-            .arg(Arg::new("temperature").long("temperature").default_value("0.8").value_name("X").help("0: greedy (deterministic)"))
-            .arg(Arg::new("top_k").long("top_k").default_value("40").value_name("K").help("keep the K likeliest tokens (0: all)"))
-            .arg(Arg::new("top_p").long("top_p").default_value("1.0").value_name("P").help("nucleus sampling: the smallest set with probability P"))
-            .arg(Arg::new("seed").long("seed").default_value("0").value_name("N")))
+            // numbers take a leading minus, so that a negative one reaches the check that names it
+            .arg(Arg::new("max_new_tokens").long("max_new_tokens").default_value("100").value_name("N").allow_hyphen_values(true).help(format!("at most {}", super::generate::MAX_NEW_TOKENS)))
+            .arg(Arg::new("temperature").long("temperature").default_value("0.8").value_name("X").allow_hyphen_values(true).help("0: greedy (deterministic)"))
+            .arg(Arg::new("top_k").long("top_k").default_value("40").value_name("K").allow_hyphen_values(true).help("keep the K likeliest tokens (0: all)"))
+            .arg(Arg::new("top_p").long("top_p").default_value("1.0").value_name("P").allow_hyphen_values(true).help("nucleus sampling: the smallest set with probability P"))
+            .arg(Arg::new("seed").long("seed").default_value("0").value_name("N").allow_hyphen_values(true)))
         .subcommand(Command::new("logits").about("Print a saved model's logits for token ids or text, as JSON (for comparing with other tools)")
             .arg(Arg::new("checkpoint").long("checkpoint").required(true).value_name("DIR"))
             .arg(Arg::new("ids").long("ids").value_name("1,2,3").conflicts_with("text"))
@@ -193,7 +194,10 @@ fn float(m: &ArgMatches, name: &str) -> Result<f64, clap::Error> {
 fn whole(m: &ArgMatches, name: &str) -> Result<u64, clap::Error> {
     let raw = m.get_one::<String>(name).cloned().unwrap_or_default();
     raw.parse().map_err(|_| {
-        clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("--{name}: {raw:?} is not a whole number\n"))
+        clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            format!("--{name}: {raw:?} is not a whole number >= 0\n"),
+        )
     })
 }
 

@@ -71,9 +71,7 @@ fn eval_config(resolved: &Resolved, dir: &Path) -> anyhow::Result<(RunConfig, St
 pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
     super::print_warnings(&resolved.warnings);
     let dir = PathBuf::from(resolved.config.checkpoint.clone().unwrap_or_else(|| resolved.config.output_dir.clone()));
-    if !dir.join("config.json").is_file() {
-        return Err(BadInput(format!("{} holds no config.json: give --checkpoint a checkpoint-N directory, a finished output_dir or an HF GPT-2 directory", dir.display())).into());
-    }
+    super::model_dir(&dir)?;
     let (cfg, origin) = eval_config(resolved, &dir)?;
     let cfg = &cfg;
     let placement = device::placement(cfg, 1)?;

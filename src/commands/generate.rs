@@ -23,22 +23,27 @@ pub struct GenerateArgs {
     pub sampling: Sampling,
 }
 
+/// The most tokens one `generate` call draws: the context slides past the model's window, so
+/// memory stays flat, but a million tokens would run for hours without a word.
+pub const MAX_NEW_TOKENS: usize = 100_000;
+
 pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
     let dir = &args.checkpoint;
     let s = &args.sampling;
+    if args.max_new_tokens > MAX_NEW_TOKENS {
+        return Err(BadInput(format!(
+            "--max_new_tokens {}: at most {MAX_NEW_TOKENS} per call (the context slides past the model's window, so more only takes longer); give a smaller number",
+            args.max_new_tokens
+        ))
+        .into());
+    }
     if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
         return Err(BadInput(format!("--temperature {}: must be 0 (greedy) or more", s.temperature)).into());
     }
     if !(s.top_p > 0.0 && s.top_p <= 1.0) {
         return Err(BadInput(format!("--top_p {}: must be in (0, 1]", s.top_p)).into());
     }
-    if !dir.join("config.json").is_file() {
-        return Err(BadInput(format!(
-            "{} holds no config.json: give --checkpoint a checkpoint-N directory or a finished output_dir",
-            dir.display()
-        ))
-        .into());
-    }
+    super::model_dir(dir)?;
     let tokenizer = checkpoint_tokenizer(dir)?;
     let (cfg, weights) = load_pretrained(dir, &Device::Cpu)?;
     let mut prompt = tokenizer.encode(&args.prompt)?;
@@ -71,12 +76,13 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<ExitCode> {
         format!("temperature {}, top-k {}, top-p {}, seed {}", s.temperature, s.top_k, s.top_p, s.seed)
     };
     eprintln!(
-        "[generate] {} ({}, step {}), {} prompt tokens, up to {} new, {how}, KV cache on cpu",
+        "[generate] {} ({}, step {}), {} prompt tokens, up to {} new, {how}, KV cache on cpu (window {} tokens: past it the context slides)",
         dir.display(),
         cfg.variant_name(),
         step.map_or("unknown".into(), |s| s.to_string()),
         prompt.len(),
-        args.max_new_tokens
+        args.max_new_tokens,
+        cfg.n_positions
     );
     let mut out = std::io::stdout().lock();
     write!(out, "{}", args.prompt)?;

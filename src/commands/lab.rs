@@ -123,9 +123,9 @@ fn start_procedure(args: &RunArgs, tx: &Sender<Input>) -> anyhow::Result<Option<
     }
     let resolved = args.resolve()?;
     if resolved.sweep.is_some() {
-        let super::procedure::Planned { base, preset, plan, warnings } = super::procedure::plan(args)?;
+        let super::procedure::Planned { lock, base, preset, plan, warnings } = super::procedure::plan(args)?;
         warn(tx, &warnings);
-        let handle = crate::research::sweep::spawn(base.clone(), preset, plan, default_cache_dir());
+        let handle = crate::research::sweep::spawn(base.clone(), preset, plan, default_cache_dir(), lock);
         let stop = handle.stop.clone();
         forward(handle.events.clone(), tx.clone(), Msg::Sweep);
         let title = format!("sweep -> {}", base.output_dir);

@@ -12,6 +12,7 @@ use crate::model::hf::load_pretrained;
 use crate::model::Trainable;
 
 pub fn run(checkpoint: &Path, ids: Option<&str>, text: Option<&str>) -> anyhow::Result<ExitCode> {
+    super::model_dir(checkpoint)?;
     let (cfg, weights) = load_pretrained(checkpoint, &Device::Cpu)?;
     let ids: Vec<u32> = match (ids, text) {
         (Some(list), _) => list

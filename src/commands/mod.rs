@@ -85,6 +85,29 @@ pub fn name_run(resolved: &mut Resolved) -> Result<(), BadInput> {
     Ok(())
 }
 
+/// Checks that `dir` holds a saved model (`config.json`), else says what it is instead: a path
+/// that does not exist, or a run that never finished (naming its newest checkpoint, which holds
+/// one), or a folder without a model.
+pub fn model_dir(dir: &std::path::Path) -> Result<(), BadInput> {
+    if dir.join("config.json").is_file() {
+        return Ok(());
+    }
+    if !dir.exists() {
+        return Err(BadInput(format!("--checkpoint {}: no such file or folder", dir.display())));
+    }
+    Err(BadInput(match crate::train::checkpoint::list(dir).pop() {
+        Some((step, newest)) => format!(
+            "{} holds no final model (the run did not finish: no config.json); its newest checkpoint, at step {step}, does: --checkpoint {}",
+            dir.display(),
+            newest.display()
+        ),
+        None => format!(
+            "{} holds no model (no config.json): give --checkpoint a checkpoint-N folder, a finished output_dir or an HF GPT-2 folder",
+            dir.display()
+        ),
+    }))
+}
+
 /// A bad-input error raised at the edge (a missing run directory, say).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -11,11 +11,14 @@ use crate::config::keys::parse_flag_value;
 use crate::config::{Origin, RunArgs, RunConfig, SweepSpec};
 use crate::data::prepare::default_cache_dir;
 use crate::research::study::{self, Arm, RunPlan};
-use crate::research::sweep::SweepPlan;
+use crate::research::sweep::{self, SweepPlan};
+use crate::train::output_dir::{lock_procedure, ProcedureLock};
 use crate::tui::UiOptions;
 
 /// A sweep ready to start.
 pub struct Planned {
+    /// The sweep's folder, held until the sweep ends.
+    pub lock: ProcedureLock,
     pub base: RunConfig,
     pub preset: Option<String>,
     pub plan: SweepPlan,
@@ -40,10 +43,7 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<Planned> {
     };
     let resolved = fixed.resolve()?;
     let spec = match lists.first() {
-        Some((key, list)) => {
-            let values = list.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| parse_flag_value(key, v)).collect::<Result<Vec<_>, _>>()?;
-            SweepSpec { axes: vec![(key.clone(), values)] }
-        }
+        Some((key, list)) => SweepSpec { axes: vec![(key.clone(), sweep_values(key, list)?)] },
         None => resolved.sweep.clone().ok_or_else(|| {
             BadInput("nothing to sweep: give one flag a list (e.g. --learning_rate 1e-3,3e-4,1e-4) or use a preset with `sweep:`".into())
         })?,
@@ -70,13 +70,53 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<Planned> {
             .resolve()
             .with_context(|| format!("the trial {}", SweepPlan::label(trial)))?;
     }
+    // every trial's folder checked before anything runs: one that holds a run with other
+    // settings stops the sweep here (exit 2), the folder as it was; a second sweep into the
+    // same folder is refused at once
+    let root = PathBuf::from(&resolved.config.output_dir);
+    let lock = lock_procedure(&root).map_err(|e| BadInput(e.to_string()))?;
+    for trial in &trials {
+        let checked = sweep::with_values(&resolved.config, trial, &root.join(SweepPlan::label(trial)))
+            .map_err(BadInput)
+            .and_then(|cfg| {
+                study::plan(&cfg).map_err(|e| BadInput(format!("the trial {}: {e}", SweepPlan::label(trial))))
+            });
+        if let Err(e) = checked {
+            lock.abandon();
+            return Err(e.into());
+        }
+    }
     let keys = spec.axes.iter().map(|a| a.0.clone()).collect();
     Ok(Planned {
+        lock,
         base: resolved.config,
         preset: resolved.preset,
         plan: SweepPlan { keys, trials },
         warnings: resolved.warnings,
     })
+}
+
+/// A flag's comma list as the values to sweep: each typed by its key; an empty place or a value
+/// given twice is refused, quoting the list.
+fn sweep_values(key: &str, list: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut values: Vec<serde_json::Value> = vec![];
+    for (i, raw) in list.split(',').map(str::trim).enumerate() {
+        if raw.is_empty() {
+            return Err(BadInput(format!(
+                "--{key} {list:?}: value {} of the list is empty; give values separated by single commas",
+                i + 1
+            ))
+            .into());
+        }
+        let value = parse_flag_value(key, raw)?;
+        if values.contains(&value) {
+            return Err(
+                BadInput(format!("--{key} {list:?}: {raw} is given twice; a sweep runs each value once")).into()
+            );
+        }
+        values.push(value);
+    }
+    Ok(values)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +152,11 @@ pub fn seeds(spec: &str, first: u64) -> Result<Vec<u64>, BadInput> {
 /// An arm's flags: its `key=value` overrides after the study's own flags, its preset if it
 /// names one (`preset=NAME`).
 fn arm_args(base: &RunArgs, spec: &str) -> Result<RunArgs, BadInput> {
+    if spec.trim().is_empty() {
+        return Err(BadInput(format!(
+            "--arm {spec:?} is empty: give an arm its settings (e.g. --arm research=true) or a preset (--arm preset=sanity-diff)"
+        )));
+    }
     let mut args = base.clone();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((key, value)) = part.split_once('=') else {
@@ -135,6 +180,8 @@ fn arm_args(base: &RunArgs, spec: &str) -> Result<RunArgs, BadInput> {
 
 /// A study ready to start: its folder, arms, seeds and what happens to each run.
 pub struct Prepared {
+    /// The study's folder, held until the study ends.
+    pub lock: ProcedureLock,
     pub root: PathBuf,
     pub arms: Vec<Arm>,
     pub seeds: Vec<u64>,
@@ -149,7 +196,7 @@ impl Prepared {
     }
 
     pub fn spawn(self) -> study::StudyHandle {
-        study::spawn(self.root, self.arms, self.seeds, self.plans, default_cache_dir())
+        study::spawn(self.root, self.arms, self.seeds, self.plans, default_cache_dir(), self.lock)
     }
 }
 
@@ -205,13 +252,21 @@ pub fn prepare(args: &StudyArgs) -> anyhow::Result<Prepared> {
     };
     let seeds = seeds(&seed_spec, base.config.seed)?;
     study::check_arms(&arms, &seeds).map_err(|e| BadInput(e.to_string()))?;
+    // a second study into this folder is refused at once, before it reads a run
+    let lock = lock_procedure(&root).map_err(|e| BadInput(e.to_string()))?;
     let order = study::plan::order(arms.len(), &seeds);
     let plans = order
         .iter()
         .map(|&(a, s)| study::plan(&study::run_config(&root, &arms[a], s)))
-        .collect::<Result<Vec<RunPlan>, _>>()
-        .map_err(|e| BadInput(e.to_string()))?;
-    Ok(Prepared { root, arms, seeds, plans, warnings })
+        .collect::<Result<Vec<RunPlan>, _>>();
+    let plans = match plans {
+        Ok(plans) => plans,
+        Err(e) => {
+            lock.abandon();
+            return Err(BadInput(e.to_string()).into());
+        }
+    };
+    Ok(Prepared { lock, root, arms, seeds, plans, warnings })
 }
 
 #[cfg(test)]

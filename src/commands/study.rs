@@ -43,14 +43,21 @@ pub fn run(args: &StudyArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             StudyEvent::RunEnd { result, .. } => {
+                // the run's own name: a skipped run never started, so `current` is another's
                 let loss = result.final_eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
-                eprintln!("[study] {current}: {} (final eval loss {loss})", result.status);
+                let note = result.note.as_deref().map(|n| format!("; {n}")).unwrap_or_default();
+                eprintln!("[study] {} s{}: {} (final eval loss {loss}{note})", result.arm, result.seed, result.status);
             }
-            StudyEvent::Done(summary) => {
+            StudyEvent::Done { summary, written } => {
                 print!("{}", study::table(&summary));
-                println!("study: {}", root.join("study.json").display());
-                println!("figures: {}", root.join("figures").display());
-                done = Some(summary.complete);
+                match &written {
+                    Ok(path) => {
+                        println!("study: {}", path.display());
+                        println!("figures: {}", root.join("figures").display());
+                    }
+                    Err(e) => eprintln!("[study] {e}: the table above is all there is of this study"),
+                }
+                done = Some(summary.complete && written.is_ok());
             }
         }
     }

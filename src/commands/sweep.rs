@@ -9,6 +9,7 @@ use super::procedure::plan;
 use super::BadInput;
 use crate::config::RunArgs;
 use crate::data::prepare::default_cache_dir;
+use crate::events::RunStatus;
 use crate::research::compare;
 use crate::research::lr_find::{self, LrFindEvent, Range};
 use crate::research::sweep::{self, SweepEvent};
@@ -16,13 +17,14 @@ use crate::sinks::human::describe;
 use crate::tui::UiOptions;
 
 pub fn sweep(args: &RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
-    let super::procedure::Planned { base, preset, plan, warnings } = plan(args)?;
+    let super::procedure::Planned { lock, base, preset, plan, warnings } = plan(args)?;
     super::print_warnings(&warnings);
-    let handle = sweep::spawn(base.clone(), preset, plan, default_cache_dir());
+    let handle = sweep::spawn(base.clone(), preset, plan, default_cache_dir(), lock);
     if ui.draws() {
         return super::lab::sweep(handle, &base, ui);
     }
     let mut current = String::new();
+    let mut ended_well = false;
     for e in handle.events.iter() {
         match e {
             SweepEvent::TrialStart { index, of, label } => {
@@ -35,14 +37,24 @@ pub fn sweep(args: &RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
                 }
             }
             SweepEvent::TrialEnd(t) => eprintln!("[sweep] {}: {} after {} steps", t.label, t.status, t.steps),
-            SweepEvent::Done(summary) => {
+            SweepEvent::Done { summary, written } => {
                 print!("{}", sweep::table(&summary));
-                println!("summary: {}", PathBuf::from(&base.output_dir).join("summary.json").display());
+                // a sweep none of whose trials ended with a verdict, or whose summary could not be
+                // written, failed: said, and exit 1
+                let judged = summary.trials.iter().any(|t| !matches!(t.status, RunStatus::Failed | RunStatus::Skipped));
+                if !judged {
+                    eprintln!("[sweep] no trial ended with a verdict: each one's line above says why");
+                }
+                ended_well = judged && written.is_ok();
+                match written {
+                    Ok(path) => println!("summary: {}", path.display()),
+                    Err(e) => eprintln!("[sweep] {e}: the table above is all there is of this sweep"),
+                }
             }
         }
     }
     handle.join();
-    Ok(ExitCode::SUCCESS)
+    Ok(if ended_well { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<ExitCode> {

@@ -264,6 +264,8 @@ pub enum ConfigError {
         "{origin}: `sweep` must map one key (or two, for a grid) to a list of values, e.g. `sweep: {{learning_rate: [1e-3, 3e-4]}}`"
     )]
     BadSweep { origin: String },
+    #[error("{}", .0.join("\n"))]
+    Several(Vec<String>),
     #[error("{origin}: `study`: {problem}; e.g. `study: {{seeds: 3, arms: [{{name: baseline, research: false}}, {{name: differential, research: true}}]}}`")]
     BadStudy { origin: String, problem: String },
 }

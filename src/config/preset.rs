@@ -120,16 +120,32 @@ pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError
         let first = first
             .replace(", set DuplicateKeyPolicy in Options if acceptable", "; keep one")
             .replace("rejected by the configured policy", "is not a number a run can use; write a finite one");
+        // a type name is advice to whoever wrote the parser's caller, not to the file's author
+        let first = if first.contains("Option<") || first.contains("invalid type") {
+            let at = first.split(": ").next().filter(|p| p.starts_with("line ")).unwrap_or("");
+            format!(
+                "{at}{}a key or value is missing (every line is `key: value`)",
+                if at.is_empty() { "" } else { ": " }
+            )
+        } else {
+            first.to_string()
+        };
         yaml_error(first)
     })?;
     let map = match doc {
         Value::Object(m) => m,
         Value::Null => Map::new(),
+        // said by kind, never echoed: the file may be anything (`--preset /etc/passwd`)
         other => {
+            let kind = match &other {
+                Value::String(s) => format!("a text of {} characters", s.chars().count()),
+                Value::Array(a) => format!("a list of {} items", a.len()),
+                _ => "a single value".to_string(),
+            };
             return Err(ConfigError::Yaml {
                 path: origin.into(),
-                reason: format!("the document is {other}, not a mapping"),
-            })
+                reason: format!("the document is {kind}, not a mapping"),
+            });
         }
     };
     let mut preset = Preset {
@@ -145,6 +161,8 @@ pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError
     if !map.keys().any(|k| k != "description") {
         return Err(ConfigError::EmptyPreset { path: origin.into() });
     }
+    // every bad key of the file at once, not one per attempt
+    let mut problems = vec![];
     for (key, value) in map {
         match key.as_str() {
             "description" | "extends" => {
@@ -168,12 +186,18 @@ pub fn parse(name: &str, origin: &str, text: &str) -> Result<Preset, ConfigError
                 // "presets/x.yaml line 7": where the key is, for every message about it
                 let at = line_of(text, &key).map_or(origin.to_string(), |n| format!("{origin} line {n}"));
                 let key = canonical_key(&key, &at, &mut preset.warnings);
-                let value = check_value(&at, &key, &value)?;
-                preset.values.insert(key, value);
+                match check_value(&at, &key, &value) {
+                    Ok(value) => drop(preset.values.insert(key, value)),
+                    Err(e) => problems.push(e),
+                }
             }
         }
     }
-    Ok(preset)
+    match problems.len() {
+        0 => Ok(preset),
+        1 => Err(problems.remove(0)),
+        _ => Err(ConfigError::Several(problems.iter().map(ToString::to_string).collect())),
+    }
 }
 
 fn parse_sweep(origin: &str, value: Value, warnings: &mut Vec<String>) -> Result<SweepSpec, ConfigError> {
@@ -320,30 +344,50 @@ impl PresetLibrary {
         }
         match self.entries.iter().find(|(n, _, _)| n == name_or_path) {
             Some((n, o, t)) => parse(n, o, t),
-            None => Err(ConfigError::UnknownPreset { name: name_or_path.into(), available: self.names().join(", ") }),
+            None => {
+                let names = self.names();
+                let nearest = names.iter().min_by_key(|n| super::keys::edit_distance(name_or_path, n));
+                let available = match nearest {
+                    Some(n) if super::keys::edit_distance(name_or_path, n) <= 3 => {
+                        format!("{} (did you mean `{n}`?)", names.join(", "))
+                    }
+                    _ => names.join(", "),
+                };
+                Err(ConfigError::UnknownPreset { name: name_or_path.into(), available })
+            }
         }
     }
 
-    /// The preset and everything it extends, base first.
+    /// The preset and everything it extends, base first. A preset met twice (by name or by
+    /// any path to the same file) is a cycle, refused naming the chain.
     pub fn chain(&self, name_or_path: &str) -> Result<Vec<Preset>, ConfigError> {
         let mut chain = vec![self.get(name_or_path)?];
+        let mut seen = vec![identity(&chain[0])];
         while let Some(parent) = chain.last().and_then(|p| p.extends.clone()) {
-            if chain.iter().any(|p| p.name == parent) {
-                let mut names: Vec<_> = chain.iter().map(|p| p.name.clone()).collect();
-                names.push(parent);
-                return Err(ConfigError::ExtendsCycle { path: chain[0].origin.clone(), chain: names.join(" -> ") });
-            }
             let holder = chain.last().map(|p| p.origin.clone()).unwrap_or_default();
-            chain.push(self.get(&parent).map_err(|e| match e {
+            let next = self.get(&parent).map_err(|e| match e {
                 ConfigError::UnknownPreset { name, available } => {
                     ConfigError::ExtendsMissing { path: holder, name, available }
                 }
                 other => other,
-            })?);
+            })?;
+            if seen.contains(&identity(&next)) {
+                let mut names: Vec<_> = chain.iter().map(|p| p.origin.clone()).collect();
+                names.push(next.origin);
+                return Err(ConfigError::ExtendsCycle { path: chain[0].origin.clone(), chain: names.join(" -> ") });
+            }
+            seen.push(identity(&next));
+            chain.push(next);
         }
         chain.reverse();
         Ok(chain)
     }
+}
+
+/// What makes two presets the same one: the canonical path of its file (a built-in's origin
+/// names no file here: its name).
+fn identity(p: &Preset) -> String {
+    std::fs::canonicalize(&p.origin).map_or_else(|_| p.origin.clone(), |c| c.display().to_string())
 }
 
 fn user_dir() -> Option<PathBuf> {

@@ -170,7 +170,19 @@ fn validate_shape(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(
             "set block_size to 2 or more",
         ));
     }
+    // a rule between two keys blames the one the command line gave, if one of them it was
+    let from_flags = |key: &str| origin_of(key) == Origin::CommandLine.to_string();
     if !c.batch_size.is_multiple_of(c.micro_batch_size) {
+        if from_flags("micro_batch_size") && !from_flags("batch_size") {
+            let fits = (1..=c.micro_batch_size).rev().find(|m| c.batch_size.is_multiple_of(*m)).unwrap_or(1);
+            return Err(invalid(
+                origin_of("micro_batch_size"),
+                "micro_batch_size",
+                c.micro_batch_size,
+                format!("does not divide batch_size {} ({})", c.batch_size, origin_of("batch_size")),
+                format!("use a micro_batch_size that divides {}, e.g. {fits}", c.batch_size),
+            ));
+        }
         let lower = c.batch_size / c.micro_batch_size * c.micro_batch_size;
         return Err(invalid(
             origin_of("batch_size"),
@@ -180,20 +192,30 @@ fn validate_shape(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(
             format!("use a multiple of micro_batch_size, e.g. batch_size {}", lower.max(c.micro_batch_size)),
         ));
     }
+    let head_key = if from_flags("n_head") && !from_flags("n_embd") { "n_head" } else { "n_embd" };
+    let (value, other) = match head_key {
+        "n_head" => (c.n_head, format!("n_embd {} ({})", c.n_embd, origin_of("n_embd"))),
+        _ => (c.n_embd, format!("n_head {}", c.n_head)),
+    };
     if !c.n_embd.is_multiple_of(c.n_head) {
-        return Err(invalid(
-            origin_of("n_embd"),
-            "n_embd",
-            c.n_embd,
-            format!("not divisible by n_head {}", c.n_head),
-            "choose n_embd a multiple of n_head (head size = n_embd / n_head)",
-        ));
+        let problem = match head_key {
+            "n_head" => format!("does not divide {other}"),
+            _ => format!("not divisible by {other}"),
+        };
+        let fix = match head_key {
+            "n_head" => {
+                let fits = (1..=c.n_head).rev().find(|h| c.n_embd.is_multiple_of(*h)).unwrap_or(1);
+                format!("choose an n_head that divides n_embd {}, e.g. {fits}", c.n_embd)
+            }
+            _ => "choose n_embd a multiple of n_head (head size = n_embd / n_head)".to_string(),
+        };
+        return Err(invalid(origin_of(head_key), head_key, value, problem, fix));
     }
     if c.rope && !(c.n_embd / c.n_head).is_multiple_of(2) {
         return Err(invalid(
-            origin_of("n_embd"),
-            "n_embd",
-            c.n_embd,
+            origin_of(head_key),
+            head_key,
+            value,
             format!("RoPE needs an even head size, and n_embd / n_head = {} is odd", c.n_embd / c.n_head),
             "change n_embd or n_head so the head size is even, or set rope false",
         ));

@@ -101,8 +101,8 @@ pub enum DataError {
     #[error("{file} is not in the Hugging Face cache {cache}: {reason}. To fetch it, {hint}")]
     HubMissing { file: String, cache: PathBuf, reason: String, hint: String },
     /// Offline, with more than one file the run needs missing: all of them, one message.
-    #[error("HF_HUB_OFFLINE is set and {count} files this run needs are not in the Hugging Face cache {cache}: {files}. To fetch them, {hint}")]
-    HubMissingMany { count: usize, files: String, cache: PathBuf, hint: String },
+    #[error("{why}, and {count} files this run needs are not in the Hugging Face cache {cache}: {files}. To fetch them, {hint}")]
+    HubMissingMany { why: String, count: usize, files: String, cache: PathBuf, hint: String },
     #[error("dataset file {path} does not exist; give a .txt, .parquet or .jsonl file, a folder with train/validation files, `wikitext` or `builtin`")]
     NotFound { path: PathBuf },
     #[error("cannot read {path}: {reason}")]

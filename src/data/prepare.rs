@@ -55,12 +55,15 @@ pub fn prepare(cfg: &DataConfig, progress: &ProgressFn) -> Result<PreparedData, 
     prepare_all(cfg, progress).map_err(|e| every_missing_file(cfg, e))
 }
 
-/// Offline, one missing hub file is seldom alone: the error names every file the run may need
-/// (the tokenizer, the training and evaluation splits) that is not in the cache.
+/// Offline (`HF_HUB_OFFLINE`, or no network: the first download failed), one missing hub file
+/// is seldom alone: the error names every file the run may need (the tokenizer, the training and
+/// evaluation splits) that is not in the cache.
 fn every_missing_file(cfg: &DataConfig, e: DataError) -> DataError {
-    if !matches!(e, DataError::HubMissing { .. }) || !hub::offline() {
-        return e;
-    }
+    let DataError::HubMissing { reason, .. } = &e else { return e };
+    let why = match hub::offline() {
+        true => "HF_HUB_OFFLINE is set".to_string(),
+        false => format!("the hub cannot be reached ({reason})"),
+    };
     let mut needed = vec![];
     if cfg.tokenizer == TokenizerSpec::Gpt2 {
         needed.push(tokenizer::gpt2_file());
@@ -75,6 +78,7 @@ fn every_missing_file(cfg: &DataConfig, e: DataError) -> DataError {
         return e;
     }
     DataError::HubMissingMany {
+        why,
         count: missing.len(),
         files: missing.iter().map(|f| format!("{}: `{}`", f.repo_id, f.filename)).collect::<Vec<_>>().join(", "),
         cache,

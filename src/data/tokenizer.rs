@@ -48,7 +48,17 @@ impl Tokenizer {
             spec: spec.into(),
             reason: format!("cannot read {}: {e}", path.display()),
         })?;
-        Self::from_json(spec, json)
+        // the file is named: a damaged one in a cache is deleted and fetched again
+        Self::from_json(spec, json).map_err(|e| {
+            let why = match &e {
+                DataError::Tokenizer { reason, .. } => reason.clone(),
+                other => other.to_string(),
+            };
+            DataError::Tokenizer {
+                spec: spec.into(),
+                reason: format!("{} ({why}): delete that file and run again to fetch or rebuild it", path.display()),
+            }
+        })
     }
 
     pub fn vocab_size(&self) -> usize {

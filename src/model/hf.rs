@@ -27,6 +27,8 @@ use crate::atomic_file;
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const MANIFEST_FILE: &str = "checksums.json";
+/// The run settings difflab writes beside every model it saves: its mark on a folder.
+pub const RUN_CONFIG: &str = "difflab_config.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -54,6 +56,10 @@ pub enum CheckpointError {
     NonFinite { path: PathBuf, name: String },
     #[error("{path} does not match its checksum in {MANIFEST_FILE} (CRC-32C {found}, recorded {recorded}): the file is corrupt. Use the previous checkpoint instead (--resume_from_checkpoint <output_dir>/checkpoint-N, or eval --checkpoint on it), or save the model again")]
     Checksum { path: PathBuf, recorded: String, found: String },
+    #[error("{path} is not a valid {MANIFEST_FILE} ({reason}); the folder's files cannot be checked: use the previous checkpoint-N, or save the model again")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("{dir} was written by difflab (it holds {RUN_CONFIG}) but its {MANIFEST_FILE} is missing, so its files cannot be checked (a save cut short, or a file deleted): use the previous checkpoint-N, or save the model again")]
+    ManifestMissing { dir: PathBuf },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -94,15 +100,22 @@ pub fn remove_manifest(dir: &Path) -> Result<(), CheckpointError> {
     }
 }
 
-/// Checks every file `checksums.json` lists; a directory without one passes.
+/// Checks every file `checksums.json` lists. A directory without one passes if another tool
+/// wrote it (an HF download has none); one difflab wrote (it holds `difflab_config.json`) is
+/// refused.
 pub fn verify_manifest(dir: &Path) -> Result<(), CheckpointError> {
     let path = dir.join(MANIFEST_FILE);
-    let Ok(text) = fs::read_to_string(&path) else { return Ok(()) };
+    let Ok(text) = fs::read_to_string(&path) else {
+        return match dir.join(RUN_CONFIG).is_file() {
+            true => Err(CheckpointError::ManifestMissing { dir: dir.to_path_buf() }),
+            false => Ok(()),
+        };
+    };
     let manifest: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| CheckpointError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        .map_err(|e| CheckpointError::Manifest { path: path.clone(), reason: e.to_string() })?;
     let files = manifest["files"]
         .as_object()
-        .ok_or_else(|| CheckpointError::Corrupt { path: path.clone(), reason: "no `files` map".into() })?;
+        .ok_or_else(|| CheckpointError::Manifest { path: path.clone(), reason: "no `files` map".into() })?;
     for (name, recorded) in files {
         let file = dir.join(name);
         let found = crc_of(&file)?;

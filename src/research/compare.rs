@@ -12,6 +12,7 @@ use crate::events::{ControlAction, Event, RunStatus};
 use crate::series::Series;
 use crate::sinks::figures::{self, Extras, Line, XAxis};
 use crate::sinks::metrics::{self, METRICS_FILE};
+use crate::train::checkpoint::{self, TrainerState};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunLog {
@@ -22,7 +23,9 @@ pub struct RunLog {
     pub eval: Vec<(f64, f64)>,
     pub final_eval_loss: Option<f64>,
     pub final_perplexity: Option<f64>,
-    pub status: Option<RunStatus>,
+    /// How its last session ended (`train_end`), else `running` while a trainer holds the folder
+    /// and `interrupted` when none does (a kill).
+    pub status: RunStatus,
     pub config: serde_json::Map<String, serde_json::Value>,
     /// Training tokens the run has seen: its last step x tokens per step.
     pub tokens_seen: Option<u64>,
@@ -30,6 +33,9 @@ pub struct RunLog {
     pub steps: u64,
     /// Learning-rate changes by hand (`scale_lr` controls), `(step, "lr x0.5")`, and pauses.
     pub marks: Vec<(f64, String)>,
+    /// Where the log disagreed with the run's saved state and the state was taken, one line
+    /// each ("the log lacks the evaluation at step 60 ...").
+    pub repairs: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,8 +123,20 @@ pub fn load(dir: &Path) -> Result<RunLog, CompareError> {
             _ => {}
         }
     }
-    let eval = last_per_step(eval);
+    let mut eval = last_per_step(eval);
+    let repairs = match saved_state(dir) {
+        Some((state_path, state)) => {
+            steps = steps.max(state.global_step);
+            repair(&mut eval, &state, &state_path)
+        }
+        None => vec![],
+    };
     let final_eval_loss = eval.last().map(|e| e.1);
+    let status = match (status, crate::train::remote::is_live(dir)) {
+        (_, true) => RunStatus::Running,
+        (Some(s), false) => s,
+        (None, false) => RunStatus::Interrupted,
+    };
     Ok(RunLog {
         name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string()),
         dir: dir.to_path_buf(),
@@ -131,7 +149,47 @@ pub fn load(dir: &Path) -> Result<RunLog, CompareError> {
         tokens_seen: tokens_per_step.map(|t| t * steps),
         steps,
         marks,
+        repairs,
     })
+}
+
+/// A run's authoritative record: the newest `trainer_state.json` (the final model's, or the
+/// newest checkpoint's), written with the weights, atomically, after the log lines of its step.
+fn saved_state(dir: &Path) -> Option<(PathBuf, TrainerState)> {
+    let read = |path: PathBuf| -> Option<(PathBuf, TrainerState)> {
+        let state = serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+        Some((path, state))
+    };
+    let newest = checkpoint::list(dir).pop().and_then(|(_, c)| read(c.join(checkpoint::TRAINER_STATE)));
+    let final_state = read(dir.join(checkpoint::TRAINER_STATE));
+    [newest, final_state].into_iter().flatten().max_by_key(|(_, s)| s.global_step)
+}
+
+/// The evaluations of `state` the log lacks or gives another value (a line torn by a kill, a
+/// log cut back), taken from the state; a line saying so for each.
+fn repair(eval: &mut Vec<(f64, f64)>, state: &TrainerState, state_path: &Path) -> Vec<String> {
+    let mut repairs = vec![];
+    for entry in &state.log_history {
+        let (Some(step), Some(loss)) = (entry["step"].as_u64(), entry["eval_loss"].as_f64()) else { continue };
+        let step = step as f64;
+        let logged = eval.iter().position(|e| e.0 == step);
+        let what = match logged {
+            Some(i) if (eval[i].1 - loss).abs() <= 1e-9 * loss.abs().max(1.0) => continue,
+            Some(i) => {
+                let what = format!("gives {:.4}", eval[i].1);
+                eval[i].1 = loss;
+                what
+            }
+            None => {
+                eval.push((step, loss));
+                "lacks it".to_string()
+            }
+        };
+        repairs
+            .push(format!("the log's evaluation at step {step} {what}: {loss:.4} taken from {}", state_path.display()));
+    }
+    eval.sort_by(|a, b| a.0.total_cmp(&b.0));
+    repairs
 }
 
 /// Config keys whose values are not the same in every run, with each run's value; the keys
@@ -170,7 +228,7 @@ pub fn table(runs: &[RunLog]) -> String {
             fmt(r.final_perplexity, 2),
             d_loss.map_or("-".into(), |d| format!("{d:+.4}")),
             d_ppl.map_or("-".into(), |d| format!("{d:+.2}")),
-            r.status.unwrap_or(RunStatus::Running)
+            r.status
         ));
     }
     out
@@ -200,6 +258,11 @@ pub fn differences_text(runs: &[RunLog]) -> String {
     let mut out = String::new();
     for why in not_comparable(runs) {
         out.push_str(&format!("not comparable: {why}\n"));
+    }
+    for r in runs {
+        for repair in &r.repairs {
+            out.push_str(&format!("{}: {repair}\n", r.name));
+        }
     }
     if diff.is_empty() {
         out.push_str("the runs' configurations are the same\n");
@@ -252,11 +315,12 @@ mod tests {
             eval: vec![(10.0, eval)],
             final_eval_loss: Some(eval),
             final_perplexity: Some(eval.exp()),
-            status: Some(RunStatus::Completed),
+            status: RunStatus::Completed,
             config: cfg.as_object().unwrap().clone(),
             tokens_seen: Some(1000),
             steps: 10,
             marks: vec![],
+            repairs: vec![],
         }
     }
 

@@ -63,15 +63,9 @@ pub fn list_runs(root: &Path, limit: usize) -> Vec<PastRun> {
         .take(limit)
         .filter_map(|(modified, dir)| {
             let run = load(&dir).ok()?;
-            let live = crate::train::remote::is_live(&dir);
-            let status = match (run.status, live) {
-                (_, true) => RunStatus::Running,
-                (Some(s), false) => s,
-                (None, false) => RunStatus::Interrupted,
-            };
             Some(PastRun {
                 name: dir.strip_prefix(root).map(|p| p.display().to_string()).unwrap_or_else(|_| run.name.clone()),
-                status,
+                status: run.status,
                 steps: run.steps,
                 max_steps: run.config.get("max_steps").and_then(|v| v.as_u64()),
                 final_eval_loss: run.final_eval_loss,

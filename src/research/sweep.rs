@@ -18,6 +18,7 @@ use crate::config::RunConfig;
 use crate::events::{Control, ControlMsg, ControlOrigin, Event, RunStatus};
 use crate::session::{Console, Observed, RunSession};
 use crate::sinks;
+use crate::train::output_dir::ProcedureLock;
 use crate::train::{self, RunSpec, StopSignal};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -56,10 +57,21 @@ pub struct SweepSummary {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SweepEvent {
-    TrialStart { index: usize, of: usize, label: String },
-    Train { index: usize, event: Event },
+    TrialStart {
+        index: usize,
+        of: usize,
+        label: String,
+    },
+    Train {
+        index: usize,
+        event: Event,
+    },
     TrialEnd(TrialResult),
-    Done(SweepSummary),
+    /// The summary, and where it was written or why it could not be.
+    Done {
+        summary: SweepSummary,
+        written: Result<PathBuf, String>,
+    },
 }
 
 /// `learning_rate-0.001` style directory names.
@@ -185,13 +197,25 @@ impl SweepHandle {
 /// Runs the trials one after another, each a complete run in `<output_dir>/<key>-<value>`.
 /// A trial that ended in an earlier session of the same sweep (its verdict in `summary.json`,
 /// its settings unchanged) is reused; one interrupted after a checkpoint resumes from it.
-pub fn spawn(base: RunConfig, preset: Option<String>, plan: SweepPlan, cache_dir: PathBuf) -> SweepHandle {
+/// `lock` holds the sweep's folder until the thread ends.
+pub fn spawn(
+    base: RunConfig,
+    preset: Option<String>,
+    plan: SweepPlan,
+    cache_dir: PathBuf,
+    lock: ProcedureLock,
+) -> SweepHandle {
     let (tx, events) = unbounded();
     let stop = StopSignal::default();
     let stop_for_thread = stop.clone();
     let thread = std::thread::Builder::new()
         .name("difflab-sweep".into())
-        .spawn(move || run(base, preset, plan, cache_dir, tx, stop_for_thread))
+        .spawn(move || {
+            let mut held = lock;
+            // best effort: the lock holds whether or not its file names us
+            let _ = held.mark();
+            run(base, preset, plan, cache_dir, tx, stop_for_thread)
+        })
         .unwrap_or_else(|e| panic!("cannot start the sweep thread: {e}"));
     SweepHandle { events, stop, thread }
 }
@@ -233,42 +257,70 @@ fn reused(
     let status_of = |t: &serde_json::Value| serde_json::from_value::<RunStatus>(t["status"].clone()).ok();
     let from_summary = earlier.iter().find(|t| t["label"] == label && status_of(t).is_some_and(|s| ENDED.contains(&s)));
     if let (Some(t), study::RunPlan::Reuse | study::RunPlan::Fresh { .. }) = (from_summary, &plan) {
-        let f = |k: &str| t[k].as_f64();
         let status = status_of(t).unwrap_or(RunStatus::Completed);
-        return Some(TrialResult {
+        let mut result = TrialResult {
             label: label.into(),
             value: value.clone(),
             output_dir: cfg.output_dir.clone(),
-            final_loss: f("final_loss"),
-            best_loss: f("best_loss"),
-            eval_loss: f("eval_loss"),
-            perplexity: f("perplexity"),
-            steps: t["steps"].as_u64().unwrap_or(0),
+            final_loss: None,
+            best_loss: None,
+            eval_loss: None,
+            perplexity: None,
+            steps: 0,
             // lagging is judged against the other trials again
             status: if status == RunStatus::Lagging { RunStatus::Completed } else { status },
             note: Some(match t["note"].as_str().filter(|_| status != RunStatus::Lagging) {
                 Some(n) => format!("{n} (reused from an earlier session)"),
                 None => "reused from an earlier session".into(),
             }),
-        });
+        };
+        // the verdict from the summary; the numbers from the trial's own record
+        fill_from_log(&mut result, dir);
+        return Some(result);
     }
     // finished, but the sweep ended before its summary: the numbers from the trial's log
     if plan != study::RunPlan::Reuse {
         return None;
     }
-    let run = compare::load(dir).ok()?;
-    Some(TrialResult {
+    let mut result = TrialResult {
         label: label.into(),
         value: value.clone(),
         output_dir: cfg.output_dir.clone(),
-        final_loss: run.loss.last().map(|p| p.1),
-        best_loss: run.loss.iter().map(|p| p.1).min_by(f64::total_cmp),
-        eval_loss: run.final_eval_loss,
-        perplexity: run.final_perplexity,
-        steps: run.steps,
+        final_loss: None,
+        best_loss: None,
+        eval_loss: None,
+        perplexity: None,
+        steps: 0,
         status: RunStatus::Completed,
         note: Some("reused from its finished log".into()),
-    })
+    };
+    fill_from_log(&mut result, dir);
+    Some(result)
+}
+
+/// A trial's numbers from its run's record (its log, repaired from its saved state where they
+/// disagree, which the note then says): the last and best logged loss, the last evaluation, the
+/// steps. A trial whose record holds no step cannot count as a stable one.
+fn fill_from_log(result: &mut TrialResult, dir: &Path) {
+    let run = match compare::load(dir) {
+        Ok(run) => run,
+        Err(e) => {
+            result.status = RunStatus::Failed;
+            result.note = Some(format!("its log cannot be read: {e}"));
+            return;
+        }
+    };
+    result.final_loss = run.loss.last().map(|p| p.1);
+    result.best_loss = run.loss.iter().map(|p| p.1).min_by(f64::total_cmp);
+    result.eval_loss = run.final_eval_loss;
+    result.perplexity = run.final_perplexity;
+    result.steps = run.steps;
+    let mut notes: Vec<String> = result.note.take().into_iter().chain(run.repairs).collect();
+    if run.steps == 0 && result.status == RunStatus::Completed {
+        result.status = RunStatus::Failed;
+        notes.push("its log records no step".into());
+    }
+    result.note = (!notes.is_empty()).then(|| notes.join("; "));
 }
 
 fn run(
@@ -331,12 +383,15 @@ fn run(
         recommended_by: suggestion.as_ref().map(|s| s.recommended_by.clone()),
         one_notch_lower: suggestion.as_ref().map(|s| s.one_notch_lower),
     };
-    let _ = std::fs::create_dir_all(&root);
-    let _ = crate::atomic_file::write(
-        &root.join("summary.json"),
-        serde_json::to_string_pretty(&summary).unwrap_or_default().as_bytes(),
-    );
-    let _ = tx.send(SweepEvent::Done(summary.clone()));
+    let path = root.join("summary.json");
+    let written = std::fs::create_dir_all(&root)
+        .and_then(|_| {
+            let json = serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?;
+            crate::atomic_file::write(&path, json.as_bytes())
+        })
+        .map(|_| path.clone())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()));
+    let _ = tx.send(SweepEvent::Done { summary: summary.clone(), written });
     summary
 }
 
@@ -422,6 +477,8 @@ fn trial(
     if let Some(e) = outcome.error {
         result.note = Some(e.to_string());
     }
+    // the whole run's numbers (a resumed trial's earlier steps too), from its record
+    fill_from_log(result, &outcome.output_dir);
 }
 
 /// The sweep table as text.

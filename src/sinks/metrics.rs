@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::Sink;
@@ -23,7 +24,8 @@ impl MetricsLog {
             std::fs::create_dir_all(dir)?;
         }
         repair_torn_tail(path)?;
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        // never through a link: the log is the run's own file (the folder's claim refuses links)
+        let file = OpenOptions::new().create(true).append(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
         Ok(Self { file, path: path.to_path_buf() })
     }
 
@@ -34,7 +36,9 @@ impl MetricsLog {
 
 /// Drops a last line without its newline (an interrupted write).
 fn repair_torn_tail(path: &Path) -> std::io::Result<()> {
-    let Ok(mut f) = OpenOptions::new().read(true).write(true).open(path) else { return Ok(()) };
+    let Ok(mut f) = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW).open(path) else {
+        return Ok(());
+    };
     let len = f.metadata()?.len();
     if len == 0 {
         return Ok(());

@@ -23,7 +23,7 @@ use crate::train::TrainError;
 pub const TRAINER_STATE: &str = "trainer_state.json";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const TOKENIZER: &str = "tokenizer.json";
-pub const RUN_CONFIG: &str = "difflab_config.json";
+pub use crate::model::hf::RUN_CONFIG;
 const PREFIX: &str = "checkpoint-";
 
 /// `trainer_state.json`: HF Trainer's keys plus what an exact resume needs.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::events::{Control, ControlAction, ControlMsg, ControlOrigin, ControlRecord, Event};
+use crate::events::{Control, ControlAction, ControlMsg, ControlOrigin, ControlRecord, Event, Level};
 
 /// A stop request that a signal handler can set (no channel is async-signal-safe).
 #[derive(Debug, Clone, Default)]
@@ -118,6 +118,16 @@ impl Controller {
             Control::Pause => self.paused = true,
             Control::Resume => self.paused = false,
             Control::CheckpointNow => self.checkpoint_requested = true,
+            // "lower the LR": a factor in (0, 1]; anything else would raise it, flip its sign
+            // or poison it with NaN, and is refused in the log
+            Control::ScaleLr { factor } if !(factor > 0.0 && factor <= 1.0) => {
+                let text = format!(
+                    "refused a control from {}: scale_lr by {factor} (the LR can only be lowered, by a factor in (0, 1])",
+                    msg.origin
+                );
+                emit(Event::Message { level: Level::Warning, text });
+                return;
+            }
             Control::ScaleLr { factor } => self.lr_scale *= factor,
             Control::Stop { save } => {
                 self.stop = Some(save);

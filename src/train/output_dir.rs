@@ -6,6 +6,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,43 @@ const RUN_FILES: [&str; 3] = ["metrics.jsonl", "config.json", "trainer_state.jso
 pub struct Claim {
     _lock: File,
     pub dir: PathBuf,
+    /// The claim made the folder: a run that ends before writing anything removes it again.
+    pub created: bool,
+}
+
+impl Claim {
+    /// Undoes the claim of a run that wrote nothing (it was refused after the claim: too big,
+    /// no data): the folder's lock, its empty control inbox, and the folder if the claim made
+    /// it and it is empty now. A later run with the input fixed then finds it as it was.
+    pub fn release_unused(self) {
+        let Claim { _lock, dir, created } = self;
+        let _ = fs::remove_dir(dir.join(super::remote::CONTROL_DIR)); // only when empty
+        let _ = fs::remove_file(dir.join(LOCK_FILE));
+        drop(_lock);
+        if created {
+            let _ = fs::remove_dir(&dir); // only when empty
+        }
+    }
+}
+
+/// Names a run writes in its folder: none of them may be a link (the run would write or delete
+/// through it, outside the folder).
+fn owned(name: &str) -> bool {
+    const OWNED: [&str; 12] = [
+        "metrics.jsonl",
+        "control",
+        "runs",
+        "figures",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "trainer_state.json",
+        "difflab_config.json",
+        "checksums.json",
+        "difflab.pid",
+        LOCK_FILE,
+    ];
+    OWNED.contains(&name) || name.starts_with("checkpoint-")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +73,77 @@ pub enum OutputDirError {
     Taken { dir: PathBuf, what: String },
     #[error("output_dir {dir} is in use: process {pid} is training into it; wait for it to finish, or choose another --output_dir (`difflab watch {dir}` shows it)")]
     InUse { dir: PathBuf, pid: String },
+    #[error("output_dir {dir} cannot be written ({source}); choose a folder you can write, e.g. --output_dir outputs/my-run")]
+    NotWritable { dir: PathBuf, source: std::io::Error },
+    #[error("output_dir {dir}: {link} is a symbolic link; a run writes and deletes only its own files, never through a link. Remove the link, or choose another --output_dir")]
+    Link { dir: PathBuf, link: PathBuf },
+    #[error("{dir} is in use: process {pid} is running a study or sweep in it; wait for it to finish, or give this one another --output_dir")]
+    ProcedureInUse { dir: PathBuf, pid: String },
     #[error("cannot prepare output_dir {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+}
+
+/// A study's or sweep's folder, held (an exclusive `flock`) while the procedure runs: a second
+/// one into the same folder is refused at once instead of both writing its runs and summary.
+#[derive(Debug)]
+pub struct ProcedureLock {
+    file: File,
+    path: PathBuf,
+    /// The folder the lock made, if it made it.
+    made: Option<PathBuf>,
+    /// Whether the lock file is new (else it is a finished procedure's, left as it was).
+    new_file: bool,
+}
+
+impl ProcedureLock {
+    /// The procedure starts: the lock file names this process, for a second one's message.
+    pub fn mark(&mut self) -> std::io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.write_all(std::process::id().to_string().as_bytes())
+    }
+
+    /// Gives the folder back as it was found (a procedure refused before it ran anything): the
+    /// lock file, and the folder if the lock made it.
+    pub fn abandon(self) {
+        if self.new_file {
+            let _ = fs::remove_file(&self.path);
+        }
+        if let Some(dir) = &self.made {
+            let _ = fs::remove_dir(dir); // only when empty
+        }
+    }
+}
+
+pub const PROCEDURE_LOCK_FILE: &str = ".difflab-procedure.lock";
+
+pub fn lock_procedure(dir: &Path) -> Result<ProcedureLock, OutputDirError> {
+    let path = dir.join(PROCEDURE_LOCK_FILE);
+    let made = (!dir.exists()).then(|| dir.to_path_buf());
+    let new_file = !path.exists();
+    fs::create_dir_all(dir).map_err(|source| match source.kind() {
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+            OutputDirError::NotWritable { dir: dir.to_path_buf(), source }
+        }
+        _ => OutputDirError::Io { path: dir.to_path_buf(), source },
+    })?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                OutputDirError::NotWritable { dir: dir.to_path_buf(), source }
+            }
+            _ => OutputDirError::Io { path: path.clone(), source },
+        })?;
+    if let Some(pid) = holder(&mut file) {
+        return Err(OutputDirError::ProcedureInUse { dir: dir.to_path_buf(), pid });
+    }
+    Ok(ProcedureLock { file, path, made, new_file })
 }
 
 impl OutputDirError {
@@ -83,6 +190,12 @@ fn claim_dir(dir: &Path, resuming: bool, overwrite: bool) -> Result<Claim, Outpu
     if dir.exists() && !dir.is_dir() {
         return Err(OutputDirError::NotAFolder(dir.to_path_buf()));
     }
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if owned(&name) && entry.file_type().is_ok_and(|t| t.is_symlink()) {
+            return Err(OutputDirError::Link { dir: dir.to_path_buf(), link: entry.path() });
+        }
+    }
     // read-only until the folder is created: a refused run leaves it as it was
     let lock_path = dir.join(LOCK_FILE);
     if let Ok(mut held) = File::open(&lock_path) {
@@ -94,14 +207,22 @@ fn claim_dir(dir: &Path, resuming: bool, overwrite: bool) -> Result<Claim, Outpu
     if let (Some(what), false, false) = (&earlier, resuming, overwrite) {
         return Err(OutputDirError::Taken { dir: dir.to_path_buf(), what: what.clone() });
     }
-    fs::create_dir_all(dir).map_err(io(dir))?;
+    let created = !dir.exists();
+    let not_writable = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+            OutputDirError::NotWritable { dir: dir.to_path_buf(), source }
+        }
+        _ => OutputDirError::Io { path: dir.to_path_buf(), source },
+    };
+    fs::create_dir_all(dir).map_err(not_writable)?;
     let mut lock = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&lock_path)
-        .map_err(io(&lock_path))?;
+        .map_err(not_writable)?;
     if let Some(pid) = holder(&mut lock) {
         return Err(OutputDirError::InUse { dir: dir.to_path_buf(), pid });
     }
@@ -110,14 +231,16 @@ fn claim_dir(dir: &Path, resuming: bool, overwrite: bool) -> Result<Claim, Outpu
     let entries: Vec<PathBuf> = fs::read_dir(dir).map_err(io(dir))?.flatten().map(|e| e.path()).collect();
     for path in entries {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let leftover = name.starts_with(".checkpoint-");
+        // hidden checkpoint folders and temporary files of saves a kill cut short
+        let leftover = name.starts_with(".checkpoint-") || crate::atomic_file::is_dead_temp(&name);
         let cleared = overwrite && earlier.is_some() && name != LOCK_FILE;
         if leftover || cleared {
             let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
             removed.map_err(io(&path))?;
         }
     }
-    Ok(Claim { _lock: lock, dir: dir.to_path_buf() })
+    crate::atomic_file::remove_dead_temps(&dir.join("figures"));
+    Ok(Claim { _lock: lock, dir: dir.to_path_buf(), created })
 }
 
 #[cfg(test)]

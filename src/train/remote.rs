@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -42,16 +42,29 @@ pub fn is_live(run_dir: &Path) -> bool {
         .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
-/// Polls a run's inbox and forwards controls until dropped.
+/// Polls a run's inbox and forwards controls until dropped. What it refuses (a file that is
+/// not a regular file, is too big, or holds no control) it removes unread or unapplied, and
+/// keeps a line about for the run's log (`take_refusals`).
 pub struct Inbox {
     done: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     run_dir: PathBuf,
+    refusals: Arc<Mutex<Vec<String>>>,
 }
+
+/// The most a control file may hold: a control is a line of JSON.
+const MAX_CONTROL_BYTES: u64 = 4096;
 
 impl Inbox {
     pub fn start(run_dir: &Path, tx: Sender<ControlMsg>) -> std::io::Result<Self> {
         let dir = control_dir(run_dir);
+        // the inbox deletes what it reads: never in a folder a link points it to
+        if std::fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+            return Err(std::io::Error::other(format!(
+                "{} is not a folder of this run (a link or a file); remove it",
+                dir.display()
+            )));
+        }
         std::fs::create_dir_all(&dir)?;
         // controls left from an earlier session are stale: they were meant for that run
         for stale in std::fs::read_dir(&dir)?.flatten() {
@@ -59,18 +72,29 @@ impl Inbox {
         }
         atomic_file::write(&run_dir.join(LIVE_FILE), std::process::id().to_string().as_bytes())?;
         let done = Arc::new(AtomicBool::new(false));
-        let flag = done.clone();
+        let refusals = Arc::new(Mutex::new(vec![]));
+        let (flag, refused) = (done.clone(), refusals.clone());
         let thread = std::thread::Builder::new().name("difflab-inbox".into()).spawn(move || {
             while !flag.load(Ordering::SeqCst) {
-                for msg in take_all(&dir) {
-                    if tx.send(msg).is_err() {
-                        return;
+                for taken in take_all(&dir) {
+                    match taken {
+                        Ok(msg) => {
+                            if tx.send(msg).is_err() {
+                                return;
+                            }
+                        }
+                        Err(why) => refused.lock().unwrap_or_else(|e| e.into_inner()).push(why),
                     }
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
         })?;
-        Ok(Self { done, thread: Some(thread), run_dir: run_dir.to_path_buf() })
+        Ok(Self { done, thread: Some(thread), run_dir: run_dir.to_path_buf(), refusals })
+    }
+
+    /// What the inbox refused since the last call, a line each.
+    pub fn take_refusals(&self) -> Vec<String> {
+        std::mem::take(&mut *self.refusals.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -84,9 +108,11 @@ impl Drop for Inbox {
     }
 }
 
-/// Reads and deletes every complete control file, oldest first. Unreadable files are
-/// deleted too (they cannot become valid later: they were renamed into place whole).
-fn take_all(dir: &Path) -> Vec<ControlMsg> {
+/// Reads and deletes every complete control file, oldest first: a control, or why the file was
+/// refused. Only regular files are read (a FIFO would block, a link lead elsewhere), without
+/// blocking and at most `MAX_CONTROL_BYTES`; every file is removed (unlinked: a link's target is
+/// left alone), since a file renamed into place whole cannot become valid later.
+fn take_all(dir: &Path) -> Vec<Result<ControlMsg, String>> {
     let Ok(read) = std::fs::read_dir(dir) else { return vec![] };
     let mut files: Vec<PathBuf> = read
         .flatten()
@@ -99,12 +125,34 @@ fn take_all(dir: &Path) -> Vec<ControlMsg> {
     files.sort();
     files
         .into_iter()
-        .filter_map(|p| {
-            let msg = std::fs::read_to_string(&p).ok().and_then(|t| serde_json::from_str(&t).ok());
+        .map(|p| {
+            let taken = read_control(&p);
             let _ = std::fs::remove_file(&p);
-            msg
+            taken.map_err(|why| format!("refused {}: {why}", p.display()))
         })
         .collect()
+}
+
+fn read_control(path: &Path) -> Result<ControlMsg, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file (a link, FIFO or device); removed unread".into());
+    }
+    if meta.len() > MAX_CONTROL_BYTES {
+        return Err(format!("{} bytes, more than a control's {MAX_CONTROL_BYTES}; removed unread", meta.len()));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    file.take(MAX_CONTROL_BYTES).read_to_string(&mut text).map_err(|e| e.to_string())?;
+    serde_json::from_str(&text).map_err(|e| {
+        format!("not a control ({e}); the controls are pause, resume, checkpoint_now, scale_lr with a factor in (0, 1], stop")
+    })
 }
 
 #[cfg(test)]

@@ -569,14 +569,23 @@ fn wrap_up(
     }
     let state = &t.state;
     let trained = state.global_step - tally.start_step;
+    // the run's last figures: this session's evaluation, or (a resume with nothing left to
+    // train) the one its state recorded at this step
+    let last_eval = match &tally.last_eval {
+        Some(e) => Some((e.eval_loss, e.perplexity)),
+        None => state.log_history.last().filter(|e| e["step"].as_u64() == Some(state.global_step)).and_then(|e| {
+            let loss = e["eval_loss"].as_f64()?;
+            Some((loss, loss.exp()))
+        }),
+    };
     let end = TrainEnd {
         step: state.global_step,
         epoch: state.epoch,
         // over every step the run applied, resumed or not (the sums live in the checkpoints)
         train_loss: (state.train_loss_steps > 0).then(|| state.train_loss_sum / state.train_loss_steps as f64),
         train_loss_steps: state.train_loss_steps,
-        eval_loss: tally.last_eval.as_ref().map(|e| e.eval_loss),
-        perplexity: tally.last_eval.as_ref().map(|e| e.perplexity),
+        eval_loss: last_eval.map(|e| e.0),
+        perplexity: last_eval.map(|e| e.1),
         train_runtime: runtime,
         tokens_per_second: (trained * t.tokens_per_step) as f64 / runtime.max(1e-9),
         skipped_steps: state.skipped_steps,

@@ -47,6 +47,8 @@ pub fn load(cache_dir: &Path) -> BTreeMap<String, Measured> {
 
 /// Records a finished run's speed (runs of fewer than 20 steps are too short to say).
 pub fn record(cache_dir: &Path, key: String, m: Measured) -> std::io::Result<()> {
+    // what a kill during an earlier write left behind
+    crate::atomic_file::remove_dead_temps(cache_dir);
     if m.steps < 20 || !m.tokens_per_second.is_finite() {
         return Ok(());
     }

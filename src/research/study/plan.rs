@@ -106,7 +106,7 @@ pub fn plan(cfg: &RunConfig) -> Result<RunPlan, StudyError> {
     if !differences.is_empty() && !earlier.config.is_empty() {
         return Err(StudyError::Stale { dir: dir.to_path_buf(), differences: differences.join(", ") });
     }
-    if earlier.status == Some(RunStatus::Completed) {
+    if earlier.status == RunStatus::Completed {
         return Ok(RunPlan::Reuse);
     }
     let has_checkpoint = std::fs::read_dir(dir)

@@ -12,14 +12,31 @@ use crate::config::RunConfig;
 use crate::events::{Event, RunStatus};
 use crate::research::compare::{self, RunLog};
 use crate::session::{Console, Observed, RunSession};
+use crate::train::output_dir::ProcedureLock;
 use crate::train::{RunSpec, StopSignal};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum StudyEvent {
-    RunStart { index: usize, of: usize, arm: usize, seed: u64, plan: RunPlan },
-    Train { index: usize, event: Event },
-    RunEnd { index: usize, result: SeedResult },
-    Done(StudySummary),
+    RunStart {
+        index: usize,
+        of: usize,
+        arm: usize,
+        seed: u64,
+        plan: RunPlan,
+    },
+    Train {
+        index: usize,
+        event: Event,
+    },
+    RunEnd {
+        index: usize,
+        result: SeedResult,
+    },
+    /// The summary, and where `study.json` was written or why it could not be.
+    Done {
+        summary: StudySummary,
+        written: Result<PathBuf, String>,
+    },
 }
 
 pub struct StudyHandle {
@@ -35,13 +52,26 @@ impl StudyHandle {
 }
 
 /// Runs every (arm, seed) in turn (seed-major: after the first seed every arm has a result).
-pub fn spawn(root: PathBuf, arms: Vec<Arm>, seeds: Vec<u64>, plans: Vec<RunPlan>, cache_dir: PathBuf) -> StudyHandle {
+/// `lock` holds the study's folder until the thread ends.
+pub fn spawn(
+    root: PathBuf,
+    arms: Vec<Arm>,
+    seeds: Vec<u64>,
+    plans: Vec<RunPlan>,
+    cache_dir: PathBuf,
+    lock: ProcedureLock,
+) -> StudyHandle {
     let (tx, events) = unbounded();
     let stop = StopSignal::default();
     let stop_for_thread = stop.clone();
     let thread = std::thread::Builder::new()
         .name("difflab-study".into())
-        .spawn(move || run(&root, &arms, &seeds, &plans, &cache_dir, &tx, &stop_for_thread))
+        .spawn(move || {
+            let mut held = lock;
+            // best effort: the lock holds whether or not its file names us
+            let _ = held.mark();
+            run(&root, &arms, &seeds, &plans, &cache_dir, &tx, &stop_for_thread)
+        })
         .unwrap_or_else(|e| panic!("cannot start the study thread: {e}"));
     StudyHandle { events, stop, thread }
 }
@@ -80,8 +110,11 @@ fn run(
         results.push(result);
     }
     let summary = summarize(arms, seeds, results);
-    let _ = report::write(root, &summary);
-    let _ = tx.send(StudyEvent::Done(summary.clone()));
+    let path = root.join("study.json");
+    let written = report::write(root, &summary)
+        .map(|_| path.clone())
+        .map_err(|e| format!("cannot write {} and its figures: {e}", path.display()));
+    let _ = tx.send(StudyEvent::Done { summary: summary.clone(), written });
     summary
 }
 
@@ -120,6 +153,9 @@ fn fill(r: &mut SeedResult, run: &RunLog) {
     r.steps = run.steps;
     r.tokens_seen = run.tokens_seen;
     r.eval_curve = run.eval.clone();
+    if !run.repairs.is_empty() {
+        r.note = Some(run.repairs.join("; "));
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::{Arm, SeedResult};
+use crate::events::RunStatus;
 use crate::research::compare::{self, RunLog};
 
 /// Mean and sample standard deviation (n - 1) of a few numbers.
@@ -141,11 +142,12 @@ pub fn summarize(arms: &[Arm], seeds: &[u64], runs: Vec<SeedResult>) -> StudySum
                 eval: vec![],
                 final_eval_loss: None,
                 final_perplexity: None,
-                status: None,
+                status: RunStatus::Completed,
                 config,
                 tokens_seen: None,
                 steps: 0,
                 marks: vec![],
+                repairs: vec![],
             }
         })
         .collect();
