@@ -199,6 +199,26 @@ pub struct EvalRecord {
     /// The split scored: "validation", or "test" with `eval_split: test`.
     #[serde(default = "validation_split")]
     pub split: String,
+    /// The window length scored when it is not the training length (`context_lengths`: train
+    /// short, test long); unset: the training length. Curves of a run's eval loss read only
+    /// the unset ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<usize>,
+    /// The mean loss at each position of the windows (non-overlapping windows of the scored
+    /// length, every one of the same validation tokens), in buckets of positions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position_loss: Option<Vec<PositionBucket>>,
+}
+
+/// The mean loss of the predictions at positions `from..to` of every window: position `p`
+/// predicts token `p + 1` from the `p + 1` tokens before it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PositionBucket {
+    pub from: usize,
+    pub to: usize,
+    pub loss: f64,
+    /// Predictions averaged: windows x positions.
+    pub predictions: u64,
 }
 
 fn validation_split() -> String {
@@ -206,6 +226,11 @@ fn validation_split() -> String {
 }
 
 impl EvalRecord {
+    /// Whether this is an evaluation at the training length (the run's eval curve).
+    pub fn at_training_length(&self) -> bool {
+        self.context_length.is_none()
+    }
+
     /// " (partial: K of N validation blocks)" when not every block was scored; " on the test
     /// split" when that is what was scored.
     pub fn partial_note(&self) -> String {
@@ -230,6 +255,8 @@ impl Default for EvalRecord {
             eval_blocks: 0,
             validation_blocks: 0,
             split: validation_split(),
+            context_length: None,
+            position_loss: None,
         }
     }
 }

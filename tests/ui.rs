@@ -261,6 +261,7 @@ fn sweep_view_80x24() {
             perplexity: Some(14.9),
             steps,
             status: status.parse().unwrap(),
+            reused: false,
             note: None,
         };
         app.update(Msg::Sweep(SweepEvent::TrialEnd(t.clone())));
@@ -274,6 +275,8 @@ fn sweep_view_80x24() {
         recommended: Some(1e-3),
         recommended_by: Some("lowest eval loss 2.7000 among 2 stable trials".into()),
         one_notch_lower: Some(1e-4),
+        variant: "baseline + RoPE".into(),
+        edge: None,
     };
     app.update(Msg::Sweep(SweepEvent::Done { summary, written: Ok("outputs/sweep/summary.json".into()) }));
     let t = draw(&app, 80, 24);
@@ -318,6 +321,7 @@ fn study_view_shows_progress_and_bands() {
             steps: 40,
             tokens_seen: Some(100),
             eval_curve: vec![],
+            at_lengths: vec![],
             note: None,
         };
         app.update(Msg::Study(StudyEvent::RunEnd { index, result }));
@@ -382,6 +386,26 @@ fn v_cycles_the_panel_through_the_heat_map_and_the_layers() {
     // at 80x24 the panel has room for fewer rows than layers: it says how many are left out
     let small = format!("{}", draw(&app, 80, 24).backend());
     assert!(small.contains("+3 more (taller terminal)"), "{small}");
+    // then the eval loss by position: waiting for an evaluation, then its curve
+    app.update(Msg::Key(Key::Char('v')));
+    let waiting = format!("{}", draw(&app, 80, 24).backend());
+    assert!(waiting.contains("eval loss by position"), "{waiting}");
+    let buckets: Vec<PositionBucket> = (0..16)
+        .map(|i| PositionBucket { from: 8 * i, to: 8 * (i + 1), loss: 3.0 - 0.1 * i as f64, predictions: 64 })
+        .collect();
+    for step in [50, 100] {
+        let e = EvalRecord {
+            step,
+            eval_loss: 2.5,
+            perplexity: 2.5f64.exp(),
+            position_loss: Some(buckets.clone()),
+            ..Default::default()
+        };
+        app.update(Msg::Event(Event::Evaluate(e)));
+    }
+    let positions = format!("{}", draw(&app, 160, 48).backend());
+    assert!(positions.contains("position 0..128: step 100 (step 50 faint)"), "{positions}");
+    assert!(format!("{}", draw(&app, 80, 24).backend()).contains("eval loss by position 0..128"));
     app.update(Msg::Key(Key::Char('v')));
     assert!(format!("{}", draw(&app, 80, 24).backend()).contains("diff-norm ||e_t"));
 }

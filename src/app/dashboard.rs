@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 
 use crate::events::{
-    ControlAction, ControlRecord, Event, Histogram, LayerStat, Level, RunStatus, StepRecord, TrainBegin,
+    ControlAction, ControlRecord, Event, Histogram, LayerStat, Level, PositionBucket, RunStatus, StepRecord, TrainBegin,
 };
 use crate::series::Series;
 
@@ -11,6 +11,9 @@ use crate::series::Series;
 pub const LOG_LINES: usize = 400;
 /// Lines PgUp / PgDn move the event log.
 pub const LOG_PAGE: isize = 5;
+
+/// An evaluation's loss by position: its step and buckets.
+pub type PositionCurve = (u64, Vec<PositionBucket>);
 
 /// Smoothing weights cycled by `s` (TensorBoard's default is 0.6).
 pub const SMOOTHING: [f64; 4] = [0.6, 0.9, 0.0, 0.3];
@@ -26,6 +29,9 @@ pub enum Panel {
     HeatMap,
     /// Per-layer gradient norm and update/weight ratio, with the ratio over time.
     Layers,
+    /// The eval loss by position in the block: the latest evaluation over the first. Whether
+    /// the model uses its context at all (the curve falls along the block) shows here.
+    Positions,
 }
 
 impl Panel {
@@ -33,7 +39,8 @@ impl Panel {
         match self {
             Panel::Histogram => Panel::HeatMap,
             Panel::HeatMap => Panel::Layers,
-            Panel::Layers => Panel::Histogram,
+            Panel::Layers => Panel::Positions,
+            Panel::Positions => Panel::Histogram,
         }
     }
 
@@ -42,6 +49,7 @@ impl Panel {
             Panel::Histogram => "hist",
             Panel::HeatMap => "heat",
             Panel::Layers => "layers",
+            Panel::Positions => "position",
         }
     }
 }
@@ -110,6 +118,9 @@ pub struct Dashboard {
     pub eval_loss: Option<f64>,
     /// The last evaluation scored only part of the validation split (`eval_max_blocks`).
     pub eval_partial: bool,
+    /// The eval loss by position at the training length: the first evaluation's and the
+    /// latest's, `(step, buckets)`.
+    pub positions: Option<(PositionCurve, PositionCurve)>,
     pub perplexity: Option<f64>,
     pub diff: Option<DiffStats>,
     pub lr_scale: f64,
@@ -223,6 +234,7 @@ impl Dashboard {
             elapsed: 0.0,
             eval_loss: None,
             eval_partial: false,
+            positions: None,
             perplexity: None,
             diff: None,
             lr_scale: 1.0,
@@ -308,7 +320,24 @@ impl Dashboard {
             Event::Message { level, text } => self.log(*level, text.clone()),
             Event::TrainBegin(b) => self.on_begin(b),
             Event::Progress(p) => self.on_progress(p),
+            // a longer window than the training one: a line in the log, not the run's curve
+            Event::Evaluate(e) if !e.at_training_length() => {
+                let text = format!(
+                    "step {}: eval loss in windows of {}: {:.4}",
+                    e.step,
+                    e.context_length.unwrap_or(0),
+                    e.eval_loss
+                );
+                self.log(Level::Info, text);
+            }
             Event::Evaluate(e) => {
+                if let Some(buckets) = &e.position_loss {
+                    let latest = (e.step, buckets.clone());
+                    self.positions = Some(match self.positions.take() {
+                        Some((first, _)) => (first, latest),
+                        None => (latest.clone(), latest),
+                    });
+                }
                 self.eval.push(e.step as f64, e.eval_loss);
                 self.eval_loss = Some(e.eval_loss);
                 self.eval_partial = e.eval_blocks < e.validation_blocks;

@@ -90,7 +90,9 @@ impl Overlay {
                 if let Some(c) = self.curves.get_mut(*index) {
                     match event {
                         crate::events::Event::Progress(p) => c.loss.push(p.step as f64, p.loss),
-                        crate::events::Event::Evaluate(v) => c.eval.push(v.step as f64, v.eval_loss),
+                        crate::events::Event::Evaluate(v) if v.at_training_length() => {
+                            c.eval.push(v.step as f64, v.eval_loss)
+                        }
                         _ => {}
                     }
                 }
@@ -144,7 +146,9 @@ impl Overlay {
                 if let Some(c) = self.curves.last_mut() {
                     match event {
                         crate::events::Event::Progress(p) => c.loss.push(p.step as f64, p.loss),
-                        crate::events::Event::Evaluate(v) => c.eval.push(v.step as f64, v.eval_loss),
+                        crate::events::Event::Evaluate(v) if v.at_training_length() => {
+                            c.eval.push(v.step as f64, v.eval_loss)
+                        }
                         _ => {}
                     }
                     if let crate::events::Event::Progress(p) = event {

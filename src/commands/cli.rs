@@ -18,7 +18,11 @@ pub enum Invocation {
         ui: UiOptions,
     },
     Train(RunArgs),
-    Eval(RunArgs),
+    /// A saved model's evaluation; `out`: where extrapolation figures go (else the run's folder).
+    Eval {
+        run: RunArgs,
+        out: Option<PathBuf>,
+    },
     Watch {
         dir: PathBuf,
         ui: UiOptions,
@@ -123,7 +127,8 @@ pub fn command() -> Command {
         .args_conflicts_with_subcommands(true)
         .args_override_self(true)
         .subcommand(run_args(Command::new("train").about("Train headless (the research code's `python -m research.train`); JSON markers on stdout")))
-        .subcommand(run_args(Command::new("eval").about("Evaluate --checkpoint DIR on the validation split (loss, perplexity)")))
+        .subcommand(run_args(Command::new("eval").about("Evaluate --checkpoint DIR on the validation split (loss, perplexity; --context_lengths: at several lengths, with the loss by position)"))
+            .arg(Arg::new("out").long("out").value_name("DIR").help("where --context_lengths writes extrapolation.json and its figures [default: the run's folder]")))
         .subcommand(ui_args(Command::new("watch").about("Attach to a run started elsewhere: its history, live tail and controls"))
             .arg(Arg::new("run_dir").required(true).value_name("RUN_DIR")))
         .subcommand(headless_arg(ui_args(run_args(Command::new("sweep").about("Run one trial per value of a swept key (e.g. --learning_rate 1e-3,3e-4,1e-4, or the preset's sweep:)")))))
@@ -209,7 +214,7 @@ where
     let m = command().try_get_matches_from(args)?;
     Ok(match m.subcommand() {
         Some(("train", s)) => Invocation::Train(run_from(s)),
-        Some(("eval", s)) => Invocation::Eval(run_from(s)),
+        Some(("eval", s)) => Invocation::Eval { run: run_from(s), out: s.get_one::<String>("out").map(PathBuf::from) },
         Some(("watch", s)) => Invocation::Watch {
             dir: s.get_one::<String>("run_dir").map(PathBuf::from).unwrap_or_default(),
             ui: ui_from(s),

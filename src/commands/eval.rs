@@ -1,38 +1,20 @@
 //! `difflab eval` / `--eval_only true`: the validation loss and perplexity of a saved model
-//! (a checkpoint-N dir, a final output_dir, or any HF GPT-2 layout dir).
+//! (a checkpoint-N dir, a final output_dir, or any HF GPT-2 layout dir), at the training length
+//! or, with `--context_lengths`, at each length asked for, with the loss by position.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Context;
 
 use super::BadInput;
 use crate::config::{reconcile, Resolved, RunConfig};
-use crate::data::prepare::default_cache_dir;
-use crate::data::{prepare_validation, tokenizer, Progress, Tokenizer, TokenizerSpec};
-use crate::events::{EvalRecord, Event};
-use crate::model::hf::load_pretrained;
-use crate::model::Trainable;
+use crate::data::Progress;
+use crate::events::Event;
+use crate::research::lengths::{self, Extrapolation};
 use crate::sinks::human::{describe, StderrLog};
 use crate::sinks::Sink;
-use crate::train::checkpoint::{TrainerState, RUN_CONFIG, TOKENIZER, TRAINER_STATE};
-use crate::train::run::data_config;
-use crate::train::{device, evaluate::evaluate};
-
-/// The checkpoint's own tokenizer.json when it carries one, else the configured tokenizer
-/// (`gpt2` for an HF GPT-2 directory).
-fn tokenizer_for(dir: &Path, spec: &TokenizerSpec, cache: &Path) -> anyhow::Result<Tokenizer> {
-    let own = dir.join(TOKENIZER);
-    if own.is_file() {
-        return Ok(Tokenizer::from_file(&own.display().to_string(), &own)?);
-    }
-    if matches!(spec, TokenizerSpec::Bpe(_)) {
-        return Err(BadInput(format!("{} has no tokenizer.json and a bpe:N tokenizer cannot be rebuilt for it; pass --tokenizer gpt2 or a tokenizer.json path", dir.display())).into());
-    }
-    let mut no_rows = || Ok(vec![]);
-    Ok(tokenizer::load(spec, cache, "", &mut no_rows, &|p: Progress| report(&p))?)
-}
+use crate::train::checkpoint::RUN_CONFIG;
 
 fn report(p: &Progress) {
     let _ = StderrLog::new().handle(&Event::Prepare(crate::events::PrepareProgress {
@@ -68,85 +50,72 @@ fn eval_config(resolved: &Resolved, dir: &Path) -> anyhow::Result<(RunConfig, St
     Ok((reconciled.config, origin))
 }
 
-pub fn run(resolved: &Resolved) -> anyhow::Result<ExitCode> {
+pub fn run(resolved: &Resolved, out: Option<&Path>) -> anyhow::Result<ExitCode> {
     super::print_warnings(&resolved.warnings);
     let dir = PathBuf::from(resolved.config.checkpoint.clone().unwrap_or_else(|| resolved.config.output_dir.clone()));
     super::model_dir(&dir)?;
     let (cfg, origin) = eval_config(resolved, &dir)?;
-    let cfg = &cfg;
-    let placement = device::placement(cfg, 1)?;
-    let device = &placement.device;
-    let (model_cfg, weights) = load_pretrained(&dir, device)?;
-    let cache = default_cache_dir();
-    let tokenizer = tokenizer_for(&dir, &cfg.tokenizer_spec(), &cache)?;
-    if tokenizer.vocab_size() > model_cfg.vocab_size {
-        return Err(BadInput(format!(
-            "the tokenizer has {} tokens but the model {} only {}; pass the tokenizer it was trained with (--tokenizer)",
-            tokenizer.vocab_size(),
-            dir.display(),
-            model_cfg.vocab_size
-        ))
-        .into());
-    }
-    let (stream, notes) = prepare_validation(&data_config(cfg, &cache), &tokenizer, &|p| report(&p))?;
-    for n in notes {
+    let model = lengths::open(&dir, &cfg, &|p| report(&p))?;
+    for n in &model.notes {
         eprintln!("[info] {n}");
     }
-    let block_size = cfg.block_size.min(model_cfg.n_positions);
-    if block_size < cfg.block_size {
-        eprintln!(
-            "[info] block_size {} is longer than the model's n_positions; evaluating in blocks of {block_size}",
-            cfg.block_size
-        );
-    }
-    // the step the model is at: its trainer_state.json (checkpoints and finished runs have one)
-    let state: Option<TrainerState> =
-        std::fs::read_to_string(dir.join(TRAINER_STATE)).ok().and_then(|t| serde_json::from_str(&t).ok());
-    let validation_blocks = stream.num_blocks(block_size);
-    let max = cfg.eval_max_blocks.map(|n| n as usize);
-    let blocks = max.map_or(validation_blocks, |m| m.min(validation_blocks));
-    let data = cfg.data_name();
+    let asked = cfg.context_length_list();
+    let labelled = !asked.is_empty();
+    let lengths = match labelled {
+        true => asked,
+        // the training length: an HF model's own window when it is shorter than block_size
+        false => match model.config.learned_positions().filter(|p| *p < cfg.block_size) {
+            Some(positions) => {
+                eprintln!("[info] block_size {} is longer than the model's {positions} positions; evaluating in blocks of {positions}", cfg.block_size);
+                vec![positions]
+            }
+            None => vec![cfg.block_size],
+        },
+    };
+    let span = lengths::check(&model, &cfg, &lengths)?;
+    let scored = match labelled {
+        true => {
+            let windows: Vec<String> = span.lengths.iter().map(|l| format!("{} of {l}", span.tokens / l)).collect();
+            format!("{} (windows: {})", span.layout(), windows.join(", "))
+        }
+        false => {
+            let length = span.lengths[0];
+            format!("{} of {} blocks of {length} tokens", span.tokens / length, model.validation.num_blocks(length))
+        }
+    };
     eprintln!(
-        "[eval] {} at step {}: {data}, {} split, {blocks} of {validation_blocks} blocks of {block_size} tokens, tokenizer {} ({origin})",
+        "[eval] {} at step {}: {}, {} split, {scored}, tokenizer {} ({origin})",
         dir.display(),
-        state.as_ref().map_or("unknown (no trainer_state.json)".to_string(), |s| s.global_step.to_string()),
+        model.step,
+        cfg.data_name(),
         cfg.eval_split.name(),
         cfg.tokenizer_spec(),
     );
-    let gpt = Trainable::new(&model_cfg, weights, &placement)?.detached()?;
-    let started = Instant::now();
-    let (loss, predictions) = evaluate(
-        &gpt,
-        &stream,
-        block_size,
-        crate::config::eval_batch_size(cfg.micro_batch_size, block_size),
-        max,
-        device,
-    )
+    let records = lengths::evaluate_lengths(&model, &cfg, &span, labelled, &mut |rec| {
+        let event = Event::Evaluate(rec.clone());
+        println!("{}", event.to_json_line());
+        if let Some(line) = describe(&event) {
+            eprintln!("{line} | {}", dir.display());
+        }
+    })
     .with_context(|| format!("evaluating {}", dir.display()))?;
-    if predictions == 0 {
-        return Err(BadInput(format!(
-            "the {} split has fewer than {block_size} tokens: lower --block_size",
-            cfg.eval_split.name()
-        ))
-        .into());
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let tokens = predictions + predictions / (block_size as u64 - 1);
-    let event = Event::Evaluate(EvalRecord {
-        step: state.as_ref().map_or(0, |s| s.global_step),
-        epoch: state.as_ref().map_or(0.0, |s| s.epoch),
-        eval_loss: loss,
-        perplexity: loss.exp(),
-        eval_tokens: tokens,
-        eval_tokens_per_second: tokens as f64 / secs.max(1e-9),
-        eval_blocks: blocks as u64,
-        validation_blocks: validation_blocks as u64,
-        split: cfg.eval_split.name().into(),
-    });
-    println!("{}", event.to_json_line());
-    if let Some(line) = describe(&event) {
-        eprintln!("{line} | {}", dir.display());
+    if labelled {
+        let folder = out.map_or_else(|| run_folder(&dir), Path::to_path_buf);
+        let written = Extrapolation::new(&model, &cfg, &span, &records)
+            .write(&folder)
+            .with_context(|| format!("writing the extrapolation figures into {}", folder.display()))?;
+        for path in written {
+            eprintln!("[eval] wrote {}", path.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The folder of the run a model belongs to: a checkpoint's parent, else the folder itself.
+fn run_folder(dir: &Path) -> PathBuf {
+    let is_checkpoint = dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"));
+    match dir.parent().filter(|_| is_checkpoint) {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => dir.to_path_buf(),
+    }
 }

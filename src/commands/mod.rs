@@ -27,6 +27,7 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     use crate::data::DataError;
     use crate::model::hf::CheckpointError;
+    use crate::research::lengths::LengthsError;
     use crate::session::SessionError;
     use crate::train::{device::DeviceError, TrainError};
     let bad_input = |cause: &(dyn std::error::Error + 'static)| -> Option<bool> {
@@ -38,6 +39,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             .or_else(|| cause.downcast_ref::<TrainError>().map(TrainError::is_bad_input))
             .or_else(|| cause.downcast_ref::<CheckpointError>().map(CheckpointError::is_bad_input))
             .or_else(|| cause.downcast_ref::<SessionError>().map(SessionError::is_bad_input))
+            .or_else(|| cause.downcast_ref::<LengthsError>().map(LengthsError::is_bad_input))
     };
     match err.chain().find_map(bad_input) {
         Some(true) => EXIT_BAD_INPUT,
@@ -135,7 +137,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
         Invocation::Train(args) => {
             let resolved = args.resolve()?;
             if resolved.config.eval_only {
-                return eval::run(&resolved);
+                return eval::run(&resolved, None);
             }
             if let Some(kind) = procedure(&resolved) {
                 let name = resolved.preset.clone().unwrap_or_default();
@@ -146,7 +148,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             }
             headless::train(&resolved)
         }
-        Invocation::Eval(args) => eval::run(&args.resolve()?),
+        Invocation::Eval { run, out } => eval::run(&run.resolve()?, out.as_deref()),
         Invocation::Lab { run, ui } => {
             use std::io::IsTerminal;
             if run.preset.is_none() && run.flags.is_empty() && !std::io::stdout().is_terminal() {
@@ -157,7 +159,7 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
                 return match procedure(&resolved) {
                     Some("sweep") => sweep::sweep(&run, ui),
                     Some(_) => study::run(&procedure::StudyArgs { run, arms: vec![], seeds: None, ui }),
-                    None if resolved.config.eval_only => eval::run(&resolved),
+                    None if resolved.config.eval_only => eval::run(&resolved, None),
                     None => headless::train(&resolved),
                 };
             }

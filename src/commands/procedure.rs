@@ -29,7 +29,12 @@ pub struct Planned {
 /// The swept key and its values: a flag given a comma list, else the preset's `sweep:` (one
 /// key, or a grid of two). Each trial is checked by resolving the run with its values.
 pub fn plan(args: &RunArgs) -> anyhow::Result<Planned> {
-    let lists: Vec<&(String, String)> = args.flags.iter().filter(|(_, v)| v.contains(',')).collect();
+    // a comma list sweeps its key, unless the key's values are lists themselves
+    let swept = |(k, v): &&(String, String)| {
+        v.contains(',')
+            && crate::config::keys::find(k).is_none_or(|key| key.kind != crate::config::keys::ValueKind::List)
+    };
+    let lists: Vec<&(String, String)> = args.flags.iter().filter(swept).collect();
     if lists.len() > 1 {
         return Err(BadInput(format!(
             "sweep one key at a time from the command line (a grid of two goes in a preset's `sweep:`); got lists for {}",
@@ -37,10 +42,8 @@ pub fn plan(args: &RunArgs) -> anyhow::Result<Planned> {
         ))
         .into());
     }
-    let fixed = RunArgs {
-        preset: args.preset.clone(),
-        flags: args.flags.iter().filter(|(_, v)| !v.contains(',')).cloned().collect(),
-    };
+    let fixed =
+        RunArgs { preset: args.preset.clone(), flags: args.flags.iter().filter(|f| !swept(f)).cloned().collect() };
     let resolved = fixed.resolve()?;
     let spec = match lists.first() {
         Some((key, list)) => SweepSpec { axes: vec![(key.clone(), sweep_values(key, list)?)] },
@@ -186,6 +189,8 @@ pub struct Prepared {
     pub arms: Vec<Arm>,
     pub seeds: Vec<u64>,
     pub plans: Vec<RunPlan>,
+    /// The context lengths every finished run is evaluated at (none: only the training one).
+    pub lengths: Vec<usize>,
     /// The resolutions' warnings, each once, for the caller to show.
     pub warnings: Vec<String>,
 }
@@ -196,12 +201,14 @@ impl Prepared {
     }
 
     pub fn spawn(self) -> study::StudyHandle {
-        study::spawn(self.root, self.arms, self.seeds, self.plans, default_cache_dir(), self.lock)
+        study::spawn(self.root, self.arms, self.seeds, self.plans, self.lengths, default_cache_dir(), self.lock)
     }
 }
 
 /// Resolves the arms and seeds and checks every run's folder, before anything runs.
 pub fn prepare(args: &StudyArgs) -> anyhow::Result<Prepared> {
+    let (run, lengths) = study_lengths(&args.run)?;
+    let args = &StudyArgs { run, ..args.clone() };
     let base = args.run.resolve()?;
     let mut warnings = base.warnings.clone();
     // a study's folder is the command line's, or a study preset's own; a plain run's preset
@@ -266,7 +273,32 @@ pub fn prepare(args: &StudyArgs) -> anyhow::Result<Prepared> {
             return Err(BadInput(e.to_string()).into());
         }
     };
-    Ok(Prepared { lock, root, arms, seeds, plans, warnings })
+    Ok(Prepared { lock, root, arms, seeds, plans, lengths, warnings })
+}
+
+/// A study's `context_lengths` (the flag's, else its preset's) are the study's, not its runs':
+/// every finished run is evaluated at them (a learned-position arm up to its block size), and the
+/// runs themselves train without them. Returns the run arguments without them, and the lengths.
+fn study_lengths(run: &RunArgs) -> anyhow::Result<(RunArgs, Vec<usize>)> {
+    let from_flag = run.flags.iter().rev().find(|(k, _)| k == "context_lengths").map(|(_, v)| v.clone());
+    let from_preset = || -> Result<Option<String>, crate::config::ConfigError> {
+        let Some(preset) = &run.preset else { return Ok(None) };
+        let chain = crate::config::PresetLibrary::load().chain(preset)?;
+        Ok(chain.iter().rev().find_map(|p| p.values.get("context_lengths")?.as_str().map(str::to_string)))
+    };
+    let raw = match from_flag {
+        Some(raw) => raw,
+        None => from_preset()?.unwrap_or_default(),
+    };
+    let lengths = crate::config::parse_lengths(&raw).map_err(|problem| {
+        BadInput(format!("--context_lengths {raw:?}: {problem}; give whole numbers >= 2, e.g. 256,512,1024"))
+    })?;
+    let mut run = run.clone();
+    run.flags.retain(|(k, _)| k != "context_lengths");
+    if !lengths.is_empty() {
+        run.flags.push(("context_lengths".into(), String::new()));
+    }
+    Ok((run, lengths))
 }
 
 #[cfg(test)]

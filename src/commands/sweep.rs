@@ -36,7 +36,13 @@ pub fn sweep(args: &RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
                     eprintln!("[{current}] {line}");
                 }
             }
-            SweepEvent::TrialEnd(t) => eprintln!("[sweep] {}: {} after {} steps", t.label, t.status, t.steps),
+            SweepEvent::TrialEnd(t) => eprintln!(
+                "[sweep] {}: {} after {} steps{}",
+                t.label,
+                t.status,
+                t.steps,
+                if t.reused { " (reused: ended in an earlier session)" } else { "" }
+            ),
             SweepEvent::Done { summary, written } => {
                 print!("{}", sweep::table(&summary));
                 // a sweep none of whose trials ended with a verdict, or whose summary could not be

@@ -19,6 +19,9 @@ pub enum ValueKind {
     OptInt,
     /// String or unset (`null`).
     OptStr,
+    /// Whole numbers, written `256,512` (a preset may write a number or a YAML list): stored as
+    /// the comma string.
+    List,
 }
 
 impl ValueKind {
@@ -28,6 +31,7 @@ impl ValueKind {
             ValueKind::Int | ValueKind::OptInt => "N",
             ValueKind::Float => "X",
             ValueKind::Str | ValueKind::OptStr => "S",
+            ValueKind::List => "N,N,..",
         }
     }
 }
@@ -270,6 +274,14 @@ pub const KEYS: &[KeySpec] = &[
         MayChange,
         "at each evaluation, continue this text (48 tokens, temperature 0.8, top-k 40, the run's seed) into the log",
     ),
+    key(
+        "context_lengths",
+        List,
+        "",
+        Cadence,
+        MayChange,
+        "also evaluate in windows of these lengths, e.g. 256,512,1024 (train short, test long; RoPE models read any length, learned positions only up to block_size)",
+    ),
 ];
 
 /// Keys a preset file may hold besides the run settings.
@@ -343,6 +355,23 @@ pub fn check_value(origin: &str, key: &str, value: &Value) -> Result<Value, Conf
     let Some(k) = find(key) else {
         return Err(ConfigError::UnknownKey { origin: origin.into(), key: key.into(), nearest: nearest(key).into() });
     };
+    // a list as a preset may write it: `256`, `[256, 512]` or "256,512"
+    if k.kind == ValueKind::List {
+        let items = match value {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) if n.is_u64() => Some(n.to_string()),
+            Value::Array(a) => {
+                a.iter().map(|v| v.as_u64().map(|n| n.to_string())).collect::<Option<Vec<_>>>().map(|v| v.join(","))
+            }
+            _ => None,
+        };
+        return items.map(Value::String).ok_or_else(|| ConfigError::WrongType {
+            origin: origin.into(),
+            key: key.into(),
+            expected: expected_phrase(k.kind).into(),
+            got: value.to_string(),
+        });
+    }
     let ok = match (k.kind, value) {
         (ValueKind::Bool, Value::Bool(_)) => true,
         (ValueKind::Int | ValueKind::OptInt, Value::Number(n)) => n.is_u64(),
@@ -370,6 +399,7 @@ fn expected_phrase(kind: ValueKind) -> &'static str {
         ValueKind::OptInt => "a whole number >= 0 or null",
         ValueKind::Float => "a number",
         ValueKind::Str => "a string",
+        ValueKind::List => "whole numbers, as `256,512` or a list",
         ValueKind::OptStr => "a string or null",
     }
 }
@@ -393,7 +423,7 @@ pub fn parse_flag_value(key: &str, raw: &str) -> Result<Value, ConfigError> {
         ValueKind::Int | ValueKind::OptInt => raw.parse::<u64>().ok().map(Value::from),
         ValueKind::Float => raw.parse::<f64>().ok().filter(|x| x.is_finite()).map(Value::from),
         ValueKind::OptStr if null || raw.is_empty() => Some(Value::Null),
-        ValueKind::Str | ValueKind::OptStr => Some(Value::String(raw.into())),
+        ValueKind::Str | ValueKind::OptStr | ValueKind::List => Some(Value::String(raw.into())),
     };
     parsed.ok_or_else(|| ConfigError::WrongType {
         origin: format!("{origin} (--{key})"),

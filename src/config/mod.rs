@@ -107,6 +107,7 @@ pub struct RunConfig {
     pub eval_split: Split,
     pub eval_on_start: bool,
     pub sample_prompt: Option<String>,
+    pub context_lengths: String,
 }
 
 impl Default for RunConfig {
@@ -220,15 +221,42 @@ impl RunConfig {
         self.batch_size / self.micro_batch_size
     }
 
+    /// `context_lengths` as numbers (validated when resolved: whole numbers >= 2, each once).
+    pub fn context_length_list(&self) -> Vec<usize> {
+        parse_lengths(&self.context_lengths).unwrap_or_default()
+    }
+
     /// Blocks per evaluation batch: see `eval_batch_size`.
     pub fn eval_batch_size(&self) -> usize {
         eval_batch_size(self.micro_batch_size, self.block_size)
     }
 }
 
+/// `128,256,512` -> the lengths, or what is wrong with the list ("" is none).
+pub fn parse_lengths(list: &str) -> Result<Vec<usize>, String> {
+    let mut out: Vec<usize> = vec![];
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let n: usize = part.parse().map_err(|_| format!("{part:?} is not a whole number"))?;
+        if n < 2 {
+            return Err(format!("{n} is too short: a window needs 2 tokens (an input and its next token)"));
+        }
+        if out.contains(&n) {
+            return Err(format!("{n} is given twice"));
+        }
+        out.push(n);
+    }
+    Ok(out)
+}
+
 /// Tokens an evaluation batch grows to: the forward keeps no activations, and each batch
 /// reads (and packs) the whole tied head once, so small batches spend their time there.
 pub const EVAL_BATCH_TOKENS: usize = 2048;
+
+/// Windows per batch of an evaluation at another length than the training one: as many as
+/// make `EVAL_BATCH_TOKENS` tokens, at least one (the attention of a long window is the cost).
+pub fn window_batch(length: usize) -> usize {
+    (EVAL_BATCH_TOKENS / length.max(1)).max(1)
+}
 
 /// Blocks per evaluation batch: whole multiples of the training micro-batch up to
 /// `EVAL_BATCH_TOKENS` tokens (at least one micro-batch). The loss is the same sum over blocks

@@ -262,8 +262,29 @@ fn validate_ranges(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<
     Ok(())
 }
 
-/// Evaluation blocks, the folder, the step limit and the WikiText config.
+/// Evaluation blocks and lengths, the folder, the step limit and the WikiText config.
 fn validate_the_rest(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let lengths = super::parse_lengths(&c.context_lengths).map_err(|problem| {
+        invalid(
+            origin_of("context_lengths"),
+            "context_lengths",
+            format!("{:?}", c.context_lengths),
+            problem,
+            "give whole numbers >= 2 separated by commas, e.g. 256,512,1024",
+        )
+    })?;
+    if let Some(too_long) = lengths.iter().find(|l| !c.rope && **l > c.block_size) {
+        return Err(invalid(
+            origin_of("context_lengths"),
+            "context_lengths",
+            too_long,
+            format!(
+                "the model has learned positions (rope false: wpe) for block_size {} tokens and none beyond",
+                c.block_size
+            ),
+            format!("keep the lengths up to {}, or train with rope true", c.block_size),
+        ));
+    }
     if c.eval_max_blocks == Some(0) {
         return Err(invalid(
             origin_of("eval_max_blocks"),

@@ -47,6 +47,13 @@ impl GptConfig {
         self.n_embd / self.n_head
     }
 
+    /// The longest sequence the model can read, when it has a limit: learned positions (`wpe`,
+    /// `rope: false`, the differential variant included) have a row for each of `n_positions`
+    /// and none beyond. RoPE models have no limit (their rotary tables are made for any length).
+    pub fn learned_positions(&self) -> Option<usize> {
+        (!self.rope).then_some(self.n_positions)
+    }
+
     /// A plain GPT-2 is the only variant that may call itself `gpt2`.
     pub fn is_plain_gpt2(&self) -> bool {
         !self.rope && !self.differential
@@ -76,6 +83,17 @@ impl GptConfig {
         let activations = if checkpointing { l * tokens * c * 4 + per_layer } else { l * per_layer };
         let logits = tokens * self.vocab_size as u64 * 4;
         16 * self.num_parameters() as u64 + activations + logits
+    }
+
+    /// Bytes an evaluation needs at `t` tokens a sequence in batches of `b` (no graph): the
+    /// weights, one layer's working set (a few widths of f32 and the attention probabilities
+    /// per head), and a vocabulary block of logits per row.
+    pub fn eval_bytes(&self, b: usize, t: usize) -> u64 {
+        let (c, h) = (self.n_embd as u64, self.n_head as u64);
+        let tokens = (b * t) as u64;
+        let layer = tokens * (16 * c + h * t as u64) * 4;
+        let logits = tokens * (self.vocab_size.min(2048) as u64) * 4;
+        4 * self.num_parameters() as u64 + layer + logits
     }
 
     /// Model FLOPs per trained token, forward and backward: nanoGPT's `estimate_mfu` (PaLM

@@ -38,15 +38,30 @@ impl KvCache {
     }
 }
 
+/// How far past its training length a RoPE model generates before its context slides.
+pub const ROPE_WINDOW: usize = 8;
+
 impl Gpt {
+    /// The context generation keeps before it slides: the learned positions, or for RoPE
+    /// `ROPE_WINDOW` times the training length.
+    pub fn window(&self) -> usize {
+        let cfg = self.config();
+        cfg.learned_positions().unwrap_or(ROPE_WINDOW * cfg.n_positions)
+    }
+
     /// Logits `(B, n, V)` for `ids (B, n)` that follow the `cache.len` positions already in
     /// `cache`; the cache then holds them too. The same numbers as `forward` on the whole
     /// sequence, at the new positions.
     pub fn cached_forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b_sz, n) = ids.dims2()?;
         let (start, c) = (cache.len, self.config().n_embd);
-        if start + n > self.config().n_positions {
-            candle_core::bail!("{} positions exceed n_positions {}", start + n, self.config().n_positions)
+        if let Some(limit) = self.config().learned_positions().filter(|limit| start + n > *limit) {
+            candle_core::bail!("{} positions exceed the {limit} learned positions", start + n)
+        }
+        // RoPE reads any position: the tables grow with the sequence
+        if let Some(rope) = cache.rope.as_mut().filter(|r| r.len() < start + n) {
+            let cfg = self.config();
+            *rope = RotaryTables::new((start + n).next_power_of_two(), cfg.head_dim(), cfg.rope_theta, self.device())?;
         }
         let e = self.wte.index_select(&ids.flatten_all()?, 0)?.reshape((b_sz, n, c))?.to_dtype(self.dtype())?;
         let mut xs = if self.config().differential {
@@ -183,8 +198,9 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
 }
 
 /// Continues `prompt` by up to `max_new_tokens` tokens (fewer if `stop` is drawn), calling
-/// `on_token` with each as it comes. When the sequence reaches `n_positions`, the cache is
-/// rebuilt from the last half of the tokens (the model never saw a longer context).
+/// `on_token` with each as it comes. When the sequence reaches the model's window (its learned
+/// positions; for RoPE, `ROPE_WINDOW` times the training length, to bound the cache), the cache is
+/// rebuilt from the last half of the tokens.
 pub fn generate(
     gpt: &Gpt,
     prompt: &[u32],
@@ -196,7 +212,7 @@ pub fn generate(
     if prompt.is_empty() {
         candle_core::bail!("the prompt has no tokens")
     }
-    let window = gpt.config().n_positions;
+    let window = gpt.window();
     let device = gpt.device().clone();
     let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
     let mut tokens: Vec<u32> = prompt[prompt.len().saturating_sub(window)..].to_vec();
@@ -278,6 +294,36 @@ mod tests {
                 .fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) });
             assert!(worst < 1e-4, "rope {rope} differential {differential}: max |full - cached| = {worst}");
         }
+    }
+
+    /// RoPE models read past their training length (n_positions 16 here): the cached steps at
+    /// positions 16..40 equal the full forward over the 40 tokens, the rotary tables grown on
+    /// the way; a model with learned positions refuses the 17th.
+    #[test]
+    fn rope_models_step_past_their_training_length_as_the_full_forward_does() {
+        let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 61).collect();
+        for differential in [false, true] {
+            let gpt = model(true, differential);
+            let all = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let full: Vec<Vec<f32>> = gpt.forward(&all, None).unwrap().logits.squeeze(0).unwrap().to_vec2().unwrap();
+            let mut cache = KvCache::new(&gpt).unwrap();
+            let mut cached: Vec<Vec<f32>> = vec![];
+            for &id in &ids {
+                let one = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+                cached.extend(gpt.cached_forward(&one, &mut cache).unwrap().squeeze(0).unwrap().to_vec2().unwrap());
+            }
+            let worst = full[16..]
+                .iter()
+                .flatten()
+                .zip(cached[16..].iter().flatten())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) });
+            assert!(worst < 1e-4, "differential {differential}: max |full - cached| past 16 = {worst}");
+        }
+        let learned = model(false, true);
+        let all = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let err = learned.forward(&all, None).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("16 learned positions"), "{err}");
     }
 
     #[test]

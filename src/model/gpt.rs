@@ -240,8 +240,8 @@ impl Gpt {
     }
 
     pub fn seq_context(&self, seq_len: usize) -> Result<SeqContext> {
-        if seq_len > self.cfg.n_positions {
-            candle_core::bail!("sequence of {seq_len} tokens is longer than n_positions {}", self.cfg.n_positions)
+        if let Some(limit) = self.cfg.learned_positions().filter(|limit| seq_len > *limit) {
+            candle_core::bail!("sequence of {seq_len} tokens is longer than the {limit} learned positions")
         }
         let device = self.wte.device();
         let rope = if self.cfg.rope {
@@ -341,6 +341,15 @@ impl Gpt {
         let (b_sz, seq_len, c) = hidden.dims3()?;
         let hidden = hidden.reshape((b_sz * seq_len, c))?;
         ops::head_cross_entropy(self.kernels, &hidden, &self.wte, &targets.flatten_all()?.to_dtype(DType::U32)?)
+    }
+
+    /// Each prediction's loss of a block batch, `(B, T-1)`: position `p` of `hidden` predicting
+    /// `ids` at `p + 1` (evaluation only: no backward).
+    pub fn token_losses(&self, hidden: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let (b_sz, seq_len, c) = hidden.dims3()?;
+        let preds = hidden.narrow(1, 0, seq_len - 1)?.reshape((b_sz * (seq_len - 1), c))?;
+        let targets = ids.narrow(1, 1, seq_len - 1)?.flatten_all()?;
+        ops::head_token_losses(self.kernels, &preds, &self.wte, &targets)?.reshape((b_sz, seq_len - 1))
     }
 
     /// HF's causal-LM loss of a block batch: positions `0..T-1` of `hidden` predict `ids`

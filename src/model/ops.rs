@@ -94,6 +94,22 @@ pub fn head_cross_entropy(k: Kernels, hidden: &Tensor, wte: &Tensor, targets: &T
     composed_head_cross_entropy(hidden, wte, targets)
 }
 
+/// Each row's loss through the tied head (evaluation: no backward): `hidden (N, C)`, `wte (V,
+/// C)`, `targets (N)` -> `(N)` in f32.
+pub fn head_token_losses(k: Kernels, hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?.flatten_all()?;
+    if k == Kernels::FusedCpu {
+        let targets = Arc::new(targets.to_vec1::<u32>()?);
+        return hidden
+            .detach()
+            .contiguous()?
+            .apply_op2(&wte.detach().contiguous()?, fused::HeadTokenLosses { targets });
+    }
+    let wte = wte.to_dtype(hidden.dtype())?;
+    let log_probs = candle_nn::ops::log_softmax(&upcast(&hidden.matmul(&wte.t()?)?)?, candle_core::D::Minus1)?;
+    log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
 /// The head matmul in the compute dtype (bf16 on CUDA), the loss in f32.
 pub fn composed_head_cross_entropy(hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let wte = wte.to_dtype(hidden.dtype())?;

@@ -38,6 +38,15 @@ impl RotaryTables {
         })
     }
 
+    /// Positions the tables cover.
+    pub fn len(&self) -> usize {
+        self.cos.dims().first().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The same tables as host floats, for the CPU engine's fused attention.
     pub fn host(&self) -> Result<Rope> {
         Ok(Rope::new(self.cos.flatten_all()?.to_vec1()?, self.sin.flatten_all()?.to_vec1()?))

@@ -108,7 +108,7 @@ pub fn load(dir: &Path) -> Result<RunLog, CompareError> {
                 steps = steps.max(p.step);
                 loss.push((p.step, p.loss))
             }
-            Event::Evaluate(v) => eval.push((v.step, v.eval_loss)),
+            Event::Evaluate(v) if v.at_training_length() => eval.push((v.step, v.eval_loss)),
             Event::Control(c) if matches!(c.action, ControlAction::ScaleLr | ControlAction::Pause) => {
                 let what = match c.action {
                     ControlAction::Pause => "pause".to_string(),

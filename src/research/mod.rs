@@ -8,6 +8,7 @@
 
 pub mod compare;
 pub mod divergence;
+pub mod lengths;
 pub mod lr_find;
 pub mod runs;
 pub mod study;

@@ -33,6 +33,9 @@ pub struct TrialResult {
     pub steps: u64,
     /// Completed, lagging, diverged, stalled, stopped, failed or skipped.
     pub status: RunStatus,
+    /// Ended in an earlier session of the sweep and read back, not run again.
+    #[serde(default)]
+    pub reused: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
@@ -51,8 +54,40 @@ pub struct SweepSummary {
     /// Why `recommended` was chosen: "lowest eval loss 1.7400 among 3 stable trials".
     pub recommended_by: Option<String>,
     /// The tutor's rule of thumb, kept apart from the evidence: the differential variant one
-    /// notch below the recommended LR (the next lower stable value swept, else half of it).
+    /// notch below the recommended LR (the next lower stable value swept, else half of it). Only
+    /// for a sweep of the baseline: it is how the tutor picks the differential arm's LR from it.
     pub one_notch_lower: Option<f64>,
+    /// The model the trials train ("differential + RoPE").
+    pub variant: String,
+    /// The best trial at an end of the grid: where the best may lie, and what to try next.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edge: Option<String>,
+}
+
+/// When the recommended learning rate is the highest or lowest value swept, the best may lie
+/// beyond it: says so, with the next two values continuing the grid's spacing (its geometric
+/// step), rounded to one significant digit.
+pub fn edge_of_grid(trials: &[TrialResult], recommended: f64) -> Option<String> {
+    let mut values: Vec<f64> = trials.iter().filter_map(|t| t.value.as_f64()).filter(|v| *v > 0.0).collect();
+    values.sort_by(f64::total_cmp);
+    values.dedup();
+    let (lo, hi) = (*values.first()?, *values.last()?);
+    if values.len() < 2 {
+        return None;
+    }
+    let step = (hi / lo).powf(1.0 / (values.len() - 1) as f64);
+    let round = |x: f64| {
+        let e = x.log10().floor();
+        let m = (x / 10f64.powf(e)).round();
+        format!("{m}e{e}")
+    };
+    if recommended == hi {
+        Some(format!("best at the top of the grid: try {}, {}", round(hi * step), round(hi * step * step)))
+    } else if recommended == lo {
+        Some(format!("best at the bottom of the grid: try {}, {}", round(lo / step), round(lo / step / step)))
+    } else {
+        None
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -269,6 +304,7 @@ fn reused(
             steps: 0,
             // lagging is judged against the other trials again
             status: if status == RunStatus::Lagging { RunStatus::Completed } else { status },
+            reused: true,
             note: Some(match t["note"].as_str().filter(|_| status != RunStatus::Lagging) {
                 Some(n) => format!("{n} (reused from an earlier session)"),
                 None => "reused from an earlier session".into(),
@@ -292,6 +328,7 @@ fn reused(
         perplexity: None,
         steps: 0,
         status: RunStatus::Completed,
+        reused: true,
         note: Some("reused from its finished log".into()),
     };
     fill_from_log(&mut result, dir);
@@ -350,6 +387,7 @@ fn run(
             perplexity: None,
             steps: 0,
             status: RunStatus::Skipped,
+            reused: false,
             note: None,
         };
         if stop.requested() {
@@ -374,23 +412,31 @@ fn run(
     }
     mark_lagging(&key, &mut trials);
     let suggestion = suggest(&key, &trials);
+    // the tutor's hint is for choosing the differential arm's LR from a sweep of the baseline
+    let baseline = !base.research && !plan.keys.iter().any(|k| k == "research");
     let summary = SweepSummary {
         key,
         evaluated_on: base.evaluated_on(),
-        trials,
         highest_stable: suggestion.as_ref().map(|s| s.highest_stable),
         recommended: suggestion.as_ref().map(|s| s.recommended),
         recommended_by: suggestion.as_ref().map(|s| s.recommended_by.clone()),
-        one_notch_lower: suggestion.as_ref().map(|s| s.one_notch_lower),
+        one_notch_lower: suggestion.as_ref().filter(|_| baseline).map(|s| s.one_notch_lower),
+        variant: base.model_config(0).variant_name(),
+        edge: suggestion.as_ref().and_then(|s| edge_of_grid(&trials, s.recommended)),
+        trials,
     };
     let path = root.join("summary.json");
-    let written = std::fs::create_dir_all(&root)
+    let written = std::fs::create_dir_all(root.join("figures"))
         .and_then(|_| {
             let json = serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?;
-            crate::atomic_file::write(&path, json.as_bytes())
+            crate::atomic_file::write(&path, json.as_bytes())?;
+            for (name, png) in figures(&summary)? {
+                crate::atomic_file::write(&root.join("figures").join(name), &png.bytes)?;
+            }
+            Ok(())
         })
         .map(|_| path.clone())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()));
+        .map_err(|e| format!("cannot write {} and its figures: {e}", path.display()));
     let _ = tx.send(SweepEvent::Done { summary: summary.clone(), written });
     summary
 }
@@ -460,7 +506,7 @@ fn trial(
                 verdict = Verdict::Diverged;
                 stop_trial();
             }
-            Event::Evaluate(e) => {
+            Event::Evaluate(e) if e.at_training_length() => {
                 result.eval_loss = Some(e.eval_loss);
                 result.perplexity = Some(e.perplexity);
             }
@@ -479,6 +525,87 @@ fn trial(
     }
     // the whole run's numbers (a resumed trial's earlier steps too), from its record
     fill_from_log(result, &outcome.output_dir);
+}
+
+/// `sweep_loss.png`: eval loss (final and best) against the swept LR on a log axis, the trials
+/// that diverged, stalled or lagged marked at their best train loss; `sweep_curves.png`: each
+/// trial's eval loss over its steps.
+pub fn figures(s: &SweepSummary) -> std::io::Result<Vec<(&'static str, crate::sinks::figures::Png)>> {
+    use crate::sinks::figures::{self, Extras, Line, XAxis, PALETTE, RED};
+    let mut out = vec![];
+    let lr = |t: &TrialResult| t.value.as_f64().filter(|v| *v > 0.0).map(f64::log10);
+    if s.key == "learning_rate" {
+        let stable = |t: &&TrialResult| t.status == RunStatus::Completed;
+        let points = |f: &dyn Fn(&TrialResult) -> Option<f64>| -> Vec<(f64, f64)> {
+            s.trials.iter().filter(stable).filter_map(|t| Some((lr(t)?, f(t)?))).collect()
+        };
+        let unstable: Vec<(f64, f64)> = s
+            .trials
+            .iter()
+            .filter(|t| matches!(t.status, RunStatus::Diverged | RunStatus::Stalled | RunStatus::Lagging))
+            .filter_map(|t| Some((lr(t)?, t.best_loss.filter(|l| l.is_finite())?)))
+            .collect();
+        let mut lines = vec![
+            Line {
+                label: "final eval loss (stable trials)",
+                points: points(&|t| t.eval_loss),
+                color: figures::BLUE,
+                markers: true,
+            },
+            Line {
+                label: "best train loss (stable trials)",
+                points: points(&|t| t.best_loss),
+                color: PALETTE[7],
+                markers: true,
+            },
+        ];
+        if !unstable.is_empty() {
+            lines.push(Line {
+                label: "diverged, stalled or lagging (best train loss)",
+                points: unstable,
+                color: RED,
+                markers: true,
+            });
+        }
+        let marks = s.recommended.map(|r| vec![(r.log10(), format!("recommended {r:e}"))]).unwrap_or_default();
+        let title = format!("{}: loss against learning rate", s.variant);
+        let extras = Extras { marks, ..Default::default() };
+        out.push((
+            "sweep_loss.png",
+            figures::chart_with(&title, XAxis::Log10Lr, "loss (nats per token)", lines, extras)?,
+        ));
+    }
+    let runs: Vec<(String, Vec<(f64, f64)>)> = s
+        .trials
+        .iter()
+        .filter_map(|t| {
+            Some((
+                t.value.to_string().trim_matches('"').to_string(),
+                compare::load(Path::new(&t.output_dir)).ok()?.eval,
+            ))
+        })
+        .filter(|(_, eval)| !eval.is_empty())
+        .collect();
+    if !runs.is_empty() {
+        let labels: Vec<String> = runs.iter().map(|(v, _)| format!("{} {v}", s.key)).collect();
+        let lines = runs
+            .iter()
+            .zip(&labels)
+            .enumerate()
+            .map(|(i, ((_, eval), label))| Line {
+                label,
+                points: eval.clone(),
+                color: PALETTE[i % PALETTE.len()],
+                markers: true,
+            })
+            .collect();
+        let title = format!("{}: eval loss of each trial", s.variant);
+        out.push((
+            "sweep_curves.png",
+            figures::chart_with(&title, XAxis::Steps, "eval loss (nats per token)", lines, Extras::default())?,
+        ));
+    }
+    Ok(out)
 }
 
 /// The sweep table as text.
@@ -504,12 +631,16 @@ pub fn table(s: &SweepSummary) -> String {
     match (s.highest_stable, s.recommended) {
         (Some(h), Some(r)) => {
             out.push_str(&format!(
-                "recommended learning_rate {r:e}: {}; stable up to {h:e}\n",
+                "recommended learning_rate {r:e} for the {}: {}; stable up to {h:e}\n",
+                s.variant,
                 s.recommended_by.as_deref().unwrap_or("")
             ));
+            if let Some(edge) = &s.edge {
+                out.push_str(&format!("{edge} (the best may lie beyond the values swept)\n"));
+            }
             if let Some(lower) = s.one_notch_lower {
                 out.push_str(&format!(
-                    "tutor's hint for the differential variant: one notch lower, {lower:e} (a rule of thumb, not measured here)\n"
+                    "tutor's hint for the differential variant, from this baseline sweep: one notch lower, {lower:e} (a rule of thumb, not measured here)\n"
                 ));
             }
         }
@@ -547,6 +678,7 @@ mod tests {
             perplexity: None,
             steps: 0,
             status,
+            reused: false,
             note: None,
         }
     }
@@ -602,6 +734,8 @@ mod tests {
             recommended: Some(sg.recommended),
             recommended_by: Some(sg.recommended_by),
             one_notch_lower: Some(sg.one_notch_lower),
+            variant: "baseline + RoPE".into(),
+            edge: None,
         };
         let text = table(&summary);
         assert!(text.lines().next().is_some_and(|h| h.contains("train last") && h.contains("eval loss")), "{text}");

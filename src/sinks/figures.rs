@@ -36,7 +36,12 @@ pub struct History {
     /// LR changes, pauses and checkpoints by hand, `(step, "lr x0.1")`, drawn on every chart
     /// (the dashboard's marks). Scheduled checkpoints are left out: they would be a fence.
     pub marks: Vec<(f64, String)>,
+    /// The loss by position of the first and the latest evaluation at the training length.
+    pub positions: Option<(PositionCurve, PositionCurve)>,
 }
+
+/// An evaluation's loss by position: its step and buckets.
+pub type PositionCurve = (u64, Vec<crate::events::PositionBucket>);
 
 impl History {
     pub fn update(&mut self, event: &Event) {
@@ -57,7 +62,17 @@ impl History {
                     self.hist = Some((p.step, h.clone()));
                 }
             }
-            Event::Evaluate(e) => self.eval.push(e.step as f64, e.eval_loss),
+            // the run's curve is at its training length; longer windows are another measure
+            Event::Evaluate(e) if e.at_training_length() => {
+                self.eval.push(e.step as f64, e.eval_loss);
+                if let Some(buckets) = &e.position_loss {
+                    let latest = (e.step, buckets.clone());
+                    self.positions = Some(match self.positions.take() {
+                        Some((first, _)) => (first, latest),
+                        None => (latest.clone(), latest),
+                    });
+                }
+            }
             Event::Control(c) => {
                 let what = match c.action {
                     ControlAction::ScaleLr => format!("lr x{}", c.lr_scale),
@@ -228,15 +243,17 @@ fn render(
     encode_png(&rgb, WIDTH, HEIGHT)
 }
 
-fn tick(v: f64, sci: bool) -> String {
+/// A tick label with enough decimals to tell ticks `range / 5` apart (two at least).
+fn tick(v: f64, sci: bool, range: f64) -> String {
+    let decimals = ((-(range / 5.0).log10()).ceil() as i64).clamp(2, 6) as usize;
     if v == 0.0 {
         "0".into()
     } else if sci {
         format!("{v:.1e}")
-    } else if v.abs() >= 100.0 {
+    } else if v.abs() >= 100.0 && decimals <= 2 {
         format!("{v:.0}")
     } else {
-        format!("{v:.2}")
+        format!("{v:.decimals$}")
     }
 }
 
@@ -259,6 +276,37 @@ pub enum XAxis {
     Steps,
     Log10Lr,
     Categories,
+    /// log2 of a context length in tokens (points at log2 L, labelled L).
+    Log2Length,
+    /// A position within a window (tokens of context seen).
+    Position,
+}
+
+impl XAxis {
+    fn description(self) -> &'static str {
+        match self {
+            XAxis::Steps => "optimizer step",
+            XAxis::Log10Lr => "learning rate (log scale)",
+            XAxis::Categories => "arm",
+            XAxis::Log2Length => "context length in tokens (log scale)",
+            XAxis::Position => "position in the window (tokens of context seen)",
+        }
+    }
+
+    /// The tick label at `v` (a column's name for categories).
+    fn label(self, v: f64, categories: &[String]) -> String {
+        let near = |v: f64| (v - v.round()).abs() < 0.05;
+        match self {
+            XAxis::Steps | XAxis::Position => format!("{v:.0}"),
+            XAxis::Log10Lr => format!("{:.0e}", 10f64.powf(v)),
+            // the powers of two only: between them a length label would read as a length
+            XAxis::Log2Length if near(v) => format!("{:.0}", 2f64.powf(v.round())),
+            XAxis::Categories if near(v) && v.round() >= 0.0 => {
+                categories.get(v.round() as usize).cloned().unwrap_or_default()
+            }
+            XAxis::Log2Length | XAxis::Categories => String::new(),
+        }
+    }
 }
 
 /// A shaded region between two curves, `(x, low, high)`: the spread over seeds.
@@ -327,6 +375,8 @@ fn ranges(x_axis: XAxis, lines: &[Line], extras: &Extras) -> ((f64, f64), (f64, 
     let x = match x_axis {
         // a column's points sit at its index: half a column of room each side
         XAxis::Categories => (-0.5, extras.categories.len().max(1) as f64 - 0.5),
+        // a quarter of a doubling of room each side: the end points are not on the frame
+        XAxis::Log2Length if x_lo.is_finite() => (x_lo - 0.25, x_hi + 0.25),
         _ if x_lo.is_finite() => (x_lo.min(x_hi - 1.0), x_hi),
         _ => (0.0, 1.0),
     };
@@ -350,28 +400,18 @@ pub fn chart_with(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, e
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
-            .x_desc(match x_axis {
-                XAxis::Steps => "optimizer step",
-                XAxis::Log10Lr => "learning rate (log scale)",
-                XAxis::Categories => "arm",
-            })
+            .x_desc(x_axis.description())
             .y_desc(y_label)
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 15))
-            .y_label_formatter(&|v| tick(*v, sci))
-            .x_labels(if x_axis == XAxis::Categories { categories.len().max(1) } else { 10 })
-            .x_label_formatter(&|v| match x_axis {
-                XAxis::Steps => format!("{v:.0}"),
-                XAxis::Log10Lr => format!("{:.0e}", 10f64.powf(*v)),
-                XAxis::Categories => {
-                    let i = v.round();
-                    if (v - i).abs() < 0.05 && i >= 0.0 {
-                        categories.get(i as usize).cloned().unwrap_or_default()
-                    } else {
-                        String::new()
-                    }
-                }
+            .y_label_formatter(&|v| tick(*v, sci, y_hi - y_lo))
+            .x_labels(match x_axis {
+                XAxis::Categories => categories.len().max(1),
+                // one label a doubling, at the lengths themselves
+                XAxis::Log2Length => ((x_hi - x_lo).round() as usize + 1).max(2),
+                _ => 10,
             })
+            .x_label_formatter(&|v| x_axis.label(*v, &categories))
             .max_light_lines(1)
             .draw()
             .map_err(|e| e.to_string())?;
@@ -397,6 +437,12 @@ pub fn chart_with(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, e
         for line in &lines {
             let color = line.color;
             if line.markers {
+                // points in order are joined thinly: a seed across arms, evaluations over steps
+                if line.points.len() > 1 {
+                    chart
+                        .draw_series(LineSeries::new(line.points.clone(), color.mix(0.6).stroke_width(1)))
+                        .map_err(|e| e.to_string())?;
+                }
                 chart
                     .draw_series(line.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
                     .map_err(|e| e.to_string())?
@@ -539,7 +585,27 @@ pub fn render_all(h: &History) -> std::io::Result<Vec<(&'static str, Png)>> {
     if let Some((step, hist)) = &h.hist {
         out.push(("diff_norm_hist", histogram_chart(&format!("{prefix}differential norms at step {step}"), hist)?));
     }
+    if let Some((first, latest)) = &h.positions {
+        out.push((
+            "position_loss",
+            position_chart(&format!("{prefix}eval loss by position in the block"), first, latest)?,
+        ));
+    }
     Ok(out)
+}
+
+/// The eval loss at each position of the training length's blocks: the latest evaluation, and
+/// the first (faint) for what training changed. Does the model use its context? The curve
+/// falls along the block if it does.
+fn position_chart(title: &str, first: &PositionCurve, latest: &PositionCurve) -> std::io::Result<Png> {
+    let points = |c: &PositionCurve| c.1.iter().map(|b| ((b.from + b.to) as f64 / 2.0, b.loss)).collect::<Vec<_>>();
+    let (first_label, latest_label) = (format!("step {}", first.0), format!("step {}", latest.0));
+    let mut lines = vec![];
+    if first.0 != latest.0 {
+        lines.push(Line { label: &first_label, points: points(first), color: PALETTE[7], markers: false });
+    }
+    lines.push(Line { label: &latest_label, points: points(latest), color: RED, markers: true });
+    chart_with(title, XAxis::Position, "eval loss (nats per token)", lines, Extras::default())
 }
 
 /// Writes `output_dir/figures/*.png` at each evaluation and at the end.

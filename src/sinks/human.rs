@@ -83,8 +83,9 @@ pub fn describe(event: &Event) -> Option<String> {
             )
         }
         Event::Evaluate(e) => format!(
-            "[eval  {:>6}] loss {:.4} | perplexity {:.2} | {} tok/s{}",
+            "[eval  {:>6}] {}loss {:.4} | perplexity {:.2} | {} tok/s{}",
             e.step,
+            e.context_length.map(|l| format!("windows of {l}: ")).unwrap_or_default(),
             e.eval_loss,
             e.perplexity,
             si(e.eval_tokens_per_second),

@@ -234,6 +234,15 @@ impl Sink for TensorBoard {
                 }
                 self.writer.values(p.step, v)
             }
+            // another window length than the training one: its own tags, `eval/loss@1024`
+            Event::Evaluate(e) if !e.at_training_length() => {
+                let at = e.context_length.unwrap_or(0);
+                let tags = vec![
+                    scalar(&format!("eval/loss@{at}"), e.eval_loss),
+                    scalar(&format!("eval/perplexity@{at}"), e.perplexity),
+                ];
+                self.writer.values(e.step, tags)
+            }
             Event::Evaluate(e) => {
                 self.writer.values(
                     e.step,

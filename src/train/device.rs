@@ -57,6 +57,13 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+/// Memory the kernel says can be had without swapping (`MemAvailable`), in bytes.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
 /// Current and peak resident memory of this process, MiB (`VmRSS`, `VmHWM`).
 pub fn rss_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

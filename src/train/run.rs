@@ -80,17 +80,10 @@ fn vocab_bound(cfg: &RunConfig) -> Option<usize> {
     }
 }
 
-/// Memory the kernel says can be had without swapping (`MemAvailable`), in bytes.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-}
-
 /// Refuses a model whose training would not fit in this machine's memory (on the CPU; a GPU's
 /// memory is not queried), naming the estimate, instead of dying in an allocation.
 pub fn fits_in_memory(model: &GptConfig, cfg: &RunConfig, device: &Device) -> Result<(), TrainError> {
-    let (Some(available), true) = (available_memory(), device.is_cpu()) else { return Ok(()) };
+    let (Some(available), true) = (device::available_memory(), device.is_cpu()) else { return Ok(()) };
     let needed = model.training_bytes(cfg.micro_batch_size, cfg.block_size, cfg.gradient_checkpointing);
     if needed <= available {
         return Ok(());
@@ -640,7 +633,9 @@ fn inject(spec: &RunSpec, step: u64, g: &mut Gradients) -> Result<(), TrainError
     Ok(())
 }
 
-/// Evaluates now and records it (event, `log_history`, best metric).
+/// Evaluates now and records it (event, `log_history`, best metric); then at the run's extra
+/// context lengths, if any (train short, test long: their events carry the length, and the
+/// run's eval curve does not read them).
 fn evaluate_now(
     t: &mut Trainer,
     tally: &mut Tally,
@@ -648,46 +643,67 @@ fn evaluate_now(
     emit_ev: &mut dyn FnMut(Event),
 ) -> Result<(), TrainError> {
     let cfg = &t.spec.config;
-    let started = Instant::now();
     let gpt = t.model.detached()?;
     let max = cfg.eval_max_blocks.map(|n| n as usize);
-    // sharded over the processes by batch, and summed
+    let rec = evaluate_at(t, &gpt, step, cfg.block_size, max)?;
+    note_eval(&mut t.state, &rec);
+    emit_ev(Event::Evaluate(rec.clone()));
+    // the same validation tokens in longer windows: as many as fit in the ones just scored
+    let scored = rec.eval_blocks as usize * cfg.block_size;
+    for length in cfg.context_length_list().into_iter().filter(|l| *l != cfg.block_size) {
+        let mut extra = evaluate_at(t, &gpt, step, length, Some(scored / length))?;
+        extra.context_length = Some(length);
+        emit_ev(Event::Evaluate(extra));
+    }
+    tally.last_eval = Some(rec);
+    if let (Some(prompt), true) = (&cfg.sample_prompt, t.spec.world.is_root()) {
+        emit_ev(Event::Sample(sample(&gpt, &t.data.tokenizer, prompt, step, cfg.seed)?));
+    }
+    Ok(())
+}
+
+/// The validation split in windows of `length` tokens (at most `max_windows`), sharded over the
+/// processes by batch and summed: the loss, and its curve by position.
+fn evaluate_at(
+    t: &Trainer,
+    gpt: &Gpt,
+    step: u64,
+    length: usize,
+    max_windows: Option<usize>,
+) -> Result<EvalRecord, TrainError> {
+    let cfg = &t.spec.config;
+    let started = Instant::now();
     let world = &t.spec.world;
-    let shard = (world.rank(), world.world_size());
+    let batch = crate::config::eval_batch_size(cfg.micro_batch_size, length);
+    let batch = if length == cfg.block_size { batch } else { crate::config::window_batch(length) };
+    let stream = &t.data.validation;
     let part = evaluate_part(
-        &gpt,
-        &t.data.validation,
-        cfg.block_size,
-        cfg.eval_batch_size(),
-        max,
+        gpt,
+        stream,
+        length,
+        batch,
+        max_windows,
         &t.placement.device,
-        shard,
+        (world.rank(), world.world_size()),
     )?;
-    let mut sums = [part.loss_sum, part.blocks as f64];
+    let mut sums = part.to_buffer();
     world.all_reduce_sum_f64(&mut sums)?;
-    let part = EvalPart { loss_sum: sums[0], blocks: sums[1] as u64 };
-    let (loss, predictions) = (part.mean(), part.blocks * (cfg.block_size as u64 - 1));
-    let secs = started.elapsed().as_secs_f64();
-    let tokens = predictions + predictions / (cfg.block_size as u64 - 1);
-    let validation_blocks = t.data.validation.num_blocks(cfg.block_size) as u64;
-    let rec = EvalRecord {
+    let part = EvalPart::from_buffer(sums);
+    let loss = part.mean();
+    let tokens = part.windows * length as u64;
+    Ok(EvalRecord {
         step,
         epoch: t.state.epoch,
         eval_loss: loss,
         perplexity: loss.exp(),
         eval_tokens: tokens,
-        eval_tokens_per_second: tokens as f64 / secs.max(1e-9),
-        eval_blocks: predictions / (cfg.block_size as u64 - 1),
-        validation_blocks,
+        eval_tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        eval_blocks: part.windows,
+        validation_blocks: stream.num_blocks(length) as u64,
         split: cfg.eval_split.name().into(),
-    };
-    note_eval(&mut t.state, &rec);
-    emit_ev(Event::Evaluate(rec.clone()));
-    tally.last_eval = Some(rec);
-    if let (Some(prompt), true) = (&cfg.sample_prompt, world.is_root()) {
-        emit_ev(Event::Sample(sample(&gpt, &t.data.tokenizer, prompt, step, cfg.seed)?));
-    }
-    Ok(())
+        context_length: None,
+        position_loss: Some(part.buckets()),
+    })
 }
 
 /// The `sample_prompt` continuation: 48 tokens, temperature 0.8, top-k 40, the run's seed (the

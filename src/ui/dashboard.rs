@@ -9,7 +9,7 @@ use ratatui::widgets::{Clear, Paragraph, Widget, Wrap};
 
 use super::plot::{Layer, Plot, PlotKind};
 use super::{block, button_row, centered, put};
-use crate::app::dashboard::{heat_columns, MarkKind, Panel, Status};
+use crate::app::dashboard::{heat_columns, MarkKind, Panel, PositionCurve, Status};
 use crate::app::{App, Button, Dashboard, Dialog, Mode};
 use crate::events::{LayerStat, Level};
 use crate::sinks::human::si;
@@ -278,6 +278,7 @@ fn render_panel(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
         Panel::Histogram => " diff-norm ||e_t - e_(t-1)|| ",
         Panel::HeatMap => " diff-norm over steps ",
         Panel::Layers => " layers: grad, update/w ",
+        Panel::Positions => " eval loss by position ",
     };
     let frame = block(title, Color::Blue, app.ascii);
     let inner = frame.inner(area);
@@ -288,6 +289,9 @@ fn render_panel(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     let dim = Style::default().fg(Color::DarkGray);
     if d.view.panel == Panel::Layers {
         return render_layers(app, d, inner, buf);
+    }
+    if d.view.panel == Panel::Positions {
+        return render_positions(app, d, area, buf);
     }
     if d.begin.is_some() && !d.is_differential() {
         Paragraph::new("does not apply: baseline run (research false)")
@@ -346,6 +350,37 @@ fn render_panel(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
     put(buf, bars.x, y, &axis, bars.width as usize, dim);
     let rx = (bars.x + bars.width).saturating_sub(right.len() as u16);
     put(buf, rx, y, &right, right.len(), dim);
+}
+
+/// The eval loss at each position of the training blocks: the latest evaluation, the first one
+/// faint. A curve that falls along the block means the model reads its context.
+fn render_positions(app: &App, d: &Dashboard, area: Rect, buf: &mut Buffer) {
+    let points = |c: &PositionCurve| c.1.iter().map(|b| ((b.from + b.to) as f64 / 2.0, b.loss)).collect::<Vec<_>>();
+    let (layers, title) = match &d.positions {
+        Some((first, latest)) => {
+            let mut layers = vec![];
+            if first.0 != latest.0 {
+                layers.push(Layer { points: points(first), color: Color::DarkGray, kind: PlotKind::Line, faint: true });
+            }
+            layers.push(Layer { points: points(latest), color: EVAL, kind: PlotKind::Line, faint: false });
+            let span = latest.1.last().map_or(0, |b| b.to);
+            (layers, format!(" eval loss by position 0..{span}: step {} (step {} faint) ", latest.0, first.0))
+        }
+        None => (vec![], " eval loss by position ".to_string()),
+    };
+    let plot = Plot {
+        title,
+        layers,
+        hlines: vec![],
+        vmarks: vec![],
+        log_y: false,
+        ascii: app.ascii,
+        sci: false,
+        empty: "waiting for the first evaluation".into(),
+        y_cap: None,
+        border: Color::Blue,
+    };
+    (&plot).render(area, buf);
 }
 
 /// Shades from empty to full.

@@ -68,8 +68,9 @@ pub fn forward(h: &[f32], w: &[f32], c: usize, targets: &[u32], for_backward: bo
     let whole = n * v * 4 <= KEEP_BYTES;
     let keep = for_backward && whole;
     if !for_backward {
-        let lse = log_sum_exp_by_vocab_block(h, w, c, targets);
-        return Ok((lse.1, Saved { lse: lse.0, probs: None }));
+        let (lse, losses) = log_sum_exp_by_vocab_block(h, w, c, targets);
+        let total: f64 = losses.iter().map(|l| *l as f64).sum();
+        return Ok(((total / n.max(1) as f64) as f32, Saved { lse, probs: None }));
     }
     let rows = if keep { n } else { chunk_rows(v) };
     let mut logits = scratch(rows.min(n) * v);
@@ -115,8 +116,8 @@ const VOCAB_BLOCK: usize = 2048;
 /// The forward without a backward (evaluation): logits a block of the vocabulary at a time for
 /// all rows, each row's log-sum-exp kept online (running max and rescaled sum, as flash
 /// attention does). `wte` is read and packed once instead of once per chunk of rows, and no
-/// logits leave the cache. Returns each row's log-sum-exp and the mean loss.
-fn log_sum_exp_by_vocab_block(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -> (Vec<f32>, f32) {
+/// logits leave the cache. Returns each row's log-sum-exp and its loss.
+fn log_sum_exp_by_vocab_block(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -> (Vec<f32>, Vec<f32>) {
     let (n, v) = (h.len() / c, w.len() / c);
     let (mut max, mut sum, mut target_logit) = (vec![f32::NEG_INFINITY; n], vec![0f32; n], vec![0f32; n]);
     let vb = VOCAB_BLOCK.min(v);
@@ -139,8 +140,21 @@ fn log_sum_exp_by_vocab_block(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -
             });
     }
     let lse: Vec<f32> = max.iter().zip(&sum).map(|(m, s)| m + s.ln()).collect();
-    let total: f64 = lse.iter().zip(&target_logit).map(|(l, t)| (l - t) as f64).sum();
-    (lse, (total / n.max(1) as f64) as f32)
+    let losses = lse.iter().zip(&target_logit).map(|(l, t)| l - t).collect();
+    (lse, losses)
+}
+
+/// Each row's cross-entropy of `hidden . wte^T` against `targets`, without a backward (the loss
+/// by position of an evaluation): the forward-only path, the losses kept per row.
+pub fn token_losses(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -> Result<Vec<f32>, String> {
+    let (n, v) = (h.len() / c, w.len() / c);
+    if n != targets.len() {
+        return Err(format!("head cross-entropy: {n} rows but {} targets", targets.len()));
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        return Err(format!("target id {bad} is outside the vocabulary of {v}"));
+    }
+    Ok(log_sum_exp_by_vocab_block(h, w, c, targets).1)
 }
 
 /// Gradients of `g * loss`: `dh += d_logits . wte`, `dw += d_logits^T . h`, with

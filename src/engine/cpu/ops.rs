@@ -242,6 +242,29 @@ impl CustomOp1 for ColumnSum {
 
 /// The tied LM head and the mean cross-entropy: `hidden (N, C)`, `wte (V, C)`, `targets (N)`
 /// -> scalar loss, without keeping `(N, V)` logits around more than `head` allows.
+/// Each row's loss through the tied head, for evaluation only (no backward): `hidden (N, C)`,
+/// `wte (V, C)` -> `(N)`.
+pub struct HeadTokenLosses {
+    pub targets: Arc<Vec<u32>>,
+}
+
+impl CustomOp2 for HeadTokenLosses {
+    fn name(&self) -> &'static str {
+        "difflab-head-token-losses"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (h, w) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let c = *l1.dims().last().unwrap_or(&1);
+        if *l2.dims().last().unwrap_or(&0) != c {
+            candle_core::bail!("head token losses: hidden {:?}, wte {:?}", l1.dims(), l2.dims())
+        }
+        let losses = head::token_losses(h, w, c, &self.targets).map_err(candle_core::Error::Msg)?;
+        let n = losses.len();
+        out(losses, &Shape::from(n))
+    }
+}
+
 pub struct HeadCrossEntropy {
     pub targets: Arc<Vec<u32>>,
     /// False for a forward without a graph (evaluation): the softmax is not kept.

@@ -48,12 +48,15 @@ pub struct SeedResult {
     pub tokens_seen: Option<u64>,
     /// `(step, eval loss)`.
     pub eval_curve: Vec<(f64, f64)>,
+    /// The finished model's eval loss at each of the study's `context_lengths`: `(length, loss)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub at_lengths: Vec<(usize, f64)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
 
 impl SeedResult {
-    fn finished(&self) -> bool {
+    pub fn finished(&self) -> bool {
         matches!(self.status, RunStatus::Completed | RunStatus::Reused)
     }
 }

@@ -99,7 +99,11 @@ pub fn plan(cfg: &RunConfig) -> Result<RunPlan, StudyError> {
     let differences: Vec<String> = earlier
         .config
         .iter()
-        .filter(|(k, _)| keys::find(k).is_none_or(|key| key.on_resume != OnResume::Invocation))
+        // how a run is started and what it logs (its eval cadence, its extra context lengths)
+        // do not make it another run: the trained model is the same
+        .filter(|(k, _)| {
+            keys::find(k).is_none_or(|key| key.on_resume != OnResume::Invocation && key.role != Role::Cadence)
+        })
         .filter(|(k, v)| wanted.get(k.as_str()).is_some_and(|w| w != *v))
         .map(|(k, v)| format!("{k} {v} there, {} here", wanted[k.as_str()]))
         .collect();

@@ -30,14 +30,13 @@ pub fn table(s: &StudySummary) -> String {
             tokens
         ));
     }
+    out.push_str(
+        "(± is the standard deviation over an arm's finished seeds, n - 1 in the denominator; n is the seeds column)\n",
+    );
     for d in &s.differences {
-        let mean = d.mean.map_or("-".into(), |m| format!("{m:+.4}"));
-        let interval = d.interval.map_or(String::new(), |(lo, hi)| format!(", 95% CI [{lo:+.4}, {hi:+.4}]"));
-        out.push_str(&format!(
-            "{} - {} (final eval loss, paired by seed): {mean}{interval}; {}\n",
-            d.arm, d.against, d.note
-        ));
+        out.push_str(&difference_line(d, "final eval loss"));
     }
+    lengths_table(s, w, &mut out);
     let tokens: Vec<(u64, u64)> = s.arms.iter().filter_map(|a| a.tokens_seen).collect();
     if tokens.windows(2).any(|w| w[0] != w[1]) || tokens.iter().any(|(lo, hi)| lo != hi) {
         out.push_str(
@@ -62,6 +61,78 @@ pub fn table(s: &StudySummary) -> String {
         ));
     }
     out
+}
+
+fn difference_line(d: &super::stats::Difference, what: &str) -> String {
+    let mean = d.mean.map_or("-".into(), |m| format!("{m:+.4}"));
+    let interval = d.interval.map_or(String::new(), |(lo, hi)| format!(", 95% CI [{lo:+.4}, {hi:+.4}]"));
+    format!("{} - {} ({what}, paired by seed): {mean}{interval}; {}\n", d.arm, d.against, d.note)
+}
+
+/// The eval loss at each context length, an arm a row, and the paired differences per length.
+fn lengths_table(s: &StudySummary, w: usize, out: &mut String) {
+    if s.lengths.is_empty() {
+        return;
+    }
+    out.push_str("eval loss by context length (mean ± sd over seeds; the same validation tokens at every length):\n");
+    out.push_str(&format!("{:<w$}", "arm"));
+    for l in &s.lengths {
+        out.push_str(&format!("  {:>17}", format!("{} tokens", l.context_length)));
+    }
+    out.push('\n');
+    for (i, a) in s.arms.iter().enumerate() {
+        out.push_str(&format!("{:<w$}", a.label));
+        for l in &s.lengths {
+            let cell = l.arms.get(i).and_then(|(_, st)| st.as_ref()).map_or("-".into(), |st| st.text(4));
+            out.push_str(&format!("  {cell:>17}"));
+        }
+        out.push('\n');
+    }
+    for l in &s.lengths {
+        for d in &l.differences {
+            out.push_str(&difference_line(d, &format!("eval loss at {} tokens", l.context_length)));
+        }
+    }
+}
+
+/// Eval loss against context length, a line per arm (its mean over seeds) over the band of its
+/// seeds (min to max).
+fn extrapolation(s: &StudySummary) -> std::io::Result<figures::Png> {
+    let labels: Vec<String> = s.arms.iter().map(|a| format!("{} (mean, band: min-max over seeds)", a.label)).collect();
+    let x = |l: usize| (l as f64).log2();
+    let lines: Vec<Line> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, label)| Line {
+            label,
+            points: s
+                .lengths
+                .iter()
+                .filter_map(|l| Some((x(l.context_length), l.arms.get(i)?.1.as_ref()?.mean)))
+                .collect(),
+            color: figures::PALETTE[i % figures::PALETTE.len()],
+            markers: true,
+        })
+        .collect();
+    let bands = (0..s.arms.len())
+        .map(|i| Band {
+            points: s
+                .lengths
+                .iter()
+                .filter_map(|l| Some((x(l.context_length), l.ranges.get(i).copied().flatten()?)))
+                .map(|(x, (lo, hi))| (x, lo, hi))
+                .collect(),
+            color: figures::PALETTE[i % figures::PALETTE.len()],
+        })
+        .collect();
+    let title = format!("eval loss against context length over {} seeds", s.seeds.len());
+    figures::chart_with(
+        &title,
+        XAxis::Log2Length,
+        "eval loss (nats per token)",
+        lines,
+        Extras { bands, ..Default::default() },
+    )
 }
 
 /// `study.json` and the figures under `<root>/figures/`.
@@ -139,5 +210,9 @@ fn render(s: &StudySummary) -> std::io::Result<Vec<(&'static str, figures::Png)>
         .collect();
     let extras = Extras { categories: arms, ..Default::default() };
     let finals = figures::chart_with("final eval loss per seed", XAxis::Categories, "eval loss", points, extras)?;
-    Ok(vec![("study_eval_loss", curves), ("study_final_loss", finals)])
+    let mut out = vec![("study_eval_loss", curves), ("study_final_loss", finals)];
+    if !s.lengths.is_empty() {
+        out.push(("study_extrapolation", extrapolation(s)?));
+    }
+    Ok(out)
 }

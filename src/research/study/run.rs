@@ -11,6 +11,7 @@ use super::{report, Arm, SeedResult};
 use crate::config::RunConfig;
 use crate::events::{Event, RunStatus};
 use crate::research::compare::{self, RunLog};
+use crate::research::lengths;
 use crate::session::{Console, Observed, RunSession};
 use crate::train::output_dir::ProcedureLock;
 use crate::train::{RunSpec, StopSignal};
@@ -58,6 +59,7 @@ pub fn spawn(
     arms: Vec<Arm>,
     seeds: Vec<u64>,
     plans: Vec<RunPlan>,
+    lengths: Vec<usize>,
     cache_dir: PathBuf,
     lock: ProcedureLock,
 ) -> StudyHandle {
@@ -70,17 +72,19 @@ pub fn spawn(
             let mut held = lock;
             // best effort: the lock holds whether or not its file names us
             let _ = held.mark();
-            run(&root, &arms, &seeds, &plans, &cache_dir, &tx, &stop_for_thread)
+            run(&root, &arms, &seeds, &plans, &lengths, &cache_dir, &tx, &stop_for_thread)
         })
         .unwrap_or_else(|e| panic!("cannot start the study thread: {e}"));
     StudyHandle { events, stop, thread }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     root: &Path,
     arms: &[Arm],
     seeds: &[u64],
     plans: &[RunPlan],
+    lengths: &[usize],
     cache_dir: &Path,
     tx: &Sender<StudyEvent>,
     stop: &StopSignal,
@@ -104,7 +108,11 @@ fn run(
                 seed: *seed,
                 plan: plan.clone(),
             });
-            one_run(cfg, arm, *seed, plan, cache_dir, index, tx, stop)
+            let mut result = one_run(cfg.clone(), arm, *seed, plan, cache_dir, index, tx, stop);
+            if result.finished() && !lengths.is_empty() {
+                at_lengths(&mut result, &cfg, lengths, index, tx);
+            }
+            result
         };
         let _ = tx.send(StudyEvent::RunEnd { index, result: result.clone() });
         results.push(result);
@@ -118,6 +126,46 @@ fn run(
     summary
 }
 
+/// The finished model at each of the study's context lengths (train short, test long; a model
+/// with learned positions up to its block size, the rest said in its note), its
+/// `extrapolation.json` and figures written into the run's folder; a failure is the run's note.
+fn at_lengths(result: &mut SeedResult, cfg: &RunConfig, asked: &[usize], index: usize, tx: &Sender<StudyEvent>) {
+    let dir = PathBuf::from(&cfg.output_dir);
+    let mut lengths: Vec<usize> = asked.to_vec();
+    if !lengths.contains(&cfg.block_size) {
+        lengths.insert(0, cfg.block_size);
+    }
+    if !cfg.rope {
+        let (fit, past): (Vec<usize>, Vec<usize>) = lengths.iter().partition(|l| **l <= cfg.block_size);
+        if !past.is_empty() {
+            let note = format!(
+                "not evaluated at {past:?}: its learned positions (rope false) end at block_size {}",
+                cfg.block_size
+            );
+            result.note = Some(result.note.take().map_or(note.clone(), |n| format!("{n}; {note}")));
+        }
+        lengths = fit;
+    }
+    let evaluated = (|| -> Result<Vec<(usize, f64)>, String> {
+        let model = lengths::open(&dir, cfg, &|_| {}).map_err(|e| e.to_string())?;
+        let span = lengths::check(&model, cfg, &lengths).map_err(|e| e.to_string())?;
+        let records = lengths::evaluate_lengths(&model, cfg, &span, true, &mut |rec| {
+            let event = Event::Evaluate(rec.clone());
+            let _ = tx.send(StudyEvent::Train { index, event });
+        })
+        .map_err(|e| e.to_string())?;
+        let _ = lengths::Extrapolation::new(&model, cfg, &span, &records).write(&dir);
+        Ok(span.lengths.iter().zip(&records).map(|(l, r)| (*l, r.eval_loss)).collect())
+    })();
+    match evaluated {
+        Ok(at) => result.at_lengths = at,
+        Err(e) => {
+            let note = format!("at the context lengths: {e}");
+            result.note = Some(result.note.take().map_or(note.clone(), |n| format!("{n}; {note}")));
+        }
+    }
+}
+
 fn empty(arm: &str, seed: u64, dir: &str) -> SeedResult {
     SeedResult {
         arm: arm.into(),
@@ -129,6 +177,7 @@ fn empty(arm: &str, seed: u64, dir: &str) -> SeedResult {
         steps: 0,
         tokens_seen: None,
         eval_curve: vec![],
+        at_lengths: vec![],
         note: None,
     }
 }

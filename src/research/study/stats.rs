@@ -76,6 +76,68 @@ pub struct StudySummary {
     pub evaluated_on: String,
     /// Every run finished (none stopped, failed or skipped).
     pub complete: bool,
+    /// With `context_lengths`: each length's eval loss per arm over seeds, and the paired
+    /// differences against the first arm (train short, test long).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lengths: Vec<LengthStats>,
+}
+
+/// One context length across the study's arms.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LengthStats {
+    pub context_length: usize,
+    /// Each arm's eval loss at this length over its finished seeds (its label, the stat).
+    pub arms: Vec<(String, Option<Stat>)>,
+    /// Each arm's `(min, max)` over seeds: the band of the figure.
+    pub ranges: Vec<Option<(f64, f64)>>,
+    pub differences: Vec<Difference>,
+}
+
+/// The study's runs at each context length they were evaluated at.
+fn length_stats(arms: &[Arm], seeds: &[u64], runs: &[SeedResult]) -> Vec<LengthStats> {
+    let mut lengths: Vec<usize> = runs.iter().flat_map(|r| r.at_lengths.iter().map(|p| p.0)).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    let at = |arm: &str, seed: u64, length: usize| {
+        let run = runs.iter().find(|r| r.arm == arm && r.seed == seed && r.finished())?;
+        run.at_lengths.iter().find(|p| p.0 == length).map(|p| p.1)
+    };
+    lengths
+        .into_iter()
+        .map(|length| {
+            let values: Vec<Vec<f64>> =
+                arms.iter().map(|a| seeds.iter().filter_map(|&s| at(&a.label, s, length)).collect()).collect();
+            let first = &arms[0].label;
+            let differences = arms[1..]
+                .iter()
+                .map(|a| {
+                    let pairs: Vec<(u64, f64)> = seeds
+                        .iter()
+                        .filter_map(|&s| Some((s, at(&a.label, s, length)? - at(first, s, length)?)))
+                        .collect();
+                    let mut d = difference(&a.label, first, &pairs);
+                    if pairs.is_empty() {
+                        d.note =
+                            "not compared: an arm was not evaluated at this length (its runs' notes say why)".into();
+                    }
+                    d
+                })
+                .collect();
+            LengthStats {
+                context_length: length,
+                arms: arms.iter().zip(&values).map(|(a, v)| (a.label.clone(), Stat::of(v))).collect(),
+                ranges: values
+                    .iter()
+                    .map(|v| {
+                        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        (lo <= hi).then_some((lo, hi))
+                    })
+                    .collect(),
+                differences,
+            }
+        })
+        .collect()
 }
 
 /// The two-sided 95% quantile of Student's t with `df` degrees of freedom (table to 30, then
@@ -158,6 +220,7 @@ pub fn summarize(arms: &[Arm], seeds: &[u64], runs: Vec<SeedResult>) -> StudySum
         differences,
         seeds: seeds.to_vec(),
         differing_keys: compare::differing_keys(&configs),
+        lengths: length_stats(arms, seeds, &runs),
         runs,
         evaluated_on,
         complete,
