@@ -61,7 +61,7 @@ def main() -> int:
 
     images = 0
     if figures:
-        wanted = ["figures/loss", "figures/loss_log", "figures/learning_rate", "figures/grad_norm"] + (["figures/diff_norm_hist"] if differential else [])
+        wanted = ["figures/loss", "figures/loss_log", "figures/learning_rate", "figures/grad_norm", "figures/position_loss"] + (["figures/diff_norm_hist"] if differential else [])
         for tag in wanted:
             if tag not in tags["images"]:
                 problems.append(f"image {tag} missing")

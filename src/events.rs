@@ -301,6 +301,9 @@ pub struct TrainEnd {
     pub train_loss_steps: u64,
     pub eval_loss: Option<f64>,
     pub perplexity: Option<f64>,
+    /// The lowest evaluation loss at the training length over the whole run, resumes included.
+    #[serde(default)]
+    pub best_eval_loss: Option<f64>,
     /// Training seconds, pauses excluded.
     pub train_runtime: f64,
     pub tokens_per_second: f64,
@@ -409,10 +412,19 @@ named!(
     /// it (diverged, stalled, lagging), what a procedure did with it (skipped, reused), or,
     /// for a run read from its folder, that it is still training or was cut off.
     RunStatus {
-        Completed = "completed", Stopped = "stopped", Failed = "failed", Diverged = "diverged", Stalled = "stalled",
+        Completed = "completed", Stopped = "stopped", EarlyStopped = "early_stopped", Failed = "failed",
+        Diverged = "diverged", Stalled = "stalled",
         Lagging = "lagging", Skipped = "skipped", Reused = "reused", Running = "running", Interrupted = "interrupted",
     }
 );
+
+impl RunStatus {
+    /// A run that trained to an end of its own: its plan, or early stopping on a plateau
+    /// (reused: one such, read back). Its final figures stand for the run.
+    pub fn is_finished(self) -> bool {
+        matches!(self, RunStatus::Completed | RunStatus::EarlyStopped | RunStatus::Reused)
+    }
+}
 
 impl Event {
     /// The stdout markers: the research code's console markers.

@@ -20,7 +20,7 @@ fn figures_are_pngs_of_the_stated_size_and_the_switches_work() {
     let home = tempfile::tempdir().unwrap();
     let out = home.path().join("run");
     run(home.path(), &out, &[]);
-    for name in ["loss", "loss_log", "learning_rate", "grad_norm", "diff_norm_hist"] {
+    for name in ["loss", "loss_log", "learning_rate", "grad_norm", "diff_norm_hist", "position_loss"] {
         let bytes = std::fs::read(out.join("figures").join(format!("{name}.png"))).unwrap();
         let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
         let reader = decoder.read_info().unwrap();
@@ -70,7 +70,49 @@ fn tensorboard_reads_the_event_files() {
         assert_eq!(summary["points"]["layers/update_ratio/h.0"], 20, "{name}");
         if name == "diff" {
             assert_eq!(summary["histograms"], 20);
-            assert_eq!(summary["images"], 10, "5 figures at each of 2 evaluations");
+            assert_eq!(summary["images"], 12, "6 figures at each of 2 evaluations");
+        }
+    }
+}
+
+/// TensorBoard's HParams dashboard, asked over HTTP by a real server, lists each run as a
+/// session with the settings it ran with, its status and the outcome its `train_end` reported.
+#[test]
+#[ignore = "needs DIFFLAB_PYTHON with tensorboard; scripts/test.sh runs it"]
+fn the_hparams_dashboard_lists_each_run_with_its_settings_and_outcome() {
+    let python = std::env::var("DIFFLAB_PYTHON").expect("DIFFLAB_PYTHON: a python with tensorboard (scripts/test.sh)");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_hparams.py");
+    let home = tempfile::tempdir().unwrap();
+    let logs = home.path().join("logs");
+    let corpus = tiny_corpus(home.path());
+    let mut ends = Vec::new();
+    for (name, lr) in [("low", "1e-3"), ("high", "1e-2")] {
+        let mut flags = tiny_flags(&corpus, &logs.join(name));
+        flags.extend(["--learning_rate", lr, "--max_steps", "10", "--eval_steps", "5"].map(String::from));
+        let o = difflab(home.path()).arg("train").args(&flags).output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        let end =
+            json_lines(&String::from_utf8_lossy(&o.stdout)).into_iter().find(|m| m["event"] == "train_end").unwrap();
+        ends.push((name, lr.parse::<f64>().unwrap(), end));
+    }
+    let o = std::process::Command::new(&python).arg(&script).arg(&logs).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout} {}", String::from_utf8_lossy(&o.stderr));
+    let sessions: Vec<serde_json::Value> = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(sessions.len(), 2, "{stdout}");
+    for (name, lr, end) in ends {
+        let s =
+            sessions.iter().find(|s| s["run"] == format!("{name}/runs")).unwrap_or_else(|| panic!("{name}: {stdout}"));
+        let logged = s["hparams"]["learning_rate"].as_f64().unwrap();
+        assert!((logged - lr).abs() < 1e-12, "{name}: learning_rate {logged}");
+        assert_eq!(s["hparams"]["n_embd"], 32.0, "{name}");
+        assert_eq!(s["hparams"]["variant"], "differential + RoPE", "{name}");
+        assert_eq!(s["status"], "STATUS_SUCCESS", "{name}: {end}");
+        for (metric, key) in [("hparams/final_eval_loss", "eval_loss"), ("hparams/best_eval_loss", "best_eval_loss")] {
+            let want = end[key].as_f64().unwrap();
+            let got = s["metrics"][metric].as_f64().unwrap_or(f64::NAN);
+            // TensorBoard keeps scalars as f32
+            assert!((got - want).abs() < 1e-5 * want.abs(), "{name}: {metric} {got} vs train_end {want}");
         }
     }
 }

@@ -632,3 +632,50 @@ fn micro_batches_side_by_side_train_as_one_after_another() {
     };
     assert_eq!((bench("1"), bench("2")), (Some(1), Some(2)));
 }
+
+/// HF's EarlyStoppingCallback: a run whose eval loss stops improving by more than the
+/// threshold for `patience` evaluations in a row stops there, with a checkpoint, and says so;
+/// the same run without patience trains to the end.
+#[test]
+fn a_plateau_stops_the_run_after_its_patience_with_a_checkpoint() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    // a learning rate too small to move the loss: every evaluation after the first is a plateau
+    let flat = [
+        "--learning_rate",
+        "1e-9",
+        "--lr_scheduler_type",
+        "constant",
+        "--max_steps",
+        "20",
+        "--eval_steps",
+        "2",
+        "--save_steps",
+        "0",
+    ];
+    let out = home.path().join("patient");
+    let (code, stdout, stderr) = run_cli(
+        home.path(),
+        &flags_with(
+            &tiny_flags(&corpus, &out),
+            &[&flat[..], &["--early_stopping_patience", "2", "--early_stopping_threshold", "0.01"]].concat(),
+        ),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let lines = json_lines(&stdout);
+    let end = lines.iter().find(|m| m["event"] == "train_end").unwrap();
+    // evaluations at 2 (the best), 4 and 6 (no improvement twice)
+    assert_eq!(end["status"], "early_stopped", "{end}");
+    assert_eq!(end["step"], 6, "{end}");
+    assert!(out.join("checkpoint-6/model.safetensors").exists(), "a checkpoint at the stop");
+    assert!(stderr.contains("early stopping") && stderr.contains("stopping at step 6"), "{stderr}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("checkpoint-6/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["evals_without_improvement"], 2, "{state}");
+
+    let out = home.path().join("without");
+    let (code, stdout, stderr) = run_cli(home.path(), &flags_with(&tiny_flags(&corpus, &out), &flat));
+    assert_eq!(code, 0, "{stderr}");
+    let end = json_lines(&stdout).into_iter().find(|m| m["event"] == "train_end").unwrap();
+    assert_eq!((end["status"].as_str(), end["step"].as_u64()), (Some("completed"), Some(20)), "{end}");
+}

@@ -275,6 +275,22 @@ pub const KEYS: &[KeySpec] = &[
         "at each evaluation, continue this text (48 tokens, temperature 0.8, top-k 40, the run's seed) into the log",
     ),
     key(
+        "early_stopping_patience",
+        OptInt,
+        "none",
+        Length,
+        MayChange,
+        "stop when the eval loss has not improved by more than early_stopping_threshold for N evaluations in a row (HF's EarlyStoppingCallback)",
+    ),
+    key(
+        "early_stopping_threshold",
+        Float,
+        "0.0",
+        Length,
+        MayChange,
+        "how much the eval loss must fall below its best to count as an improvement",
+    ),
+    key(
         "context_lengths",
         List,
         "",

@@ -96,6 +96,18 @@ pub fn resolve(chain: &[Preset], flags: &Overrides) -> Result<Resolved, ConfigEr
         got: e.to_string(),
     })?;
     validate(&config, &origin_of)?;
+    if let Some(max) = config.max_steps.filter(|m| config.warmup_steps > *m) {
+        if config.lr_scheduler_type.to_string() != "constant" {
+            // linear warmup: the last step's LR is max / warmup of the peak
+            warnings.push(format!(
+                "warning: warmup_steps {} ({}) is more than max_steps {max} ({}): the learning rate never reaches its set value (it ends warmup-bound at {:.0}% of it); lower warmup_steps or raise max_steps",
+                config.warmup_steps,
+                origin_of("warmup_steps"),
+                origin_of("max_steps"),
+                100.0 * max as f64 / config.warmup_steps as f64
+            ));
+        }
+    }
     let sweep = chain.iter().rev().find_map(|p| p.sweep.clone());
     let study = chain.iter().rev().find_map(|p| p.study.clone());
     Ok(Resolved { config, origins, warnings, preset: chain.last().map(|p| p.name.clone()), sweep, study })
@@ -283,6 +295,24 @@ fn validate_the_rest(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Resul
                 c.block_size
             ),
             format!("keep the lengths up to {}, or train with rope true", c.block_size),
+        ));
+    }
+    if c.early_stopping_patience == Some(0) {
+        return Err(invalid(
+            origin_of("early_stopping_patience"),
+            "early_stopping_patience",
+            0,
+            "would stop at the first evaluation",
+            "give 1 or more evaluations, or leave it unset",
+        ));
+    }
+    if !(c.early_stopping_threshold >= 0.0 && c.early_stopping_threshold.is_finite()) {
+        return Err(invalid(
+            origin_of("early_stopping_threshold"),
+            "early_stopping_threshold",
+            c.early_stopping_threshold,
+            "must be 0 or more",
+            "set early_stopping_threshold to 0 or a small positive loss, e.g. 0.001",
         ));
     }
     if c.eval_max_blocks == Some(0) {

@@ -29,7 +29,8 @@ pub struct PastRun {
 impl PastRun {
     /// Resuming makes sense for a run that ended early and has a checkpoint, and no trainer now.
     pub fn resumable(&self) -> bool {
-        self.checkpoint.is_some() && !matches!(self.status, RunStatus::Completed | RunStatus::Running)
+        self.checkpoint.is_some()
+            && !matches!(self.status, RunStatus::Completed | RunStatus::EarlyStopped | RunStatus::Running)
     }
 }
 

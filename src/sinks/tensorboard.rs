@@ -12,7 +12,7 @@ use prost::Message;
 use super::figures::{self, History};
 use super::Sink;
 use crate::events::now;
-use crate::events::{Event, Histogram};
+use crate::events::{Event, Histogram, RunStatus};
 
 // --- tensorboard/compat/proto/{event,summary,histogram}.proto, the fields we write
 
@@ -44,7 +44,9 @@ pub struct Summary {
 pub struct SummaryValue {
     #[prost(string, tag = "1")]
     pub tag: String,
-    #[prost(oneof = "Value", tags = "2, 4, 5")]
+    #[prost(message, optional, tag = "9")]
+    pub metadata: Option<SummaryMetadata>,
+    #[prost(oneof = "Value", tags = "2, 4, 5, 8")]
     pub value: Option<Value>,
 }
 
@@ -56,6 +58,152 @@ pub enum Value {
     Image(Image),
     #[prost(message, tag = "5")]
     Histo(HistogramProto),
+    #[prost(message, tag = "8")]
+    Tensor(TensorProto),
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SummaryMetadata {
+    #[prost(message, optional, tag = "1")]
+    pub plugin_data: Option<PluginData>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct PluginData {
+    #[prost(string, tag = "1")]
+    pub plugin_name: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub content: Vec<u8>,
+}
+
+/// The hparams plugin's empty tensor: DT_FLOAT, shape [0].
+#[derive(Clone, PartialEq, Message)]
+pub struct TensorProto {
+    #[prost(int32, tag = "1")]
+    pub dtype: i32,
+    #[prost(message, optional, tag = "2")]
+    pub tensor_shape: Option<TensorShape>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TensorShape {
+    #[prost(message, repeated, tag = "2")]
+    pub dim: Vec<TensorDim>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TensorDim {
+    #[prost(int64, tag = "1")]
+    pub size: i64,
+}
+
+// --- tensorboard/plugins/hparams/plugin_data.proto: a run is one session of the HParams
+// dashboard, its settings the session's hyper-parameters
+
+#[derive(Clone, PartialEq, Message)]
+pub struct HParamsPluginData {
+    #[prost(int32, tag = "1")]
+    pub version: i32,
+    #[prost(oneof = "HParamsData", tags = "3, 4")]
+    pub data: Option<HParamsData>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum HParamsData {
+    #[prost(message, tag = "3")]
+    SessionStart(SessionStartInfo),
+    #[prost(message, tag = "4")]
+    SessionEnd(SessionEndInfo),
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SessionStartInfo {
+    #[prost(btree_map = "string, message", tag = "1")]
+    pub hparams: std::collections::BTreeMap<String, ProtoValue>,
+    #[prost(string, tag = "4")]
+    pub group_name: String,
+    #[prost(double, tag = "5")]
+    pub start_time_secs: f64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SessionEndInfo {
+    /// 1 success, 2 failure, 0 unknown (a stop).
+    #[prost(int32, tag = "1")]
+    pub status: i32,
+    #[prost(double, tag = "2")]
+    pub end_time_secs: f64,
+}
+
+/// `google.protobuf.Value`: the kinds a setting takes.
+#[derive(Clone, PartialEq, Message)]
+pub struct ProtoValue {
+    #[prost(oneof = "ProtoKind", tags = "2, 3, 4")]
+    pub kind: Option<ProtoKind>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum ProtoKind {
+    #[prost(double, tag = "2")]
+    Number(f64),
+    #[prost(string, tag = "3")]
+    Text(String),
+    #[prost(bool, tag = "4")]
+    Bool(bool),
+}
+
+/// A summary value carrying hparams plugin data, as TensorBoard's own `hparams` API writes it.
+fn hparams_value(tag: &str, data: HParamsData) -> SummaryValue {
+    let content = HParamsPluginData { version: 0, data: Some(data) }.encode_to_vec();
+    SummaryValue {
+        tag: tag.into(),
+        metadata: Some(SummaryMetadata { plugin_data: Some(PluginData { plugin_name: "hparams".into(), content }) }),
+        value: Some(Value::Tensor(TensorProto {
+            dtype: 1,
+            tensor_shape: Some(TensorShape { dim: vec![TensorDim { size: 0 }] }),
+        })),
+    }
+}
+
+/// The settings a run is told apart by in the HParams dashboard: the model's shape and variant,
+/// the optimisation, the schedule, the length, the seed and the data (a sweep's or study's
+/// swept keys are among them).
+fn session_start(config: &serde_json::Value, variant: &str) -> SummaryValue {
+    use crate::config::keys::{Role, KEYS};
+    let mut hparams: std::collections::BTreeMap<String, ProtoValue> = KEYS
+        .iter()
+        .filter(|k| {
+            matches!(k.role, Role::Model | Role::Optimisation | Role::Batch | Role::Length | Role::Seed | Role::Data)
+        })
+        .filter_map(|k| {
+            let kind = match &config[k.name] {
+                serde_json::Value::Number(n) => ProtoKind::Number(n.as_f64()?),
+                serde_json::Value::String(s) => ProtoKind::Text(s.clone()),
+                serde_json::Value::Bool(b) => ProtoKind::Bool(*b),
+                _ => return None,
+            };
+            Some((k.name.to_string(), ProtoValue { kind: Some(kind) }))
+        })
+        .collect();
+    hparams.insert("variant".into(), ProtoValue { kind: Some(ProtoKind::Text(variant.into())) });
+    hparams_value(
+        "_hparams_/session_start_info",
+        HParamsData::SessionStart(SessionStartInfo { hparams, group_name: String::new(), start_time_secs: now() }),
+    )
+}
+
+/// How the session ended, in the plugin's `Status`: a failure is a failure, a finished run a
+/// success, a stop (which resume continues) neither.
+fn session_end(status: RunStatus) -> SummaryValue {
+    let status = match status {
+        RunStatus::Failed => 2,
+        s if s.is_finished() => 1,
+        _ => 0,
+    };
+    hparams_value(
+        "_hparams_/session_end_info",
+        HParamsData::SessionEnd(SessionEndInfo { status, end_time_secs: now() }),
+    )
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -142,7 +290,7 @@ impl EventWriter {
 }
 
 pub fn scalar(tag: &str, v: f64) -> SummaryValue {
-    SummaryValue { tag: tag.into(), value: Some(Value::SimpleValue(v as f32)) }
+    SummaryValue { tag: tag.into(), metadata: None, value: Some(Value::SimpleValue(v as f32)) }
 }
 
 /// Our histogram (counts over [edges[i], edges[i+1]]) as TensorBoard buckets.
@@ -150,6 +298,7 @@ pub fn histogram(tag: &str, h: &Histogram) -> SummaryValue {
     let num: u64 = h.counts.iter().sum();
     SummaryValue {
         tag: tag.into(),
+        metadata: None,
         value: Some(Value::Histo(HistogramProto {
             min: h.edges.first().copied().unwrap_or(0.0),
             max: h.edges.last().copied().unwrap_or(0.0),
@@ -165,6 +314,7 @@ pub fn histogram(tag: &str, h: &Histogram) -> SummaryValue {
 pub fn image(tag: &str, png: &figures::Png) -> SummaryValue {
     SummaryValue {
         tag: tag.into(),
+        metadata: None,
         value: Some(Value::Image(Image {
             height: png.height as i32,
             width: png.width as i32,
@@ -203,6 +353,20 @@ impl Sink for TensorBoard {
             h.update(event);
         }
         match event {
+            // the HParams dashboard's session: its settings now, its outcome at the end
+            Event::TrainBegin(b) => self.writer.values(b.start_step, vec![session_start(&b.config, &b.variant)]),
+            Event::TrainEnd(e) => {
+                let mut v: Vec<SummaryValue> = [
+                    ("hparams/final_eval_loss", e.eval_loss),
+                    ("hparams/best_eval_loss", e.best_eval_loss),
+                    ("hparams/final_perplexity", e.perplexity),
+                ]
+                .into_iter()
+                .filter_map(|(tag, x)| Some(scalar(tag, x?)))
+                .collect();
+                v.push(session_end(e.status));
+                self.writer.values(e.step, v)
+            }
             Event::Progress(p) => {
                 let mut v = vec![
                     scalar("train/loss", p.loss),
@@ -283,5 +447,23 @@ mod tests {
         assert_eq!(&buf[8..12], &masked_crc(&3u64.to_le_bytes()).to_le_bytes());
         assert_eq!(&buf[12..15], b"abc");
         assert_eq!(&buf[15..], &masked_crc(b"abc").to_le_bytes());
+    }
+
+    /// The plugin's `Status`: 1 success, 2 failure, 0 unknown; a stop is not a success, since
+    /// a resume may still finish it.
+    #[test]
+    fn session_end_status_follows_the_run_status() {
+        let status_of = |s: RunStatus| {
+            let value = session_end(s);
+            let content = value.metadata.and_then(|m| m.plugin_data).map(|p| p.content).unwrap();
+            match HParamsPluginData::decode(content.as_slice()).unwrap().data {
+                Some(HParamsData::SessionEnd(end)) => end.status,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(status_of(RunStatus::Completed), 1);
+        assert_eq!(status_of(RunStatus::EarlyStopped), 1);
+        assert_eq!(status_of(RunStatus::Failed), 2);
+        assert_eq!(status_of(RunStatus::Stopped), 0);
     }
 }

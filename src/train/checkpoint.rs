@@ -63,6 +63,9 @@ pub struct TrainerState {
     /// the same steps an unbroken run's would.
     #[serde(default)]
     pub progress_window: ProgressWindow,
+    /// Evaluations in a row that did not improve on the best by the early-stopping threshold.
+    #[serde(default)]
+    pub evals_without_improvement: u64,
 }
 
 /// Losses and throughput since the last progress marker.
@@ -114,6 +117,7 @@ impl TrainerState {
             train_loss_sum: 0.0,
             train_loss_steps: 0,
             progress_window: ProgressWindow::default(),
+            evals_without_improvement: 0,
         }
     }
 }

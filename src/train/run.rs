@@ -306,6 +306,8 @@ struct Tally {
     /// Seconds spent in the gradient and loss all-reduce (several processes only).
     reduce_seconds: f64,
     consecutive_skips: u64,
+    /// The run stopped itself on a plateau (`early_stopping_patience`).
+    early_stopped: bool,
 }
 
 impl Tally {
@@ -317,6 +319,7 @@ impl Tally {
             last_saved_step: None,
             reduce_seconds: 0.0,
             consecutive_skips: 0,
+            early_stopped: false,
         }
     }
 }
@@ -353,6 +356,11 @@ fn train_loop(
         let done = t.state.global_step;
         if done.is_multiple_of(cfg.eval_steps) && done < total_steps {
             evaluate_now(t, tally, done, emit_ev)?;
+            if let Some(text) = plateau(t) {
+                emit_ev(Event::Message { level: Level::Info, text });
+                tally.early_stopped = true;
+                ctl.stop = Some(true);
+            }
         }
         if cfg.save_steps > 0 && done.is_multiple_of(cfg.save_steps) && done < total_steps {
             save_checkpoint(t, ctl.lr_scale, CheckpointReason::SaveSteps, emit_ev, &mut tally.last_saved_step)?;
@@ -460,6 +468,22 @@ fn record(
     rec.layers = Some(optim::layer_stats(&optim::grads::squares(&g.grads)?, &t.opt.last_update_squares()?));
     emit_ev(Event::Progress(rec));
     Ok(())
+}
+
+/// With `early_stopping_patience`: the line that says why the run stops, once that many
+/// evaluations in a row have not improved on the best.
+fn plateau(t: &Trainer) -> Option<String> {
+    let cfg = &t.spec.config;
+    let patience = cfg.early_stopping_patience?;
+    let waited = t.state.evals_without_improvement;
+    (waited >= patience).then(|| {
+        format!(
+            "early stopping: the eval loss has not improved on its best {:.4} by more than {} for {waited} evaluations; stopping at step {} with a checkpoint",
+            t.state.best_metric.unwrap_or(f64::NAN),
+            cfg.early_stopping_threshold,
+            t.state.global_step
+        )
+    })
 }
 
 /// Pause (waiting out the pause, saving on request while paused) and checkpoint-now.
@@ -579,11 +603,13 @@ fn wrap_up(
         train_loss_steps: state.train_loss_steps,
         eval_loss: last_eval.map(|e| e.0),
         perplexity: last_eval.map(|e| e.1),
+        best_eval_loss: state.best_metric,
         train_runtime: runtime,
         tokens_per_second: (trained * t.tokens_per_step) as f64 / runtime.max(1e-9),
         skipped_steps: state.skipped_steps,
         status: match (&failure, stopped) {
             (Some(_), _) => RunStatus::Failed,
+            (None, true) if tally.early_stopped => RunStatus::EarlyStopped,
             (None, true) => RunStatus::Stopped,
             (None, false) => RunStatus::Completed,
         },
@@ -646,7 +672,7 @@ fn evaluate_now(
     let gpt = t.model.detached()?;
     let max = cfg.eval_max_blocks.map(|n| n as usize);
     let rec = evaluate_at(t, &gpt, step, cfg.block_size, max)?;
-    note_eval(&mut t.state, &rec);
+    note_eval(&mut t.state, &rec, cfg.early_stopping_threshold);
     emit_ev(Event::Evaluate(rec.clone()));
     // the same validation tokens in longer windows: as many as fit in the ones just scored
     let scored = rec.eval_blocks as usize * cfg.block_size;
@@ -729,10 +755,18 @@ fn sample(gpt: &Gpt, tokenizer: &Tokenizer, prompt: &str, step: u64, seed: u64) 
     })
 }
 
-fn note_eval(state: &mut TrainerState, rec: &EvalRecord) {
+fn note_eval(state: &mut TrainerState, rec: &EvalRecord, threshold: f64) {
     state.log_history.push(serde_json::json!({
         "step": rec.step, "epoch": rec.epoch, "eval_loss": rec.eval_loss, "perplexity": rec.perplexity
     }));
+    // HF's EarlyStoppingCallback: an improvement is a fall below the best by more than the threshold
+    // (a NaN loss improves on nothing)
+    let improved = state.best_metric.is_none_or(|best| best - rec.eval_loss > threshold);
+    if improved {
+        state.evals_without_improvement = 0;
+    } else {
+        state.evals_without_improvement += 1;
+    }
     if state.best_metric.is_none_or(|b| rec.eval_loss < b) {
         state.best_metric = Some(rec.eval_loss);
         state.best_model_checkpoint = None;

@@ -57,6 +57,6 @@ pub struct SeedResult {
 
 impl SeedResult {
     pub fn finished(&self) -> bool {
-        matches!(self.status, RunStatus::Completed | RunStatus::Reused)
+        self.status.is_finished()
     }
 }

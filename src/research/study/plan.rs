@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use super::Arm;
 use crate::config::keys::{self, OnResume, Role};
 use crate::config::RunConfig;
-use crate::events::RunStatus;
 use crate::research::compare;
 use crate::sinks::metrics::METRICS_FILE;
 
@@ -110,7 +109,7 @@ pub fn plan(cfg: &RunConfig) -> Result<RunPlan, StudyError> {
     if !differences.is_empty() && !earlier.config.is_empty() {
         return Err(StudyError::Stale { dir: dir.to_path_buf(), differences: differences.join(", ") });
     }
-    if earlier.status == RunStatus::Completed {
+    if earlier.status.is_finished() {
         return Ok(RunPlan::Reuse);
     }
     let has_checkpoint = std::fs::read_dir(dir)
