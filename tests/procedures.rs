@@ -115,6 +115,15 @@ fn a_sweep_preset_runs_resumes_and_a_grid_expands() {
     assert_eq!(o.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(stdout.matches("reused from an earlier session").count(), 2, "{stdout}");
+    // stderr's progress says so too, never "completed after" for a trial not run now
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(stderr.matches("reused").count(), 2, "{stderr}");
+    assert!(!stderr.contains("completed after"), "{stderr}");
+    // both values at an end of a two-value grid: the best one's edge is named
+    assert!(
+        stdout.contains("best at the top of the grid: try") || stdout.contains("best at the bottom of the grid: try"),
+        "{stdout}"
+    );
     assert_eq!(std::fs::read_to_string(&log).unwrap(), before);
     let again: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();

@@ -259,7 +259,11 @@ impl Overlay {
             LrFindEvent::Done { curve, suggestions, dir } => {
                 self.finished = true;
                 self.status = "done - q to exit".into();
-                self.marks = [suggestions.steepest, suggestions.valley].into_iter().flatten().map(f64::log10).collect();
+                self.marks = [suggestions.recommended, suggestions.steepest, suggestions.bottom]
+                    .into_iter()
+                    .flatten()
+                    .map(f64::log10)
+                    .collect();
                 self.table = crate::research::lr_find::summary(curve, suggestions);
                 self.table.extend([format!("plot: {}", dir.join("lr_find.png").display())]);
             }

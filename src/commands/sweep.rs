@@ -1,6 +1,6 @@
 //! `difflab sweep`, `difflab lr-find` and `difflab compare`, headless or in the TUI.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -36,13 +36,11 @@ pub fn sweep(args: &RunArgs, ui: UiOptions) -> anyhow::Result<ExitCode> {
                     eprintln!("[{current}] {line}");
                 }
             }
-            SweepEvent::TrialEnd(t) => eprintln!(
-                "[sweep] {}: {} after {} steps{}",
-                t.label,
-                t.status,
-                t.steps,
-                if t.reused { " (reused: ended in an earlier session)" } else { "" }
+            SweepEvent::TrialEnd(t) if t.reused => eprintln!(
+                "[sweep] {}: reused, not run again (it ended {} at step {} in an earlier session)",
+                t.label, t.status, t.steps
             ),
+            SweepEvent::TrialEnd(t) => eprintln!("[sweep] {}: {} after {} steps", t.label, t.status, t.steps),
             SweepEvent::Done { summary, written } => {
                 print!("{}", sweep::table(&summary));
                 // a sweep none of whose trials ended with a verdict, or whose summary could not be
@@ -67,6 +65,10 @@ pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<Ex
     let resolved = args.resolve()?;
     super::print_warnings(&resolved.warnings);
     let cfg = resolved.config;
+    let folder = lr_find::folder(&cfg);
+    if folder.join("lr_find.json").exists() {
+        eprintln!("[lr-find] replacing the earlier range test in {}", folder.display());
+    }
     let (tx, rx) = crossbeam_channel::unbounded();
     let cache = default_cache_dir();
     let worker_cfg = cfg.clone();
@@ -90,9 +92,16 @@ pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<Ex
                 for line in lr_find::summary(&curve, &suggestions) {
                     eprintln!("[lr-find] {line}");
                 }
+                let plot = dir.join("lr_find.png");
+                eprintln!("[lr-find] plot: {}", plot.display());
                 println!(
                     "{}",
-                    serde_json::json!({ "valley": suggestions.valley, "steepest": suggestions.steepest, "minimum": suggestions.minimum, "points": curve.lrs.len(), "stopped": curve.stopped, "plot": dir.join("lr_find.png") })
+                    serde_json::json!({
+                        "recommended": suggestions.recommended, "recommended_by": suggestions.recommended_by,
+                        "steepest": suggestions.steepest, "bottom": suggestions.bottom,
+                        "minimum": suggestions.minimum, "valley": suggestions.valley,
+                        "points": curve.lrs.len(), "stopped": curve.stopped, "plot": plot,
+                    })
                 );
             }
         }
@@ -101,22 +110,51 @@ pub fn lr_find(args: &RunArgs, range: Range, ui: UiOptions) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// Where the comparison's PNG goes: `--png`, else `<folder>/figures/compare.png` for one
-/// sweep or study folder, else `compare.png` here.
-fn png_path(dirs: &[PathBuf], png: Option<PathBuf>) -> PathBuf {
-    png.unwrap_or_else(|| match dirs {
-        [one] if !one.join(crate::sinks::metrics::METRICS_FILE).is_file() => one.join("figures").join("compare.png"),
-        _ => PathBuf::from("compare.png"),
-    })
+/// Where the comparison's PNG goes: `--png` (said when it replaces a file), else
+/// `figures/compare-<names>.png` in the runs' common folder, with `-2`, `-3`, .. rather than over
+/// an earlier one.
+fn png_path(runs: &[compare::RunLog], png: Option<PathBuf>) -> PathBuf {
+    if let Some(path) = png {
+        if path.exists() {
+            eprintln!("[compare] replacing {} (given with --png)", path.display());
+        }
+        return path;
+    }
+    let dirs: Vec<&Path> = runs.iter().map(|r| r.dir.as_path()).collect();
+    let common = dirs.iter().skip(1).fold(dirs.first().map(|d| d.to_path_buf()).unwrap_or_default(), |acc, d| {
+        acc.ancestors().find(|a| d.starts_with(a)).map(Path::to_path_buf).unwrap_or_default()
+    });
+    // a single run's own folder is not a folder of runs: its parent holds the figure
+    let folder = if runs.len() == 1 { common.parent().map(Path::to_path_buf).unwrap_or_default() } else { common };
+    let names: Vec<String> = runs.iter().map(|r| r.name.replace(['/', ' ', ','], "_")).collect();
+    let mut stem: String = format!("compare-{}", names.join("-vs-"));
+    if stem.len() > 80 {
+        stem = format!("compare-{}-runs", runs.len());
+    }
+    let figures = folder.join("figures");
+    (1..)
+        .map(|k| figures.join(if k == 1 { format!("{stem}.png") } else { format!("{stem}-{k}.png") }))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| figures.join(format!("{stem}.png")))
 }
 
-pub fn compare(dirs: &[PathBuf], png: Option<PathBuf>, ui: UiOptions) -> anyhow::Result<ExitCode> {
+pub fn compare(
+    dirs: &[PathBuf],
+    png: Option<PathBuf>,
+    view: compare::CompareView,
+    ui: UiOptions,
+) -> anyhow::Result<ExitCode> {
     let mut runs = vec![];
     for d in dirs {
         runs.extend(compare::load_all(d).map_err(|e| BadInput(e.to_string()))?);
     }
-    let path = png_path(dirs, png);
-    let figure = compare::figure(&runs).with_context(|| format!("drawing {}", path.display()))?;
+    // names that tell the runs apart: the shortest distinguishing path suffixes
+    let names = compare::distinguishing_names(&runs.iter().map(|r| r.dir.clone()).collect::<Vec<_>>());
+    for (r, name) in runs.iter_mut().zip(names) {
+        r.name = name;
+    }
+    let path = png_path(&runs, png);
+    let figure = compare::figure(&runs, view).with_context(|| format!("drawing {}", path.display()))?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }

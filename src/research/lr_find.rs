@@ -12,7 +12,22 @@
 //! curve (the same smoothing run forwards, then backwards) so the steepest fall is found where
 //! it is, not a few points late.
 
+use std::path::{Path, PathBuf};
+
+use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+use crate::data::Batcher;
+use crate::dist::World;
+use crate::events::Event;
+use crate::model::Trainable;
+use crate::optim::AdamW;
+use crate::sinks::figures::{self, Line, XAxis};
+use crate::train::device::placement;
+use crate::train::run::{adamw_config, prepare_data, starting_model};
+use crate::train::step::{self, BlockSchedule, Recipe};
+use crate::train::TrainError;
 
 /// The LR of step `i` of `n`.
 pub fn lr_at(i: usize, n: usize, start: f64, end: f64) -> f64 {
@@ -102,6 +117,11 @@ pub struct Suggestions {
     pub steepest: Option<f64>,
     /// A tenth of the LR at the lowest loss (fastai's `minimum`).
     pub minimum: Option<f64>,
+    /// The LR at the lowest loss of the zero-lag curve: the bottom, the edge of stability.
+    pub bottom: Option<f64>,
+    /// The one to use (`recommend`), and why.
+    pub recommended: Option<f64>,
+    pub recommended_by: Option<String>,
     /// The lowest smoothed loss (the causal curve fastai plots) and the raw loss's lowest.
     pub lowest_smoothed: Option<f64>,
     pub lowest_raw: Option<f64>,
@@ -123,15 +143,45 @@ pub fn suggest(c: &Curve) -> Suggestions {
         valley: None,
         steepest: None,
         minimum: None,
+        bottom: None,
+        recommended: None,
+        recommended_by: None,
         lowest_smoothed: lowest(&c.smoothed),
         lowest_raw: lowest(&c.losses),
     };
     if lrs.len() >= 3 {
         s.valley = valley(lrs, losses);
         s.steepest = steepest(lrs, losses);
-        s.minimum = losses.iter().enumerate().min_by(|x, y| x.1.total_cmp(y.1)).map(|(i, _)| lrs[i] / 10.0);
+        s.bottom = losses.iter().enumerate().min_by(|x, y| x.1.total_cmp(y.1)).map(|(i, _)| lrs[i]);
+        s.minimum = s.bottom.map(|b| b / 10.0);
+        if let Some((lr, why)) = recommend(s.steepest, s.bottom) {
+            s.recommended = Some(lr);
+            s.recommended_by = Some(why);
+        }
     }
     s
+}
+
+/// The rule: half way, on the log axis, from the steepest fall to the bottom of the zero-lag
+/// curve. Below the steepest point the model learns slower than it could; at the bottom the
+/// range test is already at its edge of stability, and a run that holds its peak LR for longer
+/// than the test's few steps per LR is past it. A sweep's best lies between the two: measured on
+/// the demo and a second shape (README: lr-find), this pick was 1.2x and 1.1x from a 6-value
+/// sweep's best (6e-3 on both), where fastai's valley was 100x low (the long flat start of a
+/// 1e-7 test makes its longest decreasing run start on the plateau), minimum / 10 6-7x low and the
+/// steepest point alone 2.2x low.
+pub fn recommend(steepest: Option<f64>, bottom: Option<f64>) -> Option<(f64, String)> {
+    match (steepest, bottom) {
+        (Some(s), Some(b)) if s < b => Some((
+            (s * b).sqrt(),
+            format!("half way on the log axis from the steepest fall ({s:.1e}) to the bottom of the loss ({b:.1e})"),
+        )),
+        // no fall before the bottom: the curve never fell, or fell at its first point
+        (_, Some(b)) => {
+            Some((b / 3.0, format!("a third of the bottom of the loss ({b:.1e}): no steeper fall before it")))
+        }
+        _ => None,
+    }
 }
 
 /// The LR where `d loss / d log(lr)` is most negative (the lower LR of the steepest pair).
@@ -188,10 +238,146 @@ pub fn summary(c: &Curve, s: &Suggestions) -> Vec<String> {
             s.lowest_smoothed.map_or("-".into(), |v| format!("{v:.3}")),
             s.lowest_raw.map_or("-".into(), |v| format!("{v:.3}"))
         ),
-        format!("valley (fastai's default pick): {}", f(s.valley)),
+        format!(
+            "recommended learning_rate {}: {}",
+            f(s.recommended),
+            s.recommended_by.as_deref().unwrap_or("the curve has no fall to read")
+        ),
         format!("steepest descent:               {}", f(s.steepest)),
-        format!("minimum / 10:                   {}", f(s.minimum)),
+        format!("bottom of the loss:             {}", f(s.bottom)),
+        format!("minimum / 10 (fastai):          {}", f(s.minimum)),
+        format!("valley (fastai's default pick): {}", f(s.valley)),
     ]
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LrFindEvent {
+    Train(Event),
+    Point { lr: f64, loss: f64, smoothed: f64 },
+    Done { curve: Curve, suggestions: Suggestions, dir: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Range {
+    pub start: f64,
+    pub end: f64,
+    pub steps: usize,
+}
+
+/// Where a range test's files go: `<output_dir>-lr_find/`, beside the run's folder and never in
+/// it (a finished run's folder stays as it finished).
+pub fn folder(cfg: &RunConfig) -> PathBuf {
+    PathBuf::from(format!("{}-lr_find", cfg.output_dir.trim_end_matches('/')))
+}
+
+/// Runs the range test from the run's starting point (fresh from its seed, or its
+/// `resume_from_checkpoint`) on a copy of the model; writes `folder(cfg)` (curve and suggestions
+/// as JSON, the plot as PNG) and touches nothing of the run.
+pub fn run(
+    cfg: &RunConfig,
+    cache_dir: &Path,
+    range: Range,
+    tx: &Sender<LrFindEvent>,
+) -> Result<(Curve, Suggestions), TrainError> {
+    if !(range.start > 0.0 && range.end > range.start && range.steps >= 6) {
+        return Err(TrainError::LrRange { start: range.start, end: range.end, steps: range.steps });
+    }
+    let placement = placement(cfg, 1)?;
+    // preparation progress, forwarded live
+    let (etx, erx) = crossbeam_channel::unbounded::<Event>();
+    let data = std::thread::scope(|s| {
+        s.spawn(|| {
+            for e in erx.iter() {
+                let _ = tx.send(LrFindEvent::Train(e));
+            }
+        });
+        let data = prepare_data(cfg, cache_dir, &etx);
+        drop(etx);
+        data
+    })?;
+    let start = starting_model(cfg, data.tokenizer.vocab_size(), &placement.device)?;
+    // a copy: `weights` are fresh tensors, so the run's checkpoint is never written
+    let model = Trainable::new(&start.model, start.weights, &placement)?;
+    let mut opt = AdamW::new(&model.vars, adamw_config(cfg), |_, v| v.rank() >= 2)?;
+    let blocks = data.train.num_blocks(cfg.block_size);
+    let mut schedule = BlockSchedule::new(blocks, cfg.batch_size, cfg.micro_batch_size, cfg.seed);
+    if schedule.steps_per_epoch() == 0 {
+        return Err(TrainError::TooFewBlocks { blocks, block_size: cfg.block_size, batch_size: cfg.batch_size });
+    }
+    let batcher = Batcher { stream: &data.train, block_size: cfg.block_size };
+    let world = World::single();
+    let recipe = Recipe {
+        placement: &placement,
+        world: &*world,
+        micro_batches: cfg.accumulation_steps(),
+        checkpointing: cfg.gradient_checkpointing,
+        dropout: cfg.dropout,
+        seed: cfg.seed,
+    };
+    let mut curve = Curve::new(beta_for(range.steps));
+    for i in 0..range.steps {
+        let lr = lr_at(i, range.steps, range.start, range.end);
+        let ids = step::load(&batcher, &schedule.micro_batches(i as u64, 0, 1), &placement.device)?;
+        let g = step::gradients(&model, &recipe, i as u64, &step::as_batches(&ids), &mut || {})?;
+        let go_on = curve.push(lr, g.loss);
+        if let Some(&smoothed) = curve.smoothed.last() {
+            let _ = tx.send(LrFindEvent::Point { lr, loss: g.loss, smoothed });
+        }
+        if !go_on {
+            break;
+        }
+        if !step::apply(&mut opt, &g, lr, cfg.max_grad_norm)?.applied {
+            curve.stopped.get_or_insert_with(|| format!("non-finite gradient at LR {lr:.2e}"));
+            break;
+        }
+    }
+    let suggestions = suggest(&curve);
+    let dir = folder(cfg);
+    write(&dir, &curve, &suggestions).map_err(|source| TrainError::Io { path: dir.clone(), source })?;
+    let _ = tx.send(LrFindEvent::Done { curve: curve.clone(), suggestions: suggestions.clone(), dir });
+    Ok((curve, suggestions))
+}
+
+fn write(dir: &Path, curve: &Curve, s: &Suggestions) -> std::io::Result<()> {
+    let e = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1e}"));
+    std::fs::create_dir_all(dir)?;
+    let json = serde_json::json!({ "curve": curve, "suggestions": s });
+    crate::atomic_file::write(
+        &dir.join("lr_find.json"),
+        serde_json::to_string_pretty(&json).unwrap_or_default().as_bytes(),
+    )?;
+    // fastai's view: the blow-up at the end would flatten everything else, so the y range
+    // stops a little above the smoothed curve's highest point before its last five
+    let keep = curve.smoothed.len().saturating_sub(5).max(1);
+    let cap = curve.smoothed[..keep.min(curve.smoothed.len())].iter().copied().fold(f64::NEG_INFINITY, f64::max) * 1.15;
+    let pts = |ys: &[f64]| {
+        curve.lrs.iter().zip(ys).filter(|(_, y)| **y <= cap).map(|(l, y)| (l.log10(), *y)).collect::<Vec<_>>()
+    };
+    let mut lines = vec![
+        Line { label: "loss", points: pts(&curve.losses), color: figures::PALETTE[7], markers: false },
+        Line { label: "smoothed loss (zero lag)", points: pts(&curve.centred()), color: figures::BLUE, markers: false },
+    ];
+    let centred = curve.centred();
+    let mark = |lr: f64| {
+        let i = curve.lrs.iter().position(|l| *l >= lr).unwrap_or(curve.lrs.len().saturating_sub(1));
+        vec![(lr.log10(), centred.get(i).copied().unwrap_or(0.0).min(cap))]
+    };
+    // every suggestion, its value in its label; the recommendation last, drawn over the others
+    let labels = [
+        (format!("steepest descent {}", e(s.steepest)), s.steepest, figures::RED),
+        (format!("bottom of the loss {}", e(s.bottom)), s.bottom, figures::PALETTE[3]),
+        (format!("minimum / 10 (fastai) {}", e(s.minimum)), s.minimum, figures::PALETTE[4]),
+        (format!("valley (fastai's default) {}", e(s.valley)), s.valley, figures::GREEN),
+        (format!("recommended {}", e(s.recommended)), s.recommended, figures::PALETTE[5]),
+    ];
+    for (label, lr, color) in &labels {
+        if let Some(lr) = lr {
+            lines.push(Line { label, points: mark(*lr), color: *color, markers: true });
+        }
+    }
+    let title = format!("LR range test: recommended learning_rate {}", e(s.recommended));
+    let png = figures::chart(&title, XAxis::Log10Lr, "loss (nats per token)", lines, None)?;
+    crate::atomic_file::write(&dir.join("lr_find.png"), &png.bytes)
 }
 
 #[cfg(test)]
@@ -290,137 +476,20 @@ mod tests {
         assert!(c.smoothed[22] > 2.5 && centred[22] < 2.0, "causal {} centred {}", c.smoothed[22], centred[22]);
         assert!(centred[14] > 4.5 && centred[26] < 1.5, "{} {}", centred[14], centred[26]);
     }
-}
 
-// ---------------------------------------------------------------- the runner
-
-use std::path::{Path, PathBuf};
-
-use crossbeam_channel::Sender;
-
-use crate::config::RunConfig;
-use crate::data::Batcher;
-use crate::dist::World;
-use crate::events::Event;
-use crate::model::Trainable;
-use crate::optim::AdamW;
-use crate::sinks::figures::{self, Line, XAxis};
-use crate::train::device::placement;
-use crate::train::run::{adamw_config, prepare_data, starting_model};
-use crate::train::step::{self, BlockSchedule, Recipe};
-use crate::train::TrainError;
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum LrFindEvent {
-    Train(Event),
-    Point { lr: f64, loss: f64, smoothed: f64 },
-    Done { curve: Curve, suggestions: Suggestions, dir: PathBuf },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Range {
-    pub start: f64,
-    pub end: f64,
-    pub steps: usize,
-}
-
-/// Runs the range test from the run's starting point (fresh from its seed, or its
-/// `resume_from_checkpoint`) on a copy of the model; writes `<output_dir>/lr_find/` (curve and
-/// suggestions as JSON, the plot as PNG) and touches nothing else of the run.
-pub fn run(
-    cfg: &RunConfig,
-    cache_dir: &Path,
-    range: Range,
-    tx: &Sender<LrFindEvent>,
-) -> Result<(Curve, Suggestions), TrainError> {
-    if !(range.start > 0.0 && range.end > range.start && range.steps >= 6) {
-        return Err(TrainError::LrRange { start: range.start, end: range.end, steps: range.steps });
+    /// Half way between the steepest fall and the bottom on the log axis; with no fall before
+    /// the bottom, a third of the bottom, said so.
+    #[test]
+    fn the_recommendation_is_read_between_the_fall_and_the_bottom() {
+        let (lr, why) = recommend(Some(1e-3), Some(1e-2)).unwrap();
+        assert!((lr - 10f64.powf(-2.5)).abs() < 1e-12, "{lr}");
+        assert!(why.contains("steepest fall (1.0e-3)") && why.contains("bottom of the loss (1.0e-2)"), "{why}");
+        let (lr, why) = recommend(Some(1e-2), Some(1e-2)).unwrap();
+        assert!((lr - 1e-2 / 3.0).abs() < 1e-15 && why.contains("no steeper fall before it"), "{why}");
+        assert_eq!(recommend(None, None), None);
+        // on the reported curve: between its fall's centre (10^-2.5) and where it turns up
+        let s = suggest(&run(beta_for(100), reported));
+        let r = s.recommended.unwrap();
+        assert!(s.steepest.unwrap() < r && r < s.bottom.unwrap(), "{s:?}");
     }
-    let placement = placement(cfg, 1)?;
-    // preparation progress, forwarded live
-    let (etx, erx) = crossbeam_channel::unbounded::<Event>();
-    let data = std::thread::scope(|s| {
-        s.spawn(|| {
-            for e in erx.iter() {
-                let _ = tx.send(LrFindEvent::Train(e));
-            }
-        });
-        let data = prepare_data(cfg, cache_dir, &etx);
-        drop(etx);
-        data
-    })?;
-    let start = starting_model(cfg, data.tokenizer.vocab_size(), &placement.device)?;
-    // a copy: `weights` are fresh tensors, so the run's checkpoint is never written
-    let model = Trainable::new(&start.model, start.weights, &placement)?;
-    let mut opt = AdamW::new(&model.vars, adamw_config(cfg), |_, v| v.rank() >= 2)?;
-    let blocks = data.train.num_blocks(cfg.block_size);
-    let mut schedule = BlockSchedule::new(blocks, cfg.batch_size, cfg.micro_batch_size, cfg.seed);
-    if schedule.steps_per_epoch() == 0 {
-        return Err(TrainError::TooFewBlocks { blocks, block_size: cfg.block_size, batch_size: cfg.batch_size });
-    }
-    let batcher = Batcher { stream: &data.train, block_size: cfg.block_size };
-    let world = World::single();
-    let recipe = Recipe {
-        placement: &placement,
-        world: &*world,
-        micro_batches: cfg.accumulation_steps(),
-        checkpointing: cfg.gradient_checkpointing,
-        dropout: cfg.dropout,
-        seed: cfg.seed,
-    };
-    let mut curve = Curve::new(beta_for(range.steps));
-    for i in 0..range.steps {
-        let lr = lr_at(i, range.steps, range.start, range.end);
-        let ids = step::load(&batcher, &schedule.micro_batches(i as u64, 0, 1), &placement.device)?;
-        let g = step::gradients(&model, &recipe, i as u64, &step::as_batches(&ids), &mut || {})?;
-        let go_on = curve.push(lr, g.loss);
-        if let Some(&smoothed) = curve.smoothed.last() {
-            let _ = tx.send(LrFindEvent::Point { lr, loss: g.loss, smoothed });
-        }
-        if !go_on {
-            break;
-        }
-        if !step::apply(&mut opt, &g, lr, cfg.max_grad_norm)?.applied {
-            curve.stopped.get_or_insert_with(|| format!("non-finite gradient at LR {lr:.2e}"));
-            break;
-        }
-    }
-    let suggestions = suggest(&curve);
-    let dir = PathBuf::from(&cfg.output_dir).join("lr_find");
-    write(&dir, &curve, &suggestions).map_err(|source| TrainError::Io { path: dir.clone(), source })?;
-    let _ = tx.send(LrFindEvent::Done { curve: curve.clone(), suggestions: suggestions.clone(), dir });
-    Ok((curve, suggestions))
-}
-
-fn write(dir: &Path, curve: &Curve, s: &Suggestions) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let json = serde_json::json!({ "curve": curve, "suggestions": s });
-    crate::atomic_file::write(
-        &dir.join("lr_find.json"),
-        serde_json::to_string_pretty(&json).unwrap_or_default().as_bytes(),
-    )?;
-    // fastai's view: the blow-up at the end would flatten everything else, so the y range
-    // stops a little above the smoothed curve's highest point before its last five
-    let keep = curve.smoothed.len().saturating_sub(5).max(1);
-    let cap = curve.smoothed[..keep.min(curve.smoothed.len())].iter().copied().fold(f64::NEG_INFINITY, f64::max) * 1.15;
-    let pts = |ys: &[f64]| {
-        curve.lrs.iter().zip(ys).filter(|(_, y)| **y <= cap).map(|(l, y)| (l.log10(), *y)).collect::<Vec<_>>()
-    };
-    let mut lines = vec![
-        Line { label: "loss", points: pts(&curve.losses), color: figures::PALETTE[7], markers: false },
-        Line { label: "smoothed loss (zero lag)", points: pts(&curve.centred()), color: figures::BLUE, markers: false },
-    ];
-    let centred = curve.centred();
-    let mark = |lr: f64| {
-        let i = curve.lrs.iter().position(|l| *l >= lr).unwrap_or(0);
-        vec![(lr.log10(), centred.get(i).copied().unwrap_or(0.0))]
-    };
-    if let Some(lr) = s.steepest {
-        lines.push(Line { label: "steepest descent", points: mark(lr), color: figures::RED, markers: true });
-    }
-    if let Some(lr) = s.valley {
-        lines.push(Line { label: "valley (fastai's pick)", points: mark(lr), color: figures::GREEN, markers: true });
-    }
-    let png = figures::chart("LR range test", XAxis::Log10Lr, "loss (nats per token)", lines, None)?;
-    crate::atomic_file::write(&dir.join("lr_find.png"), &png.bytes)
 }

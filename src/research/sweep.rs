@@ -78,8 +78,11 @@ pub fn edge_of_grid(trials: &[TrialResult], recommended: f64) -> Option<String> 
     let step = (hi / lo).powf(1.0 / (values.len() - 1) as f64);
     let round = |x: f64| {
         let e = x.log10().floor();
-        let m = (x / 10f64.powf(e)).round();
-        format!("{m}e{e}")
+        match (x / 10f64.powf(e)).round() {
+            // 9.6e-3 rounds to 1e-2, not 10e-3
+            10.0 => format!("1e{}", e + 1.0),
+            m => format!("{m}e{e}"),
+        }
     };
     if recommended == hi {
         Some(format!("best at the top of the grid: try {}, {}", round(hi * step), round(hi * step * step)))
@@ -160,11 +163,11 @@ pub fn mark_lagging(key: &str, trials: &mut [TrialResult]) {
     }
     let best = trials
         .iter()
-        .filter(|t| t.status == RunStatus::Completed)
+        .filter(|t| stable(t))
         .filter_map(|t| Some((t.best_loss?, t.value.as_f64()?)))
         .min_by(|a, b| a.0.total_cmp(&b.0));
     let Some((best_loss, best_lr)) = best else { return };
-    for t in trials.iter_mut().filter(|t| t.status == RunStatus::Completed) {
+    for t in trials.iter_mut().filter(|t| stable(t)) {
         if let (Some(loss), Some(lr)) = (t.best_loss, t.value.as_f64()) {
             if lr > best_lr && loss > LAG_RATIO * best_loss {
                 t.status = RunStatus::Lagging;
@@ -194,8 +197,7 @@ pub fn suggest(key: &str, trials: &[TrialResult]) -> Option<Suggestion> {
     if key != "learning_rate" {
         return None;
     }
-    let stable: Vec<&TrialResult> =
-        trials.iter().filter(|t| t.status == RunStatus::Completed && t.value.as_f64().is_some()).collect();
+    let stable: Vec<&TrialResult> = trials.iter().filter(|t| stable(t) && t.value.as_f64().is_some()).collect();
     let lr = |t: &TrialResult| t.value.as_f64().unwrap_or(f64::NAN);
     let highest_stable = stable.iter().map(|t| lr(t)).max_by(f64::total_cmp)?;
     let finite = |x: Option<f64>| x.filter(|v| v.is_finite());
@@ -266,7 +268,13 @@ pub fn with_values(base: &RunConfig, trial: &[(String, serde_json::Value)], dir:
 }
 
 /// Verdicts a finished trial keeps when the sweep runs again.
-const ENDED: [RunStatus; 4] = [RunStatus::Completed, RunStatus::Lagging, RunStatus::Diverged, RunStatus::Stalled];
+const ENDED: [RunStatus; 5] =
+    [RunStatus::Completed, RunStatus::EarlyStopped, RunStatus::Lagging, RunStatus::Diverged, RunStatus::Stalled];
+
+/// A trial that trained to its own end (its plan, or early stopping on a plateau): stable.
+fn stable(t: &TrialResult) -> bool {
+    matches!(t.status, RunStatus::Completed | RunStatus::EarlyStopped)
+}
 
 /// The trials an earlier session of this sweep ended, from its `summary.json`.
 fn earlier_trials(root: &Path) -> Vec<serde_json::Value> {
@@ -535,9 +543,9 @@ pub fn figures(s: &SweepSummary) -> std::io::Result<Vec<(&'static str, crate::si
     let mut out = vec![];
     let lr = |t: &TrialResult| t.value.as_f64().filter(|v| *v > 0.0).map(f64::log10);
     if s.key == "learning_rate" {
-        let stable = |t: &&TrialResult| t.status == RunStatus::Completed;
+        let steady = |t: &&TrialResult| stable(t);
         let points = |f: &dyn Fn(&TrialResult) -> Option<f64>| -> Vec<(f64, f64)> {
-            s.trials.iter().filter(stable).filter_map(|t| Some((lr(t)?, f(t)?))).collect()
+            s.trials.iter().filter(steady).filter_map(|t| Some((lr(t)?, f(t)?))).collect()
         };
         let unstable: Vec<(f64, f64)> = s
             .trials
@@ -740,8 +748,33 @@ mod tests {
         let text = table(&summary);
         assert!(text.lines().next().is_some_and(|h| h.contains("train last") && h.contains("eval loss")), "{text}");
         assert!(text.contains("eval loss on builtin"), "{text}");
-        assert!(text.contains("recommended learning_rate 1e-2: lowest eval loss 1.7400"), "{text}");
-        assert!(text.contains("tutor's hint for the differential variant: one notch lower, 1e-3"), "{text}");
+        assert!(
+            text.contains("recommended learning_rate 1e-2 for the baseline + RoPE: lowest eval loss 1.7400"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tutor's hint for the differential variant, from this baseline sweep: one notch lower, 1e-3"),
+            "{text}"
+        );
+        // the best at the top of the grid: said, with what to try next
+        let edge = edge_of_grid(&summary.trials, 1e-2);
+        let text = table(&SweepSummary { edge, ..summary });
+        assert!(text.contains("best at the top of the grid: try 1e-1, 1e0"), "{text}");
+    }
+
+    /// The best at an end of the grid names the next two values on the grid's own spacing.
+    #[test]
+    fn the_edge_of_the_grid_names_the_next_values_to_try() {
+        let grid = [t(1e-4, "completed"), t(1e-3, "completed"), t(1e-2, "completed")];
+        assert_eq!(edge_of_grid(&grid, 1e-2).as_deref(), Some("best at the top of the grid: try 1e-1, 1e0"));
+        assert_eq!(edge_of_grid(&grid, 1e-4).as_deref(), Some("best at the bottom of the grid: try 1e-5, 1e-6"));
+        assert_eq!(edge_of_grid(&grid, 1e-3), None, "inside the grid: nothing to add");
+        // a half-decade grid continues by half-decades; 9.5e-3 rounds to 1e-2
+        let half = [t(1e-3, "completed"), t(3.0e-3, "completed"), t(9.0e-3, "completed")];
+        assert_eq!(edge_of_grid(&half, 9.0e-3).as_deref(), Some("best at the top of the grid: try 3e-2, 8e-2"));
+        let near = [t(3.1e-3, "completed"), t(9.6e-3, "completed")];
+        assert_eq!(edge_of_grid(&near, 3.1e-3).as_deref(), Some("best at the bottom of the grid: try 1e-3, 3e-4"));
+        assert_eq!(edge_of_grid(&[t(1e-3, "completed")], 1e-3), None, "one value is no grid");
     }
 
     fn with_loss(v: f64, best: f64) -> TrialResult {

@@ -280,6 +280,10 @@ pub enum XAxis {
     Log2Length,
     /// A position within a window (tokens of context seen).
     Position,
+    /// Training tokens seen.
+    Tokens,
+    /// Training seconds (pauses excluded).
+    Seconds,
 }
 
 impl XAxis {
@@ -290,6 +294,8 @@ impl XAxis {
             XAxis::Categories => "arm",
             XAxis::Log2Length => "context length in tokens (log scale)",
             XAxis::Position => "position in the window (tokens of context seen)",
+            XAxis::Tokens => "training tokens seen",
+            XAxis::Seconds => "training seconds (pauses excluded)",
         }
     }
 
@@ -297,8 +303,11 @@ impl XAxis {
     fn label(self, v: f64, categories: &[String]) -> String {
         let near = |v: f64| (v - v.round()).abs() < 0.05;
         match self {
-            XAxis::Steps | XAxis::Position => format!("{v:.0}"),
-            XAxis::Log10Lr => format!("{:.0e}", 10f64.powf(v)),
+            XAxis::Steps | XAxis::Position | XAxis::Seconds => format!("{v:.0}"),
+            XAxis::Tokens => crate::sinks::human::si(v),
+            // decades as 1e-3; between them two digits, so 10^-2.2 reads 6.3e-3, not 6e-3
+            XAxis::Log10Lr if near(v) => format!("{:.0e}", 10f64.powf(v.round())),
+            XAxis::Log10Lr => format!("{:.1e}", 10f64.powf(v)),
             // the powers of two only: between them a length label would read as a length
             XAxis::Log2Length if near(v) => format!("{:.0}", 2f64.powf(v.round())),
             XAxis::Categories if near(v) && v.round() >= 0.0 => {
@@ -330,6 +339,8 @@ pub struct Extras<'a> {
 pub const BLUE: RGBColor = RGBColor(52, 101, 164);
 pub const RED: RGBColor = RGBColor(204, 0, 0);
 pub const GREEN: RGBColor = RGBColor(78, 154, 6);
+/// Context drawn under the data (a seed's arms joined).
+pub const LIGHT_GREY: RGBColor = RGBColor(186, 189, 182);
 pub const PURPLE: RGBColor = RGBColor(117, 80, 123);
 /// Distinct line colours for overlays (sweeps, comparisons).
 pub const PALETTE: [RGBColor; 8] = [
@@ -377,6 +388,8 @@ fn ranges(x_axis: XAxis, lines: &[Line], extras: &Extras) -> ((f64, f64), (f64, 
         XAxis::Categories => (-0.5, extras.categories.len().max(1) as f64 - 0.5),
         // a quarter of a doubling of room each side: the end points are not on the frame
         XAxis::Log2Length if x_lo.is_finite() => (x_lo - 0.25, x_hi + 0.25),
+        // a tenth of a decade each side: the first and last learning rates and their labels show
+        XAxis::Log10Lr if x_lo.is_finite() => (x_lo - 0.1, x_hi + 0.1),
         _ if x_lo.is_finite() => (x_lo.min(x_hi - 1.0), x_hi),
         _ => (0.0, 1.0),
     };
@@ -425,13 +438,21 @@ pub fn chart_with(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, e
                     .map_err(|e| e.to_string())?;
             }
         }
-        for (x, label) in &extras.marks {
+        // a mark's label goes a row lower than the one before it when they would overlap (marks
+        // of several runs at one step), so none is printed over another
+        let mut marks = extras.marks.clone();
+        marks.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (mut row, mut last_x) = (0usize, f64::NEG_INFINITY);
+        for (x, label) in &marks {
             let grey = RGBColor(136, 138, 133);
+            row = if (x - last_x).abs() < 0.12 * (x_hi - x_lo) { row + 1 } else { 0 };
+            last_x = *x;
+            let y = y_hi - (y_hi - y_lo) * 0.045 * row as f64;
             chart
                 .draw_series(std::iter::once(PathElement::new(vec![(*x, y_lo), (*x, y_hi)], grey.stroke_width(1))))
                 .map_err(|e| e.to_string())?;
             chart
-                .draw_series(std::iter::once(Text::new(label.clone(), (*x, y_hi), (FONT, 12).into_font().color(&grey))))
+                .draw_series(std::iter::once(Text::new(label.clone(), (*x, y), (FONT, 12).into_font().color(&grey))))
                 .map_err(|e| e.to_string())?;
         }
         for line in &lines {
@@ -449,11 +470,15 @@ pub fn chart_with(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, e
                     .label(line.label)
                     .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
             } else {
-                chart
+                let series = chart
                     .draw_series(LineSeries::new(line.points.clone(), color.stroke_width(2)))
-                    .map_err(|e| e.to_string())?
-                    .label(line.label)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                    .map_err(|e| e.to_string())?;
+                // an unlabelled line (one of several alike) has no legend entry of its own
+                if !line.label.is_empty() {
+                    series
+                        .label(line.label)
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                }
             }
         }
         if let Some((t, label)) = threshold {
@@ -475,10 +500,61 @@ pub fn chart_with(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, e
             .label_font((FONT, 14))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
+            .position(legend_corner(&lines, &extras.bands, threshold.is_some(), (x_lo, x_hi), (y_lo, y_hi)))
             .draw()
             .map_err(|e| e.to_string())
     })
+}
+
+/// The corner whose legend box would cover the fewest drawn points (lines sampled along their
+/// segments, bands at their edges), upper right on a tie: a legend never hides the curve's end
+/// where another corner is free.
+fn legend_corner(
+    lines: &[Line],
+    bands: &[Band],
+    has_threshold: bool,
+    (x_lo, x_hi): (f64, f64),
+    (y_lo, y_hi): (f64, f64),
+) -> SeriesLabelPosition {
+    // the box in fractions of the plot (about 700 x 390 px): 7.5 px a character plus the
+    // swatch, 20 px a row
+    let rows = lines.iter().filter(|l| !l.label.is_empty()).count() + usize::from(has_threshold);
+    let longest = lines.iter().map(|l| l.label.chars().count()).max().unwrap_or(0);
+    let (w, h) = (((longest as f64 * 7.5 + 50.0) / 700.0).min(1.0), ((rows as f64 * 20.0 + 16.0) / 390.0).min(1.0));
+    let mut points: Vec<(f64, f64)> = vec![];
+    for l in lines {
+        points.extend(&l.points);
+        if !l.markers || l.points.len() > 1 {
+            for p in l.points.windows(2) {
+                points.extend((1..8).map(|k| {
+                    let t = k as f64 / 8.0;
+                    (p[0].0 + t * (p[1].0 - p[0].0), p[0].1 + t * (p[1].1 - p[0].1))
+                }));
+            }
+        }
+    }
+    points.extend(bands.iter().flat_map(|b| b.points.iter().flat_map(|p| [(p.0, p.1), (p.0, p.2)])));
+    let fraction = |(x, y): (f64, f64)| ((x - x_lo) / (x_hi - x_lo), (y - y_lo) / (y_hi - y_lo));
+    let covered = |left: bool, top: bool| {
+        points
+            .iter()
+            .map(|p| fraction(*p))
+            .filter(|(fx, fy)| {
+                let in_x = if left { *fx <= w } else { *fx >= 1.0 - w };
+                let in_y = if top { *fy >= 1.0 - h } else { *fy <= h };
+                in_x && in_y
+            })
+            .count()
+    };
+    [
+        (SeriesLabelPosition::UpperRight, false, true),
+        (SeriesLabelPosition::UpperLeft, true, true),
+        (SeriesLabelPosition::LowerRight, false, false),
+        (SeriesLabelPosition::LowerLeft, true, false),
+    ]
+    .into_iter()
+    .min_by_key(|(_, left, top)| covered(*left, *top))
+    .map_or(SeriesLabelPosition::UpperRight, |c| c.0)
 }
 
 fn histogram_chart(title: &str, h: &Histogram) -> std::io::Result<Png> {
@@ -642,6 +718,27 @@ impl Sink for Figures {
 mod tests {
     use super::*;
     use crate::events::{ControlOrigin, ControlRecord};
+
+    /// Log-LR ticks between decades carry two digits: 10^-2.2 is 6.3e-3, not "6e-3".
+    #[test]
+    fn lr_ticks_name_the_value_they_stand_at() {
+        let label = |v: f64| XAxis::Log10Lr.label(v, &[]);
+        assert_eq!(label(-3.0), "1e-3");
+        assert_eq!(label(-2.2), "6.3e-3");
+        assert_eq!(label(-2.8), "1.6e-3");
+    }
+
+    /// A curve rising to the top right (extrapolation losses) keeps the legend out of its way;
+    /// a falling loss curve leaves the upper right free.
+    #[test]
+    fn the_legend_goes_to_the_emptiest_corner() {
+        let line = |points: Vec<(f64, f64)>| Line { label: "rope=true (mean)", points, color: BLUE, markers: true };
+        let rising = [line(vec![(0.0, 1.41), (1.0, 1.41), (2.0, 1.43), (3.0, 1.51)])];
+        let at = |lines: &[Line]| legend_corner(lines, &[], false, (-0.25, 3.25), (1.40, 1.52));
+        assert!(!matches!(at(&rising), SeriesLabelPosition::UpperRight), "over the curve's end");
+        let falling = [line(vec![(0.0, 1.51), (1.0, 1.45), (2.0, 1.42), (3.0, 1.41)])];
+        assert!(matches!(at(&falling), SeriesLabelPosition::UpperRight));
+    }
 
     /// Runs of inked columns in a 40 x 24 drawing of `text` at 14 px.
     fn ink_runs(text: &str, ours: bool) -> usize {
