@@ -42,6 +42,7 @@ pub enum Invocation {
     Compare {
         dirs: Vec<PathBuf>,
         png: Option<PathBuf>,
+        view: crate::research::compare::CompareView,
         ui: UiOptions,
     },
     Bench(Vec<(String, String)>),
@@ -145,7 +146,9 @@ pub fn command() -> Command {
         )
         .subcommand(headless_arg(ui_args(Command::new("compare").about("Overlay runs: curves, final eval loss and perplexity, config differences")))
             .arg(Arg::new("run_dirs").required(true).num_args(1..).value_name("RUN_DIR").help("run folders, or a sweep's or study's folder (all its runs)"))
-            .arg(Arg::new("png").long("png").value_name("FILE").help("where the overlay PNG goes [default: <folder>/figures/compare.png for one sweep or study folder, else ./compare.png]")))
+            .arg(Arg::new("png").long("png").value_name("FILE").help("where the overlay PNG goes [default: figures/compare-<runs>.png in the runs' common folder; never over an existing one]"))
+            .arg(Arg::new("x").long("x").default_value("step").value_name("step|tokens|time").help("the overlay's x axis: optimizer steps, training tokens seen, or training seconds"))
+            .arg(Arg::new("log_y").long("log_y").action(ArgAction::SetTrue).help("the loss on a log axis")))
         .subcommand(super::bench::args(Command::new("bench").about("Time training steps on random tokens (same flags as shared/bench/bench_train.py)")))
         .subcommand(Command::new("generate").about("Continue a prompt with a saved model (KV cache), with the tokenizer saved beside it")
             .arg(Arg::new("checkpoint").long("checkpoint").required(true).value_name("DIR").help("a checkpoint-N directory or a finished output_dir"))
@@ -236,6 +239,13 @@ where
         Some(("compare", s)) => Invocation::Compare {
             dirs: s.get_many::<String>("run_dirs").into_iter().flatten().map(PathBuf::from).collect(),
             png: s.get_one::<String>("png").map(PathBuf::from),
+            view: crate::research::compare::CompareView {
+                x: s.get_one::<String>("x")
+                    .map_or("step", String::as_str)
+                    .parse()
+                    .map_err(|e: String| clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{e}\n")))?,
+                log_y: s.get_flag("log_y"),
+            },
             ui: ui_from(s),
         },
         Some(("bench", s)) => Invocation::Bench(super::bench::flags_from(s)),

@@ -204,9 +204,12 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Invocation::Presets(None) => {
-            for preset in PresetLibrary::load().all() {
+            let presets = PresetLibrary::load().all();
+            // one column for the names, as wide as the longest
+            let w = presets.iter().flatten().map(|p| p.name.chars().count()).max().unwrap_or(0);
+            for preset in presets {
                 match preset {
-                    Ok(p) => println!("{:<16} {}", p.name, p.description),
+                    Ok(p) => println!("{:<w$}  {}", p.name, p.description),
                     Err(e) => println!("(broken) {e}"),
                 }
             }
@@ -220,6 +223,6 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
             crate::research::lr_find::Range { start: start_lr, end: end_lr, steps: num_steps as usize },
             ui,
         ),
-        Invocation::Compare { dirs, png, ui } => sweep::compare(&dirs, png, ui),
+        Invocation::Compare { dirs, png, view, ui } => sweep::compare(&dirs, png, view, ui),
     }
 }

@@ -29,6 +29,9 @@ pub struct RunLog {
     pub config: serde_json::Map<String, serde_json::Value>,
     /// Training tokens the run has seen: its last step x tokens per step.
     pub tokens_seen: Option<u64>,
+    pub tokens_per_step: Option<u64>,
+    /// `(step, training seconds)` at each progress marker (pauses excluded).
+    pub elapsed: Vec<(f64, f64)>,
     /// The last step reached.
     pub steps: u64,
     /// Learning-rate changes by hand (`scale_lr` controls), `(step, "lr x0.5")`, and pauses.
@@ -94,7 +97,7 @@ pub fn load(dir: &Path) -> Result<RunLog, CompareError> {
     }
     let events = metrics::read(&path).map_err(|source| CompareError::Read { path: path.clone(), source })?;
     let (mut loss, mut eval, mut config, mut status) = (vec![], vec![], serde_json::Map::new(), None);
-    let (mut tokens_per_step, mut steps, mut marks) = (None, 0u64, vec![]);
+    let (mut tokens_per_step, mut steps, mut marks, mut elapsed) = (None, 0u64, vec![], vec![]);
     for e in events {
         match e {
             Event::TrainBegin(b) => {
@@ -106,7 +109,8 @@ pub fn load(dir: &Path) -> Result<RunLog, CompareError> {
             }
             Event::Progress(p) => {
                 steps = steps.max(p.step);
-                loss.push((p.step, p.loss))
+                loss.push((p.step, p.loss));
+                elapsed.push((p.step, p.elapsed));
             }
             Event::Evaluate(v) if v.at_training_length() => eval.push((v.step, v.eval_loss)),
             Event::Control(c) if matches!(c.action, ControlAction::ScaleLr | ControlAction::Pause) => {
@@ -147,6 +151,8 @@ pub fn load(dir: &Path) -> Result<RunLog, CompareError> {
         status,
         config,
         tokens_seen: tokens_per_step.map(|t| t * steps),
+        tokens_per_step,
+        elapsed: last_per_step(elapsed),
         steps,
         marks,
         repairs,
@@ -276,31 +282,113 @@ pub fn differences_text(runs: &[RunLog]) -> String {
     out
 }
 
+/// The shortest path suffixes that tell `dirs` apart: `research=false/seed-42` and
+/// `research=true/seed-42` rather than `seed-42` twice.
+pub fn distinguishing_names(dirs: &[PathBuf]) -> Vec<String> {
+    let parts: Vec<Vec<String>> =
+        dirs.iter().map(|d| d.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect()).collect();
+    let longest = parts.iter().map(Vec::len).max().unwrap_or(1);
+    let suffix = |p: &Vec<String>, k: usize| p[p.len().saturating_sub(k)..].join("/");
+    let k = (1..=longest)
+        .find(|&k| {
+            let mut names: Vec<String> = parts.iter().map(|p| suffix(p, k)).collect();
+            names.sort();
+            names.windows(2).all(|w| w[0] != w[1])
+        })
+        .unwrap_or(longest);
+    parts.iter().map(|p| suffix(p, k)).collect()
+}
+
+/// What the overlay's x axis counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareX {
+    Steps,
+    Tokens,
+    Seconds,
+}
+
+impl std::str::FromStr for CompareX {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "step" | "steps" => Ok(CompareX::Steps),
+            "tokens" => Ok(CompareX::Tokens),
+            "time" | "seconds" => Ok(CompareX::Seconds),
+            other => Err(format!("--x {other:?}: use step, tokens or time")),
+        }
+    }
+}
+
+impl CompareX {
+    /// The x of a run's `step` in this axis: tokens seen, or its training seconds at that step
+    /// (interpolated between progress markers).
+    fn at(self, r: &RunLog, step: f64) -> Option<f64> {
+        match self {
+            CompareX::Steps => Some(step),
+            CompareX::Tokens => Some(step * r.tokens_per_step? as f64),
+            CompareX::Seconds => {
+                let after = r.elapsed.iter().position(|p| p.0 >= step)?;
+                let (s1, t1) = r.elapsed[after];
+                if after == 0 || s1 == step {
+                    return Some(t1 * step / s1.max(1.0));
+                }
+                let (s0, t0) = r.elapsed[after - 1];
+                Some(t0 + (t1 - t0) * (step - s0) / (s1 - s0))
+            }
+        }
+    }
+}
+
+/// How the overlay is drawn: its x axis, and whether the loss is on a log axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompareView {
+    pub x: CompareX,
+    pub log_y: bool,
+}
+
 /// The overlay as a PNG: each run's train loss as a line and its evaluations as points, in
-/// one colour per run, with LR changes and pauses marked.
-pub fn figure(runs: &[RunLog]) -> std::io::Result<figures::Png> {
+/// one colour per run, with LR changes and pauses marked (labels stacked where they meet). The
+/// untrained model's evaluation (step 0, near ln V) would flatten every later difference: it is
+/// left out of the axes and quoted in the title.
+pub fn figure(runs: &[RunLog], view: CompareView) -> std::io::Result<figures::Png> {
     let labels: Vec<(String, String)> =
         runs.iter().map(|r| (format!("{} train", r.name), format!("{} eval", r.name))).collect();
+    let y = |v: f64| if view.log_y { v.log10() } else { v };
     let mut lines = vec![];
+    let mut at_start = vec![];
     for (i, (r, (train, eval))) in runs.iter().zip(&labels).enumerate() {
         let color = figures::PALETTE[i % figures::PALETTE.len()];
         let mut series = Series::default();
-        r.loss.iter().for_each(|&(x, y)| series.push(x, y));
+        r.loss.iter().filter_map(|&(s, l)| Some((view.x.at(r, s)?, y(l)))).for_each(|(x, l)| series.push(x, l));
         lines.push(Line { label: train, points: series.envelope(1600), color, markers: false });
-        if !r.eval.is_empty() {
-            lines.push(Line { label: eval, points: r.eval.clone(), color, markers: true });
+        at_start.extend(r.eval.iter().filter(|e| e.0 == 0.0).map(|e| e.1));
+        let points: Vec<(f64, f64)> =
+            r.eval.iter().filter(|e| e.0 > 0.0).filter_map(|&(s, l)| Some((view.x.at(r, s)?, y(l)))).collect();
+        if !points.is_empty() {
+            lines.push(Line { label: eval, points, color, markers: true });
         }
     }
     let marks = runs
         .iter()
         .flat_map(|r| {
-            r.marks
-                .iter()
-                .map(move |(x, what)| (*x, if runs.len() > 1 { format!("{}: {what}", r.name) } else { what.clone() }))
+            r.marks.iter().filter_map(move |(s, what)| {
+                let label = if runs.len() > 1 { format!("{}: {what}", r.name) } else { what.clone() };
+                Some((view.x.at(r, *s)?, label))
+            })
         })
         .collect();
-    let title = format!("{} runs: train loss (lines), eval loss (points)", runs.len());
-    figures::chart_with(&title, XAxis::Steps, "loss (nats per token)", lines, Extras { marks, ..Default::default() })
+    let start = match at_start.first() {
+        Some(l) => format!("; step-0 eval {l:.2}, left out"),
+        None => String::new(),
+    };
+    let title = format!("{} runs: train loss (lines), eval loss (points){start}", runs.len());
+    let (axis, y_label) = match (view.x, view.log_y) {
+        (CompareX::Steps, _) => (XAxis::Steps, "loss (nats per token)"),
+        (CompareX::Tokens, _) => (XAxis::Tokens, "loss (nats per token)"),
+        (CompareX::Seconds, _) => (XAxis::Seconds, "loss (nats per token)"),
+    };
+    let y_label = if view.log_y { "log10 of the loss (nats per token)" } else { y_label };
+    figures::chart_with(&title, axis, y_label, lines, Extras { marks, ..Default::default() })
 }
 
 #[cfg(test)]
@@ -318,10 +406,42 @@ mod tests {
             status: RunStatus::Completed,
             config: cfg.as_object().unwrap().clone(),
             tokens_seen: Some(1000),
+            tokens_per_step: Some(100),
+            elapsed: vec![],
             steps: 10,
             marks: vec![],
             repairs: vec![],
         }
+    }
+
+    /// Two arms' seed-42 runs are told apart by their arm, not named `seed-42` twice.
+    #[test]
+    fn names_are_the_shortest_suffixes_that_differ() {
+        let dirs: Vec<PathBuf> = ["/s/research=false/seed-42", "/s/research=true/seed-42", "/s/research=true/seed-43"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(
+            distinguishing_names(&dirs),
+            ["research=false/seed-42", "research=true/seed-42", "research=true/seed-43"]
+        );
+        let plain: Vec<PathBuf> = ["/a/base", "/b/diff"].iter().map(PathBuf::from).collect();
+        assert_eq!(distinguishing_names(&plain), ["base", "diff"]);
+    }
+
+    /// Tokens count `tokens_per_step` per step; seconds interpolate the progress markers.
+    #[test]
+    fn the_x_axes_convert_steps() {
+        let mut r = run("a", serde_json::json!({}), 3.0);
+        r.elapsed = vec![(10.0, 2.0), (20.0, 6.0)];
+        assert_eq!(CompareX::Steps.at(&r, 15.0), Some(15.0));
+        assert_eq!(CompareX::Tokens.at(&r, 15.0), Some(1500.0));
+        assert_eq!(CompareX::Seconds.at(&r, 15.0), Some(4.0));
+        assert_eq!(CompareX::Seconds.at(&r, 5.0), Some(1.0));
+        assert_eq!(CompareX::Seconds.at(&r, 25.0), None, "past the last marker: unknown, not guessed");
+        r.tokens_per_step = None;
+        assert_eq!(CompareX::Tokens.at(&r, 15.0), None);
+        assert!("epochs".parse::<CompareX>().unwrap_err().contains("step, tokens or time"));
     }
 
     #[test]

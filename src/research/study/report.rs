@@ -98,7 +98,7 @@ fn lengths_table(s: &StudySummary, w: usize, out: &mut String) {
 /// Eval loss against context length, a line per arm (its mean over seeds) over the band of its
 /// seeds (min to max).
 fn extrapolation(s: &StudySummary) -> std::io::Result<figures::Png> {
-    let labels: Vec<String> = s.arms.iter().map(|a| format!("{} (mean, band: min-max over seeds)", a.label)).collect();
+    let labels: Vec<String> = s.arms.iter().map(|a| format!("{} (n = {})", a.label, a.seeds_finished)).collect();
     let x = |l: usize| (l as f64).log2();
     let lines: Vec<Line> = labels
         .iter()
@@ -125,9 +125,9 @@ fn extrapolation(s: &StudySummary) -> std::io::Result<figures::Png> {
             color: figures::PALETTE[i % figures::PALETTE.len()],
         })
         .collect();
-    let title = format!("eval loss against context length over {} seeds", s.seeds.len());
+    let title = "eval loss against context length: mean, band min-max over seeds";
     figures::chart_with(
-        &title,
+        title,
         XAxis::Log2Length,
         "eval loss (nats per token)",
         lines,
@@ -160,7 +160,13 @@ fn render(s: &StudySummary) -> std::io::Result<Vec<(&'static str, figures::Png)>
         }
         _ => String::new(),
     };
-    let labels: Vec<String> = bands.iter().map(|(l, _)| format!("{l} (mean, band: min-max over seeds)")).collect();
+    let labels: Vec<String> = bands
+        .iter()
+        .map(|(l, _)| {
+            let n = s.arms.iter().find(|a| a.label == *l).map_or(0, |a| a.seeds_finished);
+            format!("{l} (mean over n = {n}, band: min-max)")
+        })
+        .collect();
     let lines: Vec<Line> = bands
         .iter()
         .zip(&labels)
@@ -185,31 +191,38 @@ fn render(s: &StudySummary) -> std::io::Result<Vec<(&'static str, figures::Png)>
     };
     let title = format!("eval loss over {} seeds{start_note}", s.seeds.len());
     let curves = figures::chart_with(&title, XAxis::Steps, "eval loss (nats per token)", lines, extras)?;
-    // the final loss of every seed, one column per arm
+    // the final loss of every seed, one column per arm: each arm's seeds in its colour, and
+    // each seed's arms joined by a grey line, the pairing the interval rests on
     let arms: Vec<String> = s.arms.iter().map(|a| a.label.clone()).collect();
-    let seed_labels: Vec<String> = s.seeds.iter().map(|seed| format!("seed {seed}")).collect();
-    let points: Vec<Line> = s
+    let final_of = |arm: &str, seed: u64| {
+        s.runs.iter().find(|r| r.arm == arm && r.seed == seed && r.finished()).and_then(|r| r.final_eval_loss)
+    };
+    let mut lines: Vec<Line> = s
         .seeds
         .iter()
-        .zip(&seed_labels)
         .enumerate()
-        .map(|(i, (seed, label))| Line {
-            label,
+        .map(|(i, seed)| Line {
+            // one legend entry for all of them
+            label: if i == 0 { "one seed across the arms (a grey line per seed)" } else { "" },
             points: s
                 .arms
                 .iter()
                 .enumerate()
-                .filter_map(|(a, arm)| {
-                    let r = s.runs.iter().find(|r| r.arm == arm.label && r.seed == *seed && r.finished())?;
-                    Some((a as f64, r.final_eval_loss?))
-                })
+                .filter_map(|(a, arm)| Some((a as f64, final_of(&arm.label, *seed)?)))
                 .collect(),
-            color: figures::PALETTE[i % figures::PALETTE.len()],
-            markers: true,
+            color: figures::LIGHT_GREY,
+            markers: false,
         })
         .collect();
+    let arm_labels: Vec<String> = s.arms.iter().map(|a| format!("{} (n = {})", a.label, a.seeds_finished)).collect();
+    lines.extend(s.arms.iter().zip(&arm_labels).enumerate().map(|(a, (arm, label))| Line {
+        label,
+        points: s.seeds.iter().filter_map(|seed| Some((a as f64, final_of(&arm.label, *seed)?))).collect(),
+        color: figures::PALETTE[a % figures::PALETTE.len()],
+        markers: true,
+    }));
     let extras = Extras { categories: arms, ..Default::default() };
-    let finals = figures::chart_with("final eval loss per seed", XAxis::Categories, "eval loss", points, extras)?;
+    let finals = figures::chart_with("final eval loss per seed", XAxis::Categories, "eval loss", lines, extras)?;
     let mut out = vec![("study_eval_loss", curves), ("study_final_loss", finals)];
     if !s.lengths.is_empty() {
         out.push(("study_extrapolation", extrapolation(s)?));

@@ -77,7 +77,7 @@ pub struct StudySummary {
     /// Every run finished (none stopped, failed or skipped).
     pub complete: bool,
     /// With `context_lengths`: each length's eval loss per arm over seeds, and the paired
-    /// differences against the first arm (train short, test long).
+    /// differences against the first arm evaluated at that length (train short, test long).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lengths: Vec<LengthStats>,
 }
@@ -107,22 +107,26 @@ fn length_stats(arms: &[Arm], seeds: &[u64], runs: &[SeedResult]) -> Vec<LengthS
         .map(|length| {
             let values: Vec<Vec<f64>> =
                 arms.iter().map(|a| seeds.iter().filter_map(|&s| at(&a.label, s, length)).collect()).collect();
-            let first = &arms[0].label;
-            let differences = arms[1..]
-                .iter()
-                .map(|a| {
-                    let pairs: Vec<(u64, f64)> = seeds
-                        .iter()
-                        .filter_map(|&s| Some((s, at(&a.label, s, length)? - at(first, s, length)?)))
-                        .collect();
-                    let mut d = difference(&a.label, first, &pairs);
-                    if pairs.is_empty() {
-                        d.note =
-                            "not compared: an arm was not evaluated at this length (its runs' notes say why)".into();
-                    }
-                    d
+            // against the first arm evaluated at this length: learned positions stop at their
+            // block size, and a comparison with nothing would say nothing
+            let reference = values.iter().position(|v| !v.is_empty());
+            let differences = reference
+                .map(|r| {
+                    let against = &arms[r].label;
+                    arms.iter()
+                        .zip(&values)
+                        .enumerate()
+                        .filter(|(i, (_, v))| *i != r && !v.is_empty())
+                        .map(|(_, (a, _))| {
+                            let pairs: Vec<(u64, f64)> = seeds
+                                .iter()
+                                .filter_map(|&s| Some((s, at(&a.label, s, length)? - at(against, s, length)?)))
+                                .collect();
+                            difference(&a.label, against, &pairs)
+                        })
+                        .collect()
                 })
-                .collect();
+                .unwrap_or_default();
             LengthStats {
                 context_length: length,
                 arms: arms.iter().zip(&values).map(|(a, v)| (a.label.clone(), Stat::of(v))).collect(),
@@ -207,6 +211,8 @@ pub fn summarize(arms: &[Arm], seeds: &[u64], runs: Vec<SeedResult>) -> StudySum
                 status: RunStatus::Completed,
                 config,
                 tokens_seen: None,
+                tokens_per_step: None,
+                elapsed: vec![],
                 steps: 0,
                 marks: vec![],
                 repairs: vec![],
@@ -297,6 +303,46 @@ pub fn band_of(curves: &[&Vec<(f64, f64)>]) -> SeedBand {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past the learned arm's block size, the differences are taken against the first arm that
+    /// was evaluated there; arms not evaluated at a length are left out of its differences.
+    #[test]
+    fn length_differences_are_against_the_first_arm_evaluated_at_that_length() {
+        let arm = |label: &str| Arm { label: label.into(), config: crate::config::RunConfig::default(), preset: None };
+        let arms = [arm("learned"), arm("rope"), arm("rope+diff")];
+        let result = |a: &str, seed: u64, at: &[(usize, f64)]| SeedResult {
+            arm: a.into(),
+            seed,
+            output_dir: String::new(),
+            status: RunStatus::Completed,
+            final_eval_loss: Some(at[0].1),
+            best_eval_loss: None,
+            steps: 10,
+            tokens_seen: None,
+            eval_curve: vec![],
+            at_lengths: at.to_vec(),
+            note: None,
+        };
+        let runs = [
+            result("learned", 1, &[(128, 2.0)]),
+            result("learned", 2, &[(128, 2.2)]),
+            result("rope", 1, &[(128, 1.9), (512, 2.5)]),
+            result("rope", 2, &[(128, 2.0), (512, 2.7)]),
+            result("rope+diff", 1, &[(128, 1.95), (512, 2.3)]),
+            result("rope+diff", 2, &[(128, 2.05), (512, 2.4)]),
+        ];
+        let stats = length_stats(&arms, &[1, 2], &runs);
+        assert_eq!(stats.iter().map(|l| l.context_length).collect::<Vec<_>>(), [128, 512]);
+        let against: Vec<(&str, &str)> =
+            stats[0].differences.iter().map(|d| (d.arm.as_str(), d.against.as_str())).collect();
+        assert_eq!(against, [("rope", "learned"), ("rope+diff", "learned")]);
+        assert_eq!(stats[1].differences.len(), 1, "learned is not evaluated at 512: {:?}", stats[1].differences);
+        let d = &stats[1].differences[0];
+        assert_eq!((d.arm.as_str(), d.against.as_str()), ("rope+diff", "rope"));
+        // paired by seed: -0.2 and -0.3
+        assert!((d.mean.unwrap() + 0.25).abs() < 1e-12, "{d:?}");
+        assert!(stats[1].arms[0].1.is_none(), "the learned arm has no figure at 512");
+    }
 
     #[test]
     fn t_quantiles_and_stats() {
