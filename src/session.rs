@@ -40,6 +40,16 @@ impl SessionError {
     pub fn is_bad_input(&self) -> bool {
         matches!(self, SessionError::Claim(e) if e.is_bad_input())
     }
+
+    /// The folder, when the run was refused because its output folder holds another run.
+    pub fn taken(&self) -> Option<&std::path::Path> {
+        match self {
+            SessionError::Claim(TrainError::OutputDir(crate::train::output_dir::OutputDirError::Taken {
+                dir, ..
+            })) => Some(dir),
+            _ => None,
+        }
+    }
 }
 
 /// What the caller's monitor sees, in order.

@@ -133,3 +133,45 @@ fn wikitext_defaults_to_a_tenth_and_every_wikitext_preset_says_its_subset() {
         }
     }
 }
+
+/// `difflab presets`: one line a preset, every description starting in the same column however
+/// long the names (a user preset with a long name included).
+#[test]
+fn the_preset_list_keeps_its_columns_aligned() {
+    let home = tempfile::tempdir().unwrap();
+    let user = home.path().join(".config/difflab/presets");
+    std::fs::create_dir_all(&user).unwrap();
+    std::fs::write(user.join("a-very-long-user-preset-name.yaml"), "description: mine\nextends: demo\nmax_steps: 10\n")
+        .unwrap();
+    let o = difflab(home.path()).arg("presets").output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.iter().any(|l| l.starts_with("a-very-long-user-preset-name  mine")), "{text}");
+    let columns: std::collections::BTreeSet<usize> = lines
+        .iter()
+        .map(|l| {
+            let name_end = l.find(' ').unwrap();
+            name_end + l[name_end..].find(|c: char| c != ' ').unwrap()
+        })
+        .collect();
+    assert_eq!(columns.len(), 1, "descriptions start in one column: {text}");
+}
+
+/// A warmup longer than the run means the set learning rate is never reached: said, with the
+/// fraction it ends at and where each number came from; a constant schedule has no warmup.
+#[test]
+fn a_warmup_longer_than_the_run_warns() {
+    let lib = PresetLibrary::builtin();
+    let chain = lib.chain("demo").unwrap();
+    let flags = |pairs: &[(&str, serde_json::Value)]| pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let r = resolve(&chain, &flags(&[("max_steps", 10.into())])).unwrap();
+    let w = r.warnings.join("\n");
+    assert!(
+        w.contains("warmup_steps 20 (presets/demo.yaml) is more than max_steps 10 (command line)") && w.contains("50%"),
+        "{w}"
+    );
+    assert!(resolve(&chain, &flags(&[("max_steps", 20.into())])).unwrap().warnings.is_empty());
+    let constant = flags(&[("max_steps", 10.into()), ("lr_scheduler_type", "constant".into())]);
+    assert!(resolve(&chain, &constant).unwrap().warnings.is_empty());
+}

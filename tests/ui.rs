@@ -144,6 +144,20 @@ fn picker_160x48() {
     insta::assert_snapshot!(draw(&picker(), 160, 48).backend());
 }
 
+/// A study preset whose arms train different models shows each arm's, not the base settings'.
+#[test]
+fn a_study_preset_shows_the_variant_of_each_arm() {
+    let mut app = picker();
+    for _ in 0..30 {
+        if draw(&app, 160, 48).backend().to_string().contains("Procedure, offline: baseline vs differential") {
+            break;
+        }
+        app.update(Msg::Key(difflab::app::Key::Down));
+    }
+    let text = draw(&app, 160, 48).backend().to_string();
+    assert!(text.contains("baseline: baseline (RoPE) | differential: differential + RoPE"), "{text}");
+}
+
 #[test]
 fn dashboard_80x24() {
     insta::assert_snapshot!(draw(&dashboard(true), 80, 24).backend());
@@ -152,6 +166,39 @@ fn dashboard_80x24() {
 #[test]
 fn dashboard_160x48() {
     insta::assert_snapshot!(draw(&dashboard(true), 160, 48).backend());
+}
+
+/// Once the run has ended the bar stops offering pause, checkpoint and LR (their keys do
+/// nothing then); the view keys stay.
+#[test]
+fn an_ended_run_offers_no_controls() {
+    let mut app = dashboard(true);
+    let live = draw(&app, 160, 48).backend().to_string();
+    // (paused at the end of the fixture: p resumes)
+    assert!(live.contains("[p] resume") && live.contains("[c] checkpoint") && live.contains("[l] LR x0.1"), "{live}");
+    app.update(Msg::Event(Event::TrainEnd(TrainEnd {
+        step: 300,
+        epoch: 5.0,
+        train_loss: Some(3.2),
+        train_loss_steps: 300,
+        eval_loss: Some(3.3),
+        perplexity: Some(27.1),
+        best_eval_loss: Some(3.3),
+        train_runtime: 60.0,
+        tokens_per_second: 1000.0,
+        skipped_steps: 0,
+        status: RunStatus::Completed,
+        error: None,
+        output_dir: "outputs/run".into(),
+    })));
+    let ended = draw(&app, 160, 48).backend().to_string();
+    assert!(
+        !ended.contains("[p] resume") && !ended.contains("[c] checkpoint") && !ended.contains("[l] LR x0.1"),
+        "{ended}"
+    );
+    assert!(ended.contains("[y] log-y") && ended.contains("[q] quit"), "{ended}");
+    let narrow = draw(&app, 80, 24).backend().to_string();
+    assert!(!narrow.contains("[p] resume") && !narrow.contains("[c]kpt"), "{narrow}");
 }
 
 #[test]

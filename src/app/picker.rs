@@ -25,13 +25,19 @@ pub struct Entry {
     pub procedure: Option<String>,
     /// Full runs it makes (trials, arms x seeds, or 1).
     pub runs: usize,
+    /// For a study whose arms train different models, each arm's: "baseline: baseline (RoPE) |
+    /// differential: differential + RoPE".
+    pub variants: Option<String>,
     /// How long it would take here, from what runs of its shape measured on this machine.
     pub estimate: Option<String>,
+    /// That speed, kept so that the estimate follows a step count typed in the picker.
+    pub measured: Option<Measured>,
 }
 
 impl Entry {
     /// How long it would take here at the measured speed `m` of its shape, if there is one.
     fn with_estimate(mut self, m: Option<&Measured>) -> Self {
+        self.measured = m.cloned();
         self.estimate = match (&self.config, self.config.as_ref().ok().and_then(RunConfig::estimated_steps)) {
             (Ok(c), Some((steps, exact))) => Some(match m {
                 Some(m) => {
@@ -99,15 +105,6 @@ impl Field {
         };
         (!ok).then(|| format!("{}: {text:?} is not {example}; kept the old value", self.key()))
     }
-
-    /// Characters the field accepts while typing.
-    fn accepts(self, c: char) -> bool {
-        match self {
-            Field::LearningRate => c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'),
-            Field::MaxSteps | Field::Seed => c.is_ascii_digit(),
-            Field::OutputDir => !c.is_control(),
-        }
-    }
 }
 
 /// Which list the picker shows; Tab switches.
@@ -161,6 +158,7 @@ impl Picker {
                 Ok((chain, preset)) => {
                     let resolved = typed.clone().and_then(|flags| resolve(&chain, &flags).map_err(|e| e.to_string()));
                     let runs = resolved.as_ref().map_or(1, runs_of);
+                    let variants = resolved.as_ref().ok().and_then(crate::config::variants_by_arm);
                     let procedure = resolved.as_ref().ok().and_then(|r| {
                         describe(r).into_iter().find(|l| l.starts_with("sweep") || l.starts_with("study"))
                     });
@@ -171,7 +169,9 @@ impl Picker {
                         config: resolved.map(|r| r.config),
                         procedure: procedure.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")),
                         runs,
+                        variants,
                         estimate: None,
+                        measured: None,
                     }
                     .with_estimate(None)
                 }
@@ -182,7 +182,9 @@ impl Picker {
                     config: Err(e.to_string()),
                     procedure: None,
                     runs: 1,
+                    variants: None,
                     estimate: None,
+                    measured: None,
                 },
             })
             .collect();
@@ -278,6 +280,16 @@ impl Picker {
         self.entries.get(self.selected)
     }
 
+    /// The selected entry's time estimate at a typed step count.
+    fn re_estimate(&mut self, max_steps: Option<u64>) {
+        let Some(entry) = self.entries.get_mut(self.selected) else { return };
+        if let (Ok(c), Some(steps)) = (&mut entry.config, max_steps) {
+            c.max_steps = Some(steps);
+            let measured = entry.measured.take();
+            *entry = entry.clone().with_estimate(measured.as_ref());
+        }
+    }
+
     /// A field's value as shown: edited, or the preset's.
     pub fn shown(&self, field: Field) -> String {
         if let Some(text) = self.overrides.get(self.selected).and_then(|o| o.get(&field)) {
@@ -314,6 +326,9 @@ impl Picker {
                     None => {
                         self.overrides[self.selected].insert(field, text.trim().to_string());
                         self.error = None;
+                        if field == Field::MaxSteps {
+                            self.re_estimate(text.trim().parse().ok());
+                        }
                     }
                     Some(why) => self.error = Some(why),
                 },
@@ -322,7 +337,8 @@ impl Picker {
                     text.pop();
                     self.editing = Some((field, text));
                 }
-                Key::Char(c) if field.accepts(c) => {
+                // every printable character is kept, so a refusal quotes what was typed
+                Key::Char(c) if !c.is_control() => {
                     text.push(c);
                     self.editing = Some((field, text));
                 }
@@ -398,6 +414,22 @@ mod tests {
         let sanity = p.entries.iter().find(|e| e.name == "sanity-baseline").unwrap();
         assert!(sanity.estimate.as_deref().unwrap().starts_with("unknown here"), "{:?}", sanity.estimate);
         assert!(study.procedure.as_deref().unwrap().contains("= 6 runs x 200 steps"));
+
+        // the estimate follows a step count typed in the picker: twice the steps, twice the time
+        let mut p = p;
+        p.selected = p.entries.iter().position(|e| e.name == "demo-study").unwrap();
+        for k in [Key::Char('s'), Key::Char('4'), Key::Char('0'), Key::Char('0'), Key::Enter] {
+            p.on_key(k);
+        }
+        let estimate = p.current().unwrap().estimate.as_deref().unwrap();
+        assert!(estimate.starts_with("~5 min here (6 runs x 400 steps at 16.0k tokens/s"), "{estimate}");
+        // a refused value quotes what was typed, letters included, and keeps the estimate
+        for k in "stwo hundred".chars().map(Key::Char).chain([Key::Enter]) {
+            p.on_key(k);
+        }
+        let error = p.error.clone().unwrap();
+        assert!(error.contains("max_steps: \"two hundred\" is not a step count"), "{error}");
+        assert!(p.current().unwrap().estimate.as_deref().unwrap().contains("x 400 steps"));
     }
 
     #[test]
@@ -444,8 +476,12 @@ mod tests {
             p.on_key(Key::Char(c));
         }
         p.on_key(Key::Enter);
-        // letters are not digits: a seed of "x7" is typed as "7"
+        // a seed of "x7" is refused as typed, then 7 is taken
         for k in [Key::Char('r'), Key::Char('x'), Key::Char('7'), Key::Enter] {
+            p.on_key(k);
+        }
+        assert!(p.error.as_deref().is_some_and(|e| e.contains("seed: \"x7\" is not a whole number")), "{:?}", p.error);
+        for k in [Key::Char('r'), Key::Char('7'), Key::Enter] {
             p.on_key(k);
         }
         assert_eq!((p.shown(Field::OutputDir), p.shown(Field::Seed)), ("outputs/try 2".into(), "7".into()));

@@ -106,7 +106,11 @@ impl Host for Lab {
             }
             Command::Compare(dirs) => {
                 match dirs.iter().map(|d| crate::research::compare::load(d)).collect::<Result<Vec<_>, _>>() {
-                    Ok(runs) => vec![Msg::Compared(runs)],
+                    Ok(mut runs) => {
+                        let names = crate::research::compare::distinguishing_names(&dirs);
+                        runs.iter_mut().zip(names).for_each(|(r, n)| r.name = n);
+                        vec![Msg::Compared(runs)]
+                    }
                     Err(e) => vec![Msg::StartFailed(e.to_string())],
                 }
             }
@@ -169,8 +173,15 @@ fn start_run(args: &RunArgs, tx: &Sender<Input>, stop: &StopSignal) -> anyhow::R
     let resolved = headless::prepare(&args.resolve()?)?;
     warn(tx, &resolved.warnings);
     let output_dir = PathBuf::from(&resolved.config.output_dir);
-    let session =
-        RunSession::start(headless::spec(&resolved, crate::dist::World::single()), stop.clone(), Console::Quiet)?;
+    let session = RunSession::start(headless::spec(&resolved, crate::dist::World::single()), stop.clone(), Console::Quiet)
+        .map_err(|e| match e.taken() {
+            // the flags the message names are not at hand here: say what the picker can do
+            Some(dir) => anyhow::anyhow!(
+                "output_dir {} already holds a run; nothing was changed. Press o to give this run another folder, or Tab to the runs list, where Enter resumes that run",
+                dir.display()
+            ),
+            None => e.into(),
+        })?;
     let controls = session.controls();
     let tx = tx.clone();
     let forwarder = std::thread::Builder::new()
@@ -363,7 +374,10 @@ pub fn lr_find(
         }
     });
     let app = App::overlay(
-        Overlay::new(OverlayKind::LrFind, &format!("LR range test -> {}/lr_find", cfg.output_dir)),
+        Overlay::new(
+            OverlayKind::LrFind,
+            &format!("LR range test -> {}", crate::research::lr_find::folder(cfg).display()),
+        ),
         !ui.no_mouse,
         ui.ascii,
     );
@@ -377,4 +391,28 @@ pub fn compare(runs: Vec<RunLog>, ui: UiOptions) -> anyhow::Result<ExitCode> {
     let app = App::overlay(Overlay::from_runs(&runs), !ui.no_mouse, ui.ascii);
     let mut lab = Lab { backend: Backend::None, stop: StopSignal::default() };
     Ok(tui::run(app, &mut lab, tx, rx)?.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Started from the picker, a folder that holds an earlier run is refused with what the
+    /// picker can do (the CLI's message names flags the picker does not have).
+    #[test]
+    fn a_folder_that_holds_a_run_is_refused_with_what_the_picker_can_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(METRICS_FILE), "").unwrap();
+        let out = dir.path().display().to_string();
+        let args = RunArgs { preset: Some("demo".into()), flags: vec![("output_dir".into(), out.clone())] };
+        let mut lab = Lab { backend: Backend::None, stop: StopSignal::default() };
+        let (tx, _rx) = tui::channel();
+        let msgs = lab.perform(Command::Start(args), &tx);
+        let [Msg::StartFailed(message)] = msgs.as_slice() else { panic!("expected one refusal, got {msgs:?}") };
+        assert!(message.contains(&out) && message.contains("already holds a run"), "{message}");
+        assert!(message.contains("Press o") && message.contains("Enter resumes"), "{message}");
+        assert!(!message.contains("--overwrite_output_dir"), "{message}");
+        assert!(matches!(lab.backend, Backend::None));
+        assert_eq!(std::fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap(), "", "nothing was changed");
+    }
 }

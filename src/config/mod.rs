@@ -14,6 +14,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::data::{Split, TokenizerSpec};
 use crate::model::GptConfig;
@@ -108,6 +109,8 @@ pub struct RunConfig {
     pub eval_on_start: bool,
     pub sample_prompt: Option<String>,
     pub context_lengths: String,
+    pub early_stopping_patience: Option<u64>,
+    pub early_stopping_threshold: f64,
 }
 
 impl Default for RunConfig {
@@ -407,6 +410,35 @@ pub fn evaluations(c: &RunConfig, steps: u64) -> u64 {
 
 /// A resolved preset in words: the run it makes, and for a procedure the trials or arms it
 /// expands to. `difflab presets NAME` prints it; the picker shows its procedure line.
+/// The model each of a study's arms trains (an arm may set `research` or `rope`).
+fn arm_variants(r: &Resolved) -> Vec<String> {
+    let Some(study) = &r.study else { return vec![] };
+    study
+        .arms
+        .iter()
+        .map(|(_, values)| {
+            let mut arm = r.config.clone();
+            if let Some(b) = values.get("research").and_then(Value::as_bool) {
+                arm.research = b;
+            }
+            if let Some(b) = values.get("rope").and_then(Value::as_bool) {
+                arm.rope = b;
+            }
+            arm.model_config(0).variant_name()
+        })
+        .collect()
+}
+
+/// Each arm's model, for a study whose arms train different variants.
+pub fn variants_by_arm(r: &Resolved) -> Option<String> {
+    let variants = arm_variants(r);
+    let study = r.study.as_ref()?;
+    let distinct: std::collections::BTreeSet<&String> = variants.iter().collect();
+    (distinct.len() > 1).then(|| {
+        study.arms.iter().zip(&variants).map(|((label, _), v)| format!("{label}: {v}")).collect::<Vec<_>>().join(" | ")
+    })
+}
+
 pub fn describe(r: &Resolved) -> Vec<String> {
     let c = &r.config;
     let steps = |c: &RunConfig| match c.estimated_steps() {
@@ -426,14 +458,12 @@ pub fn describe(r: &Resolved) -> Vec<String> {
         None => String::new(),
     };
     let data = format!("{} (subset {}), eval on {}", c.data_name(), c.subset_ratio, c.eval_split.name());
+    let variant = match variants_by_arm(r) {
+        Some(_) => "variant by arm (below)".to_string(),
+        None => c.model_config(0).variant_name(),
+    };
     let mut out = vec![
-        format!(
-            "model      {} layers x {} wide, {} heads, {}",
-            c.n_layer,
-            c.n_embd,
-            c.n_head,
-            c.model_config(0).variant_name()
-        ),
+        format!("model      {} layers x {} wide, {} heads, {variant}", c.n_layer, c.n_embd, c.n_head),
         format!("data       {data}, tokenizer {}", c.tokenizer_spec()),
         format!(
             "batch      {} x block {} ({} x {} micro)",
@@ -479,9 +509,9 @@ pub fn describe(r: &Resolved) -> Vec<String> {
             study.arms.len() * n,
             steps(c)
         ));
-        for (label, values) in &study.arms {
+        for ((label, values), variant) in study.arms.iter().zip(arm_variants(r)) {
             let v: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            out.push(format!("  arm      {label}: {}", v.join(", ")));
+            out.push(format!("  arm      {label}: {}, training {variant}", v.join(", ")));
         }
     }
     out

@@ -129,6 +129,11 @@ fn bar_buttons(app: &App, d: &Dashboard, area: Rect) -> Vec<(Rect, Button, Strin
             (format!("[m]ouse->{}", on_off(!app.mouse)), Button::Mouse),
         ]
     };
+    // a run that has ended takes no controls: its keys are not offered
+    let labels: Vec<(String, Button)> = labels
+        .into_iter()
+        .filter(|(_, b)| !(d.finished() && matches!(b, Button::Pause | Button::Checkpoint | Button::LowerLr)))
+        .collect();
     button_row(a.buttons, &labels)
 }
 

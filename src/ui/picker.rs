@@ -138,6 +138,12 @@ fn detail_lines(p: &Picker) -> Vec<Line<'static>> {
         Err(err) => lines.push(Line::from(Span::styled(err.clone(), Style::default().fg(Color::Red)))),
         Ok(c) => {
             let mut rows = settings_rows(p, c, e.estimate.clone());
+            if let Some(by_arm) = &e.variants {
+                // a study of variants: each arm's, not the base settings' one
+                if let Some(row) = rows.iter_mut().find(|r| r.0 == "variant") {
+                    row.1 = vec![Span::raw(by_arm.clone())];
+                }
+            }
             if let Some(procedure) = &e.procedure {
                 // "sweep learning_rate in [..] = 4 trials x 150 steps": what enter will run
                 let (kind, rest) = procedure.split_once(' ').unwrap_or((procedure.as_str(), ""));
