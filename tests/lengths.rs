@@ -1,6 +1,7 @@
 //! Train short, test long: the loss by position adds up to the eval loss for every variant,
 //! `eval --context_lengths` scores the same tokens at every length and writes its figures, a
-//! model with learned positions refuses lengths past them, and evaluations during training
+//! model with learned positions refuses lengths past them, a length that would not fit in memory
+//! is refused before any work, and evaluations during training
 //! carry the curve and the extra lengths.
 
 mod common;
@@ -154,6 +155,17 @@ fn eval_at_several_lengths_scores_the_same_tokens_and_writes_its_figures() {
     assert_eq!(json["lengths"].as_array().unwrap().len(), 4);
     assert!(json["layout"].as_str().unwrap().contains("non-overlapping"));
     assert!(figures.join("extrapolation.png").is_file() && figures.join("position_loss.png").is_file());
+
+    // a length whose windows could not be held is refused before any work, naming it and the
+    // estimate (a window of 2^20 tokens needs its attention rows: terabytes, on any machine)
+    let o = difflab(home.path())
+        .args(["eval", "--checkpoint", &out.display().to_string(), "--context_lengths", "32,1048576"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("1048576 tokens") && stderr.contains("GiB") && stderr.contains("shorter"), "{stderr}");
+    assert!(stdout.trim().is_empty(), "nothing was evaluated: {stdout}");
 }
 
 /// Evaluations during training carry the loss by position at the training length, and a run
