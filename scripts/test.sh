@@ -15,7 +15,8 @@ cargo bench --bench frame
 # The data-parallel build and its `mpirun -n 2` tests (two ranks equal one process; a rank that
 # dies ends the job), where Open MPI and libclang are installed (.ci/run installs them).
 if command -v mpirun >/dev/null 2>&1 && dpkg -s libopenmpi-dev libclang-dev >/dev/null 2>&1; then
-    cargo test --release --features mpi --test dist -- "$@"
+    # --nocapture: the two-host test says how long the job took to end, or why it was skipped
+    cargo test --release --features mpi --test dist -- --nocapture "$@"
 else
     echo "MPI tests skipped: no Open MPI here (apt-get install libopenmpi-dev openmpi-bin libclang-dev)"
 fi

@@ -1,6 +1,7 @@
 //! Data parallelism over MPI (built with `--features mpi`; `.ci/run` installs Open MPI and runs
-//! these): two ranks train as one process with the same global batch, and a rank that dies ends
-//! the run without harming the last checkpoint.
+//! these): two ranks train as one process with the same global batch, on one machine and across
+//! two hosts over TCP (two network namespaces), and a rank that dies ends the run without
+//! harming the last checkpoint.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -164,4 +165,169 @@ fn a_control_sent_to_rank_0_reaches_every_rank_at_the_same_step() {
     assert!(events.iter().any(|m| m["event"] == "control" && m["action"] == "scale_lr"));
     let step = end["step"].as_u64().unwrap();
     assert!(out.join(format!("checkpoint-{step}")).is_dir(), "stop and save wrote checkpoint-{step}");
+}
+
+/// Two hosts on this machine: two network namespaces joined by a veth pair, rank 0 in one and
+/// rank 1 in the other, Open MPI launching across them as it would over ssh (a `plm_rsh_agent`
+/// that enters the other namespace), TCP between them. Removed when dropped.
+struct TwoHosts {
+    ns: [String; 2],
+    ips: [String; 2],
+    dir: tempfile::TempDir,
+}
+
+impl TwoHosts {
+    /// `None` (with the reason) where namespaces cannot be made: not root, or no `ip`.
+    fn make() -> Result<Self, String> {
+        let id = std::process::id() % 100_000;
+        let ns = [format!("dl{id}a"), format!("dl{id}b")];
+        let net = format!("10.77.{}", id % 250);
+        let ips = [format!("{net}.1"), format!("{net}.2")];
+        let veth = [format!("dlv{id}a"), format!("dlv{id}b")];
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let o = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+            o.status
+                .success()
+                .then_some(())
+                .ok_or_else(|| format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim()))
+        };
+        ip(&["netns", "add", &ns[0]])?;
+        let hosts = TwoHosts { ns: ns.clone(), ips: ips.clone(), dir: tempfile::tempdir().unwrap() };
+        ip(&["netns", "add", &ns[1]])?;
+        ip(&["link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1]])?;
+        for i in 0..2 {
+            ip(&["link", "set", &veth[i], "netns", &ns[i]])?;
+            ip(&["-n", &ns[i], "addr", "add", &format!("{}/24", ips[i]), "dev", &veth[i]])?;
+            ip(&["-n", &ns[i], "link", "set", &veth[i], "up"])?;
+            ip(&["-n", &ns[i], "link", "set", "lo", "up"])?;
+        }
+        let agent = format!(
+            "#!/bin/sh\n# ssh to a host = a shell in its namespace\nhost=$1; shift\ncase \"$host\" in\n  {}) ns={} ;;\n  {}) ns={} ;;\n  *) echo \"no host $host\" >&2; exit 1 ;;\nesac\nexec ip netns exec $ns sh -c \"$*\"\n",
+            ips[0], ns[0], ips[1], ns[1]
+        );
+        std::fs::write(hosts.agent(), agent).unwrap();
+        let executable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+        std::fs::set_permissions(hosts.agent(), executable).unwrap();
+        std::fs::write(hosts.dir.path().join("hostfile"), format!("{} slots=1\n{} slots=1\n", ips[0], ips[1])).unwrap();
+        Ok(hosts)
+    }
+
+    fn agent(&self) -> std::path::PathBuf {
+        self.dir.path().join("agent")
+    }
+
+    /// `mpirun -n 2` from the first host, one rank a host, TCP over the veth pair only; the
+    /// isolated environment of `common::difflab` handed to both ranks (`-x`).
+    fn mpirun(&self, home: &Path) -> Command {
+        let template = difflab(home);
+        let subnet = format!("{}.0/24", self.ips[0].rsplit_once('.').unwrap().0);
+        let mut cmd = Command::new("ip");
+        // each host's Open MPI would bind its rank to its own core 0: the same core here
+        cmd.args(["netns", "exec", &self.ns[0], "mpirun", "--allow-run-as-root", "--bind-to", "none", "-n", "2"]);
+        cmd.args(["--hostfile", &self.dir.path().join("hostfile").display().to_string()]);
+        cmd.args(["--mca", "plm_rsh_agent", &self.agent().display().to_string()]);
+        cmd.args(["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", &subnet]);
+        cmd.args(["--mca", "oob_tcp_if_include", &subnet]);
+        for (k, v) in template.get_envs() {
+            if let Some(v) = v {
+                cmd.env(k, v);
+                cmd.args(["-x", &k.to_string_lossy()]);
+            }
+        }
+        cmd.env("RAYON_NUM_THREADS", "1").args(["-x", "RAYON_NUM_THREADS"]);
+        cmd.arg(env!("CARGO_BIN_EXE_difflab"));
+        cmd
+    }
+
+    /// The difflab processes running in the second host.
+    fn remote_ranks(&self) -> Vec<String> {
+        let o = Command::new("ip").args(["netns", "pids", &self.ns[1]]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "difflab"))
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        // deleting a namespace removes its end of the veth pair, and so the pair
+        for ns in &self.ns {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+/// Across two hosts over TCP, two ranks train as one process (losses and weights to 1e-5), and
+/// killing the remote rank ends the job non-zero within a minute. Skipped, saying why, where
+/// network namespaces cannot be made (not root).
+#[test]
+fn two_hosts_over_tcp_train_as_one_process_and_a_dead_remote_rank_ends_the_job() {
+    let hosts = match TwoHosts::make() {
+        Ok(h) => h,
+        Err(why) => {
+            eprintln!("two-host test skipped: network namespaces cannot be made here ({why})");
+            return;
+        }
+    };
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let run = |out: &Path, steps: &str| -> Vec<String> {
+        let mut f = tiny_flags(&corpus, out);
+        f.extend(
+            ["--max_steps", steps, "--eval_steps", "4", "--save_steps", "0", "--dropout", "0.1"].map(String::from),
+        );
+        f
+    };
+    let (one, two) = (home.path().join("one"), home.path().join("two"));
+    let o = difflab(home.path()).arg("train").args(run(&one, "8")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = hosts.mpirun(home.path()).arg("train").args(run(&two, "8")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&o.stderr));
+    let begin = json_lines(&stdout).into_iter().find(|m| m["event"] == "train_begin").unwrap();
+    assert_eq!((begin["world_size"].as_u64(), begin["backend"].as_str()), (Some(2), Some("mpi")));
+    let (a, b) = (progress_losses(&one), progress_losses(&two));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() >= 10, "8 steps and 2 evals: {a:?}");
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!((la - lb).abs() <= 1e-5 * la.abs(), "step {sa}: {la} vs {lb}");
+    }
+
+    // a long run; once it trains, the remote rank dies as a crashed machine's would
+    let long = home.path().join("long");
+    let mut job = Reaped(
+        hosts
+            .mpirun(home.path())
+            .arg("train")
+            .args(run(&long, "100000"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while !std::fs::read_to_string(long.join("metrics.jsonl")).unwrap_or_default().contains("\"progress\"") {
+        assert!(job.0.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let remote = hosts.remote_ranks();
+    assert_eq!(remote.len(), 1, "one rank in the second host: {remote:?}");
+    Command::new("kill").args(["-9", &remote[0]]).status().unwrap();
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(status) = job.0.try_wait().unwrap() {
+            break status;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            let _ = job.0.kill();
+            panic!("the job did not end within 60 s of the remote rank's death");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{status:?}");
+    eprintln!("the job ended {:.1} s after the remote rank was killed", killed.elapsed().as_secs_f64());
 }

@@ -59,6 +59,9 @@ impl Collective for MpiWorld {
         let send = buf.to_vec();
         self.with(|c| c.all_reduce_into(&send[..], buf, SystemOperation::sum()))
     }
+    fn all_reduce_sum_into(&self, send: &[f32], recv: &mut [f32]) -> Result<(), DistError> {
+        self.with(|c| c.all_reduce_into(send, recv, SystemOperation::sum()))
+    }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), DistError> {
         let send = buf.to_vec();
         self.with(|c| c.all_reduce_into(&send[..], buf, SystemOperation::sum()))

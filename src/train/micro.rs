@@ -34,9 +34,8 @@ impl Accumulated {
         match self {
             Accumulated::Empty => candle_core::bail!("no gradients to sum: this process had no micro-batch"),
             Accumulated::Host(h) => {
-                for buf in h.buffers_mut() {
-                    world.all_reduce_sum(buf).map_err(fail)?;
-                }
+                let mut buffers: Vec<&mut [f32]> = h.buffers_mut().collect();
+                crate::dist::all_reduce_buckets(world, &mut buffers, crate::dist::BUCKET_BYTES).map_err(fail)?;
             }
             Accumulated::Tensors(grads) => {
                 for g in grads.values_mut() {
