@@ -438,23 +438,7 @@ pub fn chart_with(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, e
                     .map_err(|e| e.to_string())?;
             }
         }
-        // a mark's label goes a row lower than the one before it when they would overlap (marks
-        // of several runs at one step), so none is printed over another
-        let mut marks = extras.marks.clone();
-        marks.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (mut row, mut last_x) = (0usize, f64::NEG_INFINITY);
-        for (x, label) in &marks {
-            let grey = RGBColor(136, 138, 133);
-            row = if (x - last_x).abs() < 0.12 * (x_hi - x_lo) { row + 1 } else { 0 };
-            last_x = *x;
-            let y = y_hi - (y_hi - y_lo) * 0.045 * row as f64;
-            chart
-                .draw_series(std::iter::once(PathElement::new(vec![(*x, y_lo), (*x, y_hi)], grey.stroke_width(1))))
-                .map_err(|e| e.to_string())?;
-            chart
-                .draw_series(std::iter::once(Text::new(label.clone(), (*x, y), (FONT, 12).into_font().color(&grey))))
-                .map_err(|e| e.to_string())?;
-        }
+        draw_marks(&mut chart, &extras.marks, (x_lo, x_hi), (y_lo, y_hi))?;
         for line in &lines {
             let color = line.color;
             if line.markers {
@@ -504,6 +488,38 @@ pub fn chart_with(title: &str, x_axis: XAxis, y_label: &str, lines: Vec<Line>, e
             .draw()
             .map_err(|e| e.to_string())
     })
+}
+
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    Bitmap<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// Vertical markers with their labels. A mark's label goes a row lower than the one before it
+/// when they would overlap (marks of several runs at one step), so none is printed over another.
+fn draw_marks(
+    chart: &mut Chart,
+    marks: &[(f64, String)],
+    (x_lo, x_hi): (f64, f64),
+    (y_lo, y_hi): (f64, f64),
+) -> Result<(), String> {
+    let mut marks = marks.to_vec();
+    marks.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut row, mut last_x) = (0usize, f64::NEG_INFINITY);
+    for (x, label) in &marks {
+        let grey = RGBColor(136, 138, 133);
+        row = if (x - last_x).abs() < 0.12 * (x_hi - x_lo) { row + 1 } else { 0 };
+        last_x = *x;
+        let y = y_hi - (y_hi - y_lo) * 0.045 * row as f64;
+        chart
+            .draw_series(std::iter::once(PathElement::new(vec![(*x, y_lo), (*x, y_hi)], grey.stroke_width(1))))
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(std::iter::once(Text::new(label.clone(), (*x, y), (FONT, 12).into_font().color(&grey))))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// The corner whose legend box would cover the fewest drawn points (lines sampled along their
