@@ -37,6 +37,18 @@ impl Accumulated {
                 let mut buffers: Vec<&mut [f32]> = h.buffers_mut().collect();
                 crate::dist::all_reduce_buckets(world, &mut buffers, crate::dist::BUCKET_BYTES).map_err(fail)?;
             }
+            // host tensors (the CPU autograd engine, with dropout) go in buckets too, in the
+            // map's key order, the same on every rank
+            Accumulated::Tensors(grads) if grads.values().all(|g| g.device().is_cpu()) => {
+                let mut host: Vec<Vec<f32>> =
+                    grads.values().map(|g| g.flatten_all()?.to_vec1::<f32>()).collect::<Result<_>>()?;
+                let mut buffers: Vec<&mut [f32]> = host.iter_mut().map(|v| v.as_mut_slice()).collect();
+                crate::dist::all_reduce_buckets(world, &mut buffers, crate::dist::BUCKET_BYTES).map_err(fail)?;
+                for (g, sum) in grads.values_mut().zip(host) {
+                    *g = Tensor::from_vec(sum, g.shape(), g.device())?;
+                }
+            }
+            // device tensors: summed where they are (NCCL on the GPU)
             Accumulated::Tensors(grads) => {
                 for g in grads.values_mut() {
                     *g = world.all_reduce_tensor(g).map_err(fail)?;
