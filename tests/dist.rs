@@ -79,6 +79,41 @@ fn two_ranks_train_as_one_process_with_the_same_global_batch() {
     }
 }
 
+/// `--grad_reduce_dtype bf16`: the gradients travel as bf16, summed in f32, so the losses follow
+/// the f32 run's closely without equalling them, and the start line names the path.
+#[test]
+fn gradients_in_bf16_between_ranks_follow_the_f32_run_closely() {
+    let home = tempfile::tempdir().unwrap();
+    let corpus = tiny_corpus(home.path());
+    let run = |out: &Path, wire: &str| -> Vec<String> {
+        let mut f = tiny_flags(&corpus, out);
+        f.extend(
+            ["--max_steps", "8", "--eval_steps", "4", "--save_steps", "0", "--grad_reduce_dtype", wire]
+                .map(String::from),
+        );
+        f
+    };
+    let (f32_run, bf16_run) = (home.path().join("f32"), home.path().join("bf16"));
+    for (out, wire) in [(&f32_run, "f32"), (&bf16_run, "bf16")] {
+        let o = mpirun(home.path(), 2).arg("train").args(run(out, wire)).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let begin =
+            json_lines(&String::from_utf8_lossy(&o.stdout)).into_iter().find(|m| m["event"] == "train_begin").unwrap();
+        let named = begin["backend"].as_str().unwrap().contains("gradients in bf16");
+        assert_eq!(named, wire == "bf16", "{}", begin["backend"]);
+    }
+    // in one process there is nothing to send: said, not silently ignored
+    let o = difflab(home.path()).arg("train").args(run(&home.path().join("one"), "bf16")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && stderr.contains("grad_reduce_dtype bf16 changes nothing in one process"), "{stderr}");
+    let (a, b) = (progress_losses(&f32_run), progress_losses(&bf16_run));
+    assert_eq!(a.len(), b.len());
+    let worst = a.iter().zip(&b).map(|((_, x), (_, y))| ((x - y) / x).abs()).fold(0.0, f64::max);
+    eprintln!("bf16 gradients between ranks: largest relative loss difference from f32 over 8 steps {worst:.2e}");
+    assert!(worst > 0.0, "bf16 gradients changed nothing: {a:?}");
+    assert!(worst < 1e-2, "bf16 gradients moved a loss by {:.2}%: {a:?} vs {b:?}", 100.0 * worst);
+}
+
 #[test]
 fn a_rank_that_dies_ends_the_run_and_the_last_checkpoint_stays_loadable() {
     let home = tempfile::tempdir().unwrap();

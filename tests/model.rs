@@ -571,6 +571,7 @@ fn autograd_gradient_checkpointing_equals_the_plain_path() {
                 checkpointing,
                 dropout: 0.1,
                 seed: 77,
+                grad_wire: difflab::dist::Wire::F32,
             };
             let g = gradients(&model, &recipe, 3, &batches, &mut || {}).unwrap();
             (g.loss, g.grads)

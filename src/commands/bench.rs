@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::config::keys;
 use crate::config::{DeviceSpec, Precision, RunConfig};
-use crate::dist::World;
+use crate::dist::{Wire, World};
 use crate::engine::Placement;
 use crate::model::params::init_weights;
 use crate::model::{GptConfig, Trainable};
@@ -218,6 +218,7 @@ fn train_steps(
         checkpointing: run.gradient_checkpointing,
         dropout: run.dropout,
         seed: run.seed,
+        grad_wire: Wire::F32,
     };
     let (mb, block) = (run.micro_batch_size, run.block_size);
     let mut t = Timing {

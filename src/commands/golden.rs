@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::Serialize;
 
-use crate::dist::World;
+use crate::dist::{Wire, World};
 use crate::engine::Placement;
 use crate::model::gpt::next_token_loss;
 use crate::model::hf::load_pretrained;
@@ -152,6 +152,7 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
         checkpointing: false,
         dropout: 0.0,
         seed: 0,
+        grad_wire: Wire::F32,
     };
     let mut problems = vec![];
     let (mut grad_rel_worst, mut grad_worst_tensor) = (f64::NAN, String::new());

@@ -216,6 +216,14 @@ pub const KEYS: &[KeySpec] = &[
     key("device", Str, "auto", Placement, MayChange, "auto, cpu, cuda, cuda:N"),
     key("dtype", Str, "f32", Placement, MayChange, "f32, or bf16 (CUDA: bf16 compute, f32 master weights)"),
     key(
+        "grad_reduce_dtype",
+        Str,
+        "f32",
+        Placement,
+        MayChange,
+        "gradients between processes in f32, or bf16 (MPI: half the bytes; summed in f32, rounded to bf16 at each hop)",
+    ),
+    key(
         "resume_from_checkpoint",
         OptStr,
         "none",

@@ -98,6 +98,7 @@ pub struct RunConfig {
     pub tokenizer: TokenizerSpec,
     pub device: DeviceSpec,
     pub dtype: Precision,
+    pub grad_reduce_dtype: Precision,
     pub resume_from_checkpoint: Option<String>,
     pub adam_beta1: f64,
     pub adam_epsilon: f64,

@@ -122,6 +122,7 @@ const TYPED_KEYS: &[(&str, &str)] = &[
     ("lr_scheduler_type", "use cosine, linear, constant or constant_with_warmup"),
     ("device", "use auto, cpu, cuda or cuda:N"),
     ("dtype", "use f32, or bf16 on CUDA"),
+    ("grad_reduce_dtype", "use f32, or bf16 (processes over MPI)"),
     ("tokenizer", "use gpt2, byte, bpe:N (e.g. bpe:8192) or a tokenizer.json path"),
     ("eval_split", "use validation, or test"),
 ];
@@ -130,7 +131,7 @@ fn parse_typed(key: &str, v: &str) -> Result<(), String> {
     match key {
         "lr_scheduler_type" => v.parse::<ScheduleKind>().map(drop),
         "device" => v.parse::<DeviceSpec>().map(drop),
-        "dtype" => v.parse::<Precision>().map(drop),
+        "dtype" | "grad_reduce_dtype" => v.parse::<Precision>().map(drop),
         // training text is not an evaluation split: its loss is the train loss
         "eval_split" => match v.parse::<Split>()? {
             Split::Train => Err("evaluations run on held-out text".into()),

@@ -38,6 +38,14 @@ pub trait Collective: Send + Sync {
         recv.copy_from_slice(send);
         self.all_reduce_sum(recv)
     }
+    /// Sums bf16 values (their bits) over all ranks, in place, each addition in f32 rounded
+    /// back to bf16 (`grad_reduce_dtype bf16`). A backend without it says so.
+    fn all_reduce_sum_bf16(&self, _buf: &mut [u16]) -> Result<(), DistError> {
+        Err(DistError::Backend {
+            backend: self.backend(),
+            reason: "gradients in bf16 are summed over MPI only; set --grad_reduce_dtype f32".into(),
+        })
+    }
     /// Sums `buf` over all ranks, in place (loss and evaluation sums, in f64).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), DistError>;
     /// Rank 0's `buf` on every rank.
@@ -97,17 +105,30 @@ impl std::ops::Deref for World {
 /// machines, while a bucket stays small enough to pack and unpack in cache-friendly pieces.
 pub const BUCKET_BYTES: usize = 25 << 20;
 
+/// How gradients travel between processes: f32, or bf16 (half the bytes; each process's sum
+/// rounded to bf16 once, and each addition on the way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    F32,
+    Bf16,
+}
+
 /// Sums `buffers` over the ranks of `world`, in place: packed in order into flat buckets of up
-/// to `bucket_bytes` (a larger buffer is a bucket of its own), each summed in one collective
-/// call. Returns the number of calls. Every rank must pass buffers of the same sizes in the
-/// same order.
+/// to `bucket_bytes` on the wire (a larger buffer is a bucket of its own), each summed in one
+/// collective call. Returns the number of calls. Every rank must pass buffers of the same sizes
+/// in the same order.
 pub fn all_reduce_buckets(
     world: &dyn Collective,
     buffers: &mut [&mut [f32]],
     bucket_bytes: usize,
+    wire: Wire,
 ) -> Result<usize, DistError> {
-    let cap = (bucket_bytes / std::mem::size_of::<f32>()).max(1);
-    let (mut send, mut recv) = (Vec::new(), Vec::new());
+    let width = match wire {
+        Wire::F32 => std::mem::size_of::<f32>(),
+        Wire::Bf16 => std::mem::size_of::<u16>(),
+    };
+    let cap = (bucket_bytes / width).max(1);
+    let (mut send, mut recv, mut bits) = (Vec::new(), Vec::new(), Vec::<u16>::new());
     let (mut calls, mut start) = (0, 0);
     while start < buffers.len() {
         // the longest run of buffers from `start` that fits in a bucket (at least one)
@@ -118,13 +139,21 @@ pub fn all_reduce_buckets(
             end += 1;
         }
         let group = &mut buffers[start..end];
-        if let [single] = group {
+        if let ([single], Wire::F32) = (&mut *group, wire) {
             world.all_reduce_sum(single)?;
         } else {
             send.clear();
             group.iter().for_each(|b| send.extend_from_slice(b));
             recv.resize(len, 0.0);
-            world.all_reduce_sum_into(&send, &mut recv)?;
+            match wire {
+                Wire::F32 => world.all_reduce_sum_into(&send, &mut recv)?,
+                Wire::Bf16 => {
+                    bits.clear();
+                    bits.extend(send.iter().map(|&x| half::bf16::from_f32(x).to_bits()));
+                    world.all_reduce_sum_bf16(&mut bits)?;
+                    recv.iter_mut().zip(&bits).for_each(|(r, &b)| *r = half::bf16::from_bits(b).to_f32());
+                }
+            }
             let mut at = 0;
             for b in group.iter_mut() {
                 b.copy_from_slice(&recv[at..at + b.len()]);
@@ -155,6 +184,9 @@ impl Collective for Single {
         Ok(())
     }
     fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<(), DistError> {
+        Ok(())
+    }
+    fn all_reduce_sum_bf16(&self, _: &mut [u16]) -> Result<(), DistError> {
         Ok(())
     }
     fn broadcast_f64(&self, _: &mut [f64]) -> Result<(), DistError> {
@@ -230,6 +262,14 @@ mod tests {
         fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<(), DistError> {
             unreachable!()
         }
+        fn all_reduce_sum_bf16(&self, buf: &mut [u16]) -> Result<(), DistError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            for b in buf.iter_mut() {
+                let x = half::bf16::from_bits(*b).to_f32();
+                *b = half::bf16::from_f32(x + x).to_bits();
+            }
+            Ok(())
+        }
         fn broadcast_f64(&self, _: &mut [f64]) -> Result<(), DistError> {
             unreachable!()
         }
@@ -260,11 +300,25 @@ mod tests {
             let mut bufs = fresh();
             let twins = Twins::default();
             let mut views: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
-            let n = all_reduce_buckets(&twins, &mut views, bucket_floats * 4).unwrap();
+            let n = all_reduce_buckets(&twins, &mut views, bucket_floats * 4, Wire::F32).unwrap();
             // 10 floats: [3 5 2] [9 1] [1 4]; the 9 fits with the 1 after it
             assert_eq!((n, twins.0.load(std::sync::atomic::Ordering::SeqCst)), (calls, calls));
             let want: Vec<Vec<f32>> = fresh().into_iter().map(|b| b.iter().map(|x| 2.0 * x).collect()).collect();
             assert_eq!(bufs, want, "bucket of {bucket_floats} floats");
         }
+    }
+
+    /// In bf16 a bucket holds twice the values, and what comes back is the sum of the values
+    /// rounded to bf16 (8 bits of mantissa): 1 + 2^-10 does not survive, 1.5 does.
+    #[test]
+    fn bf16_buckets_hold_twice_the_values_and_round_to_bf16() {
+        let mut bufs = [vec![1.0f32 + 1.0 / 1024.0, 1.5, -3.0], vec![0.1; 5]];
+        let twins = Twins::default();
+        let mut views: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        // 8 values: 32 bytes in f32 (two buckets of 16 bytes), 16 in bf16 (one)
+        assert_eq!(all_reduce_buckets(&twins, &mut views, 16, Wire::Bf16).unwrap(), 1);
+        assert_eq!(bufs[0], vec![2.0, 3.0, -6.0]);
+        let tenth = half::bf16::from_f32(0.1).to_f32();
+        assert!(bufs[1].iter().all(|&x| x == 2.0 * tenth) && tenth != 0.1, "{:?}", bufs[1]);
     }
 }

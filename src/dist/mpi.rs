@@ -5,7 +5,9 @@
 
 use std::sync::Mutex;
 
-use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use std::os::raw::{c_int, c_void};
+
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation, UnsafeUserOperation};
 use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::Threading;
@@ -62,6 +64,12 @@ impl Collective for MpiWorld {
     fn all_reduce_sum_into(&self, send: &[f32], recv: &mut [f32]) -> Result<(), DistError> {
         self.with(|c| c.all_reduce_into(send, recv, SystemOperation::sum()))
     }
+    fn all_reduce_sum_bf16(&self, buf: &mut [u16]) -> Result<(), DistError> {
+        let send = buf.to_vec();
+        // Safety: `add_bf16` reads and writes `len` u16 values, the datatype of this call.
+        let sum = unsafe { UnsafeUserOperation::commutative(add_bf16) };
+        self.with(|c| c.all_reduce_into(&send[..], buf, &sum))
+    }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), DistError> {
         let send = buf.to_vec();
         self.with(|c| c.all_reduce_into(&send[..], buf, SystemOperation::sum()))
@@ -71,5 +79,20 @@ impl Collective for MpiWorld {
     }
     fn barrier(&self) -> Result<(), DistError> {
         self.with(|c| c.barrier())
+    }
+}
+
+/// MPI's reduction callback for bf16 sums: `inout[i] = bf16(f32(in[i]) + f32(inout[i]))`.
+///
+/// # Safety
+/// MPI passes `len` elements of the call's datatype (u16) at both pointers.
+unsafe extern "C" fn add_bf16(input: *mut c_void, inout: *mut c_void, len: *mut c_int, _: *mut mpi::ffi::MPI_Datatype) {
+    let n = unsafe { *len } as usize;
+    let (a, b) = unsafe {
+        (std::slice::from_raw_parts(input as *const u16, n), std::slice::from_raw_parts_mut(inout as *mut u16, n))
+    };
+    for (x, y) in a.iter().zip(b) {
+        let sum = half::bf16::from_bits(*x).to_f32() + half::bf16::from_bits(*y).to_f32();
+        *y = half::bf16::from_f32(sum).to_bits();
     }
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
 use crate::data::Batcher;
-use crate::dist::World;
+use crate::dist::{Wire, World};
 use crate::events::Event;
 use crate::model::Trainable;
 use crate::optim::AdamW;
@@ -313,6 +313,7 @@ pub fn run(
         checkpointing: cfg.gradient_checkpointing,
         dropout: cfg.dropout,
         seed: cfg.seed,
+        grad_wire: Wire::F32,
     };
     let mut curve = Curve::new(beta_for(range.steps));
     for i in 0..range.steps {

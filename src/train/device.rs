@@ -14,6 +14,8 @@ pub enum DeviceError {
     Unavailable { spec: String, reason: String },
     #[error("dtype bf16 needs a CUDA device; on the CPU difflab trains in f32 (set --dtype f32)")]
     Bf16OnCpu,
+    #[error("grad_reduce_dtype bf16 is for CPU processes over MPI; NCCL sums the gradients in f32 on the GPUs (set --grad_reduce_dtype f32)")]
+    Bf16ReduceOnGpu,
 }
 
 /// The run's placement: the device its `device` setting names, its dtype, the engine for those
@@ -26,6 +28,9 @@ pub fn placement(cfg: &RunConfig, world_size: usize) -> Result<Placement, Device
         Precision::Bf16 => DType::BF16,
         Precision::F32 => DType::F32,
     };
+    if cfg.grad_reduce_dtype == Precision::Bf16 && !device.is_cpu() {
+        return Err(DeviceError::Bf16ReduceOnGpu);
+    }
     Ok(Placement::new(device, dtype, cfg.dropout, world_size))
 }
 

@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use crate::dist::Collective;
+use crate::dist::{Collective, Wire};
 use crate::engine::Engine;
 use crate::model::dropout::Dropout;
 use crate::model::{cpu_step, Gpt, Trainable};
@@ -29,13 +29,13 @@ pub enum Accumulated {
 
 impl Accumulated {
     /// Sums the gradients over the processes of `world`, in place.
-    pub fn all_reduce(&mut self, world: &dyn Collective) -> Result<()> {
+    pub fn all_reduce(&mut self, world: &dyn Collective, wire: Wire) -> Result<()> {
         let fail = |e: crate::dist::DistError| candle_core::Error::Msg(e.to_string());
         match self {
             Accumulated::Empty => candle_core::bail!("no gradients to sum: this process had no micro-batch"),
             Accumulated::Host(h) => {
                 let mut buffers: Vec<&mut [f32]> = h.buffers_mut().collect();
-                crate::dist::all_reduce_buckets(world, &mut buffers, crate::dist::BUCKET_BYTES).map_err(fail)?;
+                crate::dist::all_reduce_buckets(world, &mut buffers, crate::dist::BUCKET_BYTES, wire).map_err(fail)?;
             }
             // host tensors (the CPU autograd engine, with dropout) go in buckets too, in the
             // map's key order, the same on every rank
@@ -43,7 +43,7 @@ impl Accumulated {
                 let mut host: Vec<Vec<f32>> =
                     grads.values().map(|g| g.flatten_all()?.to_vec1::<f32>()).collect::<Result<_>>()?;
                 let mut buffers: Vec<&mut [f32]> = host.iter_mut().map(|v| v.as_mut_slice()).collect();
-                crate::dist::all_reduce_buckets(world, &mut buffers, crate::dist::BUCKET_BYTES).map_err(fail)?;
+                crate::dist::all_reduce_buckets(world, &mut buffers, crate::dist::BUCKET_BYTES, wire).map_err(fail)?;
                 for (g, sum) in grads.values_mut().zip(host) {
                     *g = Tensor::from_vec(sum, g.shape(), g.device())?;
                 }

@@ -102,6 +102,14 @@ pub fn fits_in_memory(model: &GptConfig, cfg: &RunConfig, device: &Device) -> Re
     })
 }
 
+/// How the step's gradients travel between processes.
+fn wire(cfg: &RunConfig) -> crate::dist::Wire {
+    match cfg.grad_reduce_dtype {
+        crate::config::Precision::F32 => crate::dist::Wire::F32,
+        crate::config::Precision::Bf16 => crate::dist::Wire::Bf16,
+    }
+}
+
 pub fn adamw_config(cfg: &RunConfig) -> AdamWConfig {
     AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay }
 }
@@ -175,6 +183,10 @@ fn set_up<'a>(spec: &'a RunSpec, tx: &Sender<Event>) -> Result<Trainer<'a>, Trai
         tokens_per_step: (cfg.batch_size * cfg.block_size) as u64,
     };
     emit(tx, Event::TrainBegin(train_begin(&t)));
+    if wire(cfg) == crate::dist::Wire::Bf16 && spec.world.world_size() == 1 {
+        let text = "grad_reduce_dtype bf16 changes nothing in one process: gradients are summed between processes only (mpirun -n 2 ...)".into();
+        emit(tx, Event::Message { level: Level::Warning, text });
+    }
     Ok(t)
 }
 
@@ -281,7 +293,11 @@ fn train_begin(t: &Trainer) -> TrainBegin {
             w => format!("{}, {w} micro-batches side by side", engine.as_str()),
         },
         world_size: world.world_size(),
-        backend: world.backend().into(),
+        // the path the gradients take between processes, where there are several
+        backend: match (world.world_size(), wire(cfg)) {
+            (2.., crate::dist::Wire::Bf16) => format!("{}, gradients in bf16", world.backend()),
+            _ => world.backend().into(),
+        },
         variant: t.model_cfg.variant_name(),
         vocab_size: t.model_cfg.vocab_size,
         train_blocks: t.data.train.num_blocks(cfg.block_size),
@@ -392,6 +408,7 @@ fn one_step(
         checkpointing: cfg.gradient_checkpointing,
         dropout: cfg.dropout,
         seed: cfg.seed,
+        grad_wire: wire(cfg),
     };
     let is_root = world.is_root();
     let clock = &mut tally.clock;

@@ -10,7 +10,7 @@ use candle_core::{Device, Result, Tensor};
 
 use super::micro::{forward_backward_all, Accumulated, MicroBatch};
 use crate::data::{Batcher, EpochOrder};
-use crate::dist::Collective;
+use crate::dist::{Collective, Wire};
 use crate::engine::Placement;
 use crate::model::dropout::Dropout;
 use crate::model::Trainable;
@@ -27,6 +27,8 @@ pub struct Recipe<'a> {
     pub checkpointing: bool,
     pub dropout: f64,
     pub seed: u64,
+    /// The gradients' dtype between processes (`grad_reduce_dtype`).
+    pub grad_wire: Wire,
 }
 
 /// A step's gradients and loss, summed over the processes.
@@ -75,7 +77,7 @@ pub fn gradients(
     // each process's share is scaled by one over all micro-batches: the sum is the whole step
     let started = Instant::now();
     if recipe.world.world_size() > 1 {
-        acc.all_reduce(recipe.world)?;
+        acc.all_reduce(recipe.world, recipe.grad_wire)?;
         let mut sum = [loss];
         recipe.world.all_reduce_sum_f64(&mut sum).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         loss = sum[0];
