@@ -105,7 +105,8 @@ pub fn describe(event: &Event) -> Option<String> {
             "[end] {} at step {} | train loss {} | eval loss {} | perplexity {} | {:.1}s | {} tok/s",
             e.status,
             e.step,
-            e.train_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            // the mean over every step applied, resumes included: say over how many
+            e.train_loss.map_or("-".into(), |l| format!("{l:.4} (mean of {} steps)", e.train_loss_steps)),
             e.eval_loss.map_or("-".into(), |l| format!("{l:.4}")),
             e.perplexity.map_or("-".into(), |p| format!("{p:.2}")),
             e.train_runtime,
