@@ -222,7 +222,13 @@ fn render(s: &StudySummary) -> std::io::Result<Vec<(&'static str, figures::Png)>
         markers: true,
     }));
     let extras = Extras { categories: arms, ..Default::default() };
-    let finals = figures::chart_with("final eval loss per seed", XAxis::Categories, "eval loss", lines, extras)?;
+    let finals = figures::chart_with(
+        "final eval loss per seed",
+        XAxis::Categories,
+        "final eval loss (nats per token)",
+        lines,
+        extras,
+    )?;
     let mut out = vec![("study_eval_loss", curves), ("study_final_loss", finals)];
     if !s.lengths.is_empty() {
         out.push(("study_extrapolation", extrapolation(s)?));
