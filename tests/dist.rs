@@ -31,6 +31,11 @@ fn mpirun(home: &Path, n: usize) -> Command {
     cmd
 }
 
+/// Whether the run logging to `metrics` has made a progress marker yet.
+fn logged_progress(metrics: &Path) -> bool {
+    std::fs::read_to_string(metrics).unwrap_or_default().contains("\"progress\"")
+}
+
 fn progress_losses(dir: &Path) -> Vec<(u64, f64)> {
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     json_lines(&text)
@@ -38,6 +43,18 @@ fn progress_losses(dir: &Path) -> Vec<(u64, f64)> {
         .filter(|m| m["event"] == "progress" || m["event"] == "evaluate")
         .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().or(m["eval_loss"].as_f64()).unwrap()))
         .collect()
+}
+
+/// The runs in `one` and `two` logged the same steps with the same losses and eval losses
+/// (1e-5 relative): 8 steps and 2 evaluations at least.
+fn assert_same_losses(one: &Path, two: &Path) {
+    let (a, b) = (progress_losses(one), progress_losses(two));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() >= 10, "8 steps and 2 evals: {a:?}");
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!((la - lb).abs() <= 1e-5 * la.abs(), "step {sa}: {la} vs {lb}");
+    }
 }
 
 #[test]
@@ -60,13 +77,7 @@ fn two_ranks_train_as_one_process_with_the_same_global_batch() {
     // only rank 0 wrote: one train_begin on stdout, one metrics log
     assert_eq!(json_lines(&stdout).iter().filter(|m| m["event"] == "train_begin").count(), 1);
 
-    let (a, b) = (progress_losses(&one), progress_losses(&two));
-    assert_eq!(a.len(), b.len());
-    assert!(a.len() >= 10, "8 steps and 2 evals: {a:?}");
-    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
-        assert_eq!(sa, sb);
-        assert!((la - lb).abs() <= 1e-5 * la.abs(), "step {sa}: {la} vs {lb}");
-    }
+    assert_same_losses(&one, &two);
     let wa = candle_core::safetensors::load(one.join("model.safetensors"), &Device::Cpu).unwrap();
     let wb: HashMap<_, _> = candle_core::safetensors::load(two.join("model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(wa.len(), wb.len());
@@ -128,28 +139,15 @@ fn a_rank_that_dies_ends_the_run_and_the_last_checkpoint_stays_loadable() {
     let mut job = Reaped(
         mpirun(home.path(), 2).arg("train").args(&flags).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap(),
     );
-    let started = Instant::now();
-    while !out.join("checkpoint-50").join("checksums.json").exists() {
-        assert!(job.0.try_wait().unwrap().is_none(), "the job ended before its first checkpoint");
-        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint-50");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    job.wait_until(Duration::from_secs(120), "checkpoint-50", || {
+        out.join("checkpoint-50").join("checksums.json").exists()
+    });
     // the ranks are mpirun's children; kill the last one as a crash would
     let children = Command::new("pgrep").args(["-P", &job.0.id().to_string()]).output().unwrap();
     let pids: Vec<String> = String::from_utf8_lossy(&children.stdout).split_whitespace().map(String::from).collect();
     assert_eq!(pids.len(), 2, "two ranks: {pids:?}");
     Command::new("kill").args(["-9", pids.last().unwrap()]).status().unwrap();
-    let killed = Instant::now();
-    let status = loop {
-        if let Some(status) = job.0.try_wait().unwrap() {
-            break status;
-        }
-        if killed.elapsed() > Duration::from_secs(60) {
-            let _ = job.0.kill();
-            panic!("the job did not end within 60 s of a rank's death");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = job.wait_within(Duration::from_secs(60));
     assert!(!status.success(), "{status:?}");
     let mut said = String::new();
     std::io::Read::read_to_string(&mut job.0.stderr.take().unwrap(), &mut said).unwrap();
@@ -170,29 +168,15 @@ fn a_control_sent_to_rank_0_reaches_every_rank_at_the_same_step() {
     let mut job = Reaped(
         mpirun(home.path(), 2).arg("train").args(&flags).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
     );
-    let started = Instant::now();
     let metrics = out.join("metrics.jsonl");
-    while !std::fs::read_to_string(&metrics).unwrap_or_default().contains("\"progress\"") {
-        assert!(job.0.try_wait().unwrap().is_none(), "the job ended early");
-        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    job.wait_until(Duration::from_secs(120), "progress", || logged_progress(&metrics));
     // as `difflab watch` sends them: files in the run directory, read by rank 0's inbox
     let send =
         |control| difflab::train::remote::send(&out, &ControlMsg { control, origin: ControlOrigin::Watch }).unwrap();
     send(Control::ScaleLr { factor: 0.1 });
     send(Control::Stop { save: true });
     // a rank that missed the stop would wait forever in the next all-reduce
-    let status = loop {
-        if let Some(status) = job.0.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            let _ = job.0.kill();
-            panic!("the ranks did not stop together");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = job.wait_within(Duration::from_secs(120));
     assert!(status.success(), "{status:?}");
     let events = json_lines(&std::fs::read_to_string(&metrics).unwrap());
     let end = events.iter().rfind(|m| m["event"] == "train_end").unwrap();
@@ -323,13 +307,7 @@ fn two_hosts_over_tcp_train_as_one_process_and_a_dead_remote_rank_ends_the_job()
     assert!(o.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&o.stderr));
     let begin = json_lines(&stdout).into_iter().find(|m| m["event"] == "train_begin").unwrap();
     assert_eq!((begin["world_size"].as_u64(), begin["backend"].as_str()), (Some(2), Some("mpi")));
-    let (a, b) = (progress_losses(&one), progress_losses(&two));
-    assert_eq!(a.len(), b.len());
-    assert!(a.len() >= 10, "8 steps and 2 evals: {a:?}");
-    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
-        assert_eq!(sa, sb);
-        assert!((la - lb).abs() <= 1e-5 * la.abs(), "step {sa}: {la} vs {lb}");
-    }
+    assert_same_losses(&one, &two);
 
     // a long run; once it trains, the remote rank dies as a crashed machine's would
     let long = home.path().join("long");
@@ -343,26 +321,12 @@ fn two_hosts_over_tcp_train_as_one_process_and_a_dead_remote_rank_ends_the_job()
             .spawn()
             .unwrap(),
     );
-    let started = Instant::now();
-    while !std::fs::read_to_string(long.join("metrics.jsonl")).unwrap_or_default().contains("\"progress\"") {
-        assert!(job.0.try_wait().unwrap().is_none(), "the job ended early");
-        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    job.wait_until(Duration::from_secs(120), "progress", || logged_progress(&long.join("metrics.jsonl")));
     let remote = hosts.remote_ranks();
     assert_eq!(remote.len(), 1, "one rank in the second host: {remote:?}");
     Command::new("kill").args(["-9", &remote[0]]).status().unwrap();
     let killed = Instant::now();
-    let status = loop {
-        if let Some(status) = job.0.try_wait().unwrap() {
-            break status;
-        }
-        if killed.elapsed() > Duration::from_secs(60) {
-            let _ = job.0.kill();
-            panic!("the job did not end within 60 s of the remote rank's death");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = job.wait_within(Duration::from_secs(60));
     assert!(!status.success(), "{status:?}");
     eprintln!("the job ended {:.1} s after the remote rank was killed", killed.elapsed().as_secs_f64());
 }

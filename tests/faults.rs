@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -13,19 +12,6 @@ use common::*;
 
 fn run(home: &Path, args: &[String]) -> Output {
     difflab(home).args(args).output().unwrap()
-}
-
-/// Waits for `child` at most `limit`: a hang (what some of these faults were) fails the test
-/// instead of stalling it, and the process is ended.
-fn wait_within(child: &mut Reaped, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "still running after {limit:?}: it hangs");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -46,23 +32,6 @@ fn short(corpus: &Path, out: &Path) -> Vec<String> {
         &tiny_flags(corpus, out),
         &["--max_steps", "12", "--eval_steps", "6", "--save_steps", "6", "--logging_steps", "3"],
     )
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.clone(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
 }
 
 /// Cuts `metrics.jsonl` in the middle of its last `evaluate` line, as a kill during that write
@@ -253,7 +222,7 @@ fn the_control_inbox_reads_only_small_regular_files_and_documented_factors() {
     std::fs::write(control.join("d-huge.json"), br#"{"control":"scale_lr","factor":1e300,"origin":"api"}"#).unwrap();
     std::fs::write(control.join("e-what.json"), br#"{"control":"explode","origin":"api"}"#).unwrap();
     let drain = std::thread::spawn(move || lines.map_while(Result::ok).count());
-    assert_eq!(wait_within(&mut child, Duration::from_secs(90)).code(), Some(0), "the run ended: no read blocked it");
+    assert_eq!(child.wait_within(Duration::from_secs(90)).code(), Some(0), "the run ended: no read blocked it");
     drain.join().unwrap();
     let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     for (name, why) in [
@@ -291,7 +260,7 @@ fn extends_cycles_by_path_are_refused() {
                 .spawn()
                 .unwrap(),
         );
-        assert_eq!(wait_within(&mut child, Duration::from_secs(20)).code(), Some(2));
+        assert_eq!(child.wait_within(Duration::from_secs(20)).code(), Some(2));
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
         assert!(stderr.contains("cycle"), "{stderr}");

@@ -14,18 +14,7 @@ use difflab::model::{GptConfig, Trainable};
 use difflab::train::evaluate::evaluate;
 
 fn config(rope: bool, differential: bool) -> GptConfig {
-    GptConfig {
-        vocab_size: 97,
-        n_positions: 16,
-        n_embd: 32,
-        n_layer: 2,
-        n_head: 4,
-        layer_norm_epsilon: 1e-5,
-        rope,
-        rope_theta: 10_000.0,
-        differential,
-        dropout: 0.0,
-    }
+    tiny_config(97, rope, differential)
 }
 
 /// The mean of `position_loss`, weighted by each bucket's predictions, equals the ordinary eval

@@ -15,18 +15,7 @@ use difflab::model::{GptConfig, Trainable};
 use difflab::optim::{grads, AdamW, AdamWConfig};
 
 fn tiny(rope: bool, differential: bool) -> GptConfig {
-    GptConfig {
-        vocab_size: 61,
-        n_positions: 16,
-        n_embd: 32,
-        n_layer: 2,
-        n_head: 4,
-        layer_norm_epsilon: 1e-5,
-        rope,
-        rope_theta: 10_000.0,
-        differential,
-        dropout: 0.0,
-    }
+    tiny_config(61, rope, differential)
 }
 
 fn variants() -> Vec<GptConfig> {

@@ -157,9 +157,67 @@ pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
 }
 
+/// Every file under `dir` with its bytes.
+pub fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// A small model of each variant's shape: 2 layers x 32, 4 heads, 16 positions.
+pub fn tiny_config(vocab_size: usize, rope: bool, differential: bool) -> difflab::model::GptConfig {
+    difflab::model::GptConfig {
+        vocab_size,
+        n_positions: 16,
+        n_embd: 32,
+        n_layer: 2,
+        n_head: 4,
+        layer_norm_epsilon: 1e-5,
+        rope,
+        rope_theta: 10_000.0,
+        differential,
+        dropout: 0.0,
+    }
+}
+
 /// A child process that is ended when this goes out of scope, also when a test panics while it
 /// runs: SIGTERM first (mpirun passes it on to its ranks), then SIGKILL after ten seconds.
 pub struct Reaped(pub std::process::Child);
+
+impl Reaped {
+    /// Waits for the process at most `limit`: a hang fails the test instead of stalling it
+    /// (and the process is ended as this drops).
+    pub fn wait_within(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "still running after {limit:?}: it hangs");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Waits, at most `limit`, until `ready` holds, the process still running.
+    pub fn wait_until(&mut self, limit: std::time::Duration, what: &str, ready: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + limit;
+        while !ready() {
+            assert!(self.0.try_wait().unwrap().is_none(), "the process ended before {what}");
+            assert!(std::time::Instant::now() < deadline, "no {what} within {limit:?}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
 
 impl Drop for Reaped {
     fn drop(&mut self) {
