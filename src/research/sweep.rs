@@ -40,6 +40,25 @@ pub struct TrialResult {
     pub note: Option<String>,
 }
 
+impl TrialResult {
+    /// A trial with its status and none of its numbers yet.
+    fn new(label: &str, value: &serde_json::Value, output_dir: String, status: RunStatus) -> Self {
+        TrialResult {
+            label: label.into(),
+            value: value.clone(),
+            output_dir,
+            final_loss: None,
+            best_loss: None,
+            eval_loss: None,
+            perplexity: None,
+            steps: 0,
+            status,
+            reused: false,
+            note: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SweepSummary {
     pub key: String,
@@ -245,15 +264,8 @@ pub fn spawn(
     let (tx, events) = unbounded();
     let stop = StopSignal::default();
     let stop_for_thread = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("difflab-sweep".into())
-        .spawn(move || {
-            let mut held = lock;
-            // best effort: the lock holds whether or not its file names us
-            let _ = held.mark();
-            run(base, preset, plan, cache_dir, tx, stop_for_thread)
-        })
-        .unwrap_or_else(|e| panic!("cannot start the sweep thread: {e}"));
+    let thread =
+        crate::research::spawn_holding("sweep", lock, move || run(base, preset, plan, cache_dir, tx, stop_for_thread));
     SweepHandle { events, stop, thread }
 }
 
@@ -301,22 +313,15 @@ fn reused(
     let from_summary = earlier.iter().find(|t| t["label"] == label && status_of(t).is_some_and(|s| ENDED.contains(&s)));
     if let (Some(t), study::RunPlan::Reuse | study::RunPlan::Fresh { .. }) = (from_summary, &plan) {
         let status = status_of(t).unwrap_or(RunStatus::Completed);
+        // lagging is judged against the other trials again
+        let verdict = if status == RunStatus::Lagging { RunStatus::Completed } else { status };
         let mut result = TrialResult {
-            label: label.into(),
-            value: value.clone(),
-            output_dir: cfg.output_dir.clone(),
-            final_loss: None,
-            best_loss: None,
-            eval_loss: None,
-            perplexity: None,
-            steps: 0,
-            // lagging is judged against the other trials again
-            status: if status == RunStatus::Lagging { RunStatus::Completed } else { status },
             reused: true,
             note: Some(match t["note"].as_str().filter(|_| status != RunStatus::Lagging) {
                 Some(n) => format!("{n} (reused from an earlier session)"),
                 None => "reused from an earlier session".into(),
             }),
+            ..TrialResult::new(label, value, cfg.output_dir.clone(), verdict)
         };
         // the verdict from the summary; the numbers from the trial's own record
         fill_from_log(&mut result, dir);
@@ -327,17 +332,9 @@ fn reused(
         return None;
     }
     let mut result = TrialResult {
-        label: label.into(),
-        value: value.clone(),
-        output_dir: cfg.output_dir.clone(),
-        final_loss: None,
-        best_loss: None,
-        eval_loss: None,
-        perplexity: None,
-        steps: 0,
-        status: RunStatus::Completed,
         reused: true,
         note: Some("reused from its finished log".into()),
+        ..TrialResult::new(label, value, cfg.output_dir.clone(), RunStatus::Completed)
     };
     fill_from_log(&mut result, dir);
     Some(result)
@@ -385,19 +382,7 @@ fn run(
         let label = SweepPlan::label(trial_values);
         let value = SweepPlan::value(trial_values);
         let dir = root.join(&label);
-        let mut result = TrialResult {
-            label: label.clone(),
-            value: value.clone(),
-            output_dir: dir.display().to_string(),
-            final_loss: None,
-            best_loss: None,
-            eval_loss: None,
-            perplexity: None,
-            steps: 0,
-            status: RunStatus::Skipped,
-            reused: false,
-            note: None,
-        };
+        let mut result = TrialResult::new(&label, &value, dir.display().to_string(), RunStatus::Skipped);
         if stop.requested() {
             result.note = Some("the sweep was stopped".into());
             let _ = tx.send(SweepEvent::TrialEnd(result.clone()));
@@ -675,20 +660,7 @@ mod tests {
     use super::*;
 
     fn t(v: f64, status: &str) -> TrialResult {
-        let status = status.parse().unwrap();
-        TrialResult {
-            label: String::new(),
-            value: serde_json::json!(v),
-            output_dir: String::new(),
-            final_loss: None,
-            best_loss: None,
-            eval_loss: None,
-            perplexity: None,
-            steps: 0,
-            status,
-            reused: false,
-            note: None,
-        }
+        TrialResult::new("", &serde_json::json!(v), String::new(), status.parse().unwrap())
     }
 
     fn evaluated(v: f64, status: &str, eval: f64) -> TrialResult {

@@ -66,15 +66,9 @@ pub fn spawn(
     let (tx, events) = unbounded();
     let stop = StopSignal::default();
     let stop_for_thread = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("difflab-study".into())
-        .spawn(move || {
-            let mut held = lock;
-            // best effort: the lock holds whether or not its file names us
-            let _ = held.mark();
-            run(&root, &arms, &seeds, &plans, &lengths, &cache_dir, &tx, &stop_for_thread)
-        })
-        .unwrap_or_else(|e| panic!("cannot start the study thread: {e}"));
+    let thread = crate::research::spawn_holding("study", lock, move || {
+        run(&root, &arms, &seeds, &plans, &lengths, &cache_dir, &tx, &stop_for_thread)
+    });
     StudyHandle { events, stop, thread }
 }
 
