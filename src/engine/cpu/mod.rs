@@ -3,6 +3,7 @@
 //! with a hand-written backward. Nothing here knows the model; `model` and `optim` call in.
 
 pub mod attention;
+pub mod bf16;
 pub mod head;
 pub mod kernels;
 pub mod ops;
