@@ -162,16 +162,34 @@ fn three_adamw_steps_match() {
     }
 }
 
-/// `difflab golden-check` (the GPU host's check) passes on the CPU in f32 and with bf16
-/// compute, the mixed-precision path `--dtype bf16` trains with.
+/// `difflab golden-check` (the GPU host's check) passes on the CPU in f32, with the CPU's bf16
+/// path (bf16 matmuls on AVX512-BF16, what `--device cpu --dtype bf16` trains with), and with
+/// the composed ops computing in bf16 (the arithmetic of the CUDA bf16 path, run on the CPU).
 #[test]
 fn golden_check_passes_in_f32_and_bf16() {
-    let golden = common::shared_dir().join("golden");
-    for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
-        let (reports, _) = difflab::commands::golden::check(&golden, &Device::Cpu, dtype).unwrap();
+    use difflab::commands::golden;
+    use difflab::engine::Placement;
+    let golden_dir = common::shared_dir().join("golden");
+    let mut placements = vec![
+        Placement::of(&Device::Cpu, candle_core::DType::F32),
+        Placement::of(&Device::Cpu, candle_core::DType::BF16),
+    ];
+    match golden::placement(&Device::Cpu, candle_core::DType::BF16) {
+        Ok(p) => placements.push(p),
+        Err(e) => {
+            assert!(!difflab::engine::cpu::bf16::available());
+            eprintln!("CPU bf16 path not checked: {e}");
+        }
+    }
+    for placement in placements {
+        let (reports, tolerances) = golden::check(&golden_dir, &placement).unwrap();
         assert_eq!(reports.len(), 4);
         for r in &reports {
-            assert!(r.pass, "{dtype:?} {r:?}");
+            assert!(r.pass, "{} {:?} {r:?}", placement.path(), placement.dtype);
+        }
+        // the bf16 paths really round: their errors are far above f32's, within bf16's bounds
+        if placement.compute_dtype() == "bf16" {
+            assert!(tolerances.logits > 1e-3 && reports.iter().all(|r| r.logits_max_abs > 1e-4), "{reports:?}");
         }
     }
 }
@@ -193,7 +211,8 @@ fn golden_copy(variant: &str) -> (tempfile::TempDir, std::path::PathBuf) {
 }
 
 fn check_f32(golden: &std::path::Path) -> difflab::commands::golden::VariantReport {
-    let (reports, _) = difflab::commands::golden::check(golden, &Device::Cpu, candle_core::DType::F32).unwrap();
+    let placement = difflab::engine::Placement::of(&Device::Cpu, candle_core::DType::F32);
+    let (reports, _) = difflab::commands::golden::check(golden, &placement).unwrap();
     assert_eq!(reports.len(), 1);
     reports.into_iter().next().unwrap()
 }

@@ -334,7 +334,13 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
     let probe = noise(&[6, 5, 24], 4).as_detached_tensor();
     let run = |fused: bool| {
         let y = if fused {
-            ops::layer_norm(Kernels::FusedCpu, x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+            ops::layer_norm(
+                Kernels::FusedCpu(difflab::engine::Matmuls::F32),
+                x.as_tensor(),
+                w.as_tensor(),
+                b.as_tensor(),
+                1e-5,
+            )
         } else {
             ops::composed_layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
         }
@@ -353,7 +359,7 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
     let probe = noise(&[3, 5, 24], 14).as_detached_tensor();
     let run = |fused: bool| {
         let y = if fused {
-            ops::linear(Kernels::FusedCpu, x.as_tensor(), w.as_tensor(), b.as_tensor())
+            ops::linear(Kernels::FusedCpu(difflab::engine::Matmuls::F32), x.as_tensor(), w.as_tensor(), b.as_tensor())
         } else {
             ops::composed_linear(x.as_tensor(), w.as_tensor(), b.as_tensor())
         }
@@ -374,7 +380,7 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
     let probe = noise(&[2, 3, t, t], 6).as_detached_tensor();
     let run = |fused: bool| {
         let y = if fused {
-            ops::causal_softmax(Kernels::FusedCpu, s.as_tensor(), &mask)
+            ops::causal_softmax(Kernels::FusedCpu(difflab::engine::Matmuls::F32), s.as_tensor(), &mask)
         } else {
             ops::composed_causal_softmax(s.as_tensor(), &mask)
         }
@@ -389,8 +395,11 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
     // gelu
     let x = noise(&[7, 33], 7);
     let run = |fused: bool| {
-        let y =
-            if fused { ops::gelu(Kernels::FusedCpu, x.as_tensor()).unwrap() } else { x.as_tensor().gelu().unwrap() };
+        let y = if fused {
+            ops::gelu(Kernels::FusedCpu(difflab::engine::Matmuls::F32), x.as_tensor()).unwrap()
+        } else {
+            x.as_tensor().gelu().unwrap()
+        };
         let g = (&y * &y).unwrap().sum_all().unwrap().backward().unwrap();
         (y, g.get(x.as_tensor()).unwrap().clone())
     };
@@ -408,7 +417,12 @@ fn fused_kernels_equal_the_composed_ops_forward_and_backward() {
             Tensor::from_vec((0..rows as u32).map(|i| (i * 5) % vocab as u32).collect::<Vec<_>>(), rows, &dev).unwrap();
         let run = |fused: bool| {
             let l = if fused {
-                ops::head_cross_entropy(Kernels::FusedCpu, hidden.as_tensor(), wte.as_tensor(), &targets)
+                ops::head_cross_entropy(
+                    Kernels::FusedCpu(difflab::engine::Matmuls::F32),
+                    hidden.as_tensor(),
+                    wte.as_tensor(),
+                    &targets,
+                )
             } else {
                 ops::composed_head_cross_entropy(hidden.as_tensor(), wte.as_tensor(), &targets)
             }
@@ -483,7 +497,10 @@ fn fused_attention_case(t: usize) {
         };
         let want_grad = grad_of(&composed);
         for keep in [true, false] {
-            let y = qkv.as_tensor().apply_op1(CausalAttention::new(h, host.clone(), keep)).unwrap();
+            let y = qkv
+                .as_tensor()
+                .apply_op1(CausalAttention::new(h, host.clone(), keep, difflab::engine::Matmuls::F32))
+                .unwrap();
             assert_close(&format!("attention T {t} rope {rope} keep {keep}"), &y, &composed, 1e-5, 1e-5);
             assert_close(
                 &format!("attention grad T {t} rope {rope} keep {keep}"),
@@ -513,7 +530,17 @@ fn the_written_out_cpu_step_equals_autograd() {
         for checkpointing in [false, true] {
             let what = format!("rope {} diff {} ckpt {checkpointing}", cfg.rope, cfg.differential);
             let mut host = None;
-            let out = cpu_step::forward_backward(&cfg, &model.vars, &ids, None, 0.5, checkpointing, &mut host).unwrap();
+            let out = cpu_step::forward_backward(
+                &cfg,
+                &model.vars,
+                &ids,
+                None,
+                0.5,
+                checkpointing,
+                (difflab::engine::Matmuls::F32, None),
+                &mut host,
+            )
+            .unwrap();
             let grads = host.unwrap().into_tensors(&cfg).unwrap();
             assert!((out.loss - want_loss).abs() < 1e-5, "{what}: loss {} vs {want_loss}", out.loss);
             assert_eq!(grads.len(), want.len(), "{what}");
@@ -574,5 +601,46 @@ fn autograd_gradient_checkpointing_equals_the_plain_path() {
         for (name, g) in &plain {
             assert_close(&format!("{what} {name}"), &ckpt[name], g, 1e-6, 1e-4);
         }
+    }
+}
+
+/// The CPU's bf16 step (bf16 matmuls on AVX512-BF16): its gradients follow the f32 step's to
+/// bf16's error (and differ: the matmuls round), the weights packed once for the step give
+/// exactly what packing them in every product gives, and the packed panels take the memory the
+/// run's estimate counts for them.
+#[test]
+fn the_bf16_step_follows_the_f32_step_and_its_packed_weights_change_nothing() {
+    use difflab::engine::Matmuls;
+    use difflab::model::cpu_step::{forward_backward, PackedWeights};
+    if !difflab::engine::cpu::bf16::available() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    for cfg in variants() {
+        let cfg = GptConfig { n_positions: 64, ..cfg };
+        let model = Trainable::on_weights(&cfg, init_weights(&cfg, 11, &Device::Cpu).unwrap()).unwrap();
+        let ids = random_ids(3, 37, cfg.vocab_size, 5);
+        let packed = PackedWeights::new(&cfg, &model.vars).unwrap();
+        let grads = |arith: (Matmuls, Option<&PackedWeights>)| {
+            let mut g = None;
+            let out = forward_backward(&cfg, &model.vars, &ids, None, 1.0, false, arith, &mut g).unwrap();
+            (out.loss, g.unwrap().into_tensors(&cfg).unwrap())
+        };
+        let (loss32, g32) = grads((Matmuls::F32, None));
+        let (loss16, g16) = grads((Matmuls::Bf16, Some(&packed)));
+        let (loss_unpacked, g_unpacked) = grads((Matmuls::Bf16, None));
+        assert!((loss32 - loss16).abs() < 5e-3 && loss32 != loss16, "loss f32 {loss32} vs bf16 {loss16}");
+        assert_eq!(loss16, loss_unpacked);
+        let mut worst = 0f32;
+        for (name, want) in &g32 {
+            let got = &g16[name];
+            let rel = max_abs_diff(got, want) / to_vec(want).iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            assert!(rel < 0.05, "{name}: bf16 gradient off by {rel:.3} of its largest entry");
+            worst = worst.max(rel);
+            assert_eq!(to_vec(got), to_vec(&g_unpacked[name]), "{name}: packed once vs per product");
+        }
+        assert!(worst > 1e-5, "the bf16 gradients equal the f32 ones: nothing was rounded");
+        let (estimate, bytes) = (cfg.bf16_panel_bytes() as f64, packed.bytes() as f64);
+        assert!(estimate <= bytes && bytes <= 1.35 * estimate, "panels {bytes} bytes, estimated {estimate}");
     }
 }

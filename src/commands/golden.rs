@@ -31,8 +31,8 @@ impl Tolerances {
     /// allow; weights after three AdamW steps at lr 1e-3 get 6e-3 because Adam normalizes each
     /// update, so a near-zero gradient whose sign flips in bf16 moves its weight by up to 2·lr
     /// per step whatever the gradient error's size.
-    pub fn for_dtype(dtype: DType) -> Self {
-        if dtype == DType::BF16 {
+    pub fn for_placement(placement: &Placement) -> Self {
+        if placement.compute_dtype() == "bf16" {
             Self { logits: 0.05, loss: 5e-3, grad_rel: 0.05, weights_after: 6e-3 }
         } else {
             Self { logits: 1e-4, loss: 1e-5, grad_rel: 1e-3, weights_after: 5e-5 }
@@ -119,16 +119,15 @@ fn reference_recipe(dir: &Path, batches: usize) -> anyhow::Result<Recipe> {
     Ok(Recipe { log, lr, max_norm, adam, steps })
 }
 
-pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<VariantReport> {
-    let tol = Tolerances::for_dtype(dtype);
+pub fn check_variant(dir: &Path, placement: &Placement) -> anyhow::Result<VariantReport> {
+    let tol = Tolerances::for_placement(placement);
+    let device = &placement.device;
     let load = |f: &str| -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
         Ok(candle_core::safetensors::load(dir.join(f), device)?)
     };
     let (cfg, weights) = load_pretrained(&dir.join("model"), device)?;
     let r = load("reference.safetensors")?;
-    // bf16 compute on the CPU too: this is the check of the arithmetic, not a training run
-    let placement = Placement::of(device, dtype);
-    let model = Trainable::new(&cfg, weights, &placement)?;
+    let model = Trainable::new(&cfg, weights, placement)?;
     let out = model.detached()?.forward(&r["input_ids"], None)?;
     let logits_max_abs = max_abs(&out.logits, &r["logits"])?;
     let scalar = |t: &Tensor| -> anyhow::Result<f64> {
@@ -146,7 +145,7 @@ pub fn check_variant(dir: &Path, device: &Device, dtype: DType) -> anyhow::Resul
     let mut opt = AdamW::new(&model.vars, adam, |_, v| v.rank() >= 2)?;
     let world = World::single();
     let recipe = step::Recipe {
-        placement: &placement,
+        placement,
         world: &*world,
         micro_batches: 1,
         checkpointing: false,
@@ -238,8 +237,18 @@ fn compare_grads(
     Ok((worst, tensor))
 }
 
-/// Every variant under `golden_dir`.
-pub fn check(golden_dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<(Vec<VariantReport>, Tolerances)> {
+/// The placement `golden-check --device D --dtype T` checks: bf16 on the CPU is the path
+/// training takes there (bf16 matmuls in the written-out step; refused without AVX512-BF16),
+/// elsewhere the model computes in `dtype` on `device`.
+pub fn placement(device: &Device, dtype: DType) -> Result<Placement, crate::train::device::DeviceError> {
+    match (device.is_cpu(), dtype) {
+        (true, DType::BF16) => crate::train::device::cpu_bf16(0.0, 1),
+        _ => Ok(Placement::of(device, dtype)),
+    }
+}
+
+/// Every variant under `golden_dir`, computed on `placement`.
+pub fn check(golden_dir: &Path, placement: &Placement) -> anyhow::Result<(Vec<VariantReport>, Tolerances)> {
     let mut variants: Vec<_> = std::fs::read_dir(golden_dir)?
         .flatten()
         .map(|e| e.path())
@@ -249,6 +258,6 @@ pub fn check(golden_dir: &Path, device: &Device, dtype: DType) -> anyhow::Result
     if variants.is_empty() {
         anyhow::bail!("{} holds no golden variants (rope*_diff*/reference.safetensors)", golden_dir.display());
     }
-    let reports = variants.iter().map(|v| check_variant(v, device, dtype)).collect::<anyhow::Result<Vec<_>>>()?;
-    Ok((reports, Tolerances::for_dtype(dtype)))
+    let reports = variants.iter().map(|v| check_variant(v, placement)).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((reports, Tolerances::for_placement(placement)))
 }

@@ -181,11 +181,12 @@ pub fn run(invocation: Invocation) -> anyhow::Result<ExitCode> {
                 "bf16" => candle_core::DType::BF16,
                 other => return Err(BadInput(format!("--dtype {other:?}: use f32 or bf16")).into()),
             };
-            let (reports, tolerances) = golden::check(&golden, &device, dtype)?;
+            let placement = golden::placement(&device, dtype)?;
+            let (reports, tolerances) = golden::check(&golden, &placement)?;
             let pass = reports.iter().all(|r| r.pass);
             println!(
                 "{}",
-                serde_json::json!({ "device": crate::train::device::describe(&device), "dtype": format!("{dtype:?}").to_lowercase(), "tolerances": tolerances, "variants": reports, "pass": pass })
+                serde_json::json!({ "device": crate::train::device::describe(&device), "dtype": placement.compute_dtype(), "engine": placement.path(), "tolerances": tolerances, "variants": reports, "pass": pass })
             );
             Ok(if pass { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }

@@ -6,6 +6,8 @@ pub mod cpu;
 
 use std::fmt;
 
+pub use cpu::kernels::Matmuls;
+
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
@@ -37,14 +39,6 @@ impl Engine {
         }
     }
 
-    /// The kernels the model's ops use under this engine.
-    pub fn kernels(self) -> Kernels {
-        match self {
-            Engine::CpuStep | Engine::CpuAutograd => Kernels::FusedCpu,
-            Engine::Autograd => Kernels::Composed,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Engine::CpuStep => "cpu-step",
@@ -64,8 +58,9 @@ impl fmt::Display for Engine {
 /// at a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
-    /// `cpu::ops`: contiguous f32 on the CPU, one kernel forward and one backward per op.
-    FusedCpu,
+    /// `cpu::ops`: contiguous f32 on the CPU, one kernel forward and one backward per op, the
+    /// matmuls in the given arithmetic.
+    FusedCpu(Matmuls),
     /// Chains of candle ops that every device and dtype has.
     Composed,
 }
@@ -78,6 +73,8 @@ pub struct Placement {
     /// The activations' dtype; parameters and optimizer state stay f32.
     pub dtype: DType,
     pub engine: Engine,
+    /// The CPU engines' matmul arithmetic: bf16 products (autocast) over f32 activations, or f32.
+    pub matmuls: Matmuls,
     /// Processes training together (1 unless launched by mpirun).
     pub world_size: usize,
 }
@@ -86,7 +83,20 @@ impl Placement {
     /// The engine for computing in `dtype` on `device` with `dropout`, in a world of `world_size`.
     pub fn new(device: Device, dtype: DType, dropout: f64, world_size: usize) -> Placement {
         let engine = Engine::choose(&device, dtype, dropout);
-        Placement { device, dtype, engine, world_size }
+        Placement { device, dtype, engine, matmuls: Matmuls::F32, world_size }
+    }
+
+    /// The written-out CPU step with bf16 matmuls (PyTorch autocast's arithmetic: operands in
+    /// bf16, sums and everything else in f32), activations f32. The caller has checked that the
+    /// CPU has AVX512-BF16 (`cpu::bf16::available`) and that dropout is off.
+    pub fn cpu_bf16_matmuls(world_size: usize) -> Placement {
+        Placement {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            engine: Engine::CpuStep,
+            matmuls: Matmuls::Bf16,
+            world_size,
+        }
     }
 
     /// One process computing in the weights' own dtype on their device, without dropout: for
@@ -97,7 +107,28 @@ impl Placement {
 
     /// The kernels the model's ops use.
     pub fn kernels(&self) -> Kernels {
-        self.engine.kernels()
+        match self.engine {
+            Engine::CpuStep | Engine::CpuAutograd => Kernels::FusedCpu(self.matmuls),
+            Engine::Autograd => Kernels::Composed,
+        }
+    }
+
+    /// The compute dtype a user asked for: bf16 where the matmuls or activations are bf16.
+    pub fn compute_dtype(&self) -> &'static str {
+        match (self.matmuls, self.dtype) {
+            (Matmuls::Bf16, _) | (_, DType::BF16) => "bf16",
+            (_, DType::F64) => "f64",
+            _ => "f32",
+        }
+    }
+
+    /// The path a run takes, as the start line, `train_begin` and the dashboard name it: the
+    /// engine, and with bf16 on the CPU the instruction set that computes it.
+    pub fn path(&self) -> String {
+        match self.matmuls {
+            Matmuls::F32 => self.engine.as_str().to_string(),
+            Matmuls::Bf16 => format!("{}, bf16 matmuls (AVX512-BF16)", self.engine.as_str()),
+        }
     }
 }
 
@@ -112,8 +143,14 @@ mod tests {
         assert_eq!(Engine::choose(&cpu, DType::F32, 0.1), Engine::CpuAutograd);
         assert_eq!(Engine::choose(&cpu, DType::F64, 0.0), Engine::Autograd);
         assert_eq!(Engine::choose(&cpu, DType::BF16, 0.1), Engine::Autograd);
-        assert_eq!(Engine::CpuAutograd.kernels(), Kernels::FusedCpu);
+        assert_eq!(Placement::new(cpu.clone(), DType::F32, 0.1, 1).kernels(), Kernels::FusedCpu(Matmuls::F32));
         assert_eq!(Placement::of(&cpu, DType::F64).kernels(), Kernels::Composed);
+        let bf16 = Placement::cpu_bf16_matmuls(1);
+        assert_eq!(
+            (bf16.engine, bf16.kernels(), bf16.compute_dtype()),
+            (Engine::CpuStep, Kernels::FusedCpu(Matmuls::Bf16), "bf16")
+        );
+        assert_eq!(bf16.path(), "cpu-step, bf16 matmuls (AVX512-BF16)");
         assert_eq!(serde_json::to_string(&Engine::CpuStep).unwrap(), "\"cpu-step\"");
     }
 }

@@ -85,6 +85,14 @@ impl GptConfig {
         16 * self.num_parameters() as u64 + activations + logits
     }
 
+    /// Bytes of the bf16 panels the CPU's bf16 step packs its matmul weights into once per
+    /// step (`cpu_step::PackedWeights`): two bf16 copies of `wte` and of each block's four
+    /// matmul weights (`12 C^2`).
+    pub fn bf16_panel_bytes(&self) -> u64 {
+        let c = self.n_embd as u64;
+        4 * (self.vocab_size as u64 * c + self.n_layer as u64 * 12 * c * c)
+    }
+
     /// Bytes an evaluation needs at `t` tokens a sequence in batches of `b` (no graph): the
     /// weights, one layer's working set (a few widths of f32 and the attention probabilities
     /// per head), and a vocabulary block of logits per row.

@@ -18,7 +18,7 @@ use super::rope::RotaryTables;
 use crate::engine::cpu::attention::{self, Dims, Rope};
 use crate::engine::cpu::head;
 use crate::engine::cpu::kernels::{
-    add_into, gelu, gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward,
+    add_into, gelu, gelu_backward, layer_norm, layer_norm_backward, linear, linear_backward, Matmuls, Panels, Weight,
 };
 use crate::engine::cpu::ops::slice;
 
@@ -150,7 +150,8 @@ fn guard(v: &Var) -> (StorageRef<'_>, &candle_core::Layout) {
 
 /// Forward and backward of one micro-batch. `ids (B, T)`; `targets (B, T)` or none for the
 /// next-token loss of the blocks themselves. Gradients of `loss * scale` are added into
-/// `grads` (made zero when `None`).
+/// `grads` (made zero when `None`). With bf16 matmuls, `packed` holds this step's weight panels.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     cfg: &GptConfig,
     vars: &BTreeMap<String, Var>,
@@ -158,13 +159,28 @@ pub fn forward_backward(
     targets: Option<&Tensor>,
     scale: f64,
     checkpointing: bool,
+    (mm, packed): (Matmuls, Option<&PackedWeights>),
     grads: &mut Option<HostGrads>,
 ) -> Result<MicroOutcome> {
     let (b, t) = ids.dims2()?;
     let ids: Vec<u32> = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
     let targets: Option<Vec<u32>> =
         targets.map(|t| t.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()).transpose()?;
-    // hold every parameter's storage for the step (reads only; the optimizer writes later)
+    with_weights(cfg, vars, |w| {
+        let step = Step { cfg, w, b, t, rope: rope_tables(cfg, t)?, mm, packed };
+        let mut g = match grads.take() {
+            Some(HostGrads(g)) => g,
+            None => step.zero_grads(),
+        };
+        let out = step.run(&ids, targets.as_deref(), scale as f32, checkpointing, &mut g);
+        *grads = Some(HostGrads(g));
+        out
+    })
+}
+
+/// Calls `f` with every parameter's floats, borrowed from the `Var`s (reads only; the
+/// optimizer writes later).
+fn with_weights<R>(cfg: &GptConfig, vars: &BTreeMap<String, Var>, f: impl FnOnce(&Weights) -> Result<R>) -> Result<R> {
     let guards: BTreeMap<&str, (StorageRef<'_>, &candle_core::Layout)> =
         vars.iter().map(|(k, v)| (k.as_str(), guard(v))).collect();
     let get = |name: &str| -> Result<&[f32]> {
@@ -190,14 +206,38 @@ pub fn forward_backward(
         ln_f_w: get("transformer.ln_f.weight")?,
         ln_f_b: get("transformer.ln_f.bias")?,
     };
-    let step = Step { cfg, w: &w, b, t, rope: rope_tables(cfg, t)? };
-    let mut g = match grads.take() {
-        Some(HostGrads(g)) => g,
-        None => step.zero_grads(),
-    };
-    let out = step.run(&ids, targets.as_deref(), scale as f32, checkpointing, &mut g);
-    *grads = Some(HostGrads(g));
-    out
+    f(&w)
+}
+
+/// The matmul weights packed for bf16 matmuls (`Panels`: each weight in both orientations):
+/// made once per optimizer step, before its micro-batches, and read by all of them, so a weight
+/// is converted to bf16 once per step rather than once per product.
+pub struct PackedWeights {
+    wte: Panels,
+    /// Per block: `c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj` (`MATMUL_FIELDS`).
+    h: Vec<[Panels; 4]>,
+}
+
+/// The block fields that are matmul weights, with their shapes as multiples of `n_embd`.
+const MATMUL_FIELDS: [(usize, (usize, usize)); 4] =
+    [(ATTN_W, (1, 3)), (PROJ_W, (1, 1)), (FC_W, (1, 4)), (MLP_W, (4, 1))];
+
+impl PackedWeights {
+    /// Packs the weights as they are now. The CPU must have AVX512-BF16.
+    pub fn new(cfg: &GptConfig, vars: &BTreeMap<String, Var>) -> Result<PackedWeights> {
+        let c = cfg.n_embd;
+        with_weights(cfg, vars, |w| {
+            Ok(PackedWeights {
+                wte: Panels::new(w.wte, (cfg.vocab_size, c)),
+                h: w.h.iter().map(|p| MATMUL_FIELDS.map(|(f, (r, k))| Panels::new(p.0[f], (r * c, k * c)))).collect(),
+            })
+        })
+    }
+
+    /// Their size in memory: 4 bytes a matmul weight (two bf16 copies).
+    pub fn bytes(&self) -> usize {
+        self.wte.bytes() + self.h.iter().flatten().map(Panels::bytes).sum::<usize>()
+    }
 }
 
 fn rope_tables(cfg: &GptConfig, t: usize) -> Result<Option<Rope>> {
@@ -213,6 +253,10 @@ struct Step<'a> {
     b: usize,
     t: usize,
     rope: Option<Rope>,
+    /// The matmuls' arithmetic (f32, or bf16 products as autocast computes them).
+    mm: Matmuls,
+    /// With bf16 matmuls, the step's packed weights.
+    packed: Option<&'a PackedWeights>,
 }
 
 /// `a + b` as a new buffer.
@@ -223,6 +267,16 @@ fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
 }
 
 impl Step<'_> {
+    /// Block `i`'s matmul weight `field` (`p` its values), with its panels when packed.
+    fn weight<'w>(&'w self, i: usize, p: &PerBlock<&'w [f32]>, field: usize) -> Weight<'w> {
+        let slot = MATMUL_FIELDS.iter().position(|(f, _)| *f == field);
+        Weight { values: p.0[field], panels: self.packed.zip(slot).map(|(w, s)| &w.h[i][s]) }
+    }
+
+    fn wte(&self) -> Weight<'_> {
+        Weight { values: self.w.wte, panels: self.packed.map(|w| &w.wte) }
+    }
+
     fn n(&self) -> usize {
         self.b * self.t
     }
@@ -233,18 +287,19 @@ impl Step<'_> {
     }
 
     fn dims(&self) -> Dims {
-        Dims::new(self.b, self.t, self.cfg.n_embd, self.cfg.n_head)
+        Dims::new(self.b, self.t, self.cfg.n_embd, self.cfg.n_head, self.mm)
     }
 
     /// Runs block `p` from `x_in`, filling every activation (the probabilities if `keep_probs`).
-    fn block_forward(&self, p: &PerBlock<&[f32]>, x_in: Vec<f32>, keep_probs: bool) -> (Acts, Vec<f32>) {
+    fn block_forward(&self, i: usize, x_in: Vec<f32>, keep_probs: bool) -> (Acts, Vec<f32>) {
+        let p = &self.w.h[i];
         let (n, c) = (self.n(), self.cfg.n_embd);
         let d = self.dims();
         let mut a = Acts { x_in, ..Default::default() };
         a.ln1 = vec![0f32; n * c];
         layer_norm(&a.x_in, p.0[LN_1_W], p.0[LN_1_B], self.eps(), &mut a.ln1);
         a.qkv = vec![0f32; n * 3 * c];
-        linear(&a.ln1, p.0[ATTN_W], p.0[ATTN_B], &mut a.qkv);
+        linear(&a.ln1, self.weight(i, p, ATTN_W), p.0[ATTN_B], &mut a.qkv, self.mm);
         a.att = vec![0f32; n * c];
         if keep_probs && d.probs_len() * 4 <= attention::KEEP_BYTES {
             let mut probs = vec![0f32; d.probs_len()];
@@ -254,33 +309,34 @@ impl Step<'_> {
             attention::forward(&a.qkv, &d, &self.rope, &mut a.att, None);
         }
         let mut proj = vec![0f32; n * c];
-        linear(&a.att, p.0[PROJ_W], p.0[PROJ_B], &mut proj);
+        linear(&a.att, self.weight(i, p, PROJ_W), p.0[PROJ_B], &mut proj, self.mm);
         a.x_mid = add(&a.x_in, &proj);
         a.ln2 = vec![0f32; n * c];
         layer_norm(&a.x_mid, p.0[LN_2_W], p.0[LN_2_B], self.eps(), &mut a.ln2);
         a.h = vec![0f32; n * 4 * c];
-        linear(&a.ln2, p.0[FC_W], p.0[FC_B], &mut a.h);
+        linear(&a.ln2, self.weight(i, p, FC_W), p.0[FC_B], &mut a.h, self.mm);
         a.g = vec![0f32; n * 4 * c];
         gelu(&a.h, &mut a.g);
         let mut mlp = proj; // reuse: same size
-        linear(&a.g, p.0[MLP_W], p.0[MLP_B], &mut mlp);
+        linear(&a.g, self.weight(i, p, MLP_W), p.0[MLP_B], &mut mlp, self.mm);
         let x_out = add(&a.x_mid, &mlp);
         (a, x_out)
     }
 
     /// `dx_in` from `dx_out`, adding into the block's gradients `g`.
-    fn block_backward(&self, p: &PerBlock<&[f32]>, a: &Acts, dx_out: &[f32], g: &mut PerBlock<Vec<f32>>) -> Vec<f32> {
+    fn block_backward(&self, i: usize, a: &Acts, dx_out: &[f32], g: &mut PerBlock<Vec<f32>>) -> Vec<f32> {
+        let p = &self.w.h[i];
         let (n, c) = (self.n(), self.cfg.n_embd);
         // MLP: dx_out flows to the residual and into mlp.c_proj
         let mut d_g = vec![0f32; n * 4 * c];
         let (dw, db) = pair(g, MLP_W, MLP_B);
-        linear_backward(&a.g, p.0[MLP_W], dx_out, Some((&mut d_g, false)), dw, db);
+        linear_backward(&a.g, self.weight(i, p, MLP_W), dx_out, Some((&mut d_g, false)), dw, db, self.mm);
         let mut d_h = vec![0f32; n * 4 * c];
         gelu_backward(&a.h, &d_g, &mut d_h);
         drop(d_g);
         let mut d_ln2 = vec![0f32; n * c];
         let (dw, db) = pair(g, FC_W, FC_B);
-        linear_backward(&a.ln2, p.0[FC_W], &d_h, Some((&mut d_ln2, false)), dw, db);
+        linear_backward(&a.ln2, self.weight(i, p, FC_W), &d_h, Some((&mut d_ln2, false)), dw, db, self.mm);
         drop(d_h);
         let mut dx_mid = dx_out.to_vec();
         let (dw, db) = pair(g, LN_2_W, LN_2_B);
@@ -288,12 +344,12 @@ impl Step<'_> {
         // attention
         let mut d_att = d_ln2; // reuse: same size
         let (dw, db) = pair(g, PROJ_W, PROJ_B);
-        linear_backward(&a.att, p.0[PROJ_W], &dx_mid, Some((&mut d_att, false)), dw, db);
+        linear_backward(&a.att, self.weight(i, p, PROJ_W), &dx_mid, Some((&mut d_att, false)), dw, db, self.mm);
         let mut d_qkv = vec![0f32; n * 3 * c];
         attention::backward(&a.qkv, &d_att, a.probs.as_deref(), &self.dims(), &self.rope, &mut d_qkv);
         let mut d_ln1 = d_att; // reuse
         let (dw, db) = pair(g, ATTN_W, ATTN_B);
-        linear_backward(&a.ln1, p.0[ATTN_W], &d_qkv, Some((&mut d_ln1, false)), dw, db);
+        linear_backward(&a.ln1, self.weight(i, p, ATTN_W), &d_qkv, Some((&mut d_ln1, false)), dw, db, self.mm);
         let mut dx_in = dx_mid;
         let (dw, db) = pair(g, LN_1_W, LN_1_B);
         layer_norm_backward(&a.x_in, p.0[LN_1_W], &d_ln1, self.eps(), &mut dx_in, true, dw, db);
@@ -383,13 +439,13 @@ impl Step<'_> {
         // ---- blocks (keeping activations, or only block inputs under checkpointing)
         let mut acts: Vec<Acts> = Vec::with_capacity(cfg.n_layer);
         let mut x = x0;
-        for p in &self.w.h {
+        for i in 0..self.w.h.len() {
             if checkpointing {
-                let (_, out) = self.block_forward(p, x.clone(), false);
+                let (_, out) = self.block_forward(i, x.clone(), false);
                 acts.push(Acts { x_in: x, ..Default::default() });
                 x = out;
             } else {
-                let (a, out) = self.block_forward(p, x, true);
+                let (a, out) = self.block_forward(i, x, true);
                 acts.push(a);
                 x = out;
             }
@@ -409,11 +465,12 @@ impl Step<'_> {
             .par_chunks_mut(c)
             .zip(rows.par_iter())
             .for_each(|(dst, &r)| dst.copy_from_slice(&hidden[r * c..(r + 1) * c]));
-        let (loss, saved) = head::forward(&picked, self.w.wte, c, &labels, true).map_err(candle_core::Error::Msg)?;
+        let (loss, saved) =
+            head::forward(&picked, self.wte(), c, &labels, true, self.mm).map_err(candle_core::Error::Msg)?;
 
         // ---- backward
         let mut d_picked = vec![0f32; picked.len()];
-        head::backward(saved, &picked, self.w.wte, c, &labels, scale, &mut d_picked, &mut g.wte);
+        head::backward(saved, &picked, self.wte(), c, &labels, scale, &mut d_picked, &mut g.wte, self.mm);
         drop(picked);
         let mut d_hidden = vec![0f32; n * c];
         for (src, &r) in d_picked.chunks(c).zip(&rows) {
@@ -425,12 +482,11 @@ impl Step<'_> {
         // with the differential path, d(x_L + e)/de is the same gradient
         let d_e_top = cfg.differential.then(|| dx.clone());
         for (i, a) in acts.iter_mut().enumerate().rev() {
-            let p = &self.w.h[i];
             if checkpointing {
-                let (full, _) = self.block_forward(p, std::mem::take(&mut a.x_in), true);
+                let (full, _) = self.block_forward(i, std::mem::take(&mut a.x_in), true);
                 *a = full;
             }
-            dx = self.block_backward(p, a, &dx, &mut g.h[i]);
+            dx = self.block_backward(i, a, &dx, &mut g.h[i]);
             *a = Acts::default(); // free this block's activations now
         }
 

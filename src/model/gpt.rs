@@ -74,10 +74,10 @@ impl Attention {
     pub fn forward(&self, xs: &Tensor, ctx: &SeqContext, dropout: &mut Option<&mut Dropout>) -> Result<Tensor> {
         let qkv = self.c_attn.forward(xs, ctx.kernels)?; // (B, T, 3C), q | k | v along the last dim
         let dropout_on = dropout.as_ref().is_some_and(|d| d.is_active());
-        let ys = if !dropout_on && ctx.kernels == Kernels::FusedCpu {
+        let ys = if let (false, Kernels::FusedCpu(mm)) = (dropout_on, ctx.kernels) {
             // one op from qkv to merged heads; dropout on the probabilities has no fused kernel,
             // so the cpu-autograd engine composes attention while dropout is on
-            let op = CausalAttention::new(self.n_head, ctx.rope_host.clone(), qkv.track_op());
+            let op = CausalAttention::new(self.n_head, ctx.rope_host.clone(), qkv.track_op(), mm);
             qkv.contiguous()?.apply_op1(op)?
         } else {
             self.composed(&qkv, ctx, dropout)?
@@ -250,7 +250,7 @@ impl Gpt {
             None
         };
         let rope_host = match (&rope, self.kernels) {
-            (Some(r), Kernels::FusedCpu) => Some(r.host()?),
+            (Some(r), Kernels::FusedCpu(_)) => Some(r.host()?),
             _ => None,
         };
         Ok(SeqContext {

@@ -15,8 +15,8 @@ use crate::engine::Kernels;
 
 /// `y = x . W + b` for `x (.., in)`, `W (in, out)` (HF Conv1D layout).
 pub fn linear(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if k == Kernels::FusedCpu {
-        return xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, fused::Linear);
+    if let Kernels::FusedCpu(mm) = k {
+        return xs.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, fused::Linear(mm));
     }
     composed_linear(xs, weight, bias)
 }
@@ -32,7 +32,7 @@ pub fn composed_linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
 
 /// LayerNorm over the last dim.
 pub fn layer_norm(k: Kernels, xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if k == Kernels::FusedCpu {
+    if matches!(k, Kernels::FusedCpu(_)) {
         return xs.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,
@@ -56,7 +56,7 @@ pub fn composed_layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64
 /// Softmax over the last dim of causal attention scores `(B, H, T, T)`; keys after the query
 /// get probability 0. `mask` is the additive `(T, T)` mask the composed path uses.
 pub fn causal_softmax(k: Kernels, scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    if k == Kernels::FusedCpu {
+    if matches!(k, Kernels::FusedCpu(_)) {
         return scores.contiguous()?.apply_op1(fused::CausalSoftmax);
     }
     composed_causal_softmax(scores, mask)
@@ -71,7 +71,7 @@ pub fn composed_causal_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor>
 
 /// GELU, tanh approximation (HF `gelu_new`).
 pub fn gelu(k: Kernels, xs: &Tensor) -> Result<Tensor> {
-    if k == Kernels::FusedCpu {
+    if matches!(k, Kernels::FusedCpu(_)) {
         return xs.contiguous()?.apply_op1(fused::Gelu);
     }
     xs.gelu()
@@ -85,11 +85,13 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// The tied head and the loss together: `hidden (N, C)`, `wte (V, C)`, `targets (N)` ->
 /// mean cross-entropy of `hidden . wte^T`. Fused (logits made a chunk at a time) on the CPU.
 pub fn head_cross_entropy(k: Kernels, hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if k == Kernels::FusedCpu {
+    if let Kernels::FusedCpu(mm) = k {
         let targets = Arc::new(targets.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?);
         // without a graph (evaluation) nothing is kept for a backward
         let for_backward = hidden.track_op() || wte.track_op();
-        return hidden.contiguous()?.apply_op2(&wte.contiguous()?, fused::HeadCrossEntropy::new(targets, for_backward));
+        return hidden
+            .contiguous()?
+            .apply_op2(&wte.contiguous()?, fused::HeadCrossEntropy::new(targets, for_backward, mm));
     }
     composed_head_cross_entropy(hidden, wte, targets)
 }
@@ -98,12 +100,12 @@ pub fn head_cross_entropy(k: Kernels, hidden: &Tensor, wte: &Tensor, targets: &T
 /// C)`, `targets (N)` -> `(N)` in f32.
 pub fn head_token_losses(k: Kernels, hidden: &Tensor, wte: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let targets = targets.to_dtype(DType::U32)?.flatten_all()?;
-    if k == Kernels::FusedCpu {
+    if let Kernels::FusedCpu(mm) = k {
         let targets = Arc::new(targets.to_vec1::<u32>()?);
         return hidden
             .detach()
             .contiguous()?
-            .apply_op2(&wte.detach().contiguous()?, fused::HeadTokenLosses { targets });
+            .apply_op2(&wte.detach().contiguous()?, fused::HeadTokenLosses { targets, mm });
     }
     let wte = wte.to_dtype(hidden.dtype())?;
     let log_probs = candle_nn::ops::log_softmax(&upcast(&hidden.matmul(&wte.t()?)?)?, candle_core::D::Minus1)?;

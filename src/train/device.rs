@@ -12,26 +12,40 @@ pub enum DeviceError {
     NoCudaBuild(String),
     #[error("device {spec:?}: {reason}")]
     Unavailable { spec: String, reason: String },
-    #[error("dtype bf16 needs a CUDA device; on the CPU difflab trains in f32 (set --dtype f32)")]
-    Bf16OnCpu,
+    #[error("dtype bf16 on the CPU needs the AVX512-BF16 instructions (`avx512_bf16` in /proc/cpuinfo: AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids and later), which this CPU lacks; set --dtype f32 (or use a CUDA device)")]
+    NoAvx512Bf16,
+    #[error("dtype bf16 on the CPU runs the written-out step, which has no dropout (dropout {0}); set --dropout 0.0 or --dtype f32")]
+    Bf16CpuDropout(f64),
     #[error("grad_reduce_dtype bf16 is for CPU processes over MPI; NCCL sums the gradients in f32 on the GPUs (set --grad_reduce_dtype f32)")]
     Bf16ReduceOnGpu,
 }
 
 /// The run's placement: the device its `device` setting names, its dtype, the engine for those
-/// and its dropout, and the processes it is one of. bf16 is refused on the CPU (nothing there
-/// computes it faster than f32, and the fused kernels are f32).
+/// and its dropout, and the processes it is one of. bf16 on the CPU is autocast's arithmetic on
+/// AVX512-BF16 (`cpu_bf16`).
 pub fn placement(cfg: &RunConfig, world_size: usize) -> Result<Placement, DeviceError> {
     let device = select(cfg.device)?;
-    let dtype = match cfg.dtype {
-        Precision::Bf16 if device.is_cpu() => return Err(DeviceError::Bf16OnCpu),
-        Precision::Bf16 => DType::BF16,
-        Precision::F32 => DType::F32,
-    };
     if cfg.grad_reduce_dtype == Precision::Bf16 && !device.is_cpu() {
         return Err(DeviceError::Bf16ReduceOnGpu);
     }
+    let dtype = match cfg.dtype {
+        Precision::Bf16 if device.is_cpu() => return cpu_bf16(cfg.dropout, world_size),
+        Precision::Bf16 => DType::BF16,
+        Precision::F32 => DType::F32,
+    };
     Ok(Placement::new(device, dtype, cfg.dropout, world_size))
+}
+
+/// bf16 on the CPU: the written-out step with bf16 matmuls, where the CPU has the instructions
+/// and dropout is off; refused otherwise (there is no slower bf16 path to fall back on).
+pub fn cpu_bf16(dropout: f64, world_size: usize) -> Result<Placement, DeviceError> {
+    if !crate::engine::cpu::bf16::available() {
+        return Err(DeviceError::NoAvx512Bf16);
+    }
+    if dropout > 0.0 {
+        return Err(DeviceError::Bf16CpuDropout(dropout));
+    }
+    Ok(Placement::cpu_bf16_matmuls(world_size))
 }
 
 /// Resolves a device setting. `auto` is CUDA 0 when this build has CUDA and a GPU answers,

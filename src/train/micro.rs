@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor, Var};
 
 use crate::dist::{Collective, Wire};
-use crate::engine::Engine;
+use crate::engine::{Engine, Matmuls};
 use crate::model::dropout::Dropout;
 use crate::model::{cpu_step, Gpt, Trainable};
 use crate::optim::grads::{accumulate, Grads};
@@ -151,12 +151,17 @@ pub fn forward_backward_all(
     let Some(first) = batches.first() else { return Ok(vec![]) };
     let micro = first.ids.dims2()?;
     let width = side_by_side(engine, model.gpt.config(), micro, checkpointing).min(batches.len());
+    // bf16 matmuls: the weights converted and packed once for all of this step's micro-batches
+    let packed = (engine == Engine::CpuStep && model.placement().matmuls == Matmuls::Bf16)
+        .then(|| cpu_step::PackedWeights::new(model.gpt.config(), &model.vars))
+        .transpose()?;
     let mut steps = Vec::with_capacity(batches.len());
     if width <= 1 {
         for (i, batch) in batches.iter().enumerate() {
             between();
             let mut dropout = dropout_seeds(i);
-            steps.push(forward_backward(engine, model, batch, scale, dropout.as_mut(), checkpointing, acc)?);
+            let packed = packed.as_ref();
+            steps.push(forward_backward(engine, model, batch, scale, dropout.as_mut(), checkpointing, packed, acc)?);
         }
         return Ok(steps);
     }
@@ -168,6 +173,7 @@ pub fn forward_backward_all(
     if let Accumulated::Host(h) = std::mem::take(acc) {
         parts[0] = Some(h);
     }
+    let packed = packed.as_ref();
     for group in batches.chunks(width) {
         between();
         let outs: Vec<Result<cpu_step::MicroOutcome>> = std::thread::scope(|scope| {
@@ -185,6 +191,7 @@ pub fn forward_backward_all(
                                 batch.targets,
                                 scale,
                                 checkpointing,
+                                (model.placement().matmuls, packed),
                                 part,
                             )
                         })
@@ -230,14 +237,17 @@ fn loss_of(gpt: &Gpt, hidden: &Tensor, batch: &MicroBatch) -> Result<Tensor> {
 
 /// Forward and backward of one micro-batch on `engine`; gradients of `loss * scale` (`scale` =
 /// 1 / accumulation steps) are added into `acc`. `cpu-step` runs the written-out step
-/// (`cpu_step`), the others candle's autograd over the kernels the model was built with.
-pub fn forward_backward(
+/// (`cpu_step`, with the step's packed weights under bf16 matmuls), the others candle's
+/// autograd over the kernels the model was built with.
+#[allow(clippy::too_many_arguments)]
+fn forward_backward(
     engine: Engine,
     model: &Trainable,
     batch: &MicroBatch,
     scale: f64,
     dropout: Option<&mut Dropout>,
     checkpointing: bool,
+    packed: Option<&cpu_step::PackedWeights>,
     acc: &mut Accumulated,
 ) -> Result<MicroStep> {
     if engine == Engine::CpuStep {
@@ -255,6 +265,7 @@ pub fn forward_backward(
             batch.targets,
             scale,
             checkpointing,
+            (model.placement().matmuls, packed),
             &mut host,
         )?;
         if let Some(h) = host {

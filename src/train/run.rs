@@ -84,17 +84,21 @@ fn vocab_bound(cfg: &RunConfig) -> Option<usize> {
 /// memory is not queried), naming the estimate, instead of dying in an allocation.
 pub fn fits_in_memory(model: &GptConfig, cfg: &RunConfig, device: &Device) -> Result<(), TrainError> {
     let (Some(available), true) = (device::available_memory(), device.is_cpu()) else { return Ok(()) };
-    let needed = model.training_bytes(cfg.micro_batch_size, cfg.block_size, cfg.gradient_checkpointing);
+    // bf16 on the CPU packs the matmul weights into bf16 panels once per step
+    let panels = if cfg.dtype == crate::config::Precision::Bf16 { model.bf16_panel_bytes() } else { 0 };
+    let needed = model.training_bytes(cfg.micro_batch_size, cfg.block_size, cfg.gradient_checkpointing) + panels;
     if needed <= available {
         return Ok(());
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let params = model.num_parameters() as u64;
+    let panels =
+        if panels > 0 { format!(", {:.1} GiB for the bf16 weight panels", gib(panels)) } else { String::new() };
     Err(TrainError::TooBig {
         needed_gib: gib(needed),
         available_gib: gib(available),
         detail: format!(
-            "{params} parameters: {:.1} GiB for weights, gradients and AdamW moments; the rest activations at micro_batch_size {}, block_size {}",
+            "{params} parameters: {:.1} GiB for weights, gradients and AdamW moments{panels}; the rest activations at micro_batch_size {}, block_size {}",
             gib(16 * params),
             cfg.micro_batch_size,
             cfg.block_size
@@ -289,8 +293,8 @@ fn train_begin(t: &Trainer) -> TrainBegin {
         num_parameters: t.model_cfg.num_parameters(),
         device: device::describe(&t.placement.device),
         engine: match width {
-            1 => engine.as_str().into(),
-            w => format!("{}, {w} micro-batches side by side", engine.as_str()),
+            1 => t.placement.path(),
+            w => format!("{}, {w} micro-batches side by side", t.placement.path()),
         },
         world_size: world.world_size(),
         // the path the gradients take between processes, where there are several

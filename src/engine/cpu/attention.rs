@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::gemm_strided;
+use super::kernels::{gemm_strided, Matmuls};
 use super::ops::slice;
 use super::simd;
 
@@ -42,20 +42,22 @@ pub struct Dims {
     pub c: usize,
     pub h: usize,
     pub hd: usize,
+    /// The matmuls' arithmetic.
+    pub mm: Matmuls,
 }
 
 impl Dims {
-    pub fn new(b: usize, t: usize, c: usize, n_head: usize) -> Self {
-        Self { b, t, c, h: n_head, hd: c / n_head }
+    pub fn new(b: usize, t: usize, c: usize, n_head: usize, mm: Matmuls) -> Self {
+        Self { b, t, c, h: n_head, hd: c / n_head, mm }
     }
 
-    fn of(l: &Layout, n_head: usize) -> Result<Self> {
+    fn of(l: &Layout, n_head: usize, mm: Matmuls) -> Result<Self> {
         let &[b, t, c3] = l.dims() else { candle_core::bail!("attention: qkv must be (B, T, 3C), got {:?}", l.dims()) };
         let c = c3 / 3;
         if c3 % 3 != 0 || c % n_head != 0 {
             candle_core::bail!("attention: width {c3} is not 3 x a multiple of {n_head} heads")
         }
-        Ok(Self::new(b, t, c, n_head))
+        Ok(Self::new(b, t, c, n_head, mm))
     }
 
     /// Floats of the attention probabilities of a batch.
@@ -131,6 +133,7 @@ fn probabilities(q: &[f32], k: &[f32], d: &Dims, p: &mut [f32]) {
                 (k.as_ptr(), 1, d.hd),
                 scale,
                 false,
+                d.mm,
             )
         };
     }
@@ -167,6 +170,7 @@ pub fn forward(qkv: &[f32], d: &Dims, rope: &Option<Rope>, y: &mut [f32], keep: 
                     (v.as_ptr(), 3 * d.c, 1),
                     1.0,
                     false,
+                    d.mm,
                 )
             };
         }
@@ -217,6 +221,7 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
                     (d_out[c0 * d.c..].as_ptr(), d.c, 1),
                     1.0,
                     false,
+                    d.mm,
                 );
             }
             for (r0, r1) in row_blocks(d.t) {
@@ -229,6 +234,7 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
                     (v.as_ptr(), 1, 3 * d.c),
                     1.0,
                     false,
+                    d.mm,
                 );
             }
         }
@@ -249,6 +255,7 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
                     (k.as_ptr(), d.hd, 1),
                     scale,
                     false,
+                    d.mm,
                 );
                 // dK[c0..c1] = dS[c0.., c0..c1]^T Q[c0..]   (the same blocks, read as key blocks)
                 let (c0, c1) = (r0, r1);
@@ -260,6 +267,7 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
                     (q[c0 * d.hd..].as_ptr(), d.hd, 1),
                     scale,
                     false,
+                    d.mm,
                 );
             }
         }
@@ -285,12 +293,13 @@ pub struct CausalAttention {
     pub rope: Option<Rope>,
     /// Keep `P` for the backward (false when no backward will run: evaluation).
     pub keep: bool,
+    pub mm: Matmuls,
     saved: Mutex<Option<Vec<f32>>>,
 }
 
 impl CausalAttention {
-    pub fn new(n_head: usize, rope: Option<Rope>, keep: bool) -> Self {
-        Self { n_head, rope, keep, saved: Mutex::new(None) }
+    pub fn new(n_head: usize, rope: Option<Rope>, keep: bool, mm: Matmuls) -> Self {
+        Self { n_head, rope, keep, mm, saved: Mutex::new(None) }
     }
 }
 
@@ -304,7 +313,7 @@ impl CustomOp1 for CausalAttention {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = Dims::of(l, self.n_head)?;
+        let d = Dims::of(l, self.n_head, self.mm)?;
         let qkv = slice(s, l, self.name())?;
         let mut y = vec![0f32; d.b * d.t * d.c];
         if self.keep && d.probs_len() * 4 <= KEEP_BYTES {
@@ -319,7 +328,8 @@ impl CustomOp1 for CausalAttention {
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let saved = self.saved.lock().map_err(poisoned)?.take();
-        let op = AttentionBackward { n_head: self.n_head, rope: self.rope.clone(), probs: Mutex::new(saved) };
+        let op =
+            AttentionBackward { n_head: self.n_head, rope: self.rope.clone(), mm: self.mm, probs: Mutex::new(saved) };
         Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
     }
 }
@@ -327,6 +337,7 @@ impl CustomOp1 for CausalAttention {
 struct AttentionBackward {
     n_head: usize,
     rope: Option<Rope>,
+    mm: Matmuls,
     probs: Mutex<Option<Vec<f32>>>,
 }
 
@@ -336,7 +347,7 @@ impl CustomOp2 for AttentionBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = Dims::of(l1, self.n_head)?;
+        let d = Dims::of(l1, self.n_head, self.mm)?;
         let (qkv, dy) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         let kept = self.probs.lock().map_err(poisoned)?.take();
         let mut dqkv = vec![0f32; qkv.len()];

@@ -8,8 +8,8 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{matmul, Layout};
-use super::simd;
+use super::kernels::{matmul, matmul_bf16_left, matmul_weight, Layout, Matmuls, Weight};
+use super::{bf16, simd};
 
 /// Keep the softmax between forward and backward up to this size (bytes).
 const KEEP_BYTES: usize = 128 << 20;
@@ -46,16 +46,31 @@ fn chunk_rows(vocab: usize) -> usize {
     ((8 << 20) / vocab.max(1)).max(1)
 }
 
+/// Rows of logits made at once when the gradient is kept in bf16: the f32 buffer stays small
+/// (6 MB at GPT-2's vocabulary), the kept gradient is half the size of a kept softmax.
+const BF16_ROWS: usize = 32;
+
 /// What the forward leaves for the backward.
 pub struct Saved {
     lse: Vec<f32>,
     probs: Option<Vec<f32>>,
+    /// With bf16 matmuls: `softmax - onehot` per row, rounded to bf16 as the matmuls of the
+    /// backward would round it (autocast casts the logits' gradient to bf16 there too).
+    grad_bf16: Option<Vec<u16>>,
 }
 
 /// Mean cross-entropy of `hidden . wte^T` against `targets`. Without `for_backward` (an
 /// evaluation) the logits are made a chunk at a time and reduced to their log-sum-exp, never
 /// normalised or kept.
-pub fn forward(h: &[f32], w: &[f32], c: usize, targets: &[u32], for_backward: bool) -> Result<(f32, Saved), String> {
+pub fn forward(
+    h: &[f32],
+    wte: Weight,
+    c: usize,
+    targets: &[u32],
+    for_backward: bool,
+    mm: Matmuls,
+) -> Result<(f32, Saved), String> {
+    let w = wte.values;
     let (n, v) = (h.len() / c, w.len() / c);
     if n != targets.len() {
         return Err(format!("head cross-entropy: {n} rows but {} targets", targets.len()));
@@ -68,9 +83,12 @@ pub fn forward(h: &[f32], w: &[f32], c: usize, targets: &[u32], for_backward: bo
     let whole = n * v * 4 <= KEEP_BYTES;
     let keep = for_backward && whole;
     if !for_backward {
-        let (lse, losses) = log_sum_exp_by_vocab_block(h, w, c, targets);
+        let (lse, losses) = log_sum_exp_by_vocab_block(h, w, c, targets, mm);
         let total: f64 = losses.iter().map(|l| *l as f64).sum();
-        return Ok(((total / n.max(1) as f64) as f32, Saved { lse, probs: None }));
+        return Ok(((total / n.max(1) as f64) as f32, Saved { lse, probs: None, grad_bf16: None }));
+    }
+    if keep && mm == Matmuls::Bf16 {
+        return Ok(forward_keeping_bf16(h, wte, c, targets));
     }
     let rows = if keep { n } else { chunk_rows(v) };
     let mut logits = scratch(rows.min(n) * v);
@@ -79,7 +97,7 @@ pub fn forward(h: &[f32], w: &[f32], c: usize, targets: &[u32], for_backward: bo
     for start in (0..n).step_by(rows) {
         let m = rows.min(n - start);
         let chunk = &mut logits[..m * v];
-        matmul(chunk, &h[start * c..(start + m) * c], w, (m, c, v), Layout::ABt, false);
+        matmul_weight(chunk, &h[start * c..(start + m) * c], wte, (m, c, v), true, false, mm);
         total += chunk
             .par_chunks_mut(v)
             .zip(lse[start..start + m].par_iter_mut())
@@ -106,7 +124,41 @@ pub fn forward(h: &[f32], w: &[f32], c: usize, targets: &[u32], for_backward: bo
         spare(logits);
         None
     };
-    Ok(((total / n as f64) as f32, Saved { lse, probs }))
+    Ok(((total / n as f64) as f32, Saved { lse, probs, grad_bf16: None }))
+}
+
+/// The training forward with bf16 matmuls: logits `BF16_ROWS` rows at a time, each row's
+/// softmax minus its one-hot kept in bf16 for the backward.
+fn forward_keeping_bf16(h: &[f32], wte: Weight, c: usize, targets: &[u32]) -> (f32, Saved) {
+    let (n, v) = (h.len() / c, wte.values.len() / c);
+    let rows = BF16_ROWS.min(n);
+    let mut logits = scratch(rows * v);
+    let mut kept = vec![0u16; n * v];
+    let mut lse = vec![0f32; n];
+    let mut total = 0f64;
+    for start in (0..n).step_by(rows) {
+        let m = rows.min(n - start);
+        let chunk = &mut logits[..m * v];
+        matmul_weight(chunk, &h[start * c..(start + m) * c], wte, (m, c, v), true, false, Matmuls::Bf16);
+        total += chunk
+            .par_chunks_mut(v)
+            .zip(kept[start * v..(start + m) * v].par_chunks_mut(v))
+            .zip(lse[start..start + m].par_iter_mut().zip(targets[start..start + m].par_iter()))
+            .map(|((row, out), (l, &t))| {
+                let max = simd::max(row);
+                let target_logit = row[t as usize];
+                let sum = simd::exp_shifted_in_place(row, max);
+                *l = max + sum.ln();
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|p| *p *= inv);
+                row[t as usize] -= 1.0;
+                bf16::to_bf16(row, out);
+                (*l - target_logit) as f64
+            })
+            .sum::<f64>();
+    }
+    spare(logits);
+    ((total / n as f64) as f32, Saved { lse, probs: None, grad_bf16: Some(kept) })
 }
 
 /// Vocabulary entries per block of the forward-only loss: a block of `wte` (1 MB at C = 128)
@@ -117,7 +169,7 @@ const VOCAB_BLOCK: usize = 2048;
 /// all rows, each row's log-sum-exp kept online (running max and rescaled sum, as flash
 /// attention does). `wte` is read and packed once instead of once per chunk of rows, and no
 /// logits leave the cache. Returns each row's log-sum-exp and its loss.
-fn log_sum_exp_by_vocab_block(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -> (Vec<f32>, Vec<f32>) {
+fn log_sum_exp_by_vocab_block(h: &[f32], w: &[f32], c: usize, targets: &[u32], mm: Matmuls) -> (Vec<f32>, Vec<f32>) {
     let (n, v) = (h.len() / c, w.len() / c);
     let (mut max, mut sum, mut target_logit) = (vec![f32::NEG_INFINITY; n], vec![0f32; n], vec![0f32; n]);
     let vb = VOCAB_BLOCK.min(v);
@@ -125,7 +177,7 @@ fn log_sum_exp_by_vocab_block(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -
     for start in (0..v).step_by(vb) {
         let nb = vb.min(v - start);
         let logits = &mut block[..n * nb];
-        matmul(logits, h, &w[start * c..(start + nb) * c], (n, c, nb), Layout::ABt, false);
+        matmul(logits, h, &w[start * c..(start + nb) * c], (n, c, nb), Layout::ABt, false, mm);
         logits
             .par_chunks(nb)
             .zip(max.par_iter_mut().zip(sum.par_iter_mut()))
@@ -146,7 +198,7 @@ fn log_sum_exp_by_vocab_block(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -
 
 /// Each row's cross-entropy of `hidden . wte^T` against `targets`, without a backward (the loss
 /// by position of an evaluation): the forward-only path, the losses kept per row.
-pub fn token_losses(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -> Result<Vec<f32>, String> {
+pub fn token_losses(h: &[f32], w: &[f32], c: usize, targets: &[u32], mm: Matmuls) -> Result<Vec<f32>, String> {
     let (n, v) = (h.len() / c, w.len() / c);
     if n != targets.len() {
         return Err(format!("head cross-entropy: {n} rows but {} targets", targets.len()));
@@ -154,14 +206,24 @@ pub fn token_losses(h: &[f32], w: &[f32], c: usize, targets: &[u32]) -> Result<V
     if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
         return Err(format!("target id {bad} is outside the vocabulary of {v}"));
     }
-    Ok(log_sum_exp_by_vocab_block(h, w, c, targets).1)
+    Ok(log_sum_exp_by_vocab_block(h, w, c, targets, mm).1)
 }
 
 /// Gradients of `g * loss`: `dh += d_logits . wte`, `dw += d_logits^T . h`, with
 /// `d_logits = (softmax - onehot) * g / N`.
 #[allow(clippy::too_many_arguments)] // the inputs and outputs of the math, as slices
-pub fn backward(saved: Saved, h: &[f32], w: &[f32], c: usize, targets: &[u32], g: f32, dh: &mut [f32], dw: &mut [f32]) {
-    let (n, v) = (h.len() / c, w.len() / c);
+pub fn backward(
+    saved: Saved,
+    h: &[f32],
+    wte: Weight,
+    c: usize,
+    targets: &[u32],
+    g: f32,
+    dh: &mut [f32],
+    dw: &mut [f32],
+    mm: Matmuls,
+) {
+    let (n, v) = (h.len() / c, wte.values.len() / c);
     let scale = g / n as f32;
     let to_grad = |rows: &mut [f32], start: usize, lse: Option<&[f32]>| {
         rows.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
@@ -176,8 +238,8 @@ pub fn backward(saved: Saved, h: &[f32], w: &[f32], c: usize, targets: &[u32], g
         });
     };
     let mut emit = |d: &[f32], start: usize, m: usize| {
-        matmul(&mut dh[start * c..(start + m) * c], d, w, (m, v, c), Layout::Ab, true);
-        matmul(dw, d, &h[start * c..(start + m) * c], (v, m, c), Layout::AtB, true);
+        matmul_weight(&mut dh[start * c..(start + m) * c], d, wte, (m, v, c), false, true, mm);
+        matmul(dw, d, &h[start * c..(start + m) * c], (v, m, c), Layout::AtB, true, mm);
     };
     if let Some(mut d) = saved.probs {
         to_grad(&mut d, 0, None);
@@ -185,12 +247,18 @@ pub fn backward(saved: Saved, h: &[f32], w: &[f32], c: usize, targets: &[u32], g
         spare(d);
         return;
     }
+    if let Some(kept) = saved.grad_bf16 {
+        // the kept gradient is the matmuls' left operand as it is: dh = d . wte, dwte = d^T . h
+        matmul_bf16_left(dh, &kept, wte, (n, v, c), false, scale);
+        matmul_bf16_left(dw, &kept, h.into(), (v, n, c), true, scale);
+        return;
+    }
     let rows = chunk_rows(v);
     let mut d = scratch(rows.min(n) * v);
     for start in (0..n).step_by(rows) {
         let m = rows.min(n - start);
         let chunk = &mut d[..m * v];
-        matmul(chunk, &h[start * c..(start + m) * c], w, (m, c, v), Layout::ABt, false);
+        matmul_weight(chunk, &h[start * c..(start + m) * c], wte, (m, c, v), true, false, mm);
         to_grad(chunk, start, Some(&saved.lse));
         emit(chunk, start, m);
     }
@@ -212,8 +280,8 @@ mod tests {
         let w: Vec<f32> = (0..v * c).map(|i| noise(i + 7, 2.0)).collect();
         let targets: Vec<u32> = (0..n).map(|i| ((i * 977) % v) as u32).collect();
         assert!(targets.iter().any(|t| *t as usize >= 2 * VOCAB_BLOCK), "a target in the ragged last block");
-        let (kept, saved) = forward(&h, &w, c, &targets, true).unwrap();
-        let (blocked, lse) = forward(&h, &w, c, &targets, false).unwrap();
+        let (kept, saved) = forward(&h, w.as_slice().into(), c, &targets, true, Matmuls::F32).unwrap();
+        let (blocked, lse) = forward(&h, w.as_slice().into(), c, &targets, false, Matmuls::F32).unwrap();
         assert!(saved.probs.is_some() && lse.probs.is_none());
         assert!((kept - blocked).abs() <= 1e-5 * kept.abs(), "{kept} vs {blocked}");
         for (a, b) in saved.lse.iter().zip(&lse.lse) {

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::simd;
+use super::{bf16, simd};
 
 /// Elements per rayon task: big enough that scheduling does not dominate.
 pub const MIN_TASK_ELEMS: usize = 16 * 1024;
@@ -14,12 +14,23 @@ pub fn rows_per_task(row_len: usize) -> usize {
 
 // ---------------------------------------------------------------- matmul
 
+/// The arithmetic of the matmuls (everything else is f32 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Matmuls {
+    /// f32 products and sums (the gemm crate).
+    F32,
+    /// Operands rounded to bf16, products summed in f32, f32 results: PyTorch autocast's
+    /// arithmetic, on AVX512-BF16 (`bf16`). Only chosen where `bf16::available()`.
+    Bf16,
+}
+
 /// `dst (m x n) = [dst +] a . b`, every operand given as (pointer, row stride, column
-/// stride). The one place that calls gemm.
+/// stride), in the arithmetic `mm` names. The one place that calls a matmul kernel.
 ///
 /// # Safety
 ///
-/// Each pointer must address its whole matrix with the given strides.
+/// Each pointer must address its whole matrix with the given strides; with `Matmuls::Bf16`
+/// the CPU must have AVX512-BF16 (`bf16::available()`).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_strided(
     (m, n, k): (usize, usize, usize),
@@ -29,7 +40,15 @@ pub unsafe fn gemm_strided(
     b: (*const f32, usize, usize),
     scale: f32,
     parallel: bool,
+    mm: Matmuls,
 ) {
+    if mm == Matmuls::Bf16 {
+        let (a, b) = (bf16::Strided { ptr: a.0, rs: a.1, cs: a.2 }, bf16::Strided { ptr: b.0, rs: b.1, cs: b.2 });
+        // Safety: the caller's promise, passed on.
+        return unsafe {
+            bf16::gemm((m, n, k), dst, accumulate, bf16::Left::F32(a), bf16::Right::Strided(b), scale, parallel)
+        };
+    }
     let par = if parallel { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
     gemm::gemm(
         m,
@@ -73,6 +92,7 @@ pub fn matmul(
     (m, k, n): (usize, usize, usize),
     layout: Layout,
     accumulate: bool,
+    mm: Matmuls,
 ) {
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul: operands smaller than {m}x{k}x{n}");
     let a_op = match layout {
@@ -84,7 +104,96 @@ pub fn matmul(
         _ => (b.as_ptr(), n, 1),
     };
     // Safety: the sizes were checked above and the strides address row-major storage.
-    unsafe { gemm_strided((m, n, k), (dst.as_mut_ptr(), n), accumulate, a_op, b_op, 1.0, true) }
+    unsafe { gemm_strided((m, n, k), (dst.as_mut_ptr(), n), accumulate, a_op, b_op, 1.0, true, mm) }
+}
+
+/// A weight matrix `W (rows x cols)`, row-major, packed for bf16 matmuls in both the
+/// orientations the step multiplies by: `W` (the forward, `x . W`) and `W^T` (the input's
+/// gradient, `dy . W^T`). Made once per optimizer step and shared by its micro-batches.
+pub struct Panels {
+    plain: bf16::PackedB,
+    transposed: bf16::PackedB,
+}
+
+impl Panels {
+    /// Packs `w (rows x cols)`. The CPU must have AVX512-BF16 (`bf16::available()`).
+    pub fn new(w: &[f32], (rows, cols): (usize, usize)) -> Panels {
+        assert!(bf16::available() && w.len() == rows * cols, "panels: {} values for {rows}x{cols}", w.len());
+        let at = |rs, cs| bf16::Strided { ptr: w.as_ptr(), rs, cs };
+        // Safety: checked above; both views address the rows x cols values.
+        unsafe {
+            Panels {
+                plain: bf16::PackedB::new((rows, cols), at(cols, 1)),
+                transposed: bf16::PackedB::new((cols, rows), at(1, cols)),
+            }
+        }
+    }
+
+    /// Their size in memory.
+    pub fn bytes(&self) -> usize {
+        self.plain.bytes() + self.transposed.bytes()
+    }
+}
+
+/// A weight as the matmuls take it: its values, and its bf16 panels when made for this step.
+#[derive(Clone, Copy)]
+pub struct Weight<'a> {
+    pub values: &'a [f32],
+    pub panels: Option<&'a Panels>,
+}
+
+impl<'a> From<&'a [f32]> for Weight<'a> {
+    fn from(values: &'a [f32]) -> Self {
+        Weight { values, panels: None }
+    }
+}
+
+/// `dst (m x n) [+]= a (m x k) . W`, or `a . W^T` when `transposed` (`W` stored `n x k`), `a`
+/// row-major: from the weight's panels when it has them and the matmuls are bf16.
+pub fn matmul_weight(
+    dst: &mut [f32],
+    a: &[f32],
+    w: Weight,
+    (m, k, n): (usize, usize, usize),
+    transposed: bool,
+    accumulate: bool,
+    mm: Matmuls,
+) {
+    let (Matmuls::Bf16, Some(panels)) = (mm, w.panels) else {
+        let layout = if transposed { Layout::ABt } else { Layout::Ab };
+        return matmul(dst, a, w.values, (m, k, n), layout, accumulate, mm);
+    };
+    assert!(dst.len() >= m * n && a.len() >= m * k, "matmul: operands smaller than {m}x{k}x{n}");
+    let packed = if transposed { &panels.transposed } else { &panels.plain };
+    let a = bf16::Left::F32(bf16::Strided { ptr: a.as_ptr(), rs: k, cs: 1 });
+    // Safety: the sizes were checked above (and the panels' against the product by gemm);
+    // panels exist only where the CPU has AVX512-BF16.
+    unsafe { bf16::gemm((m, n, k), (dst.as_mut_ptr(), n), accumulate, a, bf16::Right::Packed(packed), 1.0, true) }
+}
+
+/// `dst (m x n) += scale * a . b` where `a` is already bf16 (its bits; stored `k x m` when
+/// `a_transposed`) and `b (k x n)` a row-major matrix (a weight's plain panels when it has them).
+/// The CPU must have AVX512-BF16.
+pub fn matmul_bf16_left(
+    dst: &mut [f32],
+    a: &[u16],
+    b: Weight,
+    (m, k, n): (usize, usize, usize),
+    a_transposed: bool,
+    scale: f32,
+) {
+    assert!(
+        bf16::available() && dst.len() >= m * n && a.len() >= m * k && b.values.len() >= k * n,
+        "matmul: operands smaller than {m}x{k}x{n}"
+    );
+    let (rs, cs) = if a_transposed { (1, m) } else { (k, 1) };
+    let left = bf16::Left::Bf16(bf16::StridedBf16 { ptr: a.as_ptr(), rs, cs });
+    let right = match b.panels {
+        Some(p) => bf16::Right::Packed(&p.plain),
+        None => bf16::Right::Strided(bf16::Strided { ptr: b.values.as_ptr(), rs: n, cs: 1 }),
+    };
+    // Safety: the sizes and the instruction set were checked above.
+    unsafe { bf16::gemm((m, n, k), (dst.as_mut_ptr(), n), true, left, right, scale, true) }
 }
 
 /// `acc += x`, element by element, in parallel.
@@ -97,31 +206,32 @@ pub fn add_into(acc: &mut [f32], x: &[f32]) {
 // ---------------------------------------------------------------- linear
 
 /// `y (N x out) = x (N x in) . W (in x out) + b`.
-pub fn linear(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
-    let (n_out, n_in) = (b.len(), w.len() / b.len());
+pub fn linear(x: &[f32], w: Weight, b: &[f32], y: &mut [f32], mm: Matmuls) {
+    let (n_out, n_in) = (b.len(), w.values.len() / b.len());
     let n = x.len() / n_in;
     for row in y.chunks_mut(n_out).take(n) {
         row.copy_from_slice(b);
     }
-    matmul(y, x, w, (n, n_in, n_out), Layout::Ab, true);
+    matmul_weight(y, x, w, (n, n_in, n_out), false, true, mm);
 }
 
 /// Gradients of `linear`: `dx [+]= dy W^T`, `dW += x^T dy`, `db += colsum(dy)`.
 pub fn linear_backward(
     x: &[f32],
-    w: &[f32],
+    w: Weight,
     dy: &[f32],
     dx: Option<(&mut [f32], bool)>,
     dw: &mut [f32],
     db: &mut [f32],
+    mm: Matmuls,
 ) {
     let n_out = db.len();
-    let n_in = w.len() / n_out;
+    let n_in = w.values.len() / n_out;
     let n = x.len() / n_in;
     if let Some((dx, accumulate)) = dx {
-        matmul(dx, dy, w, (n, n_out, n_in), Layout::ABt, accumulate);
+        matmul_weight(dx, dy, w, (n, n_out, n_in), true, accumulate, mm);
     }
-    matmul(dw, x, dy, (n_in, n, n_out), Layout::AtB, true);
+    matmul(dw, x, dy, (n_in, n, n_out), Layout::AtB, true, mm);
     column_sum(dy, db);
 }
 

@@ -172,11 +172,11 @@ impl CustomOp2 for GeluBackward {
     }
 }
 
-/// `y = x . W + b` with `x (.., in)`, `W (in, out)`, `b (out)`: one gemm with the bias
-/// pre-filled; backward `dx = dy . W^T`, `dW = x^T . dy`, `db` a parallel column sum
+/// `y = x . W + b` with `x (.., in)`, `W (in, out)`, `b (out)`: one matmul in the given
+/// arithmetic with the bias pre-filled; backward (the autograd engine, which is f32 only) `dx = dy . W^T`, `dW = x^T . dy`, `db` a parallel column sum
 /// (candle's composed broadcast-add backward reduces rows with a serial strided loop that
 /// cost more than both matmuls together).
-pub struct Linear;
+pub struct Linear(pub kernels::Matmuls);
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
@@ -198,7 +198,7 @@ impl CustomOp3 for Linear {
             candle_core::bail!("linear: x {:?}, W {:?}, b {:?}", l1.dims(), l2.dims(), l3.dims())
         }
         let mut y = vec![0f32; x.len() / n_in * b.len()];
-        kernels::linear(x, w, b, &mut y);
+        kernels::linear(x, w.into(), b, &mut y, self.0);
         let mut dims = l1.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = b.len();
@@ -214,6 +214,11 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.0 != kernels::Matmuls::F32 {
+            candle_core::bail!(
+                "linear: bf16 matmuls have no autograd backward (the written-out CPU step computes them)"
+            )
+        }
         let (n_in, n_out) = w.dims2()?;
         let dy = grad.contiguous()?.reshape(((), n_out))?;
         let x2 = x.detach().reshape(((), n_in))?;
@@ -246,6 +251,7 @@ impl CustomOp1 for ColumnSum {
 /// `wte (V, C)` -> `(N)`.
 pub struct HeadTokenLosses {
     pub targets: Arc<Vec<u32>>,
+    pub mm: kernels::Matmuls,
 }
 
 impl CustomOp2 for HeadTokenLosses {
@@ -259,7 +265,7 @@ impl CustomOp2 for HeadTokenLosses {
         if *l2.dims().last().unwrap_or(&0) != c {
             candle_core::bail!("head token losses: hidden {:?}, wte {:?}", l1.dims(), l2.dims())
         }
-        let losses = head::token_losses(h, w, c, &self.targets).map_err(candle_core::Error::Msg)?;
+        let losses = head::token_losses(h, w, c, &self.targets, self.mm).map_err(candle_core::Error::Msg)?;
         let n = losses.len();
         out(losses, &Shape::from(n))
     }
@@ -269,12 +275,13 @@ pub struct HeadCrossEntropy {
     pub targets: Arc<Vec<u32>>,
     /// False for a forward without a graph (evaluation): the softmax is not kept.
     for_backward: bool,
+    mm: kernels::Matmuls,
     saved: Mutex<Option<head::Saved>>,
 }
 
 impl HeadCrossEntropy {
-    pub fn new(targets: Arc<Vec<u32>>, for_backward: bool) -> Self {
-        Self { targets, for_backward, saved: Mutex::new(None) }
+    pub fn new(targets: Arc<Vec<u32>>, for_backward: bool, mm: kernels::Matmuls) -> Self {
+        Self { targets, for_backward, mm, saved: Mutex::new(None) }
     }
 }
 
@@ -293,8 +300,8 @@ impl CustomOp2 for HeadCrossEntropy {
         if *l2.dims().last().unwrap_or(&0) != c {
             candle_core::bail!("head cross-entropy: hidden {:?}, wte {:?}", l1.dims(), l2.dims())
         }
-        let (loss, saved) =
-            head::forward(h, w, c, &self.targets, self.for_backward).map_err(candle_core::Error::Msg)?;
+        let (loss, saved) = head::forward(h, w.into(), c, &self.targets, self.for_backward, self.mm)
+            .map_err(candle_core::Error::Msg)?;
         if self.for_backward {
             *self.saved.lock().map_err(poisoned)? = Some(saved);
         }
@@ -312,7 +319,9 @@ impl CustomOp2 for HeadCrossEntropy {
         let (n, c) = h.dims2()?;
         let mut dh = vec![0f32; n * c];
         let mut dw = vec![0f32; w.elem_count()];
-        with_host(h, |hv| with_host(w, |wv| head::backward(saved, hv, wv, c, &self.targets, g, &mut dh, &mut dw)))??;
+        with_host(h, |hv| {
+            with_host(w, |wv| head::backward(saved, hv, wv.into(), c, &self.targets, g, &mut dh, &mut dw, self.mm))
+        })??;
         Ok((Some(Tensor::from_vec(dh, (n, c), h.device())?), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
     }
 }
