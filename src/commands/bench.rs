@@ -327,6 +327,8 @@ fn report(
     let flops = cfg.flops_per_token(r.block_size);
     let achieved = flops * tps / 1e9;
     let per_step = |secs: f64| 1000.0 * secs / timed_steps as f64;
+    let micro = (r.micro_batch_size, r.block_size);
+    let width = side_by_side(placement.engine, cfg, micro, r.gradient_checkpointing).min(r.accumulation_steps());
     json!({
         "config": {
             "n_layer": r.n_layer, "n_head": r.n_head, "n_embd": r.n_embd, "block_size": r.block_size,
@@ -334,12 +336,12 @@ fn report(
             "grad_accum": r.accumulation_steps(), "steps": p.steps, "warmup_steps_excluded": p.untimed,
             "rope": r.rope, "research": r.research, "gradient_checkpointing": r.gradient_checkpointing,
             "dropout": r.dropout, "seed": r.seed, "device": device::describe(&placement.device),
-            "dtype": placement.compute_dtype(), "engine": placement.path(),
+            "dtype": placement.compute_dtype(), "engine": crate::train::micro::describe(placement, cfg, micro, width),
         },
         "n_params": cfg.num_parameters(),
         "threads": rayon::current_num_threads(),
         // micro-batches run side by side, one per single-threaded worker (1: one at a time)
-        "micro_batches_side_by_side": side_by_side(placement.engine, cfg, (r.micro_batch_size, r.block_size), r.gradient_checkpointing).min(r.accumulation_steps()),
+        "micro_batches_side_by_side": width,
         "tokens_per_second": tps,
         "timed_seconds": t.timed,
         "step_ms_median": 1000.0 * sorted[sorted.len() / 2],

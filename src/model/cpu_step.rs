@@ -209,10 +209,23 @@ fn with_weights<R>(cfg: &GptConfig, vars: &BTreeMap<String, Var>, f: impl FnOnce
     f(&w)
 }
 
+/// Whether bf16 matmuls pack the weights once per step (`PackedWeights`) rather than in every
+/// product: when the panels take no more memory than keeping the head's gradient in bf16 saves
+/// (for `workers` micro-batches of `b x t` at once), so bf16 training never needs more memory
+/// than f32 (at GPT-2 small the panels are 0.5 GB and the head keeps nothing). The products are
+/// the same bit for bit either way; packing once saves the conversions.
+pub fn packs_weights_once(cfg: &GptConfig, (b, t): (usize, usize), workers: usize) -> bool {
+    let rows = b * t;
+    let saved = if head::keeps_whole(rows, cfg.vocab_size) { workers * rows * cfg.vocab_size * 2 } else { 0 };
+    cfg.bf16_panel_bytes() <= saved as u64
+}
+
 /// The matmul weights packed for bf16 matmuls (`Panels`: each weight in both orientations):
 /// made once per optimizer step, before its micro-batches, and read by all of them, so a weight
-/// is converted to bf16 once per step rather than once per product.
+/// is converted to bf16 once per step rather than once per product (`packs_weights_once`).
 pub struct PackedWeights {
+    /// The model's `(vocab_size, n_embd, n_layer)`.
+    shape: (usize, usize, usize),
     wte: Panels,
     /// Per block: `c_attn`, `attn.c_proj`, `c_fc`, `mlp.c_proj` (`MATMUL_FIELDS`).
     h: Vec<[Panels; 4]>,
@@ -228,9 +241,28 @@ impl PackedWeights {
         let c = cfg.n_embd;
         with_weights(cfg, vars, |w| {
             Ok(PackedWeights {
+                shape: (cfg.vocab_size, c, cfg.n_layer),
                 wte: Panels::new(w.wte, (cfg.vocab_size, c)),
                 h: w.h.iter().map(|p| MATMUL_FIELDS.map(|(f, (r, k))| Panels::new(p.0[f], (r * c, k * c)))).collect(),
             })
+        })
+    }
+
+    /// Whether these are panels of `cfg`'s weights (to pack again rather than make anew).
+    pub fn is_for(&self, cfg: &GptConfig) -> bool {
+        self.shape == (cfg.vocab_size, cfg.n_embd, cfg.n_layer)
+    }
+
+    /// Packs the weights as they are now into these panels (made for the same model).
+    pub fn repack(&mut self, cfg: &GptConfig, vars: &BTreeMap<String, Var>) -> Result<()> {
+        with_weights(cfg, vars, |w| {
+            self.wte.repack(w.wte);
+            for (panels, p) in self.h.iter_mut().zip(&w.h) {
+                for (slot, (f, _)) in panels.iter_mut().zip(MATMUL_FIELDS) {
+                    slot.repack(p.0[f]);
+                }
+            }
+            Ok(())
         })
     }
 

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor, Var};
 
 use crate::dist::{Collective, Wire};
-use crate::engine::{Engine, Matmuls};
+use crate::engine::{Engine, Matmuls, Placement};
 use crate::model::dropout::Dropout;
 use crate::model::{cpu_step, Gpt, Trainable};
 use crate::optim::grads::{accumulate, Grads};
@@ -116,6 +116,24 @@ pub fn side_by_side(
     }
 }
 
+/// The path a step takes, as `train_begin`, the start line and bench name it: the placement's
+/// (engine, bf16 matmuls), how bf16 packs the weights, and the micro-batches side by side when
+/// `width` (from `side_by_side`, at most the step's micro-batches) is over 1.
+pub fn describe(placement: &Placement, cfg: &crate::model::GptConfig, micro: (usize, usize), width: usize) -> String {
+    let mut path = placement.path();
+    if placement.engine == Engine::CpuStep && placement.matmuls == Matmuls::Bf16 {
+        path += if cpu_step::packs_weights_once(cfg, micro, width) {
+            ", weights packed once per step"
+        } else {
+            ", weights packed in each product"
+        };
+    }
+    if width > 1 {
+        path += &format!(", {width} micro-batches side by side");
+    }
+    path
+}
+
 /// `DIFFLAB_MICRO_WORKERS=N` caps the micro-batches run side by side (1: one at a time, each
 /// split across all threads, as before; for comparing the two).
 pub(super) fn max_workers() -> usize {
@@ -151,18 +169,25 @@ pub fn forward_backward_all(
     let Some(first) = batches.first() else { return Ok(vec![]) };
     let micro = first.ids.dims2()?;
     let width = side_by_side(engine, model.gpt.config(), micro, checkpointing).min(batches.len());
-    // bf16 matmuls: the weights converted and packed once for all of this step's micro-batches
-    let packed = (engine == Engine::CpuStep && model.placement().matmuls == Matmuls::Bf16)
-        .then(|| cpu_step::PackedWeights::new(model.gpt.config(), &model.vars))
-        .transpose()?;
+    // bf16 matmuls: the weights converted and packed once for all of this step's micro-batches,
+    // where that costs no memory over f32 (else each product packs them)
+    let panels = if engine == Engine::CpuStep
+        && model.placement().matmuls == Matmuls::Bf16
+        && cpu_step::packs_weights_once(model.gpt.config(), micro, width)
+    {
+        Some(panels_for(model)?)
+    } else {
+        None
+    };
     let mut steps = Vec::with_capacity(batches.len());
     if width <= 1 {
         for (i, batch) in batches.iter().enumerate() {
             between();
             let mut dropout = dropout_seeds(i);
-            let packed = packed.as_ref();
+            let packed = panels.as_ref();
             steps.push(forward_backward(engine, model, batch, scale, dropout.as_mut(), checkpointing, packed, acc)?);
         }
+        keep_panels(panels);
         return Ok(steps);
     }
     if dropout_seeds(0).is_some_and(|d| d.is_active()) {
@@ -173,7 +198,7 @@ pub fn forward_backward_all(
     if let Accumulated::Host(h) = std::mem::take(acc) {
         parts[0] = Some(h);
     }
-    let packed = packed.as_ref();
+    let packed = panels.as_ref();
     for group in batches.chunks(width) {
         between();
         let outs: Vec<Result<cpu_step::MicroOutcome>> = std::thread::scope(|scope| {
@@ -217,7 +242,33 @@ pub fn forward_backward_all(
         }
         *acc = Accumulated::Host(sum);
     }
+    keep_panels(panels);
     Ok(steps)
+}
+
+thread_local! {
+    /// The last step's bf16 panels, packed again for the next step instead of allocated anew
+    /// (a fresh 1 MB block each time leaves the heap fragmented and the resident size growing).
+    static PANELS: std::cell::RefCell<Option<cpu_step::PackedWeights>> = const { std::cell::RefCell::new(None) };
+}
+
+/// This step's bf16 panels of `model`'s weights: the last step's packed again when they are
+/// this model's (the same count and sizes), else new.
+fn panels_for(model: &Trainable) -> Result<cpu_step::PackedWeights> {
+    let cfg = model.gpt.config();
+    match PANELS.with(|p| p.borrow_mut().take()) {
+        Some(mut p) if p.is_for(cfg) => {
+            p.repack(cfg, &model.vars)?;
+            Ok(p)
+        }
+        _ => cpu_step::PackedWeights::new(cfg, &model.vars),
+    }
+}
+
+fn keep_panels(packed: Option<cpu_step::PackedWeights>) {
+    if packed.is_some() {
+        PANELS.with(|p| *p.borrow_mut() = packed);
+    }
 }
 
 /// A micro-batch: token ids `(B, T)`, and explicit targets `(B, T)` or none (then each block

@@ -84,8 +84,12 @@ fn vocab_bound(cfg: &RunConfig) -> Option<usize> {
 /// memory is not queried), naming the estimate, instead of dying in an allocation.
 pub fn fits_in_memory(model: &GptConfig, cfg: &RunConfig, device: &Device) -> Result<(), TrainError> {
     let (Some(available), true) = (device::available_memory(), device.is_cpu()) else { return Ok(()) };
-    // bf16 on the CPU packs the matmul weights into bf16 panels once per step
-    let panels = if cfg.dtype == crate::config::Precision::Bf16 { model.bf16_panel_bytes() } else { 0 };
+    // bf16 on the CPU may pack the matmul weights into bf16 panels once per step
+    let micro = (cfg.micro_batch_size, cfg.block_size);
+    let width = super::micro::side_by_side(crate::engine::Engine::CpuStep, model, micro, cfg.gradient_checkpointing);
+    let packs = cfg.dtype == crate::config::Precision::Bf16
+        && crate::model::cpu_step::packs_weights_once(model, micro, width.min(cfg.accumulation_steps()));
+    let panels = if packs { model.bf16_panel_bytes() } else { 0 };
     let needed = model.training_bytes(cfg.micro_batch_size, cfg.block_size, cfg.gradient_checkpointing) + panels;
     if needed <= available {
         return Ok(());
@@ -292,10 +296,7 @@ fn train_begin(t: &Trainer) -> TrainBegin {
         preset: t.spec.preset.clone(),
         num_parameters: t.model_cfg.num_parameters(),
         device: device::describe(&t.placement.device),
-        engine: match width {
-            1 => t.placement.path(),
-            w => format!("{}, {w} micro-batches side by side", t.placement.path()),
-        },
+        engine: super::micro::describe(&t.placement, &t.model_cfg, (cfg.micro_batch_size, cfg.block_size), width),
         world_size: world.world_size(),
         // the path the gradients take between processes, where there are several
         backend: match (world.world_size(), wire(cfg)) {

@@ -131,24 +131,46 @@ impl PackedB {
     /// `available()` must be true and `b` must address the whole `k x n` matrix.
     pub unsafe fn new((k, n): (usize, usize), b: Strided) -> PackedB {
         let k_blocks = k.div_ceil(KC);
-        let b = Shared(b);
         let blocks = (0..n.div_ceil(NC) * k_blocks)
-            .into_par_iter()
             .map(|i| {
-                let b = b.get();
                 let (n0, k0) = (i / k_blocks * NC, i % k_blocks * KC);
-                let (nc, kc) = (NC.min(n - n0), KC.min(k - k0));
-                let kp = kc.div_ceil(2);
-                let mut out = vec![0u32; nc.div_ceil(NR) * kp * NR];
-                for (j, panel) in out.chunks_mut(kp * NR).enumerate() {
-                    let col = n0 + j * NR;
-                    // Safety: the panel's columns and rows lie in b (the caller's promise).
-                    unsafe { pack(b.ptr.add(k0 * b.rs + col * b.cs), (b.rs, b.cs), kc, NR.min(n - col), NR, panel) };
-                }
-                out
+                vec![0u32; NC.min(n - n0).div_ceil(NR) * KC.min(k - k0).div_ceil(2) * NR]
             })
             .collect();
-        PackedB { k, n, k_blocks, blocks }
+        let mut packed = PackedB { k, n, k_blocks, blocks };
+        // Safety: the caller's promise.
+        unsafe { packed.repack(b) };
+        packed
+    }
+
+    /// Packs `b` (the same shape) again into these buffers: a weight after an optimizer step.
+    ///
+    /// # Safety
+    ///
+    /// As `new`.
+    pub unsafe fn repack(&mut self, b: Strided) {
+        let (k, n, k_blocks) = (self.k, self.n, self.k_blocks);
+        let b = Shared(b);
+        self.blocks.par_iter_mut().enumerate().for_each(|(i, out)| {
+            let b = b.get();
+            let (n0, k0) = (i / k_blocks * NC, i % k_blocks * KC);
+            let kc = KC.min(k - k0);
+            let kp = kc.div_ceil(2);
+            for (j, panel) in out.chunks_mut(kp * NR).enumerate() {
+                let col = n0 + j * NR;
+                // Safety: the panel's columns and rows lie in b (the caller's promise).
+                unsafe { pack(b.ptr.add(k0 * b.rs + col * b.cs), (b.rs, b.cs), kc, NR.min(n - col), NR, panel) };
+            }
+        });
+    }
+
+    /// `(k, n)`: the shape of the `b` it holds.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
     }
 
     /// Its size in memory.

@@ -41,6 +41,12 @@ fn spare(v: Vec<f32>) {
     });
 }
 
+/// Whether the training forward keeps `rows x vocab` probabilities (or, with bf16 matmuls,
+/// their gradient in bf16) for the backward, rather than making the logits again there.
+pub fn keeps_whole(rows: usize, vocab: usize) -> bool {
+    rows * vocab * 4 <= KEEP_BYTES
+}
+
 /// Rows of logits made at once when they are not kept: about 32 MB.
 fn chunk_rows(vocab: usize) -> usize {
     ((8 << 20) / vocab.max(1)).max(1)
@@ -80,8 +86,7 @@ pub fn forward(
     }
     // all rows in one matmul when they fit (gemm packs `wte` once per call: per chunk of a
     // few rows, re-packing the whole vocabulary costs as much as the products)
-    let whole = n * v * 4 <= KEEP_BYTES;
-    let keep = for_backward && whole;
+    let keep = for_backward && keeps_whole(n, v);
     if !for_backward {
         let (lse, losses) = log_sum_exp_by_vocab_block(h, w, c, targets, mm);
         let total: f64 = losses.iter().map(|l| *l as f64).sum();

@@ -129,6 +129,18 @@ impl Panels {
         }
     }
 
+    /// Packs `w` (the same shape) again into these panels.
+    pub fn repack(&mut self, w: &[f32]) {
+        let (rows, cols) = (self.plain.k(), self.plain.n());
+        assert!(w.len() == rows * cols, "panels: {} values for {rows}x{cols}", w.len());
+        let at = |rs, cs| bf16::Strided { ptr: w.as_ptr(), rs, cs };
+        // Safety: panels exist only where the CPU has AVX512-BF16; both views address w.
+        unsafe {
+            self.plain.repack(at(cols, 1));
+            self.transposed.repack(at(1, cols));
+        }
+    }
+
     /// Their size in memory.
     pub fn bytes(&self) -> usize {
         self.plain.bytes() + self.transposed.bytes()
