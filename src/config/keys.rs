@@ -214,7 +214,14 @@ pub const KEYS: &[KeySpec] = &[
         "auto (gpt2 for wikitext, bpe:8192 otherwise), gpt2, bpe:N, byte, or a tokenizer.json path",
     ),
     key("device", Str, "auto", Placement, MayChange, "auto, cpu, cuda, cuda:N"),
-    key("dtype", Str, "f32", Placement, MayChange, "f32, or bf16 (CUDA: bf16 compute, f32 master weights)"),
+    key(
+        "dtype",
+        Str,
+        "f32",
+        Placement,
+        MayChange,
+        "f32, or bf16: bf16 compute over f32 master weights (CUDA), bf16 matmuls with f32 sums on AVX512-BF16 (CPU)",
+    ),
     key(
         "grad_reduce_dtype",
         Str,
