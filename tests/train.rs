@@ -682,7 +682,8 @@ fn a_plateau_stops_the_run_after_its_patience_with_a_checkpoint() {
 
 /// `--dtype bf16` on the CPU (bf16 matmuls on AVX512-BF16, the rest f32): the start line and
 /// `train_begin` name the path, the run learns as the f32 run does (eval loss within 0.02 nats
-/// after the same 40 steps) while its losses do differ (the matmuls really round), and with
+/// after the same 40 steps) while its losses do differ (the matmuls really round), `eval` of
+/// the run computes in bf16 too (from its saved settings) and gets the run's loss, and with
 /// dropout it is refused, naming the fix. Without the instructions, bf16 is refused, naming them.
 #[test]
 fn bf16_on_the_cpu_trains_like_f32_and_names_its_path() {
@@ -721,6 +722,15 @@ fn bf16_on_the_cpu_trains_like_f32_and_names_its_path() {
     assert!((f32_eval - bf16_eval).abs() < 0.02, "f32 {f32_eval} vs bf16 {bf16_eval}");
     assert_eq!(f32_losses.len(), bf16_losses.len());
     assert!(f32_losses.iter().zip(bf16_losses).any(|(a, b)| a != b), "bf16 changed no loss: {bf16_losses:?}");
+    // eval takes the run's dtype from its saved settings, says so, and scores as the run did
+    let o = difflab(home.path())
+        .args(["eval", "--checkpoint", &home.path().join("bf16").display().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && stderr.contains("bf16 matmuls (AVX512-BF16)"), "{stderr}");
+    let again = json_lines(&String::from_utf8_lossy(&o.stdout))[0]["eval_loss"].as_f64().unwrap();
+    assert!((again - bf16_eval).abs() < 1e-6, "eval {again} vs the run's last {bf16_eval}");
     let (code, _, stderr) = run_cli(home.path(), &flags("bf16", &["--dropout", "0.1"]));
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--dropout 0.0"), "{stderr}");

@@ -84,12 +84,13 @@ pub fn run(resolved: &Resolved, out: Option<&Path>) -> anyhow::Result<ExitCode> 
         }
     };
     eprintln!(
-        "[eval] {} at step {}: {}, {} split, {scored}, tokenizer {} ({origin})",
+        "[eval] {} at step {}: {}, {} split, {scored}, tokenizer {} ({origin}) | {}",
         dir.display(),
         model.step,
         cfg.data_name(),
         cfg.eval_split.name(),
         cfg.tokenizer_spec(),
+        model.path,
     );
     let records = lengths::evaluate_lengths(&model, &cfg, &span, labelled, &mut |rec| {
         let event = Event::Evaluate(rec.clone());

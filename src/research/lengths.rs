@@ -68,6 +68,8 @@ pub struct SavedModel {
     pub epoch: f64,
     /// Lines about the data (from the cache, and so on).
     pub notes: Vec<String>,
+    /// Where and how it computes: device, engine and matmul arithmetic (`Placement::path`).
+    pub path: String,
 }
 
 /// Loads the model in `dir` and the validation split `cfg` names (its data, tokenizer, split).
@@ -88,7 +90,9 @@ pub fn open(dir: &Path, cfg: &RunConfig, progress: &ProgressFn) -> Result<SavedM
     let state: Option<TrainerState> =
         std::fs::read_to_string(dir.join(TRAINER_STATE)).ok().and_then(|t| serde_json::from_str(&t).ok());
     let gpt = Trainable::new(&config, weights, &placement)?.detached()?;
+    let path = format!("{}, {}", device::describe(&placement.device), placement.path());
     Ok(SavedModel {
+        path,
         dir: dir.into(),
         config,
         gpt,
