@@ -152,15 +152,9 @@ impl PackedB {
         let (k, n, k_blocks) = (self.k, self.n, self.k_blocks);
         let b = Shared(b);
         self.blocks.par_iter_mut().enumerate().for_each(|(i, out)| {
-            let b = b.get();
             let (n0, k0) = (i / k_blocks * NC, i % k_blocks * KC);
-            let kc = KC.min(k - k0);
-            let kp = kc.div_ceil(2);
-            for (j, panel) in out.chunks_mut(kp * NR).enumerate() {
-                let col = n0 + j * NR;
-                // Safety: the panel's columns and rows lie in b (the caller's promise).
-                unsafe { pack(b.ptr.add(k0 * b.rs + col * b.cs), (b.rs, b.cs), kc, NR.min(n - col), NR, panel) };
-            }
+            // Safety: the block lies in b (the caller's promise).
+            unsafe { pack_b_block(b.get(), (n0, k0), (n, KC.min(k - k0)), out, false) };
         });
     }
 
@@ -220,38 +214,22 @@ pub unsafe fn gemm(
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let (dst, a, b) = (Shared(dst), Shared(a), Shared(b));
-        let mut packed_b: Vec<u32> = Vec::new();
+        let (dst, a) = (Shared(dst), Shared(a));
+        let mut own_b: Vec<u32> = Vec::new();
         for n0 in (0..n).step_by(NC) {
-            let nc = NC.min(n - n0);
-            let panels_b = nc.div_ceil(NR);
+            let panels_b = NC.min(n - n0).div_ceil(NR);
             for k0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - k0);
                 let kp = kc.div_ceil(2);
-                let packed_b = match b.get() {
+                let packed_b = match b {
                     Right::Packed(p) => Shared(p.blocks[n0 / NC * p.k_blocks + k0 / KC].as_ptr()),
                     Right::Strided(b) => {
-                        packed_b.resize(panels_b * kp * NR, 0);
-                        let b = Shared(b);
-                        let pack_b = |(j, out): (usize, &mut [u32])| {
-                            let b = b.get();
-                            let col = n0 + j * NR;
-                            // Safety: the panel's columns col.. (at most NR, within n) and rows
-                            // k0..k0+kc.
-                            unsafe {
-                                pack(b.ptr.add(k0 * b.rs + col * b.cs), (b.rs, b.cs), kc, NR.min(n - col), NR, out);
-                            }
-                        };
-                        let panels = packed_b.chunks_mut(kp * NR).enumerate();
-                        if parallel {
-                            panels.collect::<Vec<_>>().into_par_iter().for_each(pack_b);
-                        } else {
-                            panels.for_each(pack_b);
-                        }
-                        Shared(packed_b.as_ptr())
+                        own_b.resize(panels_b * kp * NR, 0);
+                        // Safety: the block lies in b (the caller's promise).
+                        unsafe { pack_b_block(b, (n0, k0), (n, kc), &mut own_b, parallel) };
+                        Shared(own_b.as_ptr())
                     }
                 };
-                let beta = accumulate || k0 > 0;
                 // Tasks: blocks of MC rows, and where those are few, groups of `b` panels
                 // too (each group packs its rows of `a` again: cheap next to its products),
                 // so that rayon has a few tasks per thread to balance.
@@ -260,45 +238,25 @@ pub unsafe fn gemm(
                     if parallel { (4 * rayon::current_num_threads()).div_ceil(blocks).clamp(1, panels_b) } else { 1 };
                 let per_group = panels_b.div_ceil(groups);
                 let task = |t: usize| {
-                    let a = a.get();
-                    let (mb, group) = (t / groups, t % groups);
-                    let m0 = mb * MC;
-                    let mc = MC.min(m - m0);
-                    let panels_a = mc.div_ceil(MR);
-                    let mut packed_a = vec![0u32; panels_a * kp * MR];
-                    for (i, out) in packed_a.chunks_mut(kp * MR).enumerate() {
-                        let (row, lines) = (m0 + i * MR, MR.min(m - m0 - i * MR));
-                        // Safety: rows row.. (at most MR, within m) and columns k0..k0+kc of a.
-                        unsafe {
-                            match a {
-                                Left::F32(a) => {
-                                    pack(a.ptr.add(row * a.rs + k0 * a.cs), (a.cs, a.rs), kc, lines, MR, out)
-                                }
-                                Left::Bf16(a) => {
-                                    pack_bf16(a.ptr.add(row * a.rs + k0 * a.cs), (a.cs, a.rs), kc, lines, MR, out)
-                                }
-                            }
-                        };
-                    }
-                    for j in group * per_group..((group + 1) * per_group).min(panels_b) {
-                        let col = n0 + j * NR;
-                        for i in 0..panels_a {
-                            let row = m0 + i * MR;
-                            // Safety: the tile (row.., col..) lies in dst, and this task alone
-                            // writes it; the panels are as packed above.
-                            unsafe {
-                                tile(
-                                    kp,
-                                    packed_a.as_ptr().add(i * kp * MR),
-                                    packed_b.get().add(j * kp * NR),
-                                    (dst.get().add(row * ldc + col), ldc),
-                                    (MR.min(m - row), NR.min(n - col)),
-                                    beta,
-                                    scale,
-                                )
-                            };
-                        }
-                    }
+                    let (m0, group) = (t / groups * MC, t % groups);
+                    let rows = (m0, MC.min(m - m0));
+                    let cols =
+                        (n0 + group * per_group * NR, n0 + (((group + 1) * per_group).min(panels_b) * NR).min(n - n0));
+                    // Safety: the block's rows of a and its tiles of dst lie in the matrices;
+                    // this task alone writes those tiles; the `b` panels are packed above.
+                    unsafe {
+                        multiply_block(
+                            a.get(),
+                            packed_b.get(),
+                            (k0, kc),
+                            rows,
+                            cols,
+                            n0,
+                            (dst.get(), ldc),
+                            accumulate || k0 > 0,
+                            scale,
+                        )
+                    };
                 };
                 if parallel && blocks * groups > 1 {
                     (0..blocks * groups).into_par_iter().for_each(task);
@@ -312,6 +270,82 @@ pub unsafe fn gemm(
     {
         let _ = (dst, ldc, accumulate, a, b, scale, parallel);
         unreachable!("bf16 matmuls need x86-64 with AVX512-BF16 (check `available()` first)");
+    }
+}
+
+/// Packs the `b` panels of the block at `(n0, k0)`: columns `n0..` (up to `NC`, within `n`), rows
+/// `k0..k0 + kc`, into `out`; the panels in parallel when `parallel`.
+///
+/// # Safety
+///
+/// `b` must address the block; `out` holds its panels.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_b_block(b: Strided, (n0, k0): (usize, usize), (n, kc): (usize, usize), out: &mut [u32], parallel: bool) {
+    let kp = kc.div_ceil(2);
+    let b = Shared(b);
+    let pack_panel = |(j, panel): (usize, &mut [u32])| {
+        let b = b.get();
+        let col = n0 + j * NR;
+        // Safety: the panel's columns col.. (at most NR, within n) and rows k0..k0 + kc lie in b.
+        unsafe { pack(b.ptr.add(k0 * b.rs + col * b.cs), (b.rs, b.cs), kc, NR.min(n - col), NR, panel) };
+    };
+    if parallel {
+        out.par_chunks_mut(kp * NR).enumerate().for_each(pack_panel);
+    } else {
+        out.chunks_mut(kp * NR).enumerate().for_each(pack_panel);
+    }
+}
+
+/// One task of `gemm`: packs rows `m0..m0 + mc` of `a` (columns `k0..k0 + kc`) into `MR`-row
+/// panels and multiplies them by the packed `b` panels of columns `c0..c1` (`b`'s block starts at
+/// column `n0`), each `MR x NR` tile of `dst` summed into when `beta`.
+///
+/// # Safety
+///
+/// The rows of `a`, the `b` panels and the tiles of `dst` must lie in their matrices, and no
+/// other task may write these tiles.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn multiply_block(
+    a: Left,
+    packed_b: *const u32,
+    (k0, kc): (usize, usize),
+    (m0, mc): (usize, usize),
+    (c0, c1): (usize, usize),
+    n0: usize,
+    (dst, ldc): (*mut f32, usize),
+    beta: bool,
+    scale: f32,
+) {
+    let kp = kc.div_ceil(2);
+    let mut packed_a = vec![0u32; mc.div_ceil(MR) * kp * MR];
+    for (i, out) in packed_a.chunks_mut(kp * MR).enumerate() {
+        let (row, lines) = (m0 + i * MR, MR.min(mc - i * MR));
+        // Safety: rows row.. (at most MR, within the block) and columns k0..k0 + kc of a.
+        unsafe {
+            match a {
+                Left::F32(a) => pack(a.ptr.add(row * a.rs + k0 * a.cs), (a.cs, a.rs), kc, lines, MR, out),
+                Left::Bf16(a) => pack_bf16(a.ptr.add(row * a.rs + k0 * a.cs), (a.cs, a.rs), kc, lines, MR, out),
+            }
+        };
+    }
+    for col in (c0..c1).step_by(NR) {
+        let j = (col - n0) / NR;
+        for (i, panel_a) in packed_a.chunks(kp * MR).enumerate() {
+            let row = m0 + i * MR;
+            // Safety: the tile (row.., col..) lies in dst (the caller's promise).
+            unsafe {
+                tile(
+                    kp,
+                    panel_a.as_ptr(),
+                    packed_b.add(j * kp * NR),
+                    (dst.add(row * ldc + col), ldc),
+                    (MR.min(mc - i * MR), NR.min(c1 - col)),
+                    beta,
+                    scale,
+                )
+            };
+        }
     }
 }
 
