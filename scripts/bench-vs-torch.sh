@@ -10,11 +10,7 @@ REPS="${REPS:-2}"
 BIN=target/release/difflab
 REF=../shared/bench/bench_train.py
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}" REF_NUM_THREADS="${REF_NUM_THREADS:-2}"
-declare -A CONFIGS=(
-  [sanity-gpt2vocab]="--n_layer 2 --n_head 2 --n_embd 128 --block_size 128 --vocab_size 50257 --micro_batch_size 2 --batch_size 16"
-  [sanity-8k]="--n_layer 2 --n_head 2 --n_embd 128 --block_size 128 --vocab_size 8192 --micro_batch_size 2 --batch_size 16"
-  [small-8k]="--n_layer 4 --n_head 4 --n_embd 256 --block_size 256 --vocab_size 8192 --micro_batch_size 4 --batch_size 16"
-)
+source scripts/bench-configs.sh
 out=$(mktemp)
 for name in sanity-gpt2vocab sanity-8k small-8k; do
   for research in false true; do

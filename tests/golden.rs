@@ -168,14 +168,18 @@ fn three_adamw_steps_match() {
 #[test]
 fn golden_check_passes_in_f32_and_bf16() {
     use difflab::commands::golden;
-    use difflab::engine::Placement;
+    use difflab::engine::{Engine, Matmuls, Placement};
     let golden_dir = common::shared_dir().join("golden");
     let mut placements = vec![
         Placement::of(&Device::Cpu, candle_core::DType::F32),
         Placement::of(&Device::Cpu, candle_core::DType::BF16),
     ];
     match golden::placement(&Device::Cpu, candle_core::DType::BF16) {
-        Ok(p) => placements.push(p),
+        Ok(p) => {
+            // the CPU's bf16 path: the written-out step with bf16 matmuls, not f32 under a bf16 name
+            assert_eq!((p.engine, p.matmuls, p.compute_dtype()), (Engine::CpuStep, Matmuls::Bf16, "bf16"));
+            placements.push(p)
+        }
         Err(e) => {
             assert!(!difflab::engine::cpu::bf16::available());
             eprintln!("CPU bf16 path not checked: {e}");

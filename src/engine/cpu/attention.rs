@@ -186,7 +186,6 @@ pub fn forward(qkv: &[f32], d: &Dims, rope: &Option<Rope>, y: &mut [f32], keep: 
 pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: &Option<Rope>, dqkv: &mut [f32]) {
     assert!(dqkv.len() == qkv.len() && dy.len() == d.b * d.t * d.c, "attention backward: buffer sizes");
     let tt = d.t * d.t;
-    let scale = 1.0 / (d.hd as f32).sqrt();
     let out = Shared(dqkv.as_mut_ptr());
     (0..d.b * d.h).into_par_iter().for_each(|task| {
         let (bi, head) = (task / d.h, task % d.h);
@@ -205,7 +204,6 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
         let v = &qkv[row0 * 3 * d.c + 2 * d.c + head * d.hd..];
         let d_out = &dy[row0 * d.c + head * d.hd..];
         let mut dp = vec![0f32; tt];
-        let (mut dq, mut dk) = (vec![0f32; d.t * d.hd], vec![0f32; d.t * d.hd]);
         // Block [r0, r1) of rows of P (queries) is non-zero in columns 0..r1 only; block [c0, c1)
         // of its columns (keys) in rows c0..T only. Each product below reads just those parts.
         // Safety: all buffers have the stated shapes; the dv block is this task's own (T, hd)
@@ -243,34 +241,7 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
             let dot = simd::dot(dpr, pr);
             dpr.iter_mut().zip(pr).for_each(|(g, y)| *g = y * (*g - dot));
         }
-        // Safety: dS is (T, T), q, k, dq and dk are (T, hd).
-        unsafe {
-            for (r0, r1) in row_blocks(d.t) {
-                // dQ[r0..r1] = dS[r0..r1, ..r1] K[..r1]
-                gemm_strided(
-                    (r1 - r0, d.hd, r1),
-                    (dq[r0 * d.hd..].as_mut_ptr(), d.hd),
-                    false,
-                    (dp[r0 * d.t..].as_ptr(), d.t, 1),
-                    (k.as_ptr(), d.hd, 1),
-                    scale,
-                    false,
-                    d.mm,
-                );
-                // dK[c0..c1] = dS[c0.., c0..c1]^T Q[c0..]   (the same blocks, read as key blocks)
-                let (c0, c1) = (r0, r1);
-                gemm_strided(
-                    (c1 - c0, d.hd, d.t - c0),
-                    (dk[c0 * d.hd..].as_mut_ptr(), d.hd),
-                    false,
-                    (dp[c0 * d.t + c0..].as_ptr(), 1, d.t),
-                    (q[c0 * d.hd..].as_ptr(), d.hd, 1),
-                    scale,
-                    false,
-                    d.mm,
-                );
-            }
-        }
+        let (mut dq, mut dk) = query_key_grads(&dp, &q, &k, d);
         if let Some(r) = rope {
             rotate(&mut dq, d.t, d.hd, r, true);
             rotate(&mut dk, d.t, d.hd, r, true);
@@ -285,6 +256,42 @@ pub fn backward(qkv: &[f32], dy: &[f32], probs: Option<&[f32]>, d: &Dims, rope: 
         }
         drop(own);
     });
+}
+
+/// `dQ = dS K / sqrt(hd)` and `dK = dS^T Q / sqrt(hd)` for one (batch, head), `dS (T, T)`
+/// causal (zero above the diagonal: only the blocks below it are read), q and k `(T, hd)`.
+fn query_key_grads(ds: &[f32], q: &[f32], k: &[f32], d: &Dims) -> (Vec<f32>, Vec<f32>) {
+    let scale = 1.0 / (d.hd as f32).sqrt();
+    let (mut dq, mut dk) = (vec![0f32; d.t * d.hd], vec![0f32; d.t * d.hd]);
+    // Safety: dS is (T, T), q, k, dq and dk are (T, hd).
+    unsafe {
+        for (r0, r1) in row_blocks(d.t) {
+            // dQ[r0..r1] = dS[r0..r1, ..r1] K[..r1]
+            gemm_strided(
+                (r1 - r0, d.hd, r1),
+                (dq[r0 * d.hd..].as_mut_ptr(), d.hd),
+                false,
+                (ds[r0 * d.t..].as_ptr(), d.t, 1),
+                (k.as_ptr(), d.hd, 1),
+                scale,
+                false,
+                d.mm,
+            );
+            // dK[c0..c1] = dS[c0.., c0..c1]^T Q[c0..]   (the same blocks, read as key blocks)
+            let (c0, c1) = (r0, r1);
+            gemm_strided(
+                (c1 - c0, d.hd, d.t - c0),
+                (dk[c0 * d.hd..].as_mut_ptr(), d.hd),
+                false,
+                (ds[c0 * d.t + c0..].as_ptr(), 1, d.t),
+                (q[c0 * d.hd..].as_ptr(), d.hd, 1),
+                scale,
+                false,
+                d.mm,
+            );
+        }
+    }
+    (dq, dk)
 }
 
 /// The attention as a candle op (autograd path).
