@@ -100,10 +100,15 @@ impl std::ops::Deref for World {
     }
 }
 
-/// Gradients travel in buckets of about this many bytes, as PyTorch DDP's `bucket_cap_mb`
+/// Gradients travel in buckets of about this many bytes (`ddp_bucket_cap_mb`'s default), as PyTorch DDP's `bucket_cap_mb`
 /// default: a few large messages instead of one per parameter, whose latency dominates across
 /// machines, while a bucket stays small enough to pack and unpack in cache-friendly pieces.
 pub const BUCKET_BYTES: usize = 25 << 20;
+
+/// The first bucket of a backward that overlaps its all-reduce, as DDP's
+/// (`_DEFAULT_FIRST_BUCKET_BYTES`): small, so the network starts while most of the backward is
+/// still to run.
+pub const FIRST_BUCKET_BYTES: usize = 1 << 20;
 
 /// How gradients travel between processes: f32, or bf16 (half the bytes; each process's sum
 /// rounded to bf16 once, and each addition on the way).
@@ -123,47 +128,119 @@ pub fn all_reduce_buckets(
     bucket_bytes: usize,
     wire: Wire,
 ) -> Result<usize, DistError> {
-    let width = match wire {
-        Wire::F32 => std::mem::size_of::<f32>(),
-        Wire::Bf16 => std::mem::size_of::<u16>(),
-    };
-    let cap = (bucket_bytes / width).max(1);
-    let (mut send, mut recv, mut bits) = (Vec::new(), Vec::new(), Vec::<u16>::new());
-    let (mut calls, mut start) = (0, 0);
-    while start < buffers.len() {
-        // the longest run of buffers from `start` that fits in a bucket (at least one)
-        let mut end = start + 1;
-        let mut len = buffers[start].len();
-        while end < buffers.len() && len + buffers[end].len() <= cap {
-            len += buffers[end].len();
-            end += 1;
+    let mut buckets = Buckets::new(world, (bucket_bytes, bucket_bytes), wire);
+    for b in buffers.iter_mut() {
+        buckets.push(&mut **b)?;
+    }
+    Ok(buckets.finish()?.calls)
+}
+
+/// What `Buckets::finish` gives back.
+pub struct Summed<B> {
+    /// Every buffer pushed, summed, in the order pushed.
+    pub buffers: Vec<B>,
+    /// Collective calls made (one a bucket).
+    pub calls: usize,
+    /// Seconds inside them.
+    pub busy_seconds: f64,
+}
+
+/// Buffers summed over the ranks in flat buckets as they come (`push`), in the order they come:
+/// the open bucket is summed when the next buffer would not fit in it, the last at `finish`.
+/// The first bucket holds up to `caps.0` bytes on the wire, the others `caps.1` (DDP makes its
+/// first bucket small, 1 MB, so that communication starts early in the backward). A buffer
+/// larger than a bucket is one of its own. Every rank must push buffers of the same sizes in
+/// the same order: the buckets, and so the collective calls, are then the same on all.
+pub struct Buckets<'w, B> {
+    world: &'w dyn Collective,
+    wire: Wire,
+    /// Floats per bucket: the first, the rest.
+    caps: (usize, usize),
+    open: Vec<B>,
+    open_len: usize,
+    summed: Vec<B>,
+    calls: usize,
+    /// Seconds inside the collective calls.
+    busy: f64,
+    send: Vec<f32>,
+    recv: Vec<f32>,
+    bits: Vec<u16>,
+}
+
+impl<'w, B: AsMut<[f32]>> Buckets<'w, B> {
+    pub fn new(world: &'w dyn Collective, caps: (usize, usize), wire: Wire) -> Self {
+        let width = match wire {
+            Wire::F32 => std::mem::size_of::<f32>(),
+            Wire::Bf16 => std::mem::size_of::<u16>(),
+        };
+        let floats = |bytes: usize| (bytes / width).max(1);
+        Self {
+            world,
+            wire,
+            caps: (floats(caps.0), floats(caps.1)),
+            open: Vec::new(),
+            open_len: 0,
+            summed: Vec::new(),
+            calls: 0,
+            busy: 0.0,
+            send: Vec::new(),
+            recv: Vec::new(),
+            bits: Vec::new(),
         }
-        let group = &mut buffers[start..end];
-        if let ([single], Wire::F32) = (&mut *group, wire) {
-            world.all_reduce_sum(single)?;
+    }
+
+    /// Adds `buf` to the open bucket, summing that first if `buf` would not fit in it.
+    pub fn push(&mut self, mut buf: B) -> Result<(), DistError> {
+        let cap = if self.calls == 0 { self.caps.0 } else { self.caps.1 };
+        let len = buf.as_mut().len();
+        if !self.open.is_empty() && self.open_len + len > cap {
+            self.sum_open()?;
+        }
+        self.open_len += len;
+        self.open.push(buf);
+        Ok(())
+    }
+
+    /// Sums the open bucket; gives back every buffer pushed, summed.
+    pub fn finish(mut self) -> Result<Summed<B>, DistError> {
+        if !self.open.is_empty() {
+            self.sum_open()?;
+        }
+        Ok(Summed { buffers: self.summed, calls: self.calls, busy_seconds: self.busy })
+    }
+
+    fn sum_open(&mut self) -> Result<(), DistError> {
+        let started = std::time::Instant::now();
+        let group = &mut self.open;
+        if let ([single], Wire::F32) = (&mut group[..], self.wire) {
+            self.world.all_reduce_sum(single.as_mut())?;
         } else {
-            send.clear();
-            group.iter().for_each(|b| send.extend_from_slice(b));
-            recv.resize(len, 0.0);
-            match wire {
-                Wire::F32 => world.all_reduce_sum_into(&send, &mut recv)?,
+            self.send.clear();
+            group.iter_mut().for_each(|b| self.send.extend_from_slice(b.as_mut()));
+            self.recv.resize(self.open_len, 0.0);
+            match self.wire {
+                Wire::F32 => self.world.all_reduce_sum_into(&self.send, &mut self.recv)?,
                 Wire::Bf16 => {
-                    bits.clear();
-                    bits.extend(send.iter().map(|&x| half::bf16::from_f32(x).to_bits()));
-                    world.all_reduce_sum_bf16(&mut bits)?;
-                    recv.iter_mut().zip(&bits).for_each(|(r, &b)| *r = half::bf16::from_bits(b).to_f32());
+                    self.bits.clear();
+                    self.bits.extend(self.send.iter().map(|&x| half::bf16::from_f32(x).to_bits()));
+                    self.world.all_reduce_sum_bf16(&mut self.bits)?;
+                    let back = self.recv.iter_mut().zip(&self.bits);
+                    back.for_each(|(r, &b)| *r = half::bf16::from_bits(b).to_f32());
                 }
             }
             let mut at = 0;
             for b in group.iter_mut() {
-                b.copy_from_slice(&recv[at..at + b.len()]);
+                let b = b.as_mut();
+                b.copy_from_slice(&self.recv[at..at + b.len()]);
                 at += b.len();
             }
         }
-        calls += 1;
-        start = end;
+        self.busy += started.elapsed().as_secs_f64();
+        self.calls += 1;
+        self.open_len = 0;
+        self.summed.append(&mut self.open);
+        Ok(())
     }
-    Ok(calls)
 }
 
 /// One process: every operation leaves its input as it is.
@@ -306,6 +383,26 @@ mod tests {
             let want: Vec<Vec<f32>> = fresh().into_iter().map(|b| b.iter().map(|x| 2.0 * x).collect()).collect();
             assert_eq!(bufs, want, "bucket of {bucket_floats} floats");
         }
+    }
+
+    /// Pushed one at a time, buffers fill a small first bucket, then full-size ones, each summed
+    /// as soon as the next buffer would not fit: here 4 floats, then 10.
+    #[test]
+    fn streamed_buffers_fill_a_small_first_bucket_then_full_ones() {
+        let twins = Twins::default();
+        let mut buckets = Buckets::new(&twins, (16, 40), Wire::F32);
+        let sizes = [3usize, 5, 2, 9, 1, 1, 4];
+        let mut calls_after_each = vec![];
+        for (i, &n) in sizes.iter().enumerate() {
+            buckets.push(vec![i as f32; n]).unwrap();
+            calls_after_each.push(twins.0.load(std::sync::atomic::Ordering::SeqCst));
+        }
+        // [3] goes when 5 comes; [5 2] when 9 comes; [9 1] when the next 1 comes; [1 4] at the end
+        assert_eq!(calls_after_each, [0, 1, 1, 2, 2, 3, 3]);
+        let summed = buckets.finish().unwrap();
+        assert_eq!(summed.calls, 4);
+        let want: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| vec![2.0 * i as f32; n]).collect();
+        assert_eq!(summed.buffers, want);
     }
 
     /// In bf16 a bucket holds twice the values, and what comes back is the sum of the values
