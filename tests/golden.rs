@@ -101,6 +101,8 @@ fn step_loss_and_grads(model: &Trainable, x: &Tensor, y: &Tensor) -> (f32, BTree
         dropout: 0.0,
         seed: 0,
         grad_wire: difflab::dist::Wire::F32,
+        grad_overlap: false,
+        bucket_bytes: difflab::dist::BUCKET_BYTES,
     };
     let g = gradients(model, &recipe, 0, &[(0, MicroBatch { ids: x, targets: Some(y) })], &mut || {}).unwrap();
     (g.loss as f32, g.grads)

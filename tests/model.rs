@@ -539,6 +539,7 @@ fn the_written_out_cpu_step_equals_autograd() {
                 checkpointing,
                 (difflab::engine::Matmuls::F32, None),
                 &mut host,
+                None,
             )
             .unwrap();
             let grads = host.unwrap().into_tensors(&cfg).unwrap();
@@ -588,6 +589,8 @@ fn autograd_gradient_checkpointing_equals_the_plain_path() {
                 dropout: 0.1,
                 seed: 77,
                 grad_wire: difflab::dist::Wire::F32,
+                grad_overlap: false,
+                bucket_bytes: difflab::dist::BUCKET_BYTES,
             };
             let g = gradients(&model, &recipe, 3, &batches, &mut || {}).unwrap();
             (g.loss, g.grads)
@@ -600,6 +603,106 @@ fn autograd_gradient_checkpointing_equals_the_plain_path() {
         assert_eq!(plain.len(), ckpt.len(), "{what}");
         for (name, g) in &plain {
             assert_close(&format!("{what} {name}"), &ckpt[name], g, 1e-6, 1e-4);
+        }
+    }
+}
+
+/// A second process in this one: every sum doubles what it is given (a twin holding the same
+/// gradients), and each call is recorded with its length and the thread that made it.
+#[derive(Default)]
+struct Mirror(std::sync::Mutex<Vec<(usize, Option<String>)>>);
+
+impl difflab::dist::Collective for Mirror {
+    fn backend(&self) -> &'static str {
+        "mirror"
+    }
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        2
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), difflab::dist::DistError> {
+        self.0.lock().unwrap().push((buf.len(), std::thread::current().name().map(String::from)));
+        buf.iter_mut().for_each(|x| *x *= 2.0);
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), difflab::dist::DistError> {
+        buf.iter_mut().for_each(|x| *x *= 2.0);
+        Ok(())
+    }
+    fn broadcast_f64(&self, _: &mut [f64]) -> Result<(), difflab::dist::DistError> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<(), difflab::dist::DistError> {
+        Ok(())
+    }
+}
+
+/// The written-out step's gradients summed over the processes during the backward (on the
+/// all-reduce thread, each section as the backward finishes it: ln_f first) are bit for bit the
+/// ones summed after it (wte first, on the trainer's thread) and twice one process's, for one
+/// micro-batch and for three (two side by side, then one beside the other worker's sums), in
+/// one-buffer buckets and in 25 MB ones.
+#[test]
+fn gradients_summed_during_the_backward_equal_those_summed_after_it() {
+    use difflab::dist::{Collective, Wire, World, BUCKET_BYTES};
+    use difflab::engine::Placement;
+    use difflab::train::micro::MicroBatch;
+    use difflab::train::step::{gradients, Recipe};
+    let placement = Placement::new(Device::Cpu, DType::F32, 0.0, 2);
+    assert_eq!(placement.engine, Engine::CpuStep);
+    for cfg in variants() {
+        let model = Trainable::new(&cfg, init_weights(&cfg, 8, &Device::Cpu).unwrap(), &placement).unwrap();
+        let ids: Vec<Tensor> = (0..3).map(|i| random_ids(2, 12, cfg.vocab_size, 40 + i)).collect();
+        for n in [1, 3] {
+            let batches: Vec<(usize, MicroBatch)> =
+                ids[..n].iter().enumerate().map(|(i, ids)| (i, MicroBatch { ids, targets: None })).collect();
+            let run = |world: &dyn Collective, overlap: bool, bucket_bytes: usize| {
+                let recipe = Recipe {
+                    placement: &placement,
+                    world,
+                    micro_batches: 2 * n,
+                    checkpointing: false,
+                    dropout: 0.0,
+                    seed: 1,
+                    grad_wire: Wire::F32,
+                    grad_overlap: overlap,
+                    bucket_bytes,
+                };
+                gradients(&model, &recipe, 0, &batches, &mut || {}).unwrap()
+            };
+            let one = run(&*World::single(), false, BUCKET_BYTES);
+            let what = format!("rope {} diff {}, {n} micro-batches", cfg.rope, cfg.differential);
+            for bucket_bytes in [4, BUCKET_BYTES] {
+                let (during, after) = (Mirror::default(), Mirror::default());
+                let g_during = run(&during, true, bucket_bytes);
+                let g_after = run(&after, false, bucket_bytes);
+                assert_eq!((g_during.loss, g_after.loss), (2.0 * one.loss, 2.0 * one.loss), "{what}");
+                assert_eq!(g_during.grads.len(), param_specs(&cfg).len(), "{what}");
+                for (name, g) in &one.grads {
+                    let twice: Vec<f32> =
+                        g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| 2.0 * x).collect();
+                    for (how, got) in [("during", &g_during.grads), ("after", &g_after.grads)] {
+                        let got: Vec<f32> = got[name].flatten_all().unwrap().to_vec1().unwrap();
+                        assert!(got == twice, "{what}, summed {how} the backward, {bucket_bytes} B buckets: {name}");
+                    }
+                }
+                let (during, after) = (during.0.into_inner().unwrap(), after.0.into_inner().unwrap());
+                if bucket_bytes == 4 {
+                    // a bucket a buffer: one call per parameter, in the order each path sums them
+                    assert_eq!(
+                        (during.len(), after.len()),
+                        (param_specs(&cfg).len(), param_specs(&cfg).len()),
+                        "{what}"
+                    );
+                    assert_eq!(during[0].0, cfg.n_embd, "{what}: ln_f.weight is finished first");
+                    assert_eq!(after[0].0, cfg.vocab_size * cfg.n_embd, "{what}: after the backward, wte first");
+                }
+                let thread = Some("difflab-all-reduce".to_string());
+                assert!(during.iter().all(|(_, t)| *t == thread), "{what}: {during:?}");
+                assert!(after.iter().all(|(_, t)| *t != thread), "{what}: {after:?}");
+            }
         }
     }
 }
@@ -627,7 +730,7 @@ fn the_bf16_step_follows_the_f32_step_and_its_packed_weights_change_nothing() {
         packed.repack(&cfg, &model.vars).unwrap();
         let grads = |arith: (Matmuls, Option<&PackedWeights>)| {
             let mut g = None;
-            let out = forward_backward(&cfg, &model.vars, &ids, None, 1.0, false, arith, &mut g).unwrap();
+            let out = forward_backward(&cfg, &model.vars, &ids, None, 1.0, false, arith, &mut g, None).unwrap();
             (out.loss, g.unwrap().into_tensors(&cfg).unwrap())
         };
         let (loss32, g32) = grads((Matmuls::F32, None));

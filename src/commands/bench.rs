@@ -232,6 +232,8 @@ fn train_steps(
         dropout: run.dropout,
         seed: run.seed,
         grad_wire: Wire::F32,
+        grad_overlap: false,
+        bucket_bytes: crate::dist::BUCKET_BYTES,
     };
     let (mb, block) = (run.micro_batch_size, run.block_size);
     let mut t = Timing {

@@ -152,6 +152,8 @@ pub fn check_variant(dir: &Path, placement: &Placement) -> anyhow::Result<Varian
         dropout: 0.0,
         seed: 0,
         grad_wire: Wire::F32,
+        grad_overlap: false,
+        bucket_bytes: crate::dist::BUCKET_BYTES,
     };
     let mut problems = vec![];
     let (mut grad_rel_worst, mut grad_worst_tensor) = (f64::NAN, String::new());

@@ -231,6 +231,22 @@ pub const KEYS: &[KeySpec] = &[
         "gradients between processes in f32, or bf16 (MPI: half the bytes; summed in f32, rounded to bf16 at each hop)",
     ),
     key(
+        "grad_reduce_overlap",
+        Bool,
+        "true",
+        Placement,
+        MayChange,
+        "sum gradients between processes while the backward runs (cpu-step over MPI, as DDP), or after it (false)",
+    ),
+    key(
+        "ddp_bucket_cap_mb",
+        Int,
+        "25",
+        Placement,
+        MayChange,
+        "gradients go between processes in buckets of up to this many MB (the first 1 MB while overlapping), as DDP",
+    ),
+    key(
         "resume_from_checkpoint",
         OptStr,
         "none",

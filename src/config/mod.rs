@@ -99,6 +99,8 @@ pub struct RunConfig {
     pub device: DeviceSpec,
     pub dtype: Precision,
     pub grad_reduce_dtype: Precision,
+    pub grad_reduce_overlap: bool,
+    pub ddp_bucket_cap_mb: usize,
     pub resume_from_checkpoint: Option<String>,
     pub adam_beta1: f64,
     pub adam_epsilon: f64,

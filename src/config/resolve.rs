@@ -168,6 +168,7 @@ fn validate_shape(c: &RunConfig, origin_of: &dyn Fn(&str) -> String) -> Result<(
         ("micro_batch_size", c.micro_batch_size),
         ("eval_steps", c.eval_steps as usize),
         ("logging_steps", c.logging_steps as usize),
+        ("ddp_bucket_cap_mb", c.ddp_bucket_cap_mb),
     ];
     for (key, v) in at_least_one {
         if v == 0 {

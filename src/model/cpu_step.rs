@@ -91,6 +91,54 @@ struct Acts {
     g: Vec<f32>,
 }
 
+/// A part of the gradient buffers that the backward finishes at once, in the order it
+/// finishes them (`Section::in_order`): ln_f right after the head, each block from the last to
+/// the first, then the embeddings (`wte` also takes the head's gradient, so it is final only at
+/// the very end). A section's buffers are in `HostGrads::buffers_mut` order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Section {
+    FinalNorm,
+    Block(usize),
+    Embeddings,
+}
+
+impl Section {
+    pub fn in_order(n_layer: usize) -> impl Iterator<Item = Section> {
+        std::iter::once(Section::FinalNorm)
+            .chain((0..n_layer).rev().map(Section::Block))
+            .chain(std::iter::once(Section::Embeddings))
+    }
+}
+
+/// Called with each section's buffers as soon as the backward has finished them, moved out of
+/// the gradient sums (`HostGrads::put` gives them back), so that they can be summed over the
+/// processes while the backward goes on.
+pub type OnFinished<'a> = &'a mut dyn FnMut(Section, Vec<Vec<f32>>);
+
+impl GradBuffers {
+    fn take(&mut self, s: Section) -> Vec<Vec<f32>> {
+        use std::mem::take;
+        match s {
+            Section::FinalNorm => vec![take(&mut self.ln_f_w), take(&mut self.ln_f_b)],
+            Section::Block(i) => self.h.get_mut(i).map_or_else(Vec::new, |b| b.0.iter_mut().map(take).collect()),
+            Section::Embeddings => std::iter::once(take(&mut self.wte)).chain(self.wpe.as_mut().map(take)).collect(),
+        }
+    }
+
+    fn put(&mut self, s: Section, buffers: Vec<Vec<f32>>) -> Result<()> {
+        let slots: Vec<&mut Vec<f32>> = match s {
+            Section::FinalNorm => vec![&mut self.ln_f_w, &mut self.ln_f_b],
+            Section::Block(i) => self.h.get_mut(i).map_or_else(Vec::new, |b| b.0.iter_mut().collect()),
+            Section::Embeddings => std::iter::once(&mut self.wte).chain(self.wpe.as_mut()).collect(),
+        };
+        if slots.len() != buffers.len() {
+            candle_core::bail!("{s:?}: {} gradient buffers given back for {} slots", buffers.len(), slots.len())
+        }
+        slots.into_iter().zip(buffers).for_each(|(slot, b)| *slot = b);
+        Ok(())
+    }
+}
+
 pub struct MicroOutcome {
     pub loss: f64,
     pub diff_norms: Option<Vec<f32>>,
@@ -115,6 +163,16 @@ impl HostGrads {
         for (acc, x) in self.buffers_mut().zip(other.buffers_mut()) {
             crate::engine::cpu::kernels::add_into(acc, x);
         }
+    }
+
+    /// Moves `s`'s buffers out (empty ones stay in their place).
+    pub fn take(&mut self, s: Section) -> Vec<Vec<f32>> {
+        self.0.take(s)
+    }
+
+    /// Puts `s`'s buffers back, as `take` or `OnFinished` gave them out.
+    pub fn put(&mut self, s: Section, buffers: Vec<Vec<f32>>) -> Result<()> {
+        self.0.put(s, buffers)
     }
 
     /// The sums as tensors named and shaped as `param_specs` says.
@@ -151,6 +209,8 @@ fn guard(v: &Var) -> (StorageRef<'_>, &candle_core::Layout) {
 /// Forward and backward of one micro-batch. `ids (B, T)`; `targets (B, T)` or none for the
 /// next-token loss of the blocks themselves. Gradients of `loss * scale` are added into
 /// `grads` (made zero when `None`). With bf16 matmuls, `packed` holds this step's weight panels.
+/// With `on_finished`, each section's buffers are handed to it as the backward finishes them
+/// (and are missing from `grads` until put back).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     cfg: &GptConfig,
@@ -161,6 +221,7 @@ pub fn forward_backward(
     checkpointing: bool,
     (mm, packed): (Matmuls, Option<&PackedWeights>),
     grads: &mut Option<HostGrads>,
+    on_finished: Option<OnFinished>,
 ) -> Result<MicroOutcome> {
     let (b, t) = ids.dims2()?;
     let ids: Vec<u32> = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
@@ -172,7 +233,7 @@ pub fn forward_backward(
             Some(HostGrads(g)) => g,
             None => step.zero_grads(),
         };
-        let out = step.run(&ids, targets.as_deref(), scale as f32, checkpointing, &mut g);
+        let out = step.run(&ids, targets.as_deref(), scale as f32, checkpointing, &mut g, on_finished);
         *grads = Some(HostGrads(g));
         out
     })
@@ -458,6 +519,7 @@ impl Step<'_> {
         scale: f32,
         checkpointing: bool,
         g: &mut GradBuffers,
+        mut on_finished: Option<OnFinished>,
     ) -> Result<MicroOutcome> {
         let (b, t, c, cfg) = (self.b, self.t, self.cfg.n_embd, self.cfg);
         let n = b * t;
@@ -511,6 +573,12 @@ impl Step<'_> {
         let mut dx = vec![0f32; n * c];
         layer_norm_backward(&z, self.w.ln_f_w, &d_hidden, self.eps(), &mut dx, false, &mut g.ln_f_w, &mut g.ln_f_b);
         drop((z, d_hidden));
+        let mut finished = |s: Section, g: &mut GradBuffers| {
+            if let Some(f) = on_finished.as_mut() {
+                f(s, g.take(s))
+            }
+        };
+        finished(Section::FinalNorm, g);
         // with the differential path, d(x_L + e)/de is the same gradient
         let d_e_top = cfg.differential.then(|| dx.clone());
         for (i, a) in acts.iter_mut().enumerate().rev() {
@@ -520,9 +588,11 @@ impl Step<'_> {
             }
             dx = self.block_backward(i, a, &dx, &mut g.h[i]);
             *a = Acts::default(); // free this block's activations now
+            finished(Section::Block(i), g);
         }
 
         self.embed_backward(ids, dx, d_e_top, g);
+        finished(Section::Embeddings, g);
         Ok(MicroOutcome { loss: loss as f64, diff_norms })
     }
 

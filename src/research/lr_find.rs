@@ -314,6 +314,8 @@ pub fn run(
         dropout: cfg.dropout,
         seed: cfg.seed,
         grad_wire: Wire::F32,
+        grad_overlap: false,
+        bucket_bytes: crate::dist::BUCKET_BYTES,
     };
     let mut curve = Curve::new(beta_for(range.steps));
     for i in 0..range.steps {

@@ -3,6 +3,9 @@
 
 use candle_core::{Result, Tensor, Var};
 
+use std::sync::mpsc::Sender;
+
+use super::overlap::{self, Reduce, ReduceTimes};
 use crate::dist::{Collective, Wire};
 use crate::engine::{Engine, Matmuls, Placement};
 use crate::model::dropout::Dropout;
@@ -29,13 +32,13 @@ pub enum Accumulated {
 
 impl Accumulated {
     /// Sums the gradients over the processes of `world`, in place.
-    pub fn all_reduce(&mut self, world: &dyn Collective, wire: Wire) -> Result<()> {
+    pub fn all_reduce(&mut self, world: &dyn Collective, wire: Wire, bucket_bytes: usize) -> Result<()> {
         let fail = |e: crate::dist::DistError| candle_core::Error::Msg(e.to_string());
         match self {
             Accumulated::Empty => candle_core::bail!("no gradients to sum: this process had no micro-batch"),
             Accumulated::Host(h) => {
                 let mut buffers: Vec<&mut [f32]> = h.buffers_mut().collect();
-                crate::dist::all_reduce_buckets(world, &mut buffers, crate::dist::BUCKET_BYTES, wire).map_err(fail)?;
+                crate::dist::all_reduce_buckets(world, &mut buffers, bucket_bytes, wire).map_err(fail)?;
             }
             // host tensors (the CPU autograd engine, with dropout) go in buckets too, in the
             // map's key order, the same on every rank
@@ -43,7 +46,7 @@ impl Accumulated {
                 let mut host: Vec<Vec<f32>> =
                     grads.values().map(|g| g.flatten_all()?.to_vec1::<f32>()).collect::<Result<_>>()?;
                 let mut buffers: Vec<&mut [f32]> = host.iter_mut().map(|v| v.as_mut_slice()).collect();
-                crate::dist::all_reduce_buckets(world, &mut buffers, crate::dist::BUCKET_BYTES, wire).map_err(fail)?;
+                crate::dist::all_reduce_buckets(world, &mut buffers, bucket_bytes, wire).map_err(fail)?;
                 for (g, sum) in grads.values_mut().zip(host) {
                     *g = Tensor::from_vec(sum, g.shape(), g.device())?;
                 }
@@ -155,6 +158,11 @@ pub(super) fn max_workers() -> usize {
 /// matrices of the sanity shapes, splitting every matmul across two cores costs more than it
 /// gains; a core per micro-batch keeps both busy. `between` runs before each group (the
 /// trainer polls its controls there). One group of one is `forward_backward`.
+///
+/// With `reduce` overlapping on the written-out step, the last group's backward hands its
+/// finished sections to a communication thread that sums them over the processes as it goes
+/// (`overlap`): `acc` then holds the sums over the processes, and the second value says what
+/// that cost. Otherwise (`None`) the caller sums `acc` over the processes.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward_all(
     engine: Engine,
@@ -165,10 +173,12 @@ pub fn forward_backward_all(
     checkpointing: bool,
     acc: &mut Accumulated,
     between: &mut dyn FnMut(),
-) -> Result<Vec<MicroStep>> {
-    let Some(first) = batches.first() else { return Ok(vec![]) };
+    reduce: Option<Reduce>,
+) -> Result<(Vec<MicroStep>, Option<ReduceTimes>)> {
+    let Some(first) = batches.first() else { return Ok((vec![], None)) };
     let micro = first.ids.dims2()?;
     let width = side_by_side(engine, model.gpt.config(), micro, checkpointing).min(batches.len());
+    let reduce = reduce.filter(|r| overlap::applies(engine, r.overlap));
     // bf16 matmuls: the weights converted and packed once for all of this step's micro-batches,
     // where that costs no memory over f32 (else each product packs them)
     let panels = if engine == Engine::CpuStep
@@ -179,57 +189,66 @@ pub fn forward_backward_all(
     } else {
         None
     };
+    let packed = panels.as_ref();
     let mut steps = Vec::with_capacity(batches.len());
+    let mut times = None;
     if width <= 1 {
         for (i, batch) in batches.iter().enumerate() {
             between();
             let mut dropout = dropout_seeds(i);
-            let packed = panels.as_ref();
-            steps.push(forward_backward(engine, model, batch, scale, dropout.as_mut(), checkpointing, packed, acc)?);
+            match reduce {
+                Some(r) if i + 1 == batches.len() => {
+                    let (step, t) = last_overlapped(model, batch, scale, checkpointing, packed, acc, r)?;
+                    steps.push(step);
+                    times = Some(t);
+                }
+                _ => steps.push(forward_backward(
+                    engine,
+                    model,
+                    batch,
+                    scale,
+                    dropout.as_mut(),
+                    checkpointing,
+                    packed,
+                    acc,
+                )?),
+            }
         }
         keep_panels(panels);
-        return Ok(steps);
+        return Ok((steps, times));
     }
     if dropout_seeds(0).is_some_and(|d| d.is_active()) {
         candle_core::bail!("the cpu-step engine has no dropout; a run with dropout takes cpu-autograd")
     }
-    let cfg = model.gpt.config();
     let mut parts: Vec<Option<cpu_step::HostGrads>> = (0..width).map(|_| None).collect();
     if let Accumulated::Host(h) = std::mem::take(acc) {
         parts[0] = Some(h);
     }
-    let packed = panels.as_ref();
-    for group in batches.chunks(width) {
+    let groups: Vec<&[MicroBatch]> = batches.chunks(width).collect();
+    for (g, group) in groups.iter().enumerate() {
         between();
-        let outs: Vec<Result<cpu_step::MicroOutcome>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = group
-                .iter()
-                .zip(parts.iter_mut())
-                .zip(workers())
-                .map(|((batch, part), pool)| {
-                    scope.spawn(move || {
-                        pool.install(|| {
-                            cpu_step::forward_backward(
-                                cfg,
-                                &model.vars,
-                                batch.ids,
-                                batch.targets,
-                                scale,
-                                checkpointing,
-                                (model.placement().matmuls, packed),
-                                part,
-                            )
-                        })
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a micro-batch worker panicked".into())))
-                })
-                .collect()
-        });
+        let outs = match reduce {
+            Some(r) if g + 1 == groups.len() => {
+                // the workers without a micro-batch in this group add their sums on the way
+                let idle: Vec<cpu_step::HostGrads> = parts[group.len()..].iter_mut().filter_map(Option::take).collect();
+                let n_layer = model.gpt.config().n_layer;
+                let (outs, summed) = overlap::overlapped(r, n_layer, group.len(), idle, |hand| {
+                    side_by_side_group(model, group, scale, checkpointing, packed, &mut parts, Some(hand))
+                });
+                let (sections, t) = summed?;
+                let mut sum =
+                    parts[0].take().ok_or_else(|| candle_core::Error::Msg("worker 0 left no gradients".into()))?;
+                for (section, buffers) in sections {
+                    sum.put(section, buffers)?;
+                }
+                // the other workers' buffers were added into these and are empty now
+                parts.iter_mut().for_each(|p| *p = None);
+                parts[0] = Some(sum);
+                times = Some(t);
+                outs
+            }
+            _ => side_by_side_group(model, group, scale, checkpointing, packed, &mut parts, None),
+        };
         for out in outs {
             let out = out?;
             steps.push(MicroStep { loss: out.loss, diff_norms: out.diff_norms });
@@ -243,7 +262,103 @@ pub fn forward_backward_all(
         *acc = Accumulated::Host(sum);
     }
     keep_panels(panels);
-    Ok(steps)
+    Ok((steps, times))
+}
+
+/// One group of micro-batches side by side, micro-batch `i` on worker `i` adding into
+/// `parts[i]`; with `hand`, each worker hands over its finished sections.
+fn side_by_side_group(
+    model: &Trainable,
+    group: &[MicroBatch],
+    scale: f64,
+    checkpointing: bool,
+    packed: Option<&cpu_step::PackedWeights>,
+    parts: &mut [Option<cpu_step::HostGrads>],
+    hand: Option<&Sender<overlap::Handed>>,
+) -> Vec<Result<cpu_step::MicroOutcome>> {
+    let cfg = model.gpt.config();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = group
+            .iter()
+            .zip(parts.iter_mut())
+            .zip(workers())
+            .enumerate()
+            .map(|(i, ((batch, part), pool))| {
+                let hand = hand.cloned();
+                scope.spawn(move || {
+                    pool.install(move || {
+                        let mut to_comm = |s: cpu_step::Section, b: Vec<Vec<f32>>| {
+                            if let Some(tx) = &hand {
+                                // a closed channel: the all-reduce thread failed and says why
+                                let _ = tx.send((i, s, b));
+                            }
+                        };
+                        let on_finished: Option<cpu_step::OnFinished> = match hand {
+                            Some(_) => Some(&mut to_comm),
+                            None => None,
+                        };
+                        cpu_step::forward_backward(
+                            cfg,
+                            &model.vars,
+                            batch.ids,
+                            batch.targets,
+                            scale,
+                            checkpointing,
+                            (model.placement().matmuls, packed),
+                            part,
+                            on_finished,
+                        )
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a micro-batch worker panicked".into()))))
+            .collect()
+    })
+}
+
+/// The step's last micro-batch on the written-out step, one at a time, its sections summed
+/// over the processes as the backward finishes them.
+fn last_overlapped(
+    model: &Trainable,
+    batch: &MicroBatch,
+    scale: f64,
+    checkpointing: bool,
+    packed: Option<&cpu_step::PackedWeights>,
+    acc: &mut Accumulated,
+    reduce: Reduce,
+) -> Result<(MicroStep, ReduceTimes)> {
+    let mut host = match std::mem::take(acc) {
+        Accumulated::Host(h) => Some(h),
+        _ => None,
+    };
+    let cfg = model.gpt.config();
+    let (out, summed) = overlap::overlapped(reduce, cfg.n_layer, 1, vec![], |hand| {
+        let mut to_comm = |s: cpu_step::Section, b: Vec<Vec<f32>>| {
+            let _ = hand.send((0, s, b)); // a closed channel: the all-reduce thread says why
+        };
+        cpu_step::forward_backward(
+            cfg,
+            &model.vars,
+            batch.ids,
+            batch.targets,
+            scale,
+            checkpointing,
+            (model.placement().matmuls, packed),
+            &mut host,
+            Some(&mut to_comm),
+        )
+    });
+    let out = out?;
+    let (sections, times) = summed?;
+    let mut host = host.ok_or_else(|| candle_core::Error::Msg("the backward left no gradients".into()))?;
+    for (section, buffers) in sections {
+        host.put(section, buffers)?;
+    }
+    *acc = Accumulated::Host(host);
+    Ok((MicroStep { loss: out.loss, diff_norms: out.diff_norms }, times))
 }
 
 thread_local! {
@@ -318,6 +433,7 @@ fn forward_backward(
             checkpointing,
             (model.placement().matmuls, packed),
             &mut host,
+            None,
         )?;
         if let Some(h) = host {
             *acc = Accumulated::Host(h);

@@ -7,6 +7,7 @@ pub mod device;
 pub mod evaluate;
 pub mod micro;
 pub mod output_dir;
+pub mod overlap;
 pub mod remote;
 pub mod run;
 pub mod step;

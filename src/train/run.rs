@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::checkpoint::{self, Parts, ProgressWindow, TrainerState};
 use super::controls::{Clock, Controller, StopSignal};
 use super::evaluate::{evaluate_part, EvalPart};
+use super::overlap::ReduceTimes;
 use super::step::{self, BlockSchedule, Gradients, Recipe};
 use super::{device, emit, Injection, RunSpec, TrainError};
 use crate::config::RunConfig;
@@ -299,9 +300,18 @@ fn train_begin(t: &Trainer) -> TrainBegin {
         engine: super::micro::describe(&t.placement, &t.model_cfg, (cfg.micro_batch_size, cfg.block_size), width),
         world_size: world.world_size(),
         // the path the gradients take between processes, where there are several
-        backend: match (world.world_size(), wire(cfg)) {
-            (2.., crate::dist::Wire::Bf16) => format!("{}, gradients in bf16", world.backend()),
-            _ => world.backend().into(),
+        backend: match world.world_size() {
+            1 => world.backend().into(),
+            _ => {
+                let mut path = world.backend().to_string();
+                if wire(cfg) == crate::dist::Wire::Bf16 {
+                    path += ", gradients in bf16";
+                }
+                if super::overlap::applies(engine, cfg.grad_reduce_overlap) {
+                    path += ", all-reduce during the backward";
+                }
+                path
+            }
         },
         variant: t.model_cfg.variant_name(),
         vocab_size: t.model_cfg.vocab_size,
@@ -324,8 +334,8 @@ struct Tally {
     start_step: u64,
     last_eval: Option<EvalRecord>,
     last_saved_step: Option<u64>,
-    /// Seconds spent in the gradient and loss all-reduce (several processes only).
-    reduce_seconds: f64,
+    /// What the gradient and loss all-reduce cost (several processes only).
+    reduce: ReduceTimes,
     consecutive_skips: u64,
     /// The run stopped itself on a plateau (`early_stopping_patience`).
     early_stopped: bool,
@@ -338,7 +348,7 @@ impl Tally {
             start_step,
             last_eval: None,
             last_saved_step: None,
-            reduce_seconds: 0.0,
+            reduce: ReduceTimes::default(),
             consecutive_skips: 0,
             early_stopped: false,
         }
@@ -414,6 +424,8 @@ fn one_step(
         dropout: cfg.dropout,
         seed: cfg.seed,
         grad_wire: wire(cfg),
+        grad_overlap: cfg.grad_reduce_overlap,
+        bucket_bytes: cfg.ddp_bucket_cap_mb << 20,
     };
     let is_root = world.is_root();
     let clock = &mut tally.clock;
@@ -426,7 +438,8 @@ fn one_step(
         }
     };
     let mut g = step::gradients(&t.model, &recipe, step, &step::as_batches(&ids), &mut between)?;
-    tally.reduce_seconds += g.reduce_seconds;
+    tally.reduce.busy += g.reduce.busy;
+    tally.reduce.waited += g.reduce.waited;
     inject(t.spec, step, &mut g)?;
     let update = step::apply(&mut t.opt, &g, lr, cfg.max_grad_norm)?;
     Ok((g, update))
@@ -596,13 +609,17 @@ fn wrap_up(
     let runtime = tally.clock.elapsed().as_secs_f64();
     let world = &t.spec.world;
     if world.world_size() > 1 {
-        let share = 100.0 * tally.reduce_seconds / runtime.max(1e-9);
+        let ReduceTimes { busy, waited } = tally.reduce;
+        let share = 100.0 * waited / runtime.max(1e-9);
+        // overlapped, the calls ran beside the backward: only the wait after it costs time
+        let hidden = match busy - waited {
+            h if h > 0.0005 => format!(" (the calls ran {busy:.2} s in all, {h:.2} s of it during the backward)"),
+            _ => String::new(),
+        };
         let text = format!(
-            "{} processes ({}): the gradient and loss all-reduce took {:.2} s of {:.2} s of training on rank 0 ({share:.1}%)",
+            "{} processes ({}): the gradient and loss all-reduce took {waited:.2} s of {runtime:.2} s of training on rank 0 ({share:.1}%){hidden}",
             world.world_size(),
             world.backend(),
-            tally.reduce_seconds,
-            runtime
         );
         emit_ev(Event::Message { level: Level::Info, text });
     }

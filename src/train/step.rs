@@ -9,6 +9,7 @@ use std::time::Instant;
 use candle_core::{Device, Result, Tensor};
 
 use super::micro::{forward_backward_all, Accumulated, MicroBatch};
+use super::overlap::{Reduce, ReduceTimes};
 use crate::data::{Batcher, EpochOrder};
 use crate::dist::{Collective, Wire};
 use crate::engine::Placement;
@@ -29,6 +30,11 @@ pub struct Recipe<'a> {
     pub seed: u64,
     /// The gradients' dtype between processes (`grad_reduce_dtype`).
     pub grad_wire: Wire,
+    /// Sum the gradients over the processes during the backward where the engine allows
+    /// (`grad_reduce_overlap`).
+    pub grad_overlap: bool,
+    /// Bytes in a bucket of gradients on the wire (`ddp_bucket_cap_mb`).
+    pub bucket_bytes: usize,
 }
 
 /// A step's gradients and loss, summed over the processes.
@@ -38,8 +44,8 @@ pub struct Gradients {
     pub loss: f64,
     /// `||d_t||` for every token of this process's share (differential models only).
     pub diff_norms: Option<Vec<f32>>,
-    /// Seconds spent summing over the processes.
-    pub reduce_seconds: f64,
+    /// What summing over the processes cost (zero in one process).
+    pub reduce: ReduceTimes,
 }
 
 /// Forward and backward over `batches`, this process's micro-batches of `step` with their index
@@ -57,7 +63,14 @@ pub fn gradients(
     let micro: Vec<MicroBatch> = batches.iter().map(|(_, b)| *b).collect();
     let dropout = |k: usize| dropout_for(recipe.dropout, recipe.seed, step, batches[k].0);
     let mut acc = Accumulated::default();
-    let outs = forward_backward_all(
+    let several = recipe.world.world_size() > 1;
+    let reduce = several.then_some(Reduce {
+        world: recipe.world,
+        wire: recipe.grad_wire,
+        overlap: recipe.grad_overlap,
+        bucket_bytes: recipe.bucket_bytes,
+    });
+    let (outs, overlapped) = forward_backward_all(
         recipe.placement.engine,
         model,
         &micro,
@@ -66,6 +79,7 @@ pub fn gradients(
         recipe.checkpointing,
         &mut acc,
         between,
+        reduce,
     )?;
     let (mut loss, mut diff_norms) = (0.0, None::<Vec<f32>>);
     for out in outs {
@@ -75,15 +89,19 @@ pub fn gradients(
         }
     }
     // each process's share is scaled by one over all micro-batches: the sum is the whole step
-    let started = Instant::now();
-    if recipe.world.world_size() > 1 {
-        acc.all_reduce(recipe.world, recipe.grad_wire)?;
+    let mut times = overlapped.unwrap_or_default();
+    if several {
+        let started = Instant::now();
+        if overlapped.is_none() {
+            acc.all_reduce(recipe.world, recipe.grad_wire, recipe.bucket_bytes)?;
+        }
         let mut sum = [loss];
         recipe.world.all_reduce_sum_f64(&mut sum).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         loss = sum[0];
+        let after = started.elapsed().as_secs_f64();
+        times = ReduceTimes { busy: times.busy + after, waited: times.waited + after };
     }
-    let reduce_seconds = started.elapsed().as_secs_f64();
-    Ok(Gradients { grads: acc.into_grads(model.gpt.config())?, loss, diff_norms, reduce_seconds })
+    Ok(Gradients { grads: acc.into_grads(model.gpt.config())?, loss, diff_norms, reduce: times })
 }
 
 /// AdamW at `lr` on `g`, clipped to `max_grad_norm`, unless the loss or the gradient norm is
