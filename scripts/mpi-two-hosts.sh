@@ -6,8 +6,10 @@
 # Each host gets its own core (taskset; --bind-to none), as two machines would: left to itself,
 # each host's Open MPI binds its rank to "its" core 0, the same core, and the two ranks take
 # turns on it (the last row shows that). Prints each run's tokens/s and rank 0's all-reduce
-# share. Root only (ip netns); needs the MPI build: cargo build --release --features mpi.
-# BIN=path measures another build.
+# share (the wait after the backward; with the all-reduce overlapped, the calls' own time too),
+# with the all-reduce overlapped with the backward (the default) and after it. Root only (ip netns); needs the MPI build: cargo build --release --features mpi.
+# BIN=path measures another build; STEPS=N trains N steps; EXTRA="--flag v" adds flags to every
+# run; RATE=1gbit shapes the link between the two hosts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${BIN:-$PWD/target/release/difflab}"
@@ -23,6 +25,9 @@ for i in 0 1; do
     ip -n "${ns[$i]}" addr add "${ips[$i]}/24" dev "$v"
     ip -n "${ns[$i]}" link set "$v" up
     ip -n "${ns[$i]}" link set lo up
+    # RATE=1gbit: each direction of the link shaped to that rate (tc's token bucket), a slower
+    # network than the veth's memory copies
+    if [ -n "${RATE:-}" ]; then ip netns exec "${ns[$i]}" tc qdisc add dev "$v" root tbf rate "$RATE" burst 256kb latency 100ms; fi
 done
 cat >"$work/agent" <<AGENT
 #!/bin/sh
@@ -34,13 +39,13 @@ AGENT
 chmod +x "$work/agent"
 printf "%s slots=1\n%s slots=1\n" "${ips[0]}" "${ips[1]}" >"$work/hosts"
 export HOME="$work" DIFFLAB_CACHE="$work/cache" HF_HUB_OFFLINE=1 RAYON_NUM_THREADS=1
-flags="--preset demo --micro_batch_size 4 --max_steps 30 --eval_steps 100000 --save_steps 0 --logging_steps 5"
+flags="--preset demo --micro_batch_size 4 --max_steps ${STEPS:-30} --eval_steps 100000 --save_steps 0 --logging_steps 5 ${EXTRA:-}"
 "$bin" train $flags --max_steps 1 --output_dir "$work/warm" >/dev/null 2>&1   # the token cache
 common=(--allow-run-as-root -x HOME -x DIFFLAB_CACHE -x HF_HUB_OFFLINE -x RAYON_NUM_THREADS)
 report() {  # name, stderr file
     local tps share
     tps=$(grep -o '| [0-9.]*k tok/s$' "$2" | tail -1 | tr -d '| ')
-    share=$(grep -o 'took [0-9.]* s of [0-9.]* s of training on rank 0 ([0-9.]*%)' "$2")
+    share=$(grep -o 'took [0-9.]* s of [0-9.]* s of training on rank 0 ([0-9.]*%).*' "$2")
     printf "%-46s %10s  all-reduce %s\n" "$1" "$tps" "$share"
 }
 for rep in ${REPS:-1 2}; do
@@ -55,6 +60,9 @@ for rep in ${REPS:-1 2}; do
     PIN=1 taskset -c 0 ip netns exec "${ns[0]}" mpirun "${common[@]}" -x PIN --bind-to none "${two[@]}" \
         "$bin" train $flags --output_dir "$work/two$rep" >/dev/null 2>"$work/two$rep.err"
     report "rep $rep: two hosts, TCP, a core each" "$work/two$rep.err"
+    PIN=1 taskset -c 0 ip netns exec "${ns[0]}" mpirun "${common[@]}" -x PIN --bind-to none "${two[@]}" \
+        "$bin" train $flags --grad_reduce_overlap false --output_dir "$work/after$rep" >/dev/null 2>"$work/after$rep.err"
+    report "rep $rep: the same, all-reduce after the backward" "$work/after$rep.err"
 done
 ip netns exec "${ns[0]}" mpirun "${common[@]}" "${two[@]}" "$bin" train $flags --output_dir "$work/same" >/dev/null 2>"$work/same.err"
 report "two hosts, TCP, Open MPI's binding: one core" "$work/same.err"
