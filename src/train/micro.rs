@@ -189,37 +189,92 @@ pub fn forward_backward_all(
     } else {
         None
     };
-    let packed = panels.as_ref();
-    let mut steps = Vec::with_capacity(batches.len());
-    let mut times = None;
-    if width <= 1 {
-        for (i, batch) in batches.iter().enumerate() {
-            between();
-            let mut dropout = dropout_seeds(i);
-            match reduce {
-                Some(r) if i + 1 == batches.len() => {
-                    let (step, t) = last_overlapped(model, batch, scale, checkpointing, packed, acc, r)?;
-                    steps.push(step);
-                    times = Some(t);
-                }
-                _ => steps.push(forward_backward(
-                    engine,
-                    model,
-                    batch,
-                    scale,
-                    dropout.as_mut(),
-                    checkpointing,
-                    packed,
-                    acc,
-                )?),
+    let shared = Shared { model, scale, checkpointing, packed: panels.as_ref() };
+    let ran = if width <= 1 {
+        one_at_a_time(engine, shared, batches, dropout_seeds, acc, between, reduce)
+    } else if dropout_seeds(0).is_some_and(|d| d.is_active()) {
+        Err(candle_core::Error::Msg("the cpu-step engine has no dropout; a run with dropout takes cpu-autograd".into()))
+    } else {
+        in_groups(shared, batches, width, acc, between, reduce)
+    };
+    keep_panels(panels);
+    ran
+}
+
+/// What every micro-batch of a step shares.
+#[derive(Clone, Copy)]
+struct Shared<'a> {
+    model: &'a Trainable,
+    /// One over the step's micro-batches (over all processes).
+    scale: f64,
+    checkpointing: bool,
+    /// With bf16 matmuls, the step's packed weights (or none: each product packs them).
+    packed: Option<&'a cpu_step::PackedWeights>,
+}
+
+impl Shared<'_> {
+    /// The written-out step on `batch`, adding into `host`, handing finished sections to
+    /// `on_finished` where given.
+    fn written_out(
+        &self,
+        batch: &MicroBatch,
+        host: &mut Option<cpu_step::HostGrads>,
+        on_finished: Option<cpu_step::OnFinished>,
+    ) -> Result<cpu_step::MicroOutcome> {
+        let m = self.model;
+        let arithmetic = (m.placement().matmuls, self.packed);
+        let (ids, targets) = (batch.ids, batch.targets);
+        cpu_step::forward_backward(
+            m.gpt.config(),
+            &m.vars,
+            ids,
+            targets,
+            self.scale,
+            self.checkpointing,
+            arithmetic,
+            host,
+            on_finished,
+        )
+    }
+}
+
+/// The micro-batches one after another, each with all threads; the last one's sections summed
+/// over the processes during its backward when `reduce` is given.
+fn one_at_a_time(
+    engine: Engine,
+    s: Shared,
+    batches: &[MicroBatch],
+    dropout_seeds: &dyn Fn(usize) -> Option<Dropout>,
+    acc: &mut Accumulated,
+    between: &mut dyn FnMut(),
+    reduce: Option<Reduce>,
+) -> Result<(Vec<MicroStep>, Option<ReduceTimes>)> {
+    let (mut steps, mut times) = (Vec::with_capacity(batches.len()), None);
+    for (i, batch) in batches.iter().enumerate() {
+        between();
+        match reduce {
+            Some(r) if i + 1 == batches.len() => {
+                let (step, t) = last_overlapped(s, batch, acc, r)?;
+                steps.push(step);
+                times = Some(t);
             }
+            _ => steps.push(forward_backward(engine, s, batch, dropout_seeds(i).as_mut(), acc)?),
         }
-        keep_panels(panels);
-        return Ok((steps, times));
     }
-    if dropout_seeds(0).is_some_and(|d| d.is_active()) {
-        candle_core::bail!("the cpu-step engine has no dropout; a run with dropout takes cpu-autograd")
-    }
+    Ok((steps, times))
+}
+
+/// The micro-batches in groups of `width` side by side (see `forward_backward_all`); the last
+/// group's sections summed over the processes during its backward when `reduce` is given.
+fn in_groups(
+    s: Shared,
+    batches: &[MicroBatch],
+    width: usize,
+    acc: &mut Accumulated,
+    between: &mut dyn FnMut(),
+    reduce: Option<Reduce>,
+) -> Result<(Vec<MicroStep>, Option<ReduceTimes>)> {
+    let (mut steps, mut times) = (Vec::with_capacity(batches.len()), None);
     let mut parts: Vec<Option<cpu_step::HostGrads>> = (0..width).map(|_| None).collect();
     if let Accumulated::Host(h) = std::mem::take(acc) {
         parts[0] = Some(h);
@@ -229,30 +284,13 @@ pub fn forward_backward_all(
         between();
         let outs = match reduce {
             Some(r) if g + 1 == groups.len() => {
-                // the workers without a micro-batch in this group add their sums on the way
-                let idle: Vec<cpu_step::HostGrads> = parts[group.len()..].iter_mut().filter_map(Option::take).collect();
-                let n_layer = model.gpt.config().n_layer;
-                let (outs, summed) = overlap::overlapped(r, n_layer, group.len(), idle, |hand| {
-                    side_by_side_group(model, group, scale, checkpointing, packed, &mut parts, Some(hand))
-                });
-                let (sections, t) = summed?;
-                let mut sum =
-                    parts[0].take().ok_or_else(|| candle_core::Error::Msg("worker 0 left no gradients".into()))?;
-                for (section, buffers) in sections {
-                    sum.put(section, buffers)?;
-                }
-                // the other workers' buffers were added into these and are empty now
-                parts.iter_mut().for_each(|p| *p = None);
-                parts[0] = Some(sum);
+                let (outs, t) = last_group_overlapped(s, group, &mut parts, r)?;
                 times = Some(t);
                 outs
             }
-            _ => side_by_side_group(model, group, scale, checkpointing, packed, &mut parts, None),
+            _ => side_by_side_group(s, group, &mut parts, None).into_iter().collect::<Result<Vec<_>>>()?,
         };
-        for out in outs {
-            let out = out?;
-            steps.push(MicroStep { loss: out.loss, diff_norms: out.diff_norms });
-        }
+        steps.extend(outs.into_iter().map(|out| MicroStep { loss: out.loss, diff_norms: out.diff_norms }));
     }
     let mut parts = parts.into_iter().flatten();
     if let Some(mut sum) = parts.next() {
@@ -261,22 +299,43 @@ pub fn forward_backward_all(
         }
         *acc = Accumulated::Host(sum);
     }
-    keep_panels(panels);
     Ok((steps, times))
+}
+
+/// The step's last group side by side, each worker handing its finished sections to the
+/// communication thread, which adds the workers without a micro-batch here on the way. Leaves
+/// the sums over the workers and the processes in `parts[0]`, the other parts empty.
+fn last_group_overlapped(
+    s: Shared,
+    group: &[MicroBatch],
+    parts: &mut [Option<cpu_step::HostGrads>],
+    reduce: Reduce,
+) -> Result<(Vec<cpu_step::MicroOutcome>, ReduceTimes)> {
+    let idle: Vec<cpu_step::HostGrads> = parts[group.len()..].iter_mut().filter_map(Option::take).collect();
+    let n_layer = s.model.gpt.config().n_layer;
+    let (outs, summed) =
+        overlap::overlapped(reduce, n_layer, group.len(), idle, |hand| side_by_side_group(s, group, parts, Some(hand)));
+    // a worker's own failure first: the communication thread's is only that it stopped
+    let outs = outs.into_iter().collect::<Result<Vec<_>>>()?;
+    let (sections, times) = summed?;
+    let mut sum = parts[0].take().ok_or_else(|| candle_core::Error::Msg("worker 0 left no gradients".into()))?;
+    for (section, buffers) in sections {
+        sum.put(section, buffers)?;
+    }
+    // the other workers' buffers were added into these and are empty now
+    parts.iter_mut().for_each(|p| *p = None);
+    parts[0] = Some(sum);
+    Ok((outs, times))
 }
 
 /// One group of micro-batches side by side, micro-batch `i` on worker `i` adding into
 /// `parts[i]`; with `hand`, each worker hands over its finished sections.
 fn side_by_side_group(
-    model: &Trainable,
+    s: Shared,
     group: &[MicroBatch],
-    scale: f64,
-    checkpointing: bool,
-    packed: Option<&cpu_step::PackedWeights>,
     parts: &mut [Option<cpu_step::HostGrads>],
     hand: Option<&Sender<overlap::Handed>>,
 ) -> Vec<Result<cpu_step::MicroOutcome>> {
-    let cfg = model.gpt.config();
     std::thread::scope(|scope| {
         let handles: Vec<_> = group
             .iter()
@@ -287,27 +346,17 @@ fn side_by_side_group(
                 let hand = hand.cloned();
                 scope.spawn(move || {
                     pool.install(move || {
-                        let mut to_comm = |s: cpu_step::Section, b: Vec<Vec<f32>>| {
+                        let mut to_comm = |section: cpu_step::Section, b: Vec<Vec<f32>>| {
                             if let Some(tx) = &hand {
                                 // a closed channel: the all-reduce thread failed and says why
-                                let _ = tx.send((i, s, b));
+                                let _ = tx.send((i, section, b));
                             }
                         };
                         let on_finished: Option<cpu_step::OnFinished> = match hand {
                             Some(_) => Some(&mut to_comm),
                             None => None,
                         };
-                        cpu_step::forward_backward(
-                            cfg,
-                            &model.vars,
-                            batch.ids,
-                            batch.targets,
-                            scale,
-                            checkpointing,
-                            (model.placement().matmuls, packed),
-                            part,
-                            on_finished,
-                        )
+                        s.written_out(batch, part, on_finished)
                     })
                 })
             })
@@ -322,11 +371,8 @@ fn side_by_side_group(
 /// The step's last micro-batch on the written-out step, one at a time, its sections summed
 /// over the processes as the backward finishes them.
 fn last_overlapped(
-    model: &Trainable,
+    s: Shared,
     batch: &MicroBatch,
-    scale: f64,
-    checkpointing: bool,
-    packed: Option<&cpu_step::PackedWeights>,
     acc: &mut Accumulated,
     reduce: Reduce,
 ) -> Result<(MicroStep, ReduceTimes)> {
@@ -334,22 +380,12 @@ fn last_overlapped(
         Accumulated::Host(h) => Some(h),
         _ => None,
     };
-    let cfg = model.gpt.config();
-    let (out, summed) = overlap::overlapped(reduce, cfg.n_layer, 1, vec![], |hand| {
-        let mut to_comm = |s: cpu_step::Section, b: Vec<Vec<f32>>| {
-            let _ = hand.send((0, s, b)); // a closed channel: the all-reduce thread says why
+    let n_layer = s.model.gpt.config().n_layer;
+    let (out, summed) = overlap::overlapped(reduce, n_layer, 1, vec![], |hand| {
+        let mut to_comm = |section: cpu_step::Section, b: Vec<Vec<f32>>| {
+            let _ = hand.send((0, section, b)); // a closed channel: the all-reduce thread says why
         };
-        cpu_step::forward_backward(
-            cfg,
-            &model.vars,
-            batch.ids,
-            batch.targets,
-            scale,
-            checkpointing,
-            (model.placement().matmuls, packed),
-            &mut host,
-            Some(&mut to_comm),
-        )
+        s.written_out(batch, &mut host, Some(&mut to_comm))
     });
     let out = out?;
     let (sections, times) = summed?;
@@ -405,15 +441,11 @@ fn loss_of(gpt: &Gpt, hidden: &Tensor, batch: &MicroBatch) -> Result<Tensor> {
 /// 1 / accumulation steps) are added into `acc`. `cpu-step` runs the written-out step
 /// (`cpu_step`, with the step's packed weights under bf16 matmuls), the others candle's
 /// autograd over the kernels the model was built with.
-#[allow(clippy::too_many_arguments)]
 fn forward_backward(
     engine: Engine,
-    model: &Trainable,
+    s: Shared,
     batch: &MicroBatch,
-    scale: f64,
     dropout: Option<&mut Dropout>,
-    checkpointing: bool,
-    packed: Option<&cpu_step::PackedWeights>,
     acc: &mut Accumulated,
 ) -> Result<MicroStep> {
     if engine == Engine::CpuStep {
@@ -424,23 +456,14 @@ fn forward_backward(
             Accumulated::Host(h) => Some(h),
             _ => None,
         };
-        let out = cpu_step::forward_backward(
-            model.gpt.config(),
-            &model.vars,
-            batch.ids,
-            batch.targets,
-            scale,
-            checkpointing,
-            (model.placement().matmuls, packed),
-            &mut host,
-            None,
-        )?;
+        let out = s.written_out(batch, &mut host, None)?;
         if let Some(h) = host {
             *acc = Accumulated::Host(h);
         }
         return Ok(MicroStep { loss: out.loss, diff_norms: out.diff_norms });
     }
-    let (step, grads) = if checkpointing {
+    let (model, scale) = (s.model, s.scale);
+    let (step, grads) = if s.checkpointing {
         checkpointed(model, batch, scale, dropout)?
     } else {
         autograd(model, batch, scale, dropout)?
