@@ -249,6 +249,7 @@ fn input_gaps_are_refused_with_exit_2() {
         (with(&base, &["--output_dir", &file.display().to_string()]), "is a file"),
         (with(&base, &["--n_layer", "-1"]), "n_layer"),
         (with(&base, &["--eval_max_blocks", "0"]), "eval_max_blocks"),
+        (with(&base, &["--ddp_bucket_cap_mb", "0"]), "set ddp_bucket_cap_mb to 1 or more"),
         (
             vec!["--preset".into(), preset("dup", "n_layer: 2\nn_embd: 64\nn_layer: 3\n")],
             "line 3 column 1: duplicate mapping key: n_layer; keep one",

@@ -425,7 +425,7 @@ fn one_step(
         seed: cfg.seed,
         grad_wire: wire(cfg),
         grad_overlap: cfg.grad_reduce_overlap,
-        bucket_bytes: cfg.ddp_bucket_cap_mb << 20,
+        bucket_bytes: cfg.ddp_bucket_cap_mb.saturating_mul(1 << 20),
     };
     let is_root = world.is_root();
     let clock = &mut tally.clock;
