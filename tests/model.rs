@@ -648,6 +648,7 @@ impl difflab::dist::Collective for Mirror {
 fn gradients_summed_during_the_backward_equal_those_summed_after_it() {
     use difflab::dist::{Collective, Wire, World, BUCKET_BYTES};
     use difflab::engine::Placement;
+    use difflab::model::cpu_step::{self, Section};
     use difflab::train::micro::MicroBatch;
     use difflab::train::step::{gradients, Recipe};
     let placement = Placement::new(Device::Cpu, DType::F32, 0.0, 2);
@@ -655,6 +656,15 @@ fn gradients_summed_during_the_backward_equal_those_summed_after_it() {
     for cfg in variants() {
         let model = Trainable::new(&cfg, init_weights(&cfg, 8, &Device::Cpu).unwrap(), &placement).unwrap();
         let ids: Vec<Tensor> = (0..3).map(|i| random_ids(2, 12, cfg.vocab_size, 40 + i)).collect();
+        // each section's first buffer is as long as `first_len` says (a bucket goes as soon as
+        // the next buffer would not fit in it, before that buffer's section is finished)
+        let mut host = None;
+        let f32_step = (difflab::engine::Matmuls::F32, None);
+        cpu_step::forward_backward(&cfg, &model.vars, &ids[0], None, 1.0, false, f32_step, &mut host, None).unwrap();
+        let mut host = host.unwrap();
+        for s in Section::in_order(cfg.n_layer) {
+            assert_eq!(host.take(s).first().map(Vec::len), Some(s.first_len(&cfg)), "{s:?}");
+        }
         for n in [1, 3] {
             let batches: Vec<(usize, MicroBatch)> =
                 ids[..n].iter().enumerate().map(|(i, ids)| (i, MicroBatch { ids, targets: None })).collect();

@@ -129,8 +129,9 @@ pub fn all_reduce_buckets(
     wire: Wire,
 ) -> Result<usize, DistError> {
     let mut buckets = Buckets::new(world, (bucket_bytes, bucket_bytes), wire);
-    for b in buffers.iter_mut() {
-        buckets.push(&mut **b)?;
+    let lens: Vec<usize> = buffers.iter().map(|b| b.len()).collect();
+    for (i, b) in buffers.iter_mut().enumerate() {
+        buckets.push(&mut **b, lens.get(i + 1).copied())?;
     }
     Ok(buckets.finish()?.calls)
 }
@@ -146,7 +147,7 @@ pub struct Summed<B> {
 }
 
 /// Buffers summed over the ranks in flat buckets as they come (`push`), in the order they come:
-/// the open bucket is summed when the next buffer would not fit in it, the last at `finish`.
+/// the open bucket is summed as soon as the buffer to come next would not fit in it.
 /// The first bucket holds up to `caps.0` bytes on the wire, the others `caps.1` (DDP makes its
 /// first bucket small, 1 MB, so that communication starts early in the backward). A buffer
 /// larger than a bucket is one of its own. Every rank must push buffers of the same sizes in
@@ -189,15 +190,16 @@ impl<'w, B: AsMut<[f32]>> Buckets<'w, B> {
         }
     }
 
-    /// Adds `buf` to the open bucket, summing that first if `buf` would not fit in it.
-    pub fn push(&mut self, mut buf: B) -> Result<(), DistError> {
+    /// Adds `buf` to the open bucket, and sums the bucket now if the buffer to come after it
+    /// (`next`, its length; none: `buf` is the last) would not fit: a bucket goes as soon as
+    /// its last buffer is there, as DDP's, not when the next one turns up.
+    pub fn push(&mut self, mut buf: B, next: Option<usize>) -> Result<(), DistError> {
+        self.open_len += buf.as_mut().len();
+        self.open.push(buf);
         let cap = if self.calls == 0 { self.caps.0 } else { self.caps.1 };
-        let len = buf.as_mut().len();
-        if !self.open.is_empty() && self.open_len + len > cap {
+        if next.is_none_or(|n| self.open_len + n > cap) {
             self.sum_open()?;
         }
-        self.open_len += len;
-        self.open.push(buf);
         Ok(())
     }
 
@@ -386,7 +388,7 @@ mod tests {
     }
 
     /// Pushed one at a time, buffers fill a small first bucket, then full-size ones, each summed
-    /// as soon as the next buffer would not fit: here 4 floats, then 10.
+    /// as soon as its last buffer is pushed (the next would not fit): here 4 floats, then 10.
     #[test]
     fn streamed_buffers_fill_a_small_first_bucket_then_full_ones() {
         let twins = Twins::default();
@@ -394,11 +396,11 @@ mod tests {
         let sizes = [3usize, 5, 2, 9, 1, 1, 4];
         let mut calls_after_each = vec![];
         for (i, &n) in sizes.iter().enumerate() {
-            buckets.push(vec![i as f32; n]).unwrap();
+            buckets.push(vec![i as f32; n], sizes.get(i + 1).copied()).unwrap();
             calls_after_each.push(twins.0.load(std::sync::atomic::Ordering::SeqCst));
         }
-        // [3] goes when 5 comes; [5 2] when 9 comes; [9 1] when the next 1 comes; [1 4] at the end
-        assert_eq!(calls_after_each, [0, 1, 1, 2, 2, 3, 3]);
+        // each bucket goes with its last buffer: [3] (5 would not fit), [5 2], [9 1], [1 4]
+        assert_eq!(calls_after_each, [1, 1, 2, 2, 3, 3, 4]);
         let summed = buckets.finish().unwrap();
         assert_eq!(summed.calls, 4);
         let want: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| vec![2.0 * i as f32; n]).collect();

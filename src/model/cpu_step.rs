@@ -103,6 +103,14 @@ pub enum Section {
 }
 
 impl Section {
+    /// The length of the section's first buffer: `ln_f.weight`, a block's `ln_1.weight`, `wte`.
+    pub fn first_len(self, cfg: &GptConfig) -> usize {
+        match self {
+            Section::FinalNorm | Section::Block(_) => cfg.n_embd,
+            Section::Embeddings => cfg.vocab_size * cfg.n_embd,
+        }
+    }
+
     pub fn in_order(n_layer: usize) -> impl Iterator<Item = Section> {
         std::iter::once(Section::FinalNorm)
             .chain((0..n_layer).rev().map(Section::Block))

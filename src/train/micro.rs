@@ -312,9 +312,9 @@ fn last_group_overlapped(
     reduce: Reduce,
 ) -> Result<(Vec<cpu_step::MicroOutcome>, ReduceTimes)> {
     let idle: Vec<cpu_step::HostGrads> = parts[group.len()..].iter_mut().filter_map(Option::take).collect();
-    let n_layer = s.model.gpt.config().n_layer;
+    let cfg = s.model.gpt.config();
     let (outs, summed) =
-        overlap::overlapped(reduce, n_layer, group.len(), idle, |hand| side_by_side_group(s, group, parts, Some(hand)));
+        overlap::overlapped(reduce, cfg, group.len(), idle, |hand| side_by_side_group(s, group, parts, Some(hand)));
     // a worker's own failure first: the communication thread's is only that it stopped
     let outs = outs.into_iter().collect::<Result<Vec<_>>>()?;
     let (sections, times) = summed?;
@@ -380,8 +380,7 @@ fn last_overlapped(
         Accumulated::Host(h) => Some(h),
         _ => None,
     };
-    let n_layer = s.model.gpt.config().n_layer;
-    let (out, summed) = overlap::overlapped(reduce, n_layer, 1, vec![], |hand| {
+    let (out, summed) = overlap::overlapped(reduce, s.model.gpt.config(), 1, vec![], |hand| {
         let mut to_comm = |section: cpu_step::Section, b: Vec<Vec<f32>>| {
             let _ = hand.send((0, section, b)); // a closed channel: the all-reduce thread says why
         };

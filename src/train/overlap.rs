@@ -17,6 +17,7 @@ use crate::dist::{Buckets, Collective, Wire, FIRST_BUCKET_BYTES};
 use crate::engine::cpu::kernels::add_into;
 use crate::engine::Engine;
 use crate::model::cpu_step::{HostGrads, Section};
+use crate::model::GptConfig;
 
 /// How a step's gradients are summed over the processes.
 #[derive(Clone, Copy)]
@@ -56,7 +57,7 @@ pub type SummedSections = Vec<(Section, Vec<Vec<f32>>)>;
 /// what `backward` returned, and the summed sections with the time they cost.
 pub fn overlapped<R>(
     reduce: Reduce,
-    n_layer: usize,
+    cfg: &GptConfig,
     active: usize,
     idle: Vec<HostGrads>,
     backward: impl FnOnce(&Sender<Handed>) -> R,
@@ -65,7 +66,7 @@ pub fn overlapped<R>(
         let (tx, rx) = channel();
         let comm = std::thread::Builder::new()
             .name("difflab-all-reduce".into())
-            .spawn_scoped(scope, move || sum_sections(reduce, n_layer, active, idle, rx));
+            .spawn_scoped(scope, move || sum_sections(reduce, cfg, active, idle, rx));
         let out = backward(&tx);
         drop(tx); // the workers' copies are gone with them: the thread sees the end
         let waiting = Instant::now();
@@ -85,7 +86,7 @@ pub fn overlapped<R>(
 /// buckets. Returns the sections summed and the seconds inside collective calls.
 fn sum_sections(
     reduce: Reduce,
-    n_layer: usize,
+    cfg: &GptConfig,
     active: usize,
     mut idle: Vec<HostGrads>,
     handed: Receiver<Handed>,
@@ -94,8 +95,11 @@ fn sum_sections(
     let first = FIRST_BUCKET_BYTES.min(reduce.bucket_bytes);
     let mut buckets = Buckets::new(reduce.world, (first, reduce.bucket_bytes), reduce.wire);
     let mut arrived: HashMap<Section, Vec<Option<Vec<Vec<f32>>>>> = HashMap::new();
-    let mut layout = Vec::with_capacity(n_layer + 2);
-    for s in Section::in_order(n_layer) {
+    let order: Vec<Section> = Section::in_order(cfg.n_layer).collect();
+    // each section's successor's first buffer, so a bucket goes as soon as it is complete
+    let next_first: Vec<Option<usize>> = (0..order.len()).map(|i| order.get(i + 1).map(|s| s.first_len(cfg))).collect();
+    let mut layout = Vec::with_capacity(order.len());
+    for &s in &order {
         while arrived.get(&s).is_none_or(|w| w.iter().any(Option::is_none)) {
             let (worker, section, buffers) = handed.recv().map_err(|_| {
                 candle_core::Error::Msg(format!("the backward ended before handing over the gradients of {s:?}"))
@@ -119,8 +123,12 @@ fn sum_sections(
             sum.iter_mut().zip(&other).for_each(|(a, x)| add_into(a, x));
         }
         layout.push((s, sum.len()));
-        for b in sum {
-            buckets.push(b).map_err(fail)?;
+        // the length after each buffer: the next in this section, or the next section's first
+        let following = next_first.get(layout.len() - 1).copied().flatten();
+        let mut nexts: Vec<Option<usize>> = sum.iter().skip(1).map(|b| Some(b.len())).collect();
+        nexts.push(following);
+        for (b, next) in sum.into_iter().zip(nexts) {
+            buckets.push(b, next).map_err(fail)?;
         }
     }
     let summed = buckets.finish().map_err(fail)?;
